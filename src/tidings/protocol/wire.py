@@ -1,0 +1,228 @@
+"""Wire schema: decoding client commands and encoding server messages.
+
+Pure and synchronous. Encoding leaves out every field without a value (never ``null``).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from tidings.errors import InvalidRequest
+from tidings.protocol.names import parse_channel
+
+__all__ = [
+    "BadCommand",
+    "Command",
+    "Ping",
+    "Recover",
+    "Refresh",
+    "Subscribe",
+    "Unsubscribe",
+    "close_frame",
+    "decode_command",
+    "dumps",
+    "encode_message",
+    "format_expiry",
+    "format_timestamp",
+    "loads",
+    "ping_frame",
+    "text_frame",
+]
+
+MAX_ID_LENGTH = 64
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder()
+
+
+def dumps(value: Any) -> bytes:
+    """Encode ``value`` as compact JSON bytes."""
+    return _encoder.encode(value)
+
+
+def loads(data: bytes | str) -> Any:
+    """Decode JSON; raise ``InvalidRequest`` when it is not JSON."""
+    try:
+        return _decoder.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest("message is not valid JSON") from exc
+
+
+class BadCommand(InvalidRequest):
+    """An invalid command; carries the command's ``id`` when it could be read."""
+
+    def __init__(self, message: str, *, command_id: str | None = None,
+                 channel: str | None = None) -> None:
+        super().__init__(message, channel=channel)
+        self.command_id = command_id
+
+
+@dataclass(frozen=True, slots=True)
+class Recover:
+    """Where a client left off in a channel."""
+
+    offset: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    id: str | None
+    channel: str
+    recover: Recover | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    id: str | None
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    id: str | None
+    token: str
+
+
+Command = Subscribe | Unsubscribe | Ping | Refresh
+
+
+def _channel(data: dict[str, Any], command_id: str | None) -> str:
+    channel = data.get("channel")
+    try:
+        parse_channel(channel)
+    except InvalidRequest as exc:
+        raise BadCommand(exc.message, command_id=command_id, channel=exc.channel) from None
+    assert isinstance(channel, str)  # parse_channel checked it
+    return channel
+
+
+def _recover(value: Any, command_id: str | None, channel: str) -> Recover | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadCommand("recover must be an object", command_id=command_id, channel=channel)
+    offset, epoch = value.get("offset"), value.get("epoch")
+    if type(offset) is not int or offset < 0 or not isinstance(epoch, str) or len(epoch) > 128:
+        raise BadCommand(
+            "recover needs an integer offset >= 0 and a string epoch",
+            command_id=command_id,
+            channel=channel,
+        )
+    return Recover(offset=offset, epoch=epoch)
+
+
+def decode_command(raw: bytes | str) -> Command:
+    """Decode one text frame into a command; raise ``BadCommand`` for anything invalid."""
+    try:
+        message = loads(raw)
+    except InvalidRequest as exc:
+        raise BadCommand(exc.message) from None
+    if not isinstance(message, dict):
+        raise BadCommand("message must be a JSON object")
+    command_id = message.get("id")
+    if command_id is not None and (
+        not isinstance(command_id, str) or len(command_id) > MAX_ID_LENGTH
+    ):
+        raise BadCommand(f"id must be a string of at most {MAX_ID_LENGTH} characters")
+    kind = message.get("type")
+    data = message.get("data", {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise BadCommand("data must be an object", command_id=command_id)
+    if kind == "subscribe":
+        channel = _channel(data, command_id)
+        return Subscribe(command_id, channel, _recover(data.get("recover"), command_id, channel))
+    if kind == "unsubscribe":
+        return Unsubscribe(command_id, _channel(data, command_id))
+    if kind == "ping":
+        return Ping(command_id)
+    if kind == "refresh":
+        token = data.get("token")
+        if not isinstance(token, str) or not token:
+            raise BadCommand("refresh needs a token string", command_id=command_id)
+        return Refresh(command_id, token)
+    if not isinstance(kind, str):
+        raise BadCommand("type is required and must be a string", command_id=command_id)
+    raise BadCommand(f"unknown command type '{kind[:64]}'", command_id=command_id)
+
+
+def format_timestamp(epoch_seconds: float) -> str:
+    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-27T16:45:46.123Z``."""
+    if not math.isfinite(epoch_seconds):
+        raise ValueError("timestamp must be finite")
+    millis = int(epoch_seconds * 1000)
+    seconds, ms = divmod(millis, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+
+
+def format_expiry(epoch_seconds: float) -> str:
+    """RFC 3339 UTC to the second, as used for ``expires_at``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch_seconds)))
+
+
+def encode_message(
+    kind: str,
+    data: dict[str, Any],
+    *,
+    id: str | None = None,  # noqa: A002 - mirrors the wire field
+    channel: str | None = None,
+    offset: int | None = None,
+    timestamp: float | None = None,
+) -> bytes:
+    """Encode one server message as JSON bytes, leaving out fields without a value."""
+    message: dict[str, Any] = {"type": kind}
+    if channel is not None:
+        message["channel"] = channel
+    if offset is not None:
+        message["offset"] = offset
+    if id is not None:
+        message["id"] = id
+    message["timestamp"] = format_timestamp(time.time() if timestamp is None else timestamp)
+    message["data"] = data
+    return _encoder.encode(message)
+
+
+_LEN1 = struct.Struct("!BB").pack
+_LEN2 = struct.Struct("!BBH").pack
+_LEN3 = struct.Struct("!BBQ").pack
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    length = len(payload)
+    first = 0x80 | opcode
+    if length < 126:
+        header = _LEN1(first, length)
+    elif length < 65536:
+        header = _LEN2(first, 126, length)
+    else:
+        header = _LEN3(first, 127, length)
+    return header + payload
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete, unmasked server-to-client text frame carrying ``payload``."""
+    return _frame(0x1, payload)
+
+
+def ping_frame() -> bytes:
+    """An empty server ping frame."""
+    return _frame(0x9, b"")
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """A close frame; the reason is cut to fit the 123-byte limit of control frames."""
+    encoded = reason.encode()[:123]
+    return _frame(0x8, struct.pack("!H", code) + encoded)
