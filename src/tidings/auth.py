@@ -1,12 +1,71 @@
-"""Token verification: a JWT becomes an ``Identity`` or an ``Unauthorized`` error."""
+"""Token verification: a JWT becomes an ``Identity`` or an ``Unauthorized`` error.
+
+Only compact JWS tokens signed with a configured algorithm are accepted. The key comes from
+configuration alone: the HMAC secret for HS*, a PEM public key file or a JWKS URL for the
+asymmetric algorithms. Token headers that point at keys (``jku``, ``x5u``, ``jwk``, ``x5c``)
+are never consulted. Every failure is ``Unauthorized`` with a short reason that never
+contains the token, any part of it, or the secret.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import base64
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeAlias
+from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["Identity"]
+import aiohttp
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.exceptions import InvalidSubjectError
+
+from tidings.config import AuthSettings
+from tidings.errors import ConfigError, Unauthorized
+
+__all__ = [
+    "JWKS_REFETCH_INTERVAL", "MAX_TOKEN_BYTES", "Authenticator", "Identity", "mint_token",
+    "parse_duration",
+]
+
+_log = logging.getLogger(__name__)
+
+#: Longer tokens are refused before any decoding work is spent on them.
+MAX_TOKEN_BYTES = 8192
+#: Minimum seconds between JWKS refetches caused by unknown key ids (or by a failed fetch).
+JWKS_REFETCH_INTERVAL = 30.0
+_MAX_SUB_CHARS = 256
+_HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+# Strict base64url without padding. PyJWT tolerates '=' padding; the compact JWS form does not.
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)")
+
+_PublicKey: TypeAlias = (
+    rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
+)
+_PUBLIC_KEY_TYPES = (
+    rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey,
+)
+
+# Most specific first (InvalidSignatureError is a DecodeError); the rest is "malformed token".
+# No time-claim errors: PyJWT's time checks are off (see Authenticator._decode).
+_REASONS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
+    (jwt.InvalidSignatureError, "invalid token signature"),
+    (jwt.InvalidAudienceError, "token audience not accepted"),
+    (jwt.InvalidIssuerError, "token issuer not accepted"),
+    (jwt.InvalidAlgorithmError, "token algorithm not allowed"),
+    (jwt.InvalidKeyError, "token cannot be verified"),
+    (InvalidSubjectError, "token has no usable sub claim"),  # not re-exported by jwt
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,3 +78,354 @@ class Identity:
     channels: tuple[str, ...] = ()
     #: The verified claims, as decoded.
     claims: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Jwk:
+    """One usable verification key of a JWKS."""
+
+    kid: str | None
+    alg: str | None
+    key: _PublicKey
+
+
+class _FetchError(Exception):
+    """A JWKS fetch problem whose message is safe to log (no URL, no body)."""
+
+
+class Authenticator:
+    """Verifies tokens against the configured algorithms and keys.
+
+    ``clock`` is the time source for ``exp``/``nbf``/``iat`` and for the JWKS refetch
+    interval. ``fetch_jwks(url, timeout)`` returns a JWKS document; by default it is an
+    aiohttp GET on a lazily created session, released by ``close()``. ``dev_mode`` is
+    informational: in development mode the caller fills ``settings.secret`` in, and the
+    verification rules stay the same.
+
+    Raises ``ConfigError`` when ``auth.public_key_file`` cannot be used.
+    """
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        *,
+        dev_mode: bool = False,
+        clock: Callable[[], float] = time.time,
+        fetch_jwks: Callable[[str, float], Awaitable[Mapping[str, Any]]] | None = None,
+    ) -> None:
+        self.dev_mode = dev_mode
+        self._settings = settings
+        self._algorithms = frozenset(settings.algorithms)
+        self._clock = clock
+        self._fetch = fetch_jwks if fetch_jwks is not None else self._default_fetch
+        self._pem = _load_pem(settings) if settings.public_key_file else None
+        if settings.jwks_url and not settings.jwks_url.startswith(("http://", "https://")):
+            raise ConfigError("auth.jwks_url", "must be an http(s) URL")
+        self._jwks: tuple[_Jwk, ...] | None = None
+        self._holdoff_until = -math.inf
+        self._inflight: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def authenticate(self, token: str | None) -> Identity:
+        """Verify ``token`` and return its ``Identity``; raise ``Unauthorized`` otherwise.
+
+        Never raises anything else for any input string, however crafted.
+        """
+        if not token:
+            raise Unauthorized("token missing")
+        if len(token.encode("utf-8", "surrogatepass")) > MAX_TOKEN_BYTES:
+            raise Unauthorized("token too large")
+        header = _parse_header(token)
+        alg = header.get("alg")
+        # The header's alg only selects among the configured ones; it is never trusted beyond.
+        if not isinstance(alg, str) or alg.lower() == "none" or alg not in self._algorithms:
+            raise Unauthorized("token algorithm not allowed")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise Unauthorized("malformed token")
+        key = await self._key_for(alg, kid)
+        return self._identity(self._decode(token, key, alg))
+
+    async def close(self) -> None:
+        """Stop a JWKS fetch in flight and close the HTTP session this object created."""
+        if (task := self._inflight) is not None:
+            task.cancel()
+            await asyncio.wait({task})
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _key_for(self, alg: str, kid: str | None) -> str | _PublicKey:
+        """The verification key for ``alg``: the secret, the PEM key or a JWKS key.
+
+        A token with a ``kid`` is looked up in the JWKS when one is configured; otherwise
+        the PEM key verifies, provided its type fits the algorithm.
+        """
+        if alg in _HMAC_ALGORITHMS:
+            if not self._settings.secret:
+                raise Unauthorized("token cannot be verified")
+            return self._settings.secret
+        jwks_url = self._settings.jwks_url
+        if self._pem is not None and (kid is None or not jwks_url) and _fits(alg, self._pem):
+            return self._pem
+        if jwks_url:
+            return await self._jwks_key(alg, kid)
+        raise Unauthorized("unknown signing key")
+
+    async def _jwks_key(self, alg: str, kid: str | None) -> _PublicKey:
+        """A JWKS key for ``alg``/``kid``, refetching the set when allowed and needed."""
+        if self._jwks is not None and (found := _select(self._jwks, alg, kid)) is not None:
+            return found
+        if self._inflight is None:
+            now = self._clock()
+            if now < self._holdoff_until:
+                raise Unauthorized("unknown signing key")
+            if self._jwks is not None:
+                # Key ids come from unauthenticated input: bound the refetches they can cause.
+                self._holdoff_until = now + JWKS_REFETCH_INTERVAL
+            self._inflight = asyncio.create_task(self._refresh())
+        # Shielded: a waiter that goes away must not cancel the fetch the others share.
+        await asyncio.shield(self._inflight)
+        found = _select(self._jwks or (), alg, kid)
+        if found is None:
+            raise Unauthorized("unknown signing key")
+        return found
+
+    async def _refresh(self) -> None:
+        """Fetch and parse the JWKS; on failure keep the cached set and log a warning."""
+        url, timeout = self._settings.jwks_url, self._settings.jwks_timeout
+        try:
+            # Also bounds an injected fetcher that ignores its timeout argument.
+            async with asyncio.timeout(timeout):
+                document = await self._fetch(url, timeout)
+            self._jwks = _parse_jwks(document)
+        except Exception as exc:  # any failure: the cached keys stay valid
+            self._holdoff_until = self._clock() + JWKS_REFETCH_INTERVAL
+            reason = str(exc) if isinstance(exc, _FetchError) else type(exc).__name__
+            _log.warning(
+                "JWKS fetch from %s failed (%s); %s", _redact_url(url), reason,
+                "keeping the cached keys" if self._jwks else "no keys available",
+            )
+        finally:
+            self._inflight = None
+
+    # The timeout is part of the fetch_jwks contract (an aiohttp.ClientTimeout here).
+    async def _default_fetch(self, url: str, timeout: float) -> Mapping[str, Any]:  # noqa: ASYNC109
+        """GET ``url`` and return its JSON object, on one lazily created session."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        client_timeout = aiohttp.ClientTimeout(total=timeout)
+        async with self._session.get(url, timeout=client_timeout) as response:
+            if response.status != 200:
+                # Not raise_for_status(): its message carries the URL, query string included.
+                raise _FetchError(f"HTTP status {response.status}")
+            document = await response.json(content_type=None)
+        if not isinstance(document, Mapping):
+            raise _FetchError("the response is not a JSON object")
+        return document
+
+    def _decode(self, token: str, key: str | _PublicKey, alg: str) -> dict[str, Any]:
+        """Signature, required claims, issuer and audience checks by PyJWT."""
+        settings = self._settings
+        try:
+            return jwt.decode(
+                token, key, algorithms=[alg], leeway=settings.leeway,
+                issuer=settings.issuer or None, audience=settings.audience or None,
+                options={
+                    "require": ["sub", "exp"],
+                    # _identity checks times against the injected clock: PyJWT reads the
+                    # wall clock and accepts numeric strings and booleans as times.
+                    "verify_exp": False, "verify_nbf": False, "verify_iat": False,
+                    # Without a configured audience, tokens that carry one still pass.
+                    "verify_aud": bool(settings.audience),
+                },
+            )
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthorized(f"token has no usable {exc.claim} claim") from None
+        except jwt.PyJWTError as exc:
+            reason = next((text for kind, text in _REASONS if isinstance(exc, kind)), None)
+            raise Unauthorized(reason or "malformed token") from None
+        except Exception:
+            # A crafted token must never crash the caller (ValueError, TypeError,
+            # OverflowError, RecursionError... from the decoders).
+            raise Unauthorized("malformed token") from None
+
+    def _identity(self, claims: dict[str, Any]) -> Identity:
+        """Check claim types and times (with leeway) and build the ``Identity``."""
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub or len(sub) > _MAX_SUB_CHARS:
+            raise Unauthorized("token has no usable sub claim")
+        exp = _number(claims.get("exp"))
+        if exp is None:
+            raise Unauthorized("token has no usable exp claim")
+        now, leeway = self._clock(), self._settings.leeway
+        for name in ("nbf", "iat"):
+            if name in claims:
+                value = _number(claims[name])
+                if value is None:
+                    raise Unauthorized(f"token has an invalid {name} claim")
+                if value > now + leeway:
+                    raise Unauthorized("token not yet valid")
+        if exp <= now - leeway:
+            raise Unauthorized("token expired")
+        raw = claims.get(self._settings.channels_claim)
+        items = raw if isinstance(raw, list) else []
+        channels = tuple(item for item in items if isinstance(item, str))
+        return Identity(user_id=sub, expires_at=exp, channels=channels, claims=claims)
+
+
+def mint_token(
+    secret: str,
+    sub: str,
+    *,
+    channels: Sequence[str] = (),
+    ttl: float = 3600,
+    algorithm: str = "HS256",
+    now: float | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """Sign an HS* token, for development mode, the ``tidings token`` command and tests.
+
+    Claims: ``sub``, ``iat`` (``now``, default the wall clock), ``exp`` (``iat + ttl``),
+    ``channels`` when non-empty, then ``extra`` merged last (it may override the others).
+    A ttl of zero or less mints an already-expired token, which tests use. Raises
+    ``ValueError`` for an empty secret or sub, a non-HMAC algorithm, a non-finite ttl, or
+    a bare string passed as ``channels``.
+    """
+    if algorithm not in _HMAC_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(_HMAC_ALGORITHMS)}")
+    if not secret or not sub:
+        raise ValueError("secret and sub must not be empty")
+    if isinstance(channels, str):
+        raise ValueError("channels must be a sequence of channel names, not one string")
+    if not math.isfinite(ttl):
+        raise ValueError("ttl must be a finite number of seconds")
+    issued = time.time() if now is None else now
+    claims: dict[str, Any] = {"sub": sub, "iat": int(issued), "exp": int(issued + ttl)}
+    if channels:
+        claims["channels"] = list(channels)
+    claims.update(extra or {})
+    return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: ``"3600"``, ``"90s"``, ``"15m"``, ``"1h"``, ``"2d"`` (decimals allowed).
+
+    Raises ``ValueError`` naming the expected forms for anything else.
+    """
+    match = _DURATION.fullmatch(text.strip().lower())
+    seconds = float(match.group(1)) if match else math.nan
+    if match is None or not math.isfinite(seconds):
+        raise ValueError(
+            f"invalid duration {text[:40]!r}: use seconds or a number followed by "
+            "s, m, h or d (for example 90s, 15m, 1h, 2d)"
+        )
+    return seconds * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def _parse_header(token: str) -> dict[str, Any]:
+    """The JOSE header of a strict compact JWS; raise ``Unauthorized`` for any other shape."""
+    segments = token.split(".")
+    if len(segments) != 3 or not segments[2] or not all(map(_SEGMENT.fullmatch, segments)):
+        raise Unauthorized("malformed token")
+    try:
+        raw = base64.urlsafe_b64decode(segments[0] + "=" * (-len(segments[0]) % 4))
+        header = json.loads(raw)
+    except Exception:  # binascii.Error, UnicodeDecodeError, ValueError, RecursionError
+        raise Unauthorized("malformed token") from None
+    if not isinstance(header, dict):
+        raise Unauthorized("malformed token")
+    return header
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float when it is a JSON number (bools are not), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _fits(alg: str, key: _PublicKey) -> bool:
+    """Whether ``key`` can verify ``alg`` signatures: key type, and the curve for ES*."""
+    if alg.startswith(("RS", "PS")):
+        return isinstance(key, rsa.RSAPublicKey)
+    if alg == "EdDSA":
+        return isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
+    curve = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}.get(alg)
+    return curve is not None and isinstance(key, ec.EllipticCurvePublicKey) and isinstance(
+        key.curve, curve
+    )
+
+
+def _select(keys: Sequence[_Jwk], alg: str, kid: str | None) -> _PublicKey | None:
+    """The key for ``kid``; without a kid, the only key that fits ``alg``, if exactly one."""
+    fitting = [jwk for jwk in keys if jwk.alg in (None, alg) and _fits(alg, jwk.key)]
+    if kid is None:
+        return fitting[0].key if len(fitting) == 1 else None
+    return next((jwk.key for jwk in fitting if jwk.kid == kid), None)
+
+
+def _parse_jwks(document: Mapping[str, Any]) -> tuple[_Jwk, ...]:
+    """The usable signature-verification keys of a JWKS document; ``_FetchError`` if none."""
+    raw = document.get("keys") if isinstance(document, Mapping) else None
+    if not isinstance(raw, list):
+        raise _FetchError("the JWKS has no keys list")
+    keys = tuple(jwk for jwk in map(_parse_jwk, raw) if jwk is not None)
+    if not keys:
+        raise _FetchError("the JWKS has no usable signature keys")
+    return keys
+
+
+def _parse_jwk(item: Any) -> _Jwk | None:
+    """One JWKS member as a public verification key, or None when it cannot be one."""
+    # Symmetric keys never come from a URL; encryption keys never verify signatures.
+    if not isinstance(item, dict) or item.get("kty") == "oct" or item.get("use", "sig") != "sig":
+        return None
+    ops = item.get("key_ops")
+    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+        return None
+    try:
+        # PyJWK infers no algorithm for Ed448; EdDSA covers both Edwards curves.
+        algorithm = "EdDSA" if item.get("kty") == "OKP" and "alg" not in item else None
+        key = jwt.PyJWK(item, algorithm).key
+    except Exception:  # untrusted remote data: any parsing failure only skips this key
+        return None
+    if not isinstance(key, _PUBLIC_KEY_TYPES):
+        return None  # private keys have no business in a published JWKS
+    kid, alg = item.get("kid"), item.get("alg")
+    return _Jwk(kid if isinstance(kid, str) else None, alg if isinstance(alg, str) else None, key)
+
+
+def _load_pem(settings: AuthSettings) -> _PublicKey:
+    """The public key (or certificate's key) in ``auth.public_key_file``; else ``ConfigError``."""
+    key_name = "auth.public_key_file"
+    try:
+        data = Path(settings.public_key_file).read_bytes()
+    except OSError as exc:
+        raise ConfigError(key_name, f"cannot read the file: {exc.strerror}") from None
+    try:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            key: object = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            key = load_pem_public_key(data)
+    except Exception:  # ValueError, UnsupportedAlgorithm, TypeError for private keys...
+        raise ConfigError(key_name, "not a PEM public key or certificate") from None
+    if not isinstance(key, _PUBLIC_KEY_TYPES):
+        raise ConfigError(key_name, "unsupported key type (use RSA, EC P-256/384/521 or Ed25519)")
+    asymmetric = [alg for alg in settings.algorithms if alg not in _HMAC_ALGORITHMS]
+    if asymmetric and not any(_fits(alg, key) for alg in asymmetric):
+        raise ConfigError(key_name, f"the key fits none of auth.algorithms {asymmetric}")
+    return key
+
+
+def _redact_url(url: str) -> str:
+    """``url`` without credentials, query string or fragment, for log lines."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))

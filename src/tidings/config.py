@@ -56,6 +56,9 @@ class ServerSettings(_Section):
     heartbeat_timeout: float = Field(default=10, gt=0)
     handshake_timeout: float = Field(default=10, gt=0)
     shutdown_timeout: float = Field(default=10, gt=0)
+    #: Seconds between failing readiness and closing connections on shutdown, so that a
+    #: load balancer stops routing new clients here first.
+    drain_delay: float = Field(default=0, ge=0)
     #: ``auto``: development mode when no signing key is configured.
     mode: Literal["auto", "development", "production"] = "auto"
 
@@ -293,7 +296,8 @@ def _check(settings: Settings) -> None:
             raise ConfigError("auth.secret", "required for HS* algorithms outside development mode")
         if hmac and len(auth.secret.encode()) < MIN_HMAC_SECRET_BYTES:
             raise ConfigError(
-                "auth.secret", f"must be at least {MIN_HMAC_SECRET_BYTES} bytes outside development mode"
+                "auth.secret",
+                f"must be at least {MIN_HMAC_SECRET_BYTES} bytes outside development mode",
             )
         if asym and not (auth.public_key_file or auth.jwks_url):
             raise ConfigError("auth.public_key_file", "RS*/ES*/EdDSA need a PEM file or a JWKS URL")

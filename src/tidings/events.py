@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Collection
 from typing import Any
 
 from tidings.errors import InvalidRequest
 from tidings.protocol.names import validate_event_type
 
-__all__ = ["BUILTIN_TYPES", "NOTIFICATION_LEVELS", "validate_event"]
+__all__ = ["BUILTIN_TYPES", "NOTIFICATION_LEVELS", "new_event_id", "validate_event"]
 
 NOTIFICATION_LEVELS = frozenset({"info", "success", "warning", "error"})
 
@@ -42,3 +43,8 @@ def validate_event(
         if data["level"] not in NOTIFICATION_LEVELS:
             raise InvalidRequest("notification level must be info, success, warning or error")
     return kind, data
+
+
+def new_event_id(now: float) -> str:
+    """A unique, roughly time-ordered event id: ``evt_`` + 12 hex ms + 16 random hex."""
+    return f"evt_{int(now * 1000):012x}{secrets.token_hex(8)}"

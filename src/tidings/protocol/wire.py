@@ -99,13 +99,11 @@ Command = Subscribe | Unsubscribe | Ping | Refresh
 
 
 def _channel(data: dict[str, Any], command_id: str | None) -> str:
-    channel = data.get("channel")
     try:
-        parse_channel(channel)
+        namespace, name = parse_channel(data.get("channel"))
     except InvalidRequest as exc:
         raise BadCommand(exc.message, command_id=command_id, channel=exc.channel) from None
-    assert isinstance(channel, str)  # parse_channel checked it
-    return channel
+    return f"{namespace}:{name}"
 
 
 def _recover(value: Any, command_id: str | None, channel: str) -> Recover | None:
@@ -177,7 +175,7 @@ def encode_message(
     kind: str,
     data: dict[str, Any],
     *,
-    id: str | None = None,  # noqa: A002 - mirrors the wire field
+    id: str | None = None,
     channel: str | None = None,
     offset: int | None = None,
     timestamp: float | None = None,

@@ -1,0 +1,8 @@
+"""The server API: transport-agnostic service and its HTTP routes."""
+
+from __future__ import annotations
+
+from tidings.api.http import add_api_routes, error_middleware
+from tidings.api.service import ApiService
+
+__all__ = ["ApiService", "add_api_routes", "error_middleware"]

@@ -1,0 +1,143 @@
+"""HTTP routes of the server API, health, readiness and metrics (protocol section 9)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from tidings.api.service import ApiService
+from tidings.errors import TidingsError, Unauthorized
+from tidings.gateway import Gateway
+from tidings.protocol.wire import dumps, loads
+
+__all__ = ["add_api_routes", "error_middleware", "json_response"]
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_STATUS_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    426: "invalid_request",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=dumps(body), status=status, content_type="application/json")
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return json_response({"error": {"code": code, "message": message}}, status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure as ``{"error": {"code", "message"}}`` with a fitting status."""
+    try:
+        return await handler(request)
+    except TidingsError as exc:
+        if exc.http_status >= 500:
+            logger.warning("%s %s failed: %s", request.method, request.path, exc.message)
+        return _error(exc.http_status, exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _STATUS_CODES.get(exc.status, "http_error")
+        return _error(exc.status, code, exc.reason)
+    except Exception:
+        logger.exception("unexpected error in %s %s", request.method, request.path)
+        return _error(500, "internal_error", "internal server error")
+
+
+class _Api:
+    def __init__(self, gateway: Gateway, service: ApiService, keys: tuple[str, ...]) -> None:
+        self._gateway = gateway
+        self._service = service
+        self._keys = tuple(key.encode() for key in keys)
+
+    def _authorize(self, request: web.Request) -> None:
+        if not self._keys:
+            raise Unauthorized("the server API is disabled: configure api.keys")
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        presented = value.strip().encode()
+        # Compare against every key, always, so timing reveals nothing.
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(presented, key)
+        if scheme.lower() != "bearer" or not matched:
+            raise Unauthorized("missing or invalid API key")
+
+    async def _body(self, request: web.Request) -> Any:
+        self._authorize(request)
+        return loads(await request.read())
+
+    async def publish(self, request: web.Request) -> web.Response:
+        return json_response(await self._service.publish(await self._body(request)))
+
+    async def batch(self, request: web.Request) -> web.Response:
+        return json_response(await self._service.batch(await self._body(request)))
+
+    async def disconnect(self, request: web.Request) -> web.Response:
+        return json_response(await self._service.disconnect(await self._body(request)))
+
+    async def channels(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        return json_response(await self._service.channels(request.query.get("prefix", "")))
+
+    async def history(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        query = request.query
+        body = await self._service.history(
+            request.match_info["channel"], query.get("since"), query.get("limit")
+        )
+        return json_response(body)
+
+    async def presence(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        return json_response(await self._service.presence(request.match_info["channel"]))
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self._gateway.draining:
+            return json_response({"status": "draining"}, 503)
+        try:
+            ready = await self._gateway.broker.ready()
+        except TidingsError:
+            ready = False
+        if not ready:
+            return json_response({"status": "broker unavailable"}, 503)
+        return json_response({"status": "ready"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = self._gateway.metrics.render()
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = self._gateway.metrics.content_type
+        return response
+
+
+def add_api_routes(app: web.Application, gateway: Gateway, service: ApiService,
+                   keys: tuple[str, ...]) -> None:
+    """Register the server API, health, readiness and metrics routes."""
+    api = _Api(gateway, service, keys)
+    app.router.add_post("/api/publish", api.publish)
+    app.router.add_post("/api/batch", api.batch)
+    app.router.add_post("/api/disconnect", api.disconnect)
+    app.router.add_get("/api/channels", api.channels)
+    app.router.add_get("/api/channels/{channel}/history", api.history)
+    app.router.add_get("/api/channels/{channel}/presence", api.presence)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/metrics", api.metrics)

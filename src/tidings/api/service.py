@@ -1,0 +1,135 @@
+"""The server API's operations, independent of HTTP: validate, then call the broker."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from tidings.brokers.base import Broker, PublishRequest
+from tidings.config import Settings
+from tidings.errors import InvalidRequest
+from tidings.events import validate_event
+from tidings.metrics import Metrics
+from tidings.protocol.names import parse_channel
+
+__all__ = ["ApiService"]
+
+MAX_HISTORY_LIMIT = 1000
+MAX_IDEMPOTENCY_KEY = 256
+MAX_CHANNELS_PER_PUBLISH = 100
+
+
+class ApiService:
+    """Publish, history, channels, presence and disconnect.
+
+    Raises ``ClientError`` subclasses for bad input and ``BrokerUnavailable`` when the
+    broker cannot complete an operation; a publish that raised may be retried with the
+    same idempotency key.
+    """
+
+    def __init__(self, settings: Settings, broker: Broker, metrics: Metrics) -> None:
+        self._settings = settings
+        self._broker = broker
+        self._metrics = metrics
+
+    def _requests(self, body: Any, where: str = "") -> list[PublishRequest]:
+        if not isinstance(body, dict):
+            raise InvalidRequest(f"{where}body must be a JSON object")
+        has_one, has_many = "channel" in body, "channels" in body
+        if has_one == has_many:
+            raise InvalidRequest(f"{where}give exactly one of 'channel' or 'channels'")
+        channels = [body["channel"]] if has_one else body["channels"]
+        if not isinstance(channels, list) or not channels:
+            raise InvalidRequest(f"{where}'channels' must be a non-empty list")
+        if len(channels) > MAX_CHANNELS_PER_PUBLISH:
+            raise InvalidRequest(f"{where}at most {MAX_CHANNELS_PER_PUBLISH} channels per event")
+        for channel in channels:
+            try:
+                parse_channel(channel)
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"{where}{exc.message}", channel=exc.channel) from None
+        try:
+            kind, data = validate_event(body.get("type"), body.get("data", {}),
+                                        self._settings.events.allowed_types)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"{where}{exc.message}") from None
+        key = body.get("idempotency_key")
+        if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_IDEMPOTENCY_KEY):
+            raise InvalidRequest(
+                f"{where}idempotency_key must be a string of 1-{MAX_IDEMPOTENCY_KEY} characters")
+        unique = list(dict.fromkeys(channels))
+        return [PublishRequest(channel, kind, data, key) for channel in unique]
+
+    async def _publish(self, requests: Sequence[PublishRequest]) -> dict[str, Any]:
+        results = await self._broker.publish(requests)
+        for request in requests:
+            self._metrics.published(request.type)
+        return {"results": [{"channel": r.channel, "offset": r.offset, "id": r.id}
+                            for r in results]}
+
+    async def publish(self, body: Any) -> dict[str, Any]:
+        return await self._publish(self._requests(body))
+
+    async def batch(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict) or not isinstance(body.get("events"), list):
+            raise InvalidRequest("body must be an object with an 'events' list")
+        events = body["events"]
+        if not events:
+            raise InvalidRequest("'events' must not be empty")
+        if len(events) > self._settings.api.max_batch:
+            raise InvalidRequest(f"at most {self._settings.api.max_batch} events per batch")
+        requests: list[PublishRequest] = []
+        for index, event in enumerate(events):
+            requests.extend(self._requests(event, f"events[{index}]: "))
+        return await self._publish(requests)
+
+    async def channels(self, prefix: str) -> dict[str, Any]:
+        found = await self._broker.channels(prefix)
+        return {"channels": [{"channel": name, "subscribers": count}
+                             for name, count in sorted(found.items())]}
+
+    async def history(self, channel: str, since: str | None, limit: str | None) -> dict[str, Any]:
+        parse_channel(channel)
+        after = _int_param("since", since, 0, 0)
+        count = _int_param("limit", limit, self._settings.history.size or 1, 1, MAX_HISTORY_LIMIT)
+        page = await self._broker.history(channel, after, count)
+        return {
+            "channel": channel,
+            "epoch": page.position.epoch,
+            "offset": page.position.offset,
+            # Stored events are already encoded: embed them without re-encoding.
+            "events": [msgspec.Raw(event.payload) for event in page.events],
+        }
+
+    async def presence(self, channel: str) -> dict[str, Any]:
+        parse_channel(channel)
+        users = await self._broker.presence(channel)
+        return {"channel": channel, "users": [{"user_id": user, "connections": count}
+                                              for user, count in sorted(users.items())]}
+
+    async def disconnect(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise InvalidRequest("body must be a JSON object")
+        user_id, reason = body.get("user_id"), body.get("reason", "")
+        if not isinstance(user_id, str) or not user_id:
+            raise InvalidRequest("user_id must be a non-empty string")
+        if not isinstance(reason, str):
+            raise InvalidRequest("reason must be a string")
+        await self._broker.disconnect_user(user_id, reason[:100])
+        return {"user_id": user_id}
+
+
+def _int_param(name: str, raw: str | None, default: int, low: int,
+               high: int | None = None) -> int:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer") from None
+    if value < low or (high is not None and value > high):
+        bound = f" and at most {high}" if high is not None else ""
+        raise InvalidRequest(f"{name} must be at least {low}{bound}")
+    return value

@@ -1,0 +1,141 @@
+"""The ``Broker`` protocol: offsets, history, fan-out between nodes, presence.
+
+A broker assigns each published event its offset, stores it in the channel's history and
+delivers it to every node that subscribed to the channel. It never sees a connection: it
+delivers into a ``BrokerHandler``, which belongs to the node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = [
+    "Broker",
+    "BrokerHandler",
+    "HistoryPage",
+    "PublishRequest",
+    "PublishResult",
+    "StoredEvent",
+    "StreamPosition",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPosition:
+    """The latest offset of a channel and the epoch of its history stream."""
+
+    offset: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRequest:
+    """One event to publish to one channel; the caller has validated it."""
+
+    channel: str
+    type: str
+    data: Mapping[str, Any]
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """Where an acknowledged event landed."""
+
+    channel: str
+    offset: int
+    id: str
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event in history: its offset and its encoded wire message (JSON bytes)."""
+
+    offset: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """A slice of history after some offset.
+
+    ``complete`` is true when no event after the requested offset is missing from
+    ``events`` (other than those beyond ``limit``): the stream still holds everything
+    after it.
+    """
+
+    position: StreamPosition
+    events: Sequence[StoredEvent] = field(default_factory=tuple)
+    complete: bool = True
+
+
+class BrokerHandler(Protocol):
+    """The node side of a broker: where events arrive and node-local views come from."""
+
+    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes) -> None:
+        """Deliver one event of a channel this node subscribed to.
+
+        Guarantee: per channel, calls arrive in strictly increasing offset order with no
+        gap and no duplicate, for as long as the broker can vouch for continuity.
+        Must not block or raise.
+        """
+
+    def on_continuity_lost(self, channel: str) -> None:
+        """The broker can no longer vouch that every event of ``channel`` arrived
+        (unfillable gap, changed epoch). Local subscribers must be told to resubscribe."""
+
+    def on_disconnect_user(self, user_id: str, reason: str) -> None:
+        """Close every local connection of ``user_id`` (4403)."""
+
+    def local_channels(self) -> Mapping[str, int]:
+        """Channels with local subscribers, and how many."""
+
+    def local_presence(self, channel: str) -> Mapping[str, int]:
+        """Users subscribed to ``channel`` on this node, with their connection counts."""
+
+
+class Broker(Protocol):
+    """Offsets, history and fan-out, in memory or through Redis.
+
+    Guarantees: a ``publish`` returns only after every event has its offset and is in
+    history; offsets of a channel increase by exactly 1 per event within one epoch; a
+    retried publish with the same ``(idempotency_key, channel)`` inside the deduplication
+    window returns the first result and publishes nothing. Failures to reach the backing
+    store raise ``BrokerUnavailable``.
+    """
+
+    async def start(self, handler: BrokerHandler) -> None:
+        """Connect and start delivering into ``handler``."""
+
+    async def close(self) -> None:
+        """Stop delivering and release every resource."""
+
+    async def publish(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
+        """Publish events in order; results are in the same order."""
+
+    async def subscribe(self, channel: str) -> None:
+        """Start delivering ``channel`` to this node (first local subscriber)."""
+
+    async def unsubscribe(self, channel: str) -> None:
+        """Stop delivering ``channel`` to this node (last local subscriber left)."""
+
+    async def position(self, channel: str) -> StreamPosition:
+        """The channel's latest offset and epoch (0 and a fresh epoch when empty)."""
+
+    async def history(self, channel: str, since: int, limit: int) -> HistoryPage:
+        """The oldest ``limit`` events with offset > ``since``, in order."""
+
+    async def channels(self, prefix: str) -> dict[str, int]:
+        """Channels with subscribers across all nodes, by name, with subscriber counts."""
+
+    async def presence(self, channel: str) -> dict[str, int]:
+        """Users subscribed to ``channel`` across all nodes, with connection counts."""
+
+    async def disconnect_user(self, user_id: str, reason: str) -> None:
+        """Ask every node to close ``user_id``'s connections."""
+
+    async def ready(self) -> bool:
+        """True when the backing store is reachable."""

@@ -1,0 +1,186 @@
+"""The embedded in-memory broker: one node, history in process memory.
+
+History is lost when the process stops; every stream then starts again under a new
+epoch, so a client that recovers after a restart learns ``recovered: false``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tidings.brokers.base import (
+    BrokerHandler,
+    HistoryPage,
+    PublishRequest,
+    PublishResult,
+    StoredEvent,
+    StreamPosition,
+)
+from tidings.events import new_event_id
+from tidings.protocol.wire import encode_message
+
+__all__ = ["MemoryBroker"]
+
+#: Idempotency records kept at most; the oldest are dropped first.
+MAX_IDEMPOTENCY_KEYS = 100_000
+
+
+@dataclass(slots=True)
+class _Stream:
+    epoch: str
+    offset: int = 0
+    events: deque[StoredEvent] = field(default_factory=deque)
+    touched: float = 0.0
+
+
+class MemoryBroker:
+    """``Broker`` for a single node; see ``tidings.brokers.base.Broker`` for guarantees.
+
+    Delivery is synchronous: ``on_event`` runs inside ``publish`` before it returns, in
+    offset order. A stream is forgotten (its epoch with it) after ``history_ttl`` seconds
+    without a publish, unless this node still has subscribers to it.
+    """
+
+    def __init__(
+        self,
+        *,
+        history_size: int = 100,
+        history_ttl: float = 300.0,
+        idempotency_window: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._history_size = history_size
+        self._history_ttl = history_ttl
+        self._idempotency_window = idempotency_window
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._streams: dict[str, _Stream] = {}
+        self._subscribed: set[str] = set()
+        self._idempotency: OrderedDict[tuple[str, str], tuple[float, PublishResult]] = (
+            OrderedDict()
+        )
+        self._handler: BrokerHandler | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, handler: BrokerHandler) -> None:
+        self._handler = handler
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="memory-broker-sweep")
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        self._handler = None
+
+    async def _sweep_forever(self) -> None:
+        interval = min(30.0, max(0.5, self._history_ttl / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.expire()
+
+    def expire(self) -> None:
+        """Forget idle streams and stale idempotency records (called periodically)."""
+        now = self._clock()
+        idle = [
+            name
+            for name, stream in self._streams.items()
+            if now - stream.touched >= self._history_ttl and name not in self._subscribed
+        ]
+        for name in idle:
+            del self._streams[name]
+        while self._idempotency:
+            _, (expires, _) = next(iter(self._idempotency.items()))
+            if expires > now:
+                break
+            self._idempotency.popitem(last=False)
+
+    def _stream(self, channel: str) -> _Stream:
+        stream = self._streams.get(channel)
+        if stream is None:
+            stream = _Stream(epoch=secrets.token_hex(4), touched=self._clock())
+            self._streams[channel] = stream
+        return stream
+
+    async def publish(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
+        return [self._publish_one(request) for request in requests]
+
+    def _publish_one(self, request: PublishRequest) -> PublishResult:
+        now = self._clock()
+        key = (request.idempotency_key, request.channel) if request.idempotency_key else None
+        if key is not None:
+            record = self._idempotency.get(key)
+            if record is not None and record[0] > now:
+                return record[1]
+        stream = self._stream(request.channel)
+        stream.offset += 1
+        stream.touched = now
+        wall = self._wall_clock()
+        event_id = new_event_id(wall)
+        payload = encode_message(
+            request.type,
+            dict(request.data),
+            id=event_id,
+            channel=request.channel,
+            offset=stream.offset,
+            timestamp=wall,
+        )
+        if self._history_size:
+            stream.events.append(StoredEvent(stream.offset, payload))
+            if len(stream.events) > self._history_size:
+                stream.events.popleft()
+        result = PublishResult(request.channel, stream.offset, event_id, stream.epoch)
+        if key is not None:
+            self._idempotency[key] = (now + self._idempotency_window, result)
+            self._idempotency.move_to_end(key)
+            if len(self._idempotency) > MAX_IDEMPOTENCY_KEYS:
+                self._idempotency.popitem(last=False)
+        if self._handler is not None and request.channel in self._subscribed:
+            self._handler.on_event(request.channel, stream.offset, stream.epoch, payload)
+        return result
+
+    async def subscribe(self, channel: str) -> None:
+        self._subscribed.add(channel)
+        self._stream(channel).touched = self._clock()
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._subscribed.discard(channel)
+        stream = self._streams.get(channel)
+        if stream is not None:
+            stream.touched = self._clock()
+
+    async def position(self, channel: str) -> StreamPosition:
+        stream = self._stream(channel)
+        return StreamPosition(stream.offset, stream.epoch)
+
+    async def history(self, channel: str, since: int, limit: int) -> HistoryPage:
+        stream = self._stream(channel)
+        position = StreamPosition(stream.offset, stream.epoch)
+        events = stream.events
+        oldest = events[0].offset if events else stream.offset + 1
+        complete = since + 1 >= oldest and since <= stream.offset
+        start = max(0, since + 1 - oldest)
+        selected = [events[i] for i in range(start, min(len(events), start + max(0, limit)))]
+        return HistoryPage(position, selected, complete)
+
+    async def channels(self, prefix: str) -> dict[str, int]:
+        local = self._handler.local_channels() if self._handler is not None else {}
+        return {name: count for name, count in local.items() if name.startswith(prefix)}
+
+    async def presence(self, channel: str) -> dict[str, int]:
+        return dict(self._handler.local_presence(channel)) if self._handler is not None else {}
+
+    async def disconnect_user(self, user_id: str, reason: str) -> None:
+        if self._handler is not None:
+            self._handler.on_disconnect_user(user_id, reason)
+
+    async def ready(self) -> bool:
+        return True

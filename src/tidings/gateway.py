@@ -1,0 +1,455 @@
+"""The composition root of a node: wires auth, policy, hub and broker, and coordinates.
+
+The gateway is the broker's handler (events in, continuity and disconnect signals), runs
+the gateway side of every session effect (subscribe with recovery, unsubscribe,
+refresh), keeps one broker subscription per channel per node, ticks every session for
+heartbeats and token expiry, and drains connections on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Protocol
+
+from tidings.auth import Authenticator, Identity
+from tidings.brokers.base import Broker
+from tidings.channels import ChannelPolicy
+from tidings.config import Settings
+from tidings.errors import ClientError, ServerError, TidingsError, Unauthorized
+from tidings.hub import Hub, Outbound, Subscriber
+from tidings.metrics import Metrics
+from tidings.protocol import CloseCode, Recover, Subscribe, encode_message, personal_channel
+from tidings.protocol.wire import text_frame
+from tidings.session import (
+    Close,
+    Effect,
+    Send,
+    SendPing,
+    Session,
+    StartRefresh,
+    StartSubscribe,
+    StartUnsubscribe,
+)
+
+__all__ = ["Gateway", "Peer", "TooManyConnections"]
+
+logger = logging.getLogger(__name__)
+
+
+class Peer(Outbound, Protocol):
+    """A connection as the gateway sees it: the hub's view plus session and close."""
+
+    @property
+    def session(self) -> Session: ...
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        """Start closing with ``code``; idempotent, never blocks."""
+
+    def send_ping(self) -> None:
+        """Send a WebSocket ping frame."""
+
+
+class TooManyConnections(ClientError):
+    """The user already has ``max_connections_per_user`` connections (close 4429)."""
+
+    code = "rate_limited"
+    http_status = 429
+
+
+def _event_type(payload: bytes) -> str:
+    # Every event payload is encoded with "type" as its first key (protocol.wire).
+    end = payload.find(b'"', 9)
+    return payload[9:end].decode() if payload.startswith(b'{"type":"') and end > 0 else "unknown"
+
+
+class _KeyedLocks:
+    """One lock per key, forgotten when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+class Gateway:
+    """One node's coordinator; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        broker: Broker,
+        authenticator: Authenticator,
+        policy: ChannelPolicy,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.authenticator = authenticator
+        self.policy = policy
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.hub: Hub[Peer] = Hub(on_pending_overflow=self._pending_overflow)
+        self.draining = False
+        self._node_channels: set[str] = set()
+        self._channel_locks = _KeyedLocks()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.broker.start(self)
+        server = self.settings.server
+        period = max(0.01, min(1.0, server.heartbeat_interval / 4, server.heartbeat_timeout / 4))
+        self._sweeper = asyncio.create_task(self._sweep_forever(period), name="gateway-sweep")
+
+    def begin_drain(self, reason: str = "server shutting down") -> None:
+        """Fail readiness and close every connection with 1001."""
+        self.draining = True
+        self.close_all(reason)
+
+    def close_all(self, reason: str = "server shutting down") -> None:
+        """Close every connection with 1001 (readiness must already fail)."""
+        for peer in self.hub.connections():
+            peer.close(CloseCode.GOING_AWAY, reason)
+
+    async def wait_idle(self, limit: float) -> bool:
+        """Wait until no connection is left; False when ``limit`` seconds ran out first."""
+        try:
+            async with asyncio.timeout(limit):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.broker.close()
+        await self.authenticator.close()
+        await self.policy.close()
+
+    def _spawn(self, coro: Coroutine[object, object, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("background task %s failed", task.get_name(),
+                         exc_info=task.exception())
+
+    async def _sweep_forever(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            now = self.clock()
+            for peer in self.hub.connections():
+                effects = peer.session.tick(now)
+                if effects:
+                    self._apply_sync(peer, effects)
+
+    # -- BrokerHandler ---------------------------------------------------------------
+
+    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes) -> None:
+        count = self.hub.deliver(channel, offset, text_frame(payload))
+        if count:
+            self.metrics.delivered(_event_type(payload), count)
+
+    def on_continuity_lost(self, channel: str) -> None:
+        message = text_frame(encode_message(
+            "unsubscribed",
+            {"channel": channel, "reason": "insufficient_state", "resubscribe": True},
+        ))
+        for peer in self.hub.subscribers(channel):
+            self._drop_subscription(peer, channel)
+            peer.send(message)
+
+    def on_disconnect_user(self, user_id: str, reason: str) -> None:
+        for peer in self.hub.connections_of(user_id):
+            peer.close(CloseCode.FORBIDDEN, reason or "disconnected by the application")
+
+    def local_channels(self) -> dict[str, int]:
+        return dict(self.hub.channel_counts())
+
+    def local_presence(self, channel: str) -> dict[str, int]:
+        return dict(self.hub.presence(channel))
+
+    # -- connections -----------------------------------------------------------------
+
+    async def authenticate(self, token: str | None) -> Identity:
+        """Verify a token; raises ``Unauthorized``."""
+        return await self.authenticator.authenticate(token)
+
+    def new_session(self, identity: Identity) -> Session:
+        server = self.settings.server
+        return Session(
+            identity,
+            conn_id=f"c_{secrets.token_hex(8)}",
+            limits=self.settings.limits,
+            heartbeat_interval=server.heartbeat_interval,
+            heartbeat_timeout=server.heartbeat_timeout,
+            leeway=self.settings.auth.leeway,
+            now=self.clock(),
+            wall=self.wall_clock(),
+        )
+
+    async def connect(self, peer: Peer) -> None:
+        """Register ``peer``, subscribe its personal channel and send ``connected``.
+
+        Raises ``TooManyConnections`` when the user is at the limit.
+        """
+        identity = peer.session.identity
+        limit = self.settings.limits.max_connections_per_user
+        if self.hub.user_connection_count(identity.user_id) >= limit:
+            raise TooManyConnections(f"too many connections for this user (at most {limit})")
+        self.hub.add_connection(peer)
+        self._idle.clear()
+        self.metrics.connections.inc()
+        channels: list[str] = []
+        personal = (personal_channel(identity.user_id)
+                    if self.settings.auth.personal_channel else None)
+        sub: Subscriber[Peer] | None = None
+        after = 0
+        if personal is not None:
+            sub, _ = self.hub.subscribe(peer, personal, hold=True)
+            try:
+                await self._ensure_node_subscription(personal)
+                after = (await self.broker.position(personal)).offset
+            except TidingsError:
+                # The connection still works; the client may subscribe explicitly later.
+                logger.warning("personal channel unavailable at connect", exc_info=True)
+                self._drop_subscription(peer, personal)
+                sub = None
+            else:
+                peer.session.subscribed(personal, personal=True)
+                self.metrics.subscriptions.inc()
+                channels.append(personal)
+        peer.send(text_frame(peer.session.welcome(channels, self.clock())))
+        if sub is not None:
+            self._send_held(peer, sub, after)
+
+    def disconnect(self, peer: Peer) -> None:
+        """Forget a connection that has closed."""
+        was_known = self.hub.is_connected(peer)
+        count = len(peer.session.subscriptions)
+        for channel in self.hub.remove_connection(peer):
+            self._schedule_node_release(channel)
+        if was_known:
+            self.metrics.connections.dec()
+            self.metrics.subscriptions.dec(count)
+        if not self.hub.connection_count():
+            self._idle.set()
+
+    # -- effects ---------------------------------------------------------------------
+
+    def _apply_sync(self, peer: Peer, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Send):
+                self._send(peer, effect)
+            elif isinstance(effect, Close):
+                peer.close(effect.code, effect.reason)
+            elif isinstance(effect, SendPing):
+                peer.send_ping()
+
+    def _send(self, peer: Peer, effect: Send) -> None:
+        if effect.error is not None:
+            self.metrics.error(effect.error)
+        peer.send(text_frame(effect.data))
+
+    async def handle(self, peer: Peer, effects: list[Effect]) -> None:
+        """Carry out a session's effects; command failures become error replies."""
+        for effect in effects:
+            if isinstance(effect, Send | Close | SendPing):
+                self._apply_sync(peer, [effect])
+                continue
+            started = self.clock()
+            command = effect.command
+            name = type(command).__name__.lower()
+            try:
+                if isinstance(effect, StartSubscribe):
+                    await self._subscribe(peer, effect.command)
+                elif isinstance(effect, StartUnsubscribe):
+                    self._unsubscribe(peer, effect.command.channel, effect.command.id)
+                elif isinstance(effect, StartRefresh):
+                    await self._refresh(peer, effect.command.token, effect.command.id)
+            except (ClientError, ServerError) as exc:
+                if isinstance(exc, ServerError):
+                    logger.warning("%s failed: %s", name, exc.message)
+                channel = getattr(command, "channel", None)
+                self._apply_sync(peer, peer.session.fail(exc, command.id, channel))
+            except Exception:
+                logger.exception("unexpected error handling %s", name)
+                fault = ServerError("internal server error")
+                self._apply_sync(peer, peer.session.fail(fault, command.id))
+            finally:
+                self.metrics.command(name, self.clock() - started)
+
+    # -- subscriptions ---------------------------------------------------------------
+
+    async def _subscribe(self, peer: Peer, command: Subscribe) -> None:
+        channel = command.channel
+        session = peer.session
+        await self.policy.authorize(session.identity, channel)
+        if not self.hub.is_connected(peer):
+            return
+        existing = self.hub.subscriber(peer, channel)
+        if existing is not None:
+            await self._resubscribe(peer, existing, command)
+            return
+        sub, _ = self.hub.subscribe(peer, channel, hold=True)
+        try:
+            await self._ensure_node_subscription(channel)
+            if command.recover is not None:
+                page = await self.broker.history(
+                    channel, command.recover.offset, self._recovery_limit()
+                )
+                position, events, complete = page.position, page.events, page.complete
+            else:
+                position, events, complete = await self.broker.position(channel), (), False
+        except BaseException:
+            self._drop_subscription(peer, channel)
+            raise
+        if self.hub.subscriber(peer, channel) is not sub:
+            return  # the connection closed while we waited
+        recovered = self._recovered(command.recover, position.offset, position.epoch,
+                                    len(events), complete)
+        data: dict[str, object] = {"channel": channel, "offset": position.offset,
+                                   "epoch": position.epoch}
+        if command.recover is not None:
+            data["recovered"] = recovered
+        peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
+        if recovered:
+            for event in events:
+                peer.send(text_frame(event.payload))
+        session.subscribed(channel)
+        self.metrics.subscriptions.inc()
+        self._send_held(peer, sub, position.offset)
+
+    async def _resubscribe(self, peer: Peer, sub: Subscriber[Peer], command: Subscribe) -> None:
+        """Idempotent subscribe; with ``recover`` it replays what the connection missed
+        before its subscription went live (offsets up to ``sub.start``)."""
+        channel = command.channel
+        recover = command.recover
+        data: dict[str, object] = {"channel": channel}
+        if recover is None:
+            position = await self.broker.position(channel)
+            data.update(offset=position.offset, epoch=position.epoch)
+            peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
+            return
+        self.hub.hold(sub)
+        try:
+            page = await self.broker.history(channel, recover.offset, self._recovery_limit())
+        except BaseException:
+            self._send_held(peer, sub, sub.after)
+            raise
+        events = [e for e in page.events if e.offset <= sub.start]
+        recovered = (
+            page.position.epoch == recover.epoch
+            and recover.offset <= sub.start
+            and page.complete
+            and len(events) == sub.start - recover.offset
+        )
+        data.update(offset=sub.start, epoch=page.position.epoch, recovered=recovered)
+        peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
+        if recovered:
+            for event in events:
+                peer.send(text_frame(event.payload))
+        self._send_held(peer, sub, sub.after)
+
+    @staticmethod
+    def _recovered(recover: Recover | None, offset: int, epoch: str, count: int,
+                   complete: bool) -> bool:
+        if recover is None:
+            return False
+        return (
+            recover.epoch == epoch
+            and recover.offset <= offset
+            and complete
+            and count == offset - recover.offset
+        )
+
+    def _recovery_limit(self) -> int:
+        # Streams may hold a little more than history.size (approximate trimming).
+        return max(1, self.settings.history.size) * 2
+
+    def _send_held(self, peer: Peer, sub: Subscriber[Peer], after: int) -> None:
+        frames = self.hub.release(sub, after)
+        if frames:
+            peer.send(b"".join(frames))
+
+    def _unsubscribe(self, peer: Peer, channel: str, command_id: str | None) -> None:
+        self._drop_subscription(peer, channel)
+        reply = encode_message("unsubscribed", {"channel": channel}, id=command_id)
+        peer.send(text_frame(reply))
+
+    def _drop_subscription(self, peer: Peer, channel: str) -> None:
+        was_subscribed = channel in peer.session.subscriptions
+        peer.session.unsubscribed(channel)
+        if was_subscribed:
+            self.metrics.subscriptions.dec()
+        if self.hub.unsubscribe(peer, channel):
+            self._schedule_node_release(channel)
+
+    async def _ensure_node_subscription(self, channel: str) -> None:
+        if channel in self._node_channels:
+            return
+        async with self._channel_locks.hold(channel):
+            if channel not in self._node_channels and self.hub.has_channel(channel):
+                await self.broker.subscribe(channel)
+                self._node_channels.add(channel)
+
+    def _schedule_node_release(self, channel: str) -> None:
+        self._spawn(self._release_node_subscription(channel), f"release:{channel}")
+
+    async def _release_node_subscription(self, channel: str) -> None:
+        async with self._channel_locks.hold(channel):
+            if channel in self._node_channels and not self.hub.has_channel(channel):
+                self._node_channels.discard(channel)
+                try:
+                    await self.broker.unsubscribe(channel)
+                except TidingsError:
+                    logger.warning("broker unsubscribe failed for a channel")
+
+    def _pending_overflow(self, peer: Peer) -> None:
+        self.metrics.slow_consumer_closes.inc()
+        peer.close(CloseCode.TRY_AGAIN_LATER, "subscriber too slow")
+
+    # -- refresh ---------------------------------------------------------------------
+
+    async def _refresh(self, peer: Peer, token: str, command_id: str | None) -> None:
+        try:
+            identity = await self.authenticator.authenticate(token)
+        except Unauthorized as exc:
+            logger.info("refresh rejected: %s", exc.message)
+            self._apply_sync(peer, peer.session.unauthorized(exc.message, command_id))
+            return
+        self._apply_sync(peer, peer.session.refreshed(identity, command_id, self.clock(),
+                                                      self.wall_clock()))

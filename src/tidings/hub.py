@@ -1,0 +1,253 @@
+"""Local bookkeeping and fan-out: connections by id and user, subscribers by channel.
+
+The hub never parses frames, verifies tokens or talks to a broker. Fan-out follows the
+"cork" rule: frames delivered to a channel during one event-loop tick are collected, and
+at the end of the tick joined and written once into each subscriber's transport. There is
+no task, queue or ``await`` per subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+__all__ = ["Hub", "Outbound", "Subscriber"]
+
+
+class Outbound(Protocol):
+    """The hub's view of one connection."""
+
+    @property
+    def conn_id(self) -> str: ...
+
+    @property
+    def user_id(self) -> str: ...
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes for the socket without blocking.
+
+        When the connection's bounded buffer overflows, the connection closes itself
+        with 1013; the call still returns normally.
+        """
+
+
+C = TypeVar("C", bound=Outbound)
+
+
+@dataclass(slots=True, eq=False)
+class Subscriber(Generic[C]):
+    """One connection's membership in one channel.
+
+    While ``pending`` is not None the subscription is being set up (recovery): live frames
+    are held there, in offset order, instead of being written, so that the replayed
+    history can go out first. ``after`` is the highest offset already sent or not to be
+    sent; frames at or below it are skipped. ``start`` is the offset at which the
+    subscription went live: everything after it came from the live stream.
+    """
+
+    conn: C
+    after: int = 0
+    start: int = 0
+    pending: list[tuple[int, bytes]] | None = None
+
+
+@dataclass(slots=True)
+class _Channel(Generic[C]):
+    subscribers: dict[str, Subscriber[C]] = field(default_factory=dict)
+    frames: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+class Hub(Generic[C]):
+    """Who is connected and subscribed here, and the fan-out of pre-encoded frames.
+
+    Guarantee: frames of a channel reach each direct subscriber in the order they were
+    delivered, at the end of the current loop tick, as one write per subscriber.
+    ``pending_limit`` bounds the frames held for a subscriber under setup; past it the
+    ``on_pending_overflow`` callback decides (the gateway closes with 1013).
+    """
+
+    def __init__(
+        self,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        pending_limit: int = 10_000,
+        on_pending_overflow: Callable[[C], None] | None = None,
+    ) -> None:
+        self._loop = loop
+        self._connections: dict[str, C] = {}
+        self._by_user: dict[str, dict[str, C]] = {}
+        self._channels: dict[str, _Channel[C]] = {}
+        self._memberships: dict[str, set[str]] = {}
+        self._dirty: list[_Channel[C]] = []
+        self._flush_scheduled = False
+        self._pending_limit = pending_limit
+        self._on_pending_overflow = on_pending_overflow
+
+    # -- connections -----------------------------------------------------------------
+
+    def add_connection(self, conn: C) -> None:
+        self._connections[conn.conn_id] = conn
+        self._by_user.setdefault(conn.user_id, {})[conn.conn_id] = conn
+        self._memberships[conn.conn_id] = set()
+
+    def remove_connection(self, conn: C) -> list[str]:
+        """Forget a connection; return the channels that lost their last local subscriber."""
+        if self._connections.pop(conn.conn_id, None) is None:
+            return []
+        users = self._by_user.get(conn.user_id)
+        if users is not None:
+            users.pop(conn.conn_id, None)
+            if not users:
+                del self._by_user[conn.user_id]
+        emptied = []
+        for channel in self._memberships.pop(conn.conn_id, set()):
+            if self._drop(conn.conn_id, channel):
+                emptied.append(channel)
+        return emptied
+
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def user_connection_count(self, user_id: str) -> int:
+        return len(self._by_user.get(user_id, ()))
+
+    def connections_of(self, user_id: str) -> list[C]:
+        return list(self._by_user.get(user_id, {}).values())
+
+    def connections(self) -> Iterator[C]:
+        """A snapshot: safe while connections come and go."""
+        return iter(list(self._connections.values()))
+
+    def is_connected(self, conn: C) -> bool:
+        return self._connections.get(conn.conn_id) is conn
+
+    def peer(self, conn_id: str) -> C | None:
+        return self._connections.get(conn_id)
+
+    # -- subscriptions ---------------------------------------------------------------
+
+    def subscribe(self, conn: C, channel: str, *, hold: bool) -> tuple[Subscriber[C], bool]:
+        """Add ``conn`` to ``channel``; return the subscriber and whether it is the first
+        local one. With ``hold`` live frames are held until ``release``."""
+        entry = self._channels.get(channel)
+        first = entry is None
+        if entry is None:
+            entry = self._channels[channel] = _Channel()
+        sub = entry.subscribers.get(conn.conn_id)
+        if sub is None:
+            sub = Subscriber[C](conn, pending=[] if hold else None)
+            entry.subscribers[conn.conn_id] = sub
+            self._memberships[conn.conn_id].add(channel)
+        return sub, first
+
+    def subscriber(self, conn: C, channel: str) -> Subscriber[C] | None:
+        entry = self._channels.get(channel)
+        return entry.subscribers.get(conn.conn_id) if entry is not None else None
+
+    def hold(self, sub: Subscriber[C]) -> None:
+        """Hold live frames for ``sub`` again (re-subscription with recovery)."""
+        if sub.pending is None:
+            sub.pending = []
+
+    def release(self, sub: Subscriber[C], after: int) -> list[bytes]:
+        """End setup: return the held frames with offset > ``after`` (in order) and
+        switch the subscriber to direct writes. The caller sends them right away."""
+        held = sub.pending or []
+        sub.pending = None
+        sub.start = max(sub.start, after)
+        out = []
+        for offset, frame in held:
+            if offset > after:
+                out.append(frame)
+                after = offset
+        sub.after = after
+        return out
+
+    def unsubscribe(self, conn: C, channel: str) -> bool:
+        """Remove ``conn`` from ``channel``; True when the channel has no local subscriber left."""
+        members = self._memberships.get(conn.conn_id)
+        if members is None or channel not in members:
+            return False
+        members.discard(channel)
+        return self._drop(conn.conn_id, channel)
+
+    def _drop(self, conn_id: str, channel: str) -> bool:
+        entry = self._channels.get(channel)
+        if entry is None:
+            return False
+        entry.subscribers.pop(conn_id, None)
+        if entry.subscribers:
+            return False
+        del self._channels[channel]
+        return True
+
+    def is_subscribed(self, conn: C, channel: str) -> bool:
+        return channel in self._memberships.get(conn.conn_id, ())
+
+    def has_channel(self, channel: str) -> bool:
+        return channel in self._channels
+
+    def subscribers(self, channel: str) -> list[C]:
+        entry = self._channels.get(channel)
+        return [sub.conn for sub in entry.subscribers.values()] if entry else []
+
+    def channel_counts(self) -> Mapping[str, int]:
+        return {name: len(entry.subscribers) for name, entry in self._channels.items()}
+
+    def presence(self, channel: str) -> Mapping[str, int]:
+        users: dict[str, int] = {}
+        entry = self._channels.get(channel)
+        for sub in entry.subscribers.values() if entry else ():
+            users[sub.conn.user_id] = users.get(sub.conn.user_id, 0) + 1
+        return users
+
+    def channels(self) -> Iterable[str]:
+        return list(self._channels)
+
+    # -- fan-out ---------------------------------------------------------------------
+
+    def deliver(self, channel: str, offset: int, frame: bytes) -> int:
+        """Queue one encoded frame for every local subscriber of ``channel``; return how
+        many subscribers it is queued for."""
+        entry = self._channels.get(channel)
+        if entry is None:
+            return 0
+        if not entry.frames:
+            self._dirty.append(entry)
+        entry.frames.append((offset, frame))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_soon(self.flush)
+        return len(entry.subscribers)
+
+    def flush(self) -> None:
+        """Write every channel's collected frames, joined, once per subscriber."""
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for entry in dirty:
+            frames, entry.frames = entry.frames, []
+            if not frames:
+                continue
+            first = frames[0][0]
+            joined = frames[0][1] if len(frames) == 1 else b"".join(f for _, f in frames)
+            # Copy: a write may close a connection, which unsubscribes it.
+            for sub in list(entry.subscribers.values()):
+                if sub.pending is not None:
+                    self._hold(sub, sub.pending, frames)
+                elif sub.after < first:
+                    sub.conn.send(joined)
+                else:
+                    part = [f for o, f in frames if o > sub.after]
+                    if part:
+                        sub.conn.send(b"".join(part))
+
+    def _hold(self, sub: Subscriber[C], pending: list[tuple[int, bytes]],
+              frames: list[tuple[int, bytes]]) -> None:
+        pending.extend(frames)
+        if len(pending) > self._pending_limit:
+            sub.pending = []
+            if self._on_pending_overflow is not None:
+                self._on_pending_overflow(sub.conn)

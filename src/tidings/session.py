@@ -1,0 +1,271 @@
+"""One connection's protocol state, without I/O.
+
+The transport feeds it frames and clock readings; it answers with effects: messages to
+send, a close, or work for the gateway (subscribe, unsubscribe, refresh) whose outcome
+comes back through ``subscribed``/``unsubscribed``/``refreshed``/``fail``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tidings.auth import Identity
+from tidings.config import LimitsSettings
+from tidings.errors import TidingsError
+from tidings.protocol import (
+    BadCommand,
+    CloseCode,
+    ErrorCode,
+    Ping,
+    Refresh,
+    Subscribe,
+    Unsubscribe,
+    decode_command,
+    encode_message,
+    format_expiry,
+)
+
+__all__ = [
+    "Close",
+    "Effect",
+    "Send",
+    "SendPing",
+    "Session",
+    "StartRefresh",
+    "StartSubscribe",
+    "StartUnsubscribe",
+    "error_message",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send one JSON message (unframed); ``error`` names the error code it carries."""
+
+    data: bytes
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: CloseCode
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendPing:
+    """Send a WebSocket ping frame."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartSubscribe:
+    command: Subscribe
+
+
+@dataclass(frozen=True, slots=True)
+class StartUnsubscribe:
+    command: Unsubscribe
+
+
+@dataclass(frozen=True, slots=True)
+class StartRefresh:
+    command: Refresh
+
+
+Effect = Send | Close | SendPing | StartSubscribe | StartUnsubscribe | StartRefresh
+
+
+def error_message(
+    code: str, message: str, *, command_id: str | None = None, channel: str | None = None
+) -> bytes:
+    """An ``error`` message; ``code`` is a wire error code."""
+    data: dict[str, Any] = {"code": code, "message": message}
+    if channel is not None:
+        data["channel"] = channel
+    return encode_message("error", data, id=command_id)
+
+
+def _wire_code(exc: TidingsError) -> str:
+    try:
+        return ErrorCode(exc.code).value
+    except ValueError:
+        # Server-side faults that have no wire code of their own.
+        if exc.code == "broker_unavailable":
+            return ErrorCode.SUBSCRIPTION_FAILED
+        return ErrorCode.INTERNAL_ERROR
+
+
+class Session:
+    """Protocol state of one authenticated connection.
+
+    ``now`` arguments are monotonic seconds; the token's wall-clock expiry is turned into
+    a monotonic deadline once, at construction and on refresh.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        conn_id: str,
+        limits: LimitsSettings,
+        heartbeat_interval: float,
+        heartbeat_timeout: float,
+        leeway: float,
+        now: float,
+        wall: float,
+    ) -> None:
+        self.identity = identity
+        self.conn_id = conn_id
+        self.subscriptions: set[str] = set()
+        self.personal: str | None = None
+        self._limits = limits
+        self._interval = heartbeat_interval
+        self._timeout = heartbeat_timeout
+        self._leeway = leeway
+        self._tokens = float(limits.command_burst)
+        self._refilled = now
+        self._strikes = 0
+        self._last_seen = now
+        self._last_ping = now
+        self._ping_outstanding = False
+        self._deadline = self._expiry_deadline(identity, now, wall)
+        self.closed = False
+
+    def _expiry_deadline(self, identity: Identity, now: float, wall: float) -> float:
+        return now + (identity.expires_at + self._leeway - wall)
+
+    # -- inbound ---------------------------------------------------------------------
+
+    def welcome(self, channels: list[str], now: float) -> bytes:
+        interval = self._interval
+        data: dict[str, Any] = {
+            "connection_id": self.conn_id,
+            "user_id": self.identity.user_id,
+            "expires_at": format_expiry(self.identity.expires_at),
+            "heartbeat_interval": int(interval) if interval == int(interval) else interval,
+            "channels": channels,
+        }
+        return encode_message("connected", data)
+
+    def receive_text(self, raw: bytes | str, now: float) -> list[Effect]:
+        """Handle one text frame from the client."""
+        if self.closed:
+            return []
+        self._last_seen = now
+        self._ping_outstanding = False
+        limited = self._rate_limit(now)
+        if limited:
+            return limited
+        try:
+            command = decode_command(raw)
+        except BadCommand as exc:
+            return [Send(error_message(ErrorCode.INVALID_REQUEST, exc.message,
+                                      command_id=exc.command_id, channel=exc.channel),
+                         ErrorCode.INVALID_REQUEST)]
+        if isinstance(command, Ping):
+            return [Send(encode_message("pong", {}, id=command.id))]
+        if isinstance(command, Subscribe):
+            return self._subscribe(command)
+        if isinstance(command, Unsubscribe):
+            return [StartUnsubscribe(command)]
+        return [StartRefresh(command)]
+
+    def receive_binary(self, now: float) -> list[Effect]:
+        """Binary frames are not part of the protocol."""
+        if self.closed:
+            return []
+        self._last_seen = now
+        self._ping_outstanding = False
+        limited = self._rate_limit(now)
+        if limited:
+            return limited
+        return [Send(error_message(ErrorCode.INVALID_REQUEST, "binary frames are not accepted"),
+                     ErrorCode.INVALID_REQUEST)]
+
+    def saw_frame(self, now: float) -> None:
+        """Any frame (pong included) proves the peer is alive."""
+        self._last_seen = now
+        self._ping_outstanding = False
+
+    def _rate_limit(self, now: float) -> list[Effect]:
+        limits = self._limits
+        elapsed = max(0.0, now - self._refilled)
+        self._refilled = now
+        self._tokens = min(float(limits.command_burst),
+                           self._tokens + elapsed * limits.commands_per_second)
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            self._strikes = 0
+            return []
+        self._strikes += 1
+        if self._strikes >= limits.rate_limit_strikes:
+            return self._close(CloseCode.TOO_MANY, "command rate limit exceeded")
+        return [Send(error_message(ErrorCode.RATE_LIMITED, "too many commands; slow down"),
+                     ErrorCode.RATE_LIMITED)]
+
+    def _subscribe(self, command: Subscribe) -> list[Effect]:
+        channel = command.channel
+        counted = self.subscriptions - {self.personal} if self.personal else self.subscriptions
+        if channel not in self.subscriptions and len(counted) >= self._limits.max_subscriptions:
+            return [Send(error_message(
+                ErrorCode.SUBSCRIPTION_FAILED,
+                f"too many subscriptions (at most {self._limits.max_subscriptions})",
+                command_id=command.id, channel=channel), ErrorCode.SUBSCRIPTION_FAILED)]
+        return [StartSubscribe(command)]
+
+    # -- outcomes of gateway work ---------------------------------------------------
+
+    def subscribed(self, channel: str, *, personal: bool = False) -> None:
+        self.subscriptions.add(channel)
+        if personal:
+            self.personal = channel
+
+    def unsubscribed(self, channel: str) -> None:
+        self.subscriptions.discard(channel)
+        if channel == self.personal:
+            self.personal = None
+
+    def refreshed(self, identity: Identity, command_id: str | None, now: float,
+                  wall: float) -> list[Effect]:
+        """Accept a new token for the same user."""
+        if identity.user_id != self.identity.user_id:
+            return self.unauthorized("refresh token is for another user", command_id)
+        self.identity = identity
+        self._deadline = self._expiry_deadline(identity, now, wall)
+        data = {"expires_at": format_expiry(identity.expires_at)}
+        return [Send(encode_message("refreshed", data, id=command_id))]
+
+    def fail(self, exc: TidingsError, command_id: str | None,
+             channel: str | None = None) -> list[Effect]:
+        """An error reply for a command that failed; the connection stays open."""
+        code = _wire_code(exc)
+        message = error_message(code, exc.message, command_id=command_id,
+                                channel=channel or exc.channel)
+        return [Send(message, code)]
+
+    def unauthorized(self, message: str, command_id: str | None = None) -> list[Effect]:
+        """Send ``unauthorized`` and close 4401 (bad refresh or expired token)."""
+        return [Send(error_message(ErrorCode.UNAUTHORIZED, message, command_id=command_id),
+                     ErrorCode.UNAUTHORIZED),
+                *self._close(CloseCode.UNAUTHORIZED, "unauthorized")]
+
+    # -- time ------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Effect]:
+        """Heartbeats and token expiry; call at least a few times per heartbeat interval."""
+        if self.closed:
+            return []
+        if now >= self._deadline:
+            return self.unauthorized("token expired")
+        if self._ping_outstanding and now - self._last_ping >= self._timeout:
+            return self._close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+        if now - max(self._last_ping, self._last_seen) >= self._interval:
+            self._last_ping = now
+            self._ping_outstanding = True
+            return [SendPing()]
+        return []
+
+    def _close(self, code: CloseCode, reason: str) -> list[Effect]:
+        self.closed = True
+        return [Close(code, reason)]

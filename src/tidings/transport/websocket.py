@@ -1,0 +1,209 @@
+"""The WebSocket endpoint: handshake, read loop and raw frame writes on aiohttp.
+
+aiohttp's reader handles client frames, control frames, fragmentation and the RFC 6455
+rules; outbound event frames are pre-built and written straight into the socket
+transport, bypassing a per-message ``await``, so that fan-out never waits on a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import logging
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from tidings.errors import Unauthorized
+from tidings.gateway import Gateway, TooManyConnections
+from tidings.protocol import CloseCode, ErrorCode
+from tidings.protocol.wire import close_frame, ping_frame
+from tidings.session import Session, error_message
+
+__all__ = ["WsConnection", "origin_allowed", "token_from_request", "websocket_handler"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a closing handshake may take before the socket is simply dropped.
+CLOSE_TIMEOUT = 5.0
+
+
+def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+    """No allow-list, or no Origin (not a browser): allowed. Entries may use ``*``."""
+    if not allowed or origin is None:
+        return True
+    return any(origin == pattern or fnmatch.fnmatchcase(origin, pattern) for pattern in allowed)
+
+
+def token_from_request(request: web.BaseRequest) -> str | None:
+    """The JWT from ``?token=`` or ``Authorization: Bearer``."""
+    token = request.query.get("token")
+    if token:
+        return token
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None
+
+
+class WsConnection:
+    """One accepted connection: the ``Peer`` the gateway and hub write to."""
+
+    __slots__ = ("_closing", "_gateway", "_limit", "_transport", "_ws", "close_task", "session")
+
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport,
+                 session: Session, gateway: Gateway) -> None:
+        self._ws = ws
+        self._transport = transport
+        self.session = session
+        self._gateway = gateway
+        self._limit = gateway.settings.limits.send_buffer_bytes
+        self._closing = False
+        self.close_task: asyncio.Task[None] | None = None
+
+    @property
+    def conn_id(self) -> str:
+        return self.session.conn_id
+
+    @property
+    def user_id(self) -> str:
+        return self.session.identity.user_id
+
+    def send(self, data: bytes) -> None:
+        if self._closing:
+            return
+        transport = self._transport
+        if transport.is_closing():
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > self._limit:
+            self._gateway.metrics.slow_consumer_closes.inc()
+            self.close(CloseCode.TRY_AGAIN_LATER, "send buffer full: client reads too slowly")
+
+    def send_ping(self) -> None:
+        self.send(ping_frame())
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._gateway.metrics.closed(int(code))
+        if code is CloseCode.TRY_AGAIN_LATER and not self._transport.is_closing():
+            # The buffer is full: a close frame queued behind it would never be read in
+            # time, so drop the socket after a best-effort close frame.
+            self._transport.write(close_frame(int(code), reason))
+            self._transport.abort()
+        self.close_task = asyncio.create_task(self._close(code, reason))
+
+    async def _close(self, code: CloseCode, reason: str) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._ws.close(code=int(code), message=reason.encode()[:123], drain=False)
+        except (TimeoutError, ConnectionError):
+            self._transport.abort()
+
+
+def _json_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+async def _reject(ws: web.WebSocketResponse, error: bytes | None, code: CloseCode,
+                  reason: str, gateway: Gateway) -> web.WebSocketResponse:
+    """Send at most one error message, close, and act on nothing the client sends."""
+    gateway.metrics.closed(int(code))
+    if error is not None:
+        gateway.metrics.error(ErrorCode.UNAUTHORIZED)
+        with contextlib.suppress(ConnectionError):
+            await ws.send_frame(error, WSMsgType.TEXT)
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await ws.close(code=int(code), message=reason.encode(), drain=False)
+    return ws
+
+
+def websocket_handler(gateway: Gateway) -> Any:
+    """The aiohttp handler for the WebSocket path."""
+    settings = gateway.settings
+    server = settings.server
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if gateway.draining:
+            return _json_error(503, "unavailable", "server is shutting down")
+        if not origin_allowed(request.headers.get("Origin"), server.allowed_origins):
+            gateway.metrics.handshakes.labels("forbidden_origin").inc()
+            logger.info("handshake refused: origin not allowed")
+            return _json_error(403, "forbidden", "origin not allowed")
+        ws = web.WebSocketResponse(
+            compress=False,
+            autoping=False,
+            autoclose=True,
+            max_msg_size=settings.limits.max_message_bytes,
+            timeout=CLOSE_TIMEOUT,
+        )
+        if not ws.can_prepare(request).ok:
+            return _json_error(426, "invalid_request", "expected a WebSocket upgrade request")
+        await ws.prepare(request)
+        transport = request.transport
+        if transport is None:
+            return ws
+        try:
+            async with asyncio.timeout(server.handshake_timeout):
+                identity = await gateway.authenticate(token_from_request(request))
+        except Unauthorized as exc:
+            gateway.metrics.handshakes.labels("unauthorized").inc()
+            logger.info("connection rejected: %s", exc.message)
+            message = error_message(ErrorCode.UNAUTHORIZED, exc.message)
+            return await _reject(ws, message, CloseCode.UNAUTHORIZED, "unauthorized", gateway)
+        except TimeoutError:
+            gateway.metrics.handshakes.labels("timeout").inc()
+            logger.warning("authentication timed out")
+            return await _reject(ws, None, CloseCode.TRY_AGAIN_LATER, "try again later", gateway)
+        peer = WsConnection(ws, transport, gateway.new_session(identity), gateway)
+        try:
+            await gateway.connect(peer)
+        except TooManyConnections as exc:
+            gateway.metrics.handshakes.labels("too_many").inc()
+            logger.info("connection rejected: %s", exc.message)
+            return await _reject(ws, None, CloseCode.TOO_MANY, "too many connections", gateway)
+        gateway.metrics.handshakes.labels("ok").inc()
+        try:
+            await _read_loop(ws, peer, gateway)
+        except Exception:
+            # A fault of ours: tell the client to come back later, keep the server up.
+            logger.exception("connection handler failed")
+            peer.close(CloseCode.INTERNAL_ERROR, "internal server error")
+        finally:
+            gateway.disconnect(peer)
+            if peer.close_task is not None:
+                with contextlib.suppress(Exception):
+                    await peer.close_task
+        return ws
+
+    return handle
+
+
+async def _read_loop(ws: web.WebSocketResponse, peer: WsConnection, gateway: Gateway) -> None:
+    session = peer.session
+    clock = gateway.clock
+    while True:
+        msg = await ws.receive()
+        kind = msg.type
+        if kind is WSMsgType.TEXT:
+            effects = session.receive_text(msg.data, clock())
+            if effects:
+                await gateway.handle(peer, effects)
+        elif kind is WSMsgType.BINARY:
+            await gateway.handle(peer, session.receive_binary(clock()))
+        elif kind is WSMsgType.PING:
+            session.saw_frame(clock())
+            with contextlib.suppress(ConnectionError):
+                await ws.pong(msg.data)
+        elif kind is WSMsgType.PONG:
+            session.saw_frame(clock())
+        else:
+            if kind is WSMsgType.ERROR and ws.close_code == CloseCode.MESSAGE_TOO_BIG:
+                gateway.metrics.closed(CloseCode.MESSAGE_TOO_BIG)
+            return
+
