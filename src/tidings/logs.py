@@ -50,11 +50,14 @@ class _JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": self._redact(record.getMessage()),
         }
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return self._redact(json.dumps(entry, ensure_ascii=False))
+            entry["exc"] = self._redact(self.formatException(record.exc_info))
+        # Redact the values, not the encoded line: a pattern applied after JSON escaping
+        # could swallow an escape's backslash (breaking the line) or miss a secret whose
+        # characters JSON escapes.
+        return json.dumps(entry, ensure_ascii=False)
 
 
 class _TextFormatter(logging.Formatter):

@@ -129,6 +129,8 @@ class Session:
         self._last_seen = now
         self._last_ping = now
         self._ping_outstanding = False
+        #: When the oldest ping still unanswered was sent (the timeout runs from it).
+        self._unanswered_since = now
         self._deadline = self._expiry_deadline(identity, now, wall)
         self.closed = False
 
@@ -258,9 +260,11 @@ class Session:
             return []
         if now >= self._deadline:
             return self.unauthorized("token expired")
-        if self._ping_outstanding and now - self._last_ping >= self._timeout:
+        if self._ping_outstanding and now - self._unanswered_since >= self._timeout:
             return self._close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
         if now - max(self._last_ping, self._last_seen) >= self._interval:
+            if not self._ping_outstanding:
+                self._unanswered_since = now
             self._last_ping = now
             self._ping_outstanding = True
             return [SendPing()]

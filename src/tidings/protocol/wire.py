@@ -222,5 +222,6 @@ def ping_frame() -> bytes:
 
 def close_frame(code: int, reason: str = "") -> bytes:
     """A close frame; the reason is cut to fit the 123-byte limit of control frames."""
-    encoded = reason.encode()[:123]
+    # Never cut inside a UTF-8 sequence: a close reason must be valid UTF-8 (RFC 6455 8.1).
+    encoded = reason.encode()[:123].decode("utf-8", "ignore").encode()
     return _frame(0x8, struct.pack("!H", code) + encoded)

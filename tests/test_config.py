@@ -1,0 +1,500 @@
+"""Unit tests for tidings.config: layer precedence, environment parsing and errors by key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tidings.config import MIN_HMAC_SECRET_BYTES, Settings, load_settings
+from tidings.errors import ConfigError
+
+SECRET = "s" * MIN_HMAC_SECRET_BYTES
+
+
+@pytest.fixture
+def toml(tmp_path: Path) -> Callable[[str], Path]:
+    """Write a TOML configuration file and return its path."""
+
+    def write(text: str, name: str = "tidings.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+def load(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
+         config_file: Path | None = None) -> Settings:
+    """Load settings isolated from the real environment."""
+    return load_settings(config_file, overrides, environ={} if environ is None else environ)
+
+
+def error_of(overrides: Mapping[str, Any] | None = None,
+             environ: Mapping[str, str] | None = None,
+             config_file: Path | None = None) -> ConfigError:
+    """Return the ConfigError that loading these layers raises."""
+    with pytest.raises(ConfigError) as info:
+        load(overrides, environ, config_file)
+    return info.value
+
+
+# -- defaults and layers ------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    """With nothing configured the documented defaults apply, in development mode."""
+    settings = load()
+    assert settings.server.host == "127.0.0.1"
+    assert settings.server.port == 8000
+    assert settings.server.path == "/ws"
+    assert settings.server.heartbeat_interval == 25
+    assert settings.server.heartbeat_timeout == 10
+    assert settings.auth.algorithms == ("HS256",)
+    assert settings.auth.leeway == 30
+    assert settings.auth.personal_channel is True
+    assert settings.broker.url == "memory://"
+    assert settings.history.size == 100
+    assert settings.limits.max_subscriptions == 128
+    assert settings.limits.commands_per_second == 50
+    assert settings.limits.max_message_bytes == 65536
+    assert settings.api.keys == ()
+    assert settings.events.allowed_types == ()
+    assert settings.workers == 1
+    assert set(settings.namespaces) == {"default"}
+    assert settings.namespaces["default"].rule == "claims"
+    assert settings.dev_mode
+    assert settings.console_enabled
+
+
+def test_precedence_across_all_layers(toml: Callable[..., Path]) -> None:
+    """Flags beat environment, environment beats the file, the file beats defaults."""
+    path = toml(
+        """
+        [server]
+        port = 8001
+        host = "0.0.0.0"
+        heartbeat_interval = 5
+        path = "/file"
+
+        [limits]
+        max_subscriptions = 7
+        """
+    )
+    environ = {"TIDINGS_SERVER__PORT": "8002", "TIDINGS_SERVER__HEARTBEAT_INTERVAL": "6",
+               "TIDINGS_LIMITS__COMMAND_BURST": "9"}
+    overrides = {"server": {"port": 8003}}
+
+    assert load(config_file=path).server.port == 8001
+    assert load(environ=environ, config_file=path).server.port == 8002
+    settings = load(overrides, environ, path)
+    assert settings.server.port == 8003  # flag
+    assert settings.server.heartbeat_interval == 6  # env over file
+    assert settings.server.host == "0.0.0.0"  # file only
+    assert settings.server.path == "/file"  # file only
+    assert settings.limits.max_subscriptions == 7  # file, next to an env key of the section
+    assert settings.limits.command_burst == 9  # env only
+    assert settings.limits.commands_per_second == 50  # default
+    assert settings.server.heartbeat_timeout == 10  # default
+
+
+def test_overrides_merge_into_sections() -> None:
+    """An override of one key keeps the other keys of its section from lower layers."""
+    settings = load({"limits": {"max_subscriptions": 3}},
+                    {"TIDINGS_LIMITS__COMMAND_BURST": "4"})
+    assert settings.limits.max_subscriptions == 3
+    assert settings.limits.command_burst == 4
+
+
+def test_config_file_from_environment(toml: Callable[..., Path]) -> None:
+    """TIDINGS_CONFIG names the file when no explicit file is given."""
+    path = toml("[history]\nsize = 12\n")
+    assert load(environ={"TIDINGS_CONFIG": str(path)}).history.size == 12
+
+
+def test_explicit_config_file_beats_environment_file(toml: Callable[..., Path]) -> None:
+    """An explicit --config file wins over TIDINGS_CONFIG."""
+    env_file = toml("[history]\nsize = 12\n", "env.toml")
+    flag_file = toml("[history]\nsize = 34\n", "flag.toml")
+    settings = load(environ={"TIDINGS_CONFIG": str(env_file)}, config_file=flag_file)
+    assert settings.history.size == 34
+
+
+def test_tidings_config_is_not_a_setting(toml: Callable[..., Path]) -> None:
+    """TIDINGS_CONFIG itself is not parsed as a configuration key."""
+    path = toml("")
+    assert load(environ={"TIDINGS_CONFIG": str(path)}).history.size == 100
+
+
+def test_environment_types_and_names() -> None:
+    """Environment strings are converted to the key's type; names are case-insensitive."""
+    settings = load(environ={
+        "TIDINGS_AUTH__PERSONAL_CHANNEL": "false",
+        "tidings_server__port": "9001",
+        "TIDINGS_SERVER__HEARTBEAT_INTERVAL": "2.5",
+        "TIDINGS_LOGGING__LEVEL": "debug",
+        "TIDINGS_NAMESPACES__NEWS__RULE": "public",
+        "PATH": "/usr/bin",
+        "OTHER_SERVER__PORT": "1",
+    })
+    assert settings.auth.personal_channel is False
+    assert settings.server.port == 9001
+    assert settings.server.heartbeat_interval == 2.5
+    assert settings.logging.level == "debug"
+    assert settings.namespaces["news"].rule == "public"
+    assert settings.namespaces["default"].rule == "claims"
+
+
+@pytest.mark.parametrize(
+    ("variable", "section", "key"),
+    [
+        ("TIDINGS_API__KEYS", "api", "keys"),
+        ("TIDINGS_SERVER__ALLOWED_ORIGINS", "server", "allowed_origins"),
+        ("TIDINGS_EVENTS__ALLOWED_TYPES", "events", "allowed_types"),
+    ],
+)
+def test_environment_lists_are_comma_separated(variable: str, section: str, key: str) -> None:
+    """List keys from the environment split on commas, trimming blanks and empty items."""
+    settings = load(environ={variable: " alpha, beta,,gamma ,"})
+    assert getattr(getattr(settings, section), key) == ("alpha", "beta", "gamma")
+
+
+def test_environment_algorithms_list() -> None:
+    """TIDINGS_AUTH__ALGORITHMS takes a comma-separated list too."""
+    settings = load(environ={"TIDINGS_AUTH__ALGORITHMS": "HS256,HS512"})
+    assert settings.auth.algorithms == ("HS256", "HS512")
+
+
+def test_environment_list_replaces_file_list(toml: Callable[..., Path]) -> None:
+    """A list from the environment replaces the file's list rather than extending it."""
+    path = toml('[api]\nkeys = ["file-key"]\n')
+    assert load(config_file=path).api.keys == ("file-key",)
+    assert load(environ={"TIDINGS_API__KEYS": "env-key"}, config_file=path).api.keys == \
+        ("env-key",)
+    assert load({"api": {"keys": ["flag-key"]}}, {"TIDINGS_API__KEYS": "env-key"},
+                path).api.keys == ("flag-key",)
+
+
+def test_operations_example_file(toml: Callable[..., Path]) -> None:
+    """The example configuration of the operator contract loads as documented."""
+    path = toml(
+        f"""
+        [logging]
+        level = "info"
+        format = "auto"
+
+        [server]
+        host = "127.0.0.1"
+        port = 8000
+        path = "/ws"
+        allowed_origins = []
+        tls_cert = ""
+        tls_key = ""
+        heartbeat_interval = 25
+        heartbeat_timeout = 10
+
+        [auth]
+        algorithms = ["HS256"]
+        secret = "{SECRET}"
+        public_key_file = ""
+        jwks_url = ""
+        issuer = ""
+        audience = ""
+        leeway = 30
+        channels_claim = "channels"
+        personal_channel = true
+
+        [api]
+        keys = []
+
+        [broker]
+        url = "memory://"
+
+        [history]
+        size = 100
+        ttl = 300
+
+        [limits]
+        max_message_bytes = 65536
+        max_subscriptions = 128
+        commands_per_second = 50
+        max_connections_per_user = 32
+        send_buffer_bytes = 1048576
+
+        [namespaces.default]
+        rule = "claims"
+
+        [namespaces.news]
+        rule = "public"
+
+        [namespaces.orders]
+        rule = "webhook"
+        url = "http://127.0.0.1:9000/authorize"
+        timeout = 2.0
+        cache_ttl = 30
+        """
+    )
+    settings = load(config_file=path)
+    assert not settings.dev_mode
+    assert settings.namespaces["orders"].url == "http://127.0.0.1:9000/authorize"
+    assert settings.namespaces["orders"].timeout == 2.0
+    assert {name: ns.rule for name, ns in settings.namespaces.items()} == {
+        "default": "claims", "news": "public", "orders": "webhook"}
+
+
+# -- namespaces ---------------------------------------------------------------------------
+
+
+def test_namespace_in_file_keeps_default(toml: Callable[..., Path]) -> None:
+    """Configuring [namespaces.news] keeps the implicit default namespace."""
+    settings = load(config_file=toml('[namespaces.news]\nrule = "public"\n'))
+    assert settings.namespaces["news"].rule == "public"
+    assert settings.namespaces["default"].rule == "claims"
+
+
+def test_namespace_override_keeps_default() -> None:
+    """Namespaces given as overrides keep the default namespace too."""
+    settings = load({"namespaces": {"news": {"rule": "deny"}}})
+    assert set(settings.namespaces) == {"default", "news"}
+
+
+def test_default_namespace_can_be_changed(toml: Callable[..., Path]) -> None:
+    """The default namespace's rule can itself be configured."""
+    settings = load(config_file=toml('[namespaces.default]\nrule = "public"\n'))
+    assert settings.namespaces["default"].rule == "public"
+
+
+def test_namespace_env_merges_with_file(toml: Callable[..., Path]) -> None:
+    """An environment variable for one namespace key merges with that namespace's file keys."""
+    path = toml('[namespaces.orders]\nrule = "webhook"\nurl = "http://h/authorize"\n')
+    settings = load(environ={"TIDINGS_NAMESPACES__ORDERS__TIMEOUT": "0.5"}, config_file=path)
+    assert settings.namespaces["orders"].rule == "webhook"
+    assert settings.namespaces["orders"].timeout == 0.5
+
+
+# -- dev mode and cross-field checks ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "dev"),
+    [
+        ({}, True),
+        ({"auth": {"secret": SECRET}}, False),
+        ({"server": {"mode": "development"}, "auth": {"secret": SECRET}}, True),
+        ({"server": {"mode": "production"}, "auth": {"secret": SECRET}}, False),
+        ({"auth": {"algorithms": ["RS256"], "jwks_url": "https://idp/jwks"}}, False),
+    ],
+)
+def test_dev_mode(overrides: dict[str, Any], dev: bool) -> None:
+    """Development mode is explicit, or automatic when no signing key is configured."""
+    settings = load(overrides)
+    assert settings.dev_mode is dev
+    assert settings.console_enabled is dev
+
+
+@pytest.mark.parametrize(("enabled", "expected"), [("on", True), ("off", False)])
+def test_console_setting_overrides_mode(enabled: str, expected: bool) -> None:
+    """console.enabled on/off wins over the development-mode default."""
+    assert load({"console": {"enabled": enabled}}).console_enabled is expected
+    production = load({"console": {"enabled": enabled}, "auth": {"secret": SECRET}})
+    assert production.console_enabled is expected
+
+
+def test_secret_length_boundary() -> None:
+    """Outside development mode the HMAC secret needs at least 32 bytes."""
+    assert load({"auth": {"secret": "x" * 32}}).auth.secret == "x" * 32
+    assert load({"auth": {"secret": "\u00e9" * 16}}).auth.secret == "\u00e9" * 16  # 32 bytes
+    error = error_of({"auth": {"secret": "x" * 31}})
+    assert error.key == "auth.secret"
+    assert "32" in error.reason
+    assert "x" * 31 not in str(error)
+
+
+def test_short_secret_allowed_in_dev_mode() -> None:
+    """An explicit development mode accepts a short secret."""
+    assert load({"server": {"mode": "development"}, "auth": {"secret": "short"}}).dev_mode
+
+
+def test_secret_required_in_production() -> None:
+    """Production mode with HS* and no secret names auth.secret."""
+    assert error_of({"server": {"mode": "production"}}).key == "auth.secret"
+
+
+def test_asymmetric_algorithms_need_a_key_in_production() -> None:
+    """RS*/ES* outside development mode need a PEM file or a JWKS URL."""
+    error = error_of({"server": {"mode": "production"}, "auth": {"algorithms": ["RS256"]}})
+    assert error.key == "auth.public_key_file"
+
+
+def test_public_key_file_must_exist(tmp_path: Path) -> None:
+    """A configured public key file that does not exist names auth.public_key_file."""
+    missing = tmp_path / "nope.pem"
+    error = error_of({"auth": {"algorithms": ["RS256"], "public_key_file": str(missing)}})
+    assert error.key == "auth.public_key_file"
+    pem = tmp_path / "key.pem"
+    pem.write_text("-----BEGIN PUBLIC KEY-----\n", encoding="utf-8")
+    assert load({"auth": {"algorithms": ["RS256"],
+                          "public_key_file": str(pem)}}).auth.public_key_file == str(pem)
+
+
+def test_workers_need_redis() -> None:
+    """More than one worker with the memory broker names workers; Redis is accepted."""
+    assert error_of({"workers": 2}).key == "workers"
+    settings = load({"workers": 2, "broker": {"url": "redis://127.0.0.1:6379/0"}})
+    assert settings.workers == 2
+
+
+def test_tls_pair(tmp_path: Path) -> None:
+    """tls_cert and tls_key must be set together and name existing files."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("cert", encoding="utf-8")
+    key.write_text("key", encoding="utf-8")
+    assert error_of({"server": {"tls_cert": str(cert)}}).key == "server.tls_key"
+    assert error_of({"server": {"tls_key": str(key)}}).key == "server.tls_key"
+    missing = str(tmp_path / "missing.pem")
+    assert error_of({"server": {"tls_cert": missing, "tls_key": str(key)}}).key == \
+        "server.tls_cert"
+    assert error_of({"server": {"tls_cert": str(cert), "tls_key": missing}}).key == \
+        "server.tls_key"
+    settings = load({"server": {"tls_cert": str(cert), "tls_key": str(key)}})
+    assert settings.server.tls_cert == str(cert)
+
+
+@pytest.mark.parametrize("url", ["", "ftp://h/auth", "127.0.0.1:9000/authorize"])
+def test_webhook_needs_http_url(url: str) -> None:
+    """A webhook namespace without an http(s) URL names namespaces.<ns>.url."""
+    error = error_of({"namespaces": {"orders": {"rule": "webhook", "url": url}}})
+    assert error.key == "namespaces.orders.url"
+
+
+# -- errors name the key ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"bogus": 1}, "bogus"),
+        ({"limits": {"max_subs": 3}}, "limits.max_subs"),
+        ({"limits": {"max_subscriptions": "many"}}, "limits.max_subscriptions"),
+        ({"limits": {"max_subscriptions": -1}}, "limits.max_subscriptions"),
+        ({"limits": {"max_subscriptions": 1.5}}, "limits.max_subscriptions"),
+        ({"limits": {"commands_per_second": 0}}, "limits.commands_per_second"),
+        ({"limits": 5}, "limits"),
+        ({"logging": {"level": "verbose"}}, "logging.level"),
+        ({"logging": {"format": "xml"}}, "logging.format"),
+        ({"server": {"path": "ws"}}, "server.path"),
+        ({"server": {"port": 70000}}, "server.port"),
+        ({"server": {"port": -1}}, "server.port"),
+        ({"server": {"mode": "test"}}, "server.mode"),
+        ({"server": {"heartbeat_interval": 0}}, "server.heartbeat_interval"),
+        ({"server": {"heartbeat_timeout": -1}}, "server.heartbeat_timeout"),
+        ({"auth": {"algorithms": ["HS999"]}}, "auth.algorithms"),
+        ({"auth": {"algorithms": ["none"]}}, "auth.algorithms"),
+        ({"auth": {"algorithms": []}}, "auth.algorithms"),
+        ({"auth": {"leeway": -1}}, "auth.leeway"),
+        ({"api": {"keys": "abc"}}, "api.keys"),
+        ({"broker": {"url": "http://x"}}, "broker.url"),
+        ({"namespaces": {"news": {"rule": "open"}}}, "namespaces.news.rule"),
+        ({"namespaces": {"news": {"bogus": 1}}}, "namespaces.news.bogus"),
+        ({"namespaces": {"news": 5}}, "namespaces.news"),
+        ({"console": {"enabled": "yes"}}, "console.enabled"),
+        ({"workers": 0}, "workers"),
+        ({"workers": 257}, "workers"),
+    ],
+)
+def test_validation_errors_name_the_key(overrides: dict[str, Any], key: str) -> None:
+    """Unknown keys, wrong types and out-of-range values raise ConfigError naming the key."""
+    error = error_of(overrides)
+    assert error.key == key
+    assert error.reason
+    assert str(error).startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[limits]\nmax_subscriptions = -5\n", "limits.max_subscriptions"),
+        ("[limits]\nmax_subscriptions = \"ten\"\n", "limits.max_subscriptions"),
+        ("[limits]\nmax_subscription = 5\n", "limits.max_subscription"),
+        ("[bogus]\nx = 1\n", "bogus"),
+        ("[server]\nport = \"http\"\n", "server.port"),
+    ],
+)
+def test_file_errors_name_the_key(toml: Callable[..., Path], text: str, key: str) -> None:
+    """Bad values in the TOML file name the key too."""
+    assert error_of(config_file=toml(text)).key == key
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "key"),
+    [
+        ("TIDINGS_LIMITS__MAX_SUBSCRIPTIONS", "-1", "limits.max_subscriptions"),
+        ("TIDINGS_LIMITS__MAX_SUBSCRIPTIONS", "many", "limits.max_subscriptions"),
+        ("TIDINGS_LIMITS__BOGUS", "1", "limits.bogus"),
+        ("TIDINGS_BOGUS", "1", "bogus"),
+        ("TIDINGS_SERVER__PORT", "eighty", "server.port"),
+        ("TIDINGS_AUTH__PERSONAL_CHANNEL", "maybe", "auth.personal_channel"),
+        ("TIDINGS_WORKERS", "4", "workers"),
+    ],
+)
+def test_environment_errors_name_the_key(variable: str, value: str, key: str) -> None:
+    """Bad values from the environment name the configuration key."""
+    assert error_of(environ={variable: value}).key == key
+
+
+@pytest.mark.parametrize("variable", ["TIDINGS_LIMITS____X", "TIDINGS_", "TIDINGS_LIMITS__"])
+def test_malformed_variable_names(variable: str) -> None:
+    """A malformed TIDINGS_ variable name is an error naming the variable."""
+    error = error_of(environ={variable: "1"})
+    assert error.key == variable
+
+
+def test_conflicting_variables() -> None:
+    """A variable for a section and one for a key inside it cannot both be set."""
+    error = error_of(environ={"TIDINGS_LIMITS": "5", "TIDINGS_LIMITS__MAX_SUBSCRIPTIONS": "3"})
+    assert error.key in {"TIDINGS_LIMITS__MAX_SUBSCRIPTIONS", "limits"}
+
+
+def test_flag_error_names_the_key_even_with_valid_lower_layers(
+        toml: Callable[..., Path]) -> None:
+    """A bad flag value is reported even when the file and environment are fine."""
+    path = toml("[server]\nport = 8001\n")
+    error = error_of({"server": {"port": "x"}}, {"TIDINGS_SERVER__PORT": "8002"}, path)
+    assert error.key == "server.port"
+
+
+def test_toml_syntax_error(toml: Callable[..., Path]) -> None:
+    """A file that is not valid TOML is a ConfigError about --config naming the file."""
+    path = toml("[server\nport = 8000\n")
+    error = error_of(config_file=path)
+    assert error.key == "--config"
+    assert "TOML" in error.reason
+    assert str(path) in error.reason
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    """A configuration file that cannot be read is a ConfigError about --config."""
+    missing = tmp_path / "absent.toml"
+    error = error_of(config_file=missing)
+    assert error.key == "--config"
+    assert str(missing) in error.reason
+    error = error_of(environ={"TIDINGS_CONFIG": str(missing)})
+    assert error.key == "--config"
+
+
+def test_settings_are_frozen() -> None:
+    """The settings object cannot be changed once built."""
+    settings = load()
+    with pytest.raises(ValueError):
+        settings.workers = 3
+    with pytest.raises(ValueError):
+        settings.limits.max_subscriptions = 3
+
+
+def test_real_environment_is_used_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an environ argument, load_settings reads os.environ."""
+    monkeypatch.setenv("TIDINGS_HISTORY__SIZE", "17")
+    monkeypatch.delenv("TIDINGS_CONFIG", raising=False)
+    assert load_settings().history.size == 17
