@@ -127,3 +127,67 @@ async def publish(server: RunningServer, channel: str, kind: str = "notification
     assert status == 200, answer
     result: dict[str, Any] = answer["results"][0]
     return result
+
+
+# -- WebSocket protocol helpers (tests/test_ws_*.py) --------------------------------------
+
+
+def _has_null(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, dict):
+        return any(_has_null(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_has_null(item) for item in value)
+    return False
+
+
+def ws_checked(text: str | bytes) -> dict[str, Any]:
+    """Decode one server message and check the envelope rules every message obeys:
+    a JSON object with an object ``data`` and no JSON ``null`` anywhere."""
+    message = json.loads(text)
+    assert isinstance(message, dict), message
+    assert isinstance(message.get("data"), dict), message
+    assert isinstance(message.get("type"), str), message
+    assert not _has_null(message), message
+    return message
+
+
+async def ws_until_close(ws: aiohttp.ClientWebSocketResponse, timeout: float = TIMEOUT
+                         ) -> tuple[list[dict[str, Any]], int | None]:
+    """Every text message until the server closes, and the close code it sent.
+
+    The code is read from the close frame itself: aiohttp replaces ``close_code`` with
+    1006 when its closing reply cannot be written because the server already shut the
+    socket, which says nothing about the code the server sent.
+    """
+    messages: list[dict[str, Any]] = []
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), timeout)
+        if msg.type is aiohttp.WSMsgType.TEXT:
+            messages.append(ws_checked(msg.data))
+        elif msg.type is aiohttp.WSMsgType.CLOSE:
+            return messages, int(msg.data)
+        elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING,
+                          aiohttp.WSMsgType.ERROR):
+            return messages, ws.close_code
+        else:
+            raise AssertionError(f"unexpected frame {msg.type} {msg.data!r}")
+
+
+async def ws_assert_open(client: Client, id: str = "alive") -> None:
+    """Prove a connection is open and idle: an application ``ping`` gets its ``pong`` as
+    the very next message."""
+    await client.send("ping", id=id)
+    reply = ws_checked(json.dumps(await client.recv()))
+    assert reply["type"] == "pong", reply
+    assert reply.get("id") == id, reply
+
+
+@contextlib.asynccontextmanager
+async def ws_bare(server: RunningServer, tok: str | None, **kwargs: Any
+                  ) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """A bare aiohttp WebSocket (welcome not read) for tests that need its options."""
+    url = server.ws_url + (f"?token={tok}" if tok is not None else "")
+    async with aiohttp.ClientSession() as session, session.ws_connect(url, **kwargs) as ws:
+        yield ws

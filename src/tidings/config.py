@@ -201,6 +201,11 @@ class Settings(BaseSettings):
         return (init_settings, env_settings)
 
 
+#: ``TIDINGS_*`` variables that are not settings: the config file path and test switches.
+_NOT_SETTINGS = frozenset(
+    {"TIDINGS_CONFIG", "TIDINGS_REQUIRE_REDIS", "TIDINGS_REQUIRE_BROWSER"}
+)
+
 _LIST_KEYS = {("api", "keys"), ("server", "allowed_origins"), ("auth", "algorithms"),
               ("events", "allowed_types")}
 
@@ -220,7 +225,7 @@ def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
     layer: dict[str, Any] = {}
     for name, value in environ.items():
         upper = name.upper()
-        if not upper.startswith("TIDINGS_") or upper == "TIDINGS_CONFIG":
+        if not upper.startswith("TIDINGS_") or upper in _NOT_SETTINGS:
             continue
         path = tuple(part.lower() for part in upper[len("TIDINGS_"):].split("__"))
         if not all(path):

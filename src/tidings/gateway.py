@@ -248,6 +248,11 @@ class Gateway:
                 logger.warning("personal channel unavailable at connect", exc_info=True)
                 self._drop_subscription(peer, personal)
                 sub = None
+            except BaseException:
+                # Unexpected fault or cancellation: register nothing (the caller never
+                # reaches its disconnect), or the user's slot and the channel would leak.
+                self.disconnect(peer)
+                raise
             else:
                 peer.session.subscribed(personal, personal=True)
                 self.metrics.subscriptions.inc()
@@ -355,7 +360,12 @@ class Gateway:
 
     async def _resubscribe(self, peer: Peer, sub: Subscriber[Peer], command: Subscribe) -> None:
         """Idempotent subscribe; with ``recover`` it replays what the connection missed
-        before its subscription went live (offsets up to ``sub.start``)."""
+        before its subscription went live (offsets up to ``sub.start``).
+
+        That replay is only possible while no live event beyond ``sub.start`` has been
+        sent: offsets must reach the connection in increasing order. Otherwise the answer
+        is ``recovered: false`` (this is how the personal channel, subscribed at connect,
+        is recovered: clients send the recover right after ``connected``)."""
         channel = command.channel
         recover = command.recover
         data: dict[str, object] = {"channel": channel}
@@ -371,13 +381,20 @@ class Gateway:
             self._send_held(peer, sub, sub.after)
             raise
         events = [e for e in page.events if e.offset <= sub.start]
-        recovered = (
-            page.position.epoch == recover.epoch
-            and recover.offset <= sub.start
-            and page.complete
-            and len(events) == sub.start - recover.offset
-        )
-        data.update(offset=sub.start, epoch=page.position.epoch, recovered=recovered)
+        if recover.offset >= sub.start:
+            # Everything after the client's offset came, or comes, from the live stream.
+            events = []
+            recovered = (page.position.epoch == recover.epoch
+                         and recover.offset <= page.position.offset)
+        else:
+            recovered = (
+                sub.after <= sub.start
+                and page.position.epoch == recover.epoch
+                and page.complete
+                and len(events) == sub.start - recover.offset
+            )
+        data.update(offset=max(sub.after, sub.start), epoch=page.position.epoch,
+                    recovered=recovered)
         peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
         if recovered:
             for event in events:

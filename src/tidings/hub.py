@@ -42,8 +42,8 @@ class Subscriber(Generic[C]):
 
     While ``pending`` is not None the subscription is being set up (recovery): live frames
     are held there, in offset order, instead of being written, so that the replayed
-    history can go out first. ``after`` is the highest offset already sent or not to be
-    sent; frames at or below it are skipped. ``start`` is the offset at which the
+    history can go out first. ``after`` is the highest offset already sent (or not to be
+    sent); frames at or below it are skipped. ``start`` is the offset at which the
     subscription went live: everything after it came from the live stream.
     """
 
@@ -231,17 +231,19 @@ class Hub(Generic[C]):
             frames, entry.frames = entry.frames, []
             if not frames:
                 continue
-            first = frames[0][0]
+            first, last = frames[0][0], frames[-1][0]
             joined = frames[0][1] if len(frames) == 1 else b"".join(f for _, f in frames)
             # Copy: a write may close a connection, which unsubscribes it.
             for sub in list(entry.subscribers.values()):
                 if sub.pending is not None:
                     self._hold(sub, sub.pending, frames)
                 elif sub.after < first:
+                    sub.after = last
                     sub.conn.send(joined)
                 else:
                     part = [f for o, f in frames if o > sub.after]
                     if part:
+                        sub.after = last
                         sub.conn.send(b"".join(part))
 
     def _hold(self, sub: Subscriber[C], pending: list[tuple[int, bytes]],
