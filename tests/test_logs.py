@@ -265,3 +265,10 @@ def test_configure_replaces_handlers() -> None:
     logging.getLogger("tidings.test").info("once")
     assert first.getvalue() == ""
     assert len(lines(second)) == 1
+
+
+def test_redactor_catches_percent_encoded_tokens() -> None:
+    """A token whose parameter name and dots are percent-encoded is still redacted."""
+    line = "GET /ws?%74oken=eyJhbGciOiJIUzI1NiJ9%2EeyJzdWIiOiJhIn0%2Esig-part HTTP/1.1"
+    cleaned = Redactor()(line)
+    assert "eyJ" not in cleaned and "sig-part" not in cleaned

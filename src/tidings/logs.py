@@ -20,8 +20,9 @@ _PATTERNS = (
     (re.compile(r"(?i)(token=)[^&\s\"'#]*"), r"\1[redacted]"),
     # Authorization headers
     (re.compile(r"(?i)(bearer\s+)[^\s\"',]+"), r"\1[redacted]"),
-    # Anything that looks like a JWT or the start of one (base64url of '{"')
-    (re.compile(r"eyJ[A-Za-z0-9_-]{6,}(?:\.[A-Za-z0-9_-]*){0,2}"), "[redacted-jwt]"),
+    # Anything that looks like a JWT or the start of one (base64url of '{"'), also when
+    # percent-encoded (``%2E`` for the dots, as a client may send ``%74oken=...``).
+    (re.compile(r"eyJ[A-Za-z0-9_%-]{6,}(?:(?:\.|%2[Ee])[A-Za-z0-9_%-]*){0,2}"), "[redacted-jwt]"),
 )
 
 

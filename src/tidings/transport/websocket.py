@@ -13,7 +13,7 @@ import fnmatch
 import logging
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from tidings.errors import Unauthorized
 from tidings.gateway import Gateway, TooManyConnections
@@ -49,9 +49,17 @@ def token_from_request(request: web.BaseRequest) -> str | None:
 
 
 class WsConnection:
-    """One accepted connection: the ``Peer`` the gateway and hub write to."""
+    """One accepted connection: the ``Peer`` the gateway and hub write to.
 
-    __slots__ = ("_closing", "_gateway", "_limit", "_transport", "_ws", "close_task", "session")
+    A close requested from outside the handler (gateway, hub, sweeper) is carried out by
+    the handler task itself: ``close`` records it and interrupts a pending ``receive``,
+    and the handler then runs aiohttp's closing handshake, which waits for the client's
+    close frame. Calling ``ws.close`` from another task while ``receive`` is pending
+    would drop the TCP connection without completing the handshake.
+    """
+
+    __slots__ = ("_closing", "_gateway", "_handler", "_limit", "_transport", "_ws",
+                 "close_request", "receiving", "session")
 
     def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport,
                  session: Session, gateway: Gateway) -> None:
@@ -61,7 +69,9 @@ class WsConnection:
         self._gateway = gateway
         self._limit = gateway.settings.limits.send_buffer_bytes
         self._closing = False
-        self.close_task: asyncio.Task[None] | None = None
+        self._handler = asyncio.current_task()
+        self.close_request: tuple[CloseCode, str] | None = None
+        self.receiving = False
 
     @property
     def conn_id(self) -> str:
@@ -90,19 +100,29 @@ class WsConnection:
             return
         self._closing = True
         self._gateway.metrics.closed(int(code))
+        self.close_request = (code, reason)
         if code is CloseCode.TRY_AGAIN_LATER and not self._transport.is_closing():
             # The buffer is full: a close frame queued behind it would never be read in
             # time, so drop the socket after a best-effort close frame.
             self._transport.write(close_frame(int(code), reason))
             self._transport.abort()
-        self.close_task = asyncio.create_task(self._close(code, reason))
+        if self.receiving and self._handler is not None:
+            self._handler.cancel(_CLOSE_REQUESTED)
 
-    async def _close(self, code: CloseCode, reason: str) -> None:
+    async def finish(self) -> None:
+        """Run the closing handshake for a requested close (in the handler task)."""
+        if self.close_request is None or self._transport.is_closing():
+            return
+        code, reason = self.close_request
         try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
+            async with asyncio.timeout(CLOSE_TIMEOUT + 1):
                 await self._ws.close(code=int(code), message=reason.encode()[:123], drain=False)
         except (TimeoutError, ConnectionError):
             self._transport.abort()
+
+
+#: Cancellation message that marks a cancel as ours (a close request), not a shutdown.
+_CLOSE_REQUESTED = "tidings: close requested"
 
 
 def _json_error(status: int, code: str, message: str) -> web.Response:
@@ -176,19 +196,37 @@ def websocket_handler(gateway: Gateway) -> Any:
             peer.close(CloseCode.INTERNAL_ERROR, "internal server error")
         finally:
             gateway.disconnect(peer)
-            if peer.close_task is not None:
-                with contextlib.suppress(Exception):
-                    await peer.close_task
+        await peer.finish()
         return ws
 
     return handle
+
+
+async def _receive(ws: web.WebSocketResponse, peer: WsConnection) -> WSMessage | None:
+    """The next message, or None when a close was requested while waiting."""
+    if peer.close_request is not None:
+        return None
+    peer.receiving = True
+    try:
+        return await ws.receive()
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if peer.close_request is None or not exc.args or exc.args[0] != _CLOSE_REQUESTED:
+            raise
+        if task is not None:
+            task.uncancel()
+        return None
+    finally:
+        peer.receiving = False
 
 
 async def _read_loop(ws: web.WebSocketResponse, peer: WsConnection, gateway: Gateway) -> None:
     session = peer.session
     clock = gateway.clock
     while True:
-        msg = await ws.receive()
+        msg = await _receive(ws, peer)
+        if msg is None:
+            return
         kind = msg.type
         if kind is WSMsgType.TEXT:
             effects = session.receive_text(msg.data, clock())
@@ -206,4 +244,3 @@ async def _read_loop(ws: web.WebSocketResponse, peer: WsConnection, gateway: Gat
             if kind is WSMsgType.ERROR and ws.close_code == CloseCode.MESSAGE_TOO_BIG:
                 gateway.metrics.closed(CloseCode.MESSAGE_TOO_BIG)
             return
-

@@ -1,0 +1,432 @@
+"""The ``tidings`` command run as a real subprocess: serve, shutdown, token, publish."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+
+from helpers import API_KEY, SECRET, TIMEOUT, api, serve
+
+CLI = [sys.executable, "-m", "tidings.cli"]
+#: Seconds a subprocess may take to start, answer or stop.
+PROCESS_TIMEOUT = 8.0
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment without any TIDINGS_* variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TIDINGS_")}
+    env.update(extra or {})
+    return env
+
+
+def run_cli(*args: str, env: Mapping[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one short CLI command to completion (killed by ``subprocess.run`` on timeout)."""
+    return subprocess.run(
+        [*CLI, *args], env=clean_env(env), cwd=cwd, capture_output=True, text=True,
+        timeout=PROCESS_TIMEOUT, check=False,
+    )
+
+
+async def run_cli_async(*args: str, env: Mapping[str, str] | None = None
+                        ) -> tuple[int, str, str]:
+    """Run a CLI command without blocking the event loop (an in-process server needs it)."""
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, *args, env=clean_env(env),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), PROCESS_TIMEOUT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def assert_config_error(result: subprocess.CompletedProcess[str], key: str) -> None:
+    """Exit status 2 with a one-line reason naming ``key``."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert key in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- serve -------------------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    proc: asyncio.subprocess.Process
+    stdout: list[str]
+    stderr_path: Path
+
+    def field(self, label: str) -> str:
+        for line in self.stdout:
+            text = line.strip()
+            if text.startswith(label + " "):
+                return text[len(label):].strip()
+        raise AssertionError(f"no {label!r} in the banner: {self.stdout}")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+async def _read_until(proc: asyncio.subprocess.Process, done: Callable[[str], bool]
+                      ) -> list[str]:
+    assert proc.stdout is not None
+    lines: list[str] = []
+    async with asyncio.timeout(PROCESS_TIMEOUT):
+        while True:
+            raw = await proc.stdout.readline()
+            if not raw:
+                raise AssertionError(f"stdout ended before the expected line: {lines}")
+            line = raw.decode().rstrip("\n")
+            lines.append(line)
+            if done(line):
+                return lines
+
+
+@contextlib.asynccontextmanager
+async def serve_process(tmp_path: Path, *args: str, env: Mapping[str, str] | None = None,
+                        done: Callable[[str], bool]) -> AsyncIterator[Served]:
+    """``tidings serve --port 0 ...`` until its stdout shows ``done``; killed on exit."""
+    stderr_path = tmp_path / "serve-stderr.log"
+    with stderr_path.open("wb") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            *CLI, "serve", "--port", "0", *args, env=clean_env(env), cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE, stderr=stderr,
+        )
+        try:
+            try:
+                lines = await _read_until(proc, done)
+            except (AssertionError, TimeoutError):
+                raise AssertionError(
+                    f"server did not start; stderr: {stderr_path.read_text()[-3000:]}"
+                ) from None
+            yield Served(proc, lines, stderr_path)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+def _is_curl(line: str) -> bool:
+    return line.strip().startswith("curl ")
+
+
+async def _run_curl(command: str) -> tuple[int, Any]:
+    """Carry out the banner's curl command with aiohttp."""
+    words = shlex.split(command)
+    assert words[0] == "curl"
+    method, url, headers, data = "GET", "", {}, None
+    index = 1
+    while index < len(words):
+        word = words[index]
+        if word == "-X":
+            method, index = words[index + 1], index + 2
+        elif word == "-H":
+            name, _, value = words[index + 1].partition(":")
+            headers[name.strip()] = value.strip()
+            index += 2
+        elif word == "-d":
+            data, index = words[index + 1], index + 2
+        elif word.startswith("-"):
+            index += 1
+        else:
+            url, index = word, index + 1
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session, \
+            session.request(method, url, data=data, headers=headers) as response:
+        return response.status, json.loads(await response.text())
+
+
+async def test_serve_dev_mode_banner_works_end_to_end(tmp_path: Path) -> None:
+    """The dev banner's token, URL and curl command work: the event reaches the client."""
+    async with serve_process(tmp_path, done=_is_curl) as served:
+        text = "\n".join(served.stdout)
+        assert "DEVELOPMENT MODE" in text
+        api_key, secret, tok = served.field("API key"), served.field("JWT secret"), \
+            served.field("Token")
+        ws_url = served.field("WebSocket")
+        assert ws_url.startswith("ws://127.0.0.1:")
+        port = int(ws_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+        assert port > 0
+        assert ws_url.endswith(f"?token={tok}")
+        claims = jwt.decode(tok, secret, algorithms=["HS256"])
+        assert claims["sub"] == "dev-user"
+        curl = next(line for line in served.stdout if _is_curl(line)).strip()
+        assert api_key in curl and f"127.0.0.1:{port}/api/publish" in curl
+        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
+            hello = json.loads((await ws.receive(timeout=TIMEOUT)).data)
+            assert hello["type"] == "connected"
+            assert hello["data"]["user_id"] == "dev-user"
+            assert hello["data"]["channels"] == ["user:dev-user"]
+            status, answer = await _run_curl(curl)
+            assert status == 200, answer
+            event = json.loads((await ws.receive(timeout=TIMEOUT)).data)
+            assert event["type"] == "notification"
+            assert event["channel"] == "user:dev-user"
+            assert event["id"] == answer["results"][0]["id"]
+        health = served.field("Health")
+        async with aiohttp.ClientSession() as session, session.get(health) as response:
+            assert response.status == 200
+        # The generated credentials never reach the log output.
+        served.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(served.proc.wait(), PROCESS_TIMEOUT) == 0
+        logs = served.stderr()
+        assert secret not in logs and api_key not in logs and tok not in logs
+
+
+async def test_sigterm_drains_clients_with_1001_and_exits_0(tmp_path: Path) -> None:
+    """SIGTERM closes connected clients with 1001 and the process exits with status 0."""
+    async with serve_process(tmp_path, done=_is_curl) as served:
+        ws_url = served.field("WebSocket")
+        async with aiohttp.ClientSession() as session, \
+                session.ws_connect(ws_url, autoclose=False) as ws:
+            hello = json.loads((await ws.receive(timeout=TIMEOUT)).data)
+            assert hello["type"] == "connected"
+            served.proc.send_signal(signal.SIGTERM)
+            frame = await ws.receive(timeout=TIMEOUT)
+            assert frame.type is aiohttp.WSMsgType.CLOSE, frame
+            assert frame.data == 1001
+            await ws.close()
+        code = await asyncio.wait_for(served.proc.wait(), PROCESS_TIMEOUT)
+        assert code == 0, served.stderr()
+        assert "Traceback" not in served.stderr()
+
+
+async def test_serve_production_mode_and_sigint(tmp_path: Path) -> None:
+    """With a secret configured the server starts in production mode; SIGINT exits 0."""
+    env = {"TIDINGS_AUTH__SECRET": SECRET, "TIDINGS_API__KEYS": API_KEY}
+    async with serve_process(tmp_path, env=env,
+                             done=lambda line: "listening on" in line) as served:
+        line = served.stdout[-1]
+        assert "DEVELOPMENT MODE" not in "\n".join(served.stdout)
+        url = line.split("listening on", 1)[1].strip()
+        assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
+        async with aiohttp.ClientSession() as session, session.get(url + "/readyz") as r:
+            assert r.status == 200
+        served.proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(served.proc.wait(), PROCESS_TIMEOUT) == 0
+        logs = served.stderr()
+        assert SECRET not in logs and API_KEY not in logs
+
+
+# -- configuration errors ----------------------------------------------------------------
+
+
+def test_unknown_key_in_config_file(tmp_path: Path) -> None:
+    """An unknown key in the TOML file exits 2 naming it."""
+    config = tmp_path / "tidings.toml"
+    config.write_text("[server]\nbogus = 1\n")
+    assert_config_error(run_cli("serve", "--port", "0", "--config", str(config)),
+                        "server.bogus")
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    """TIDINGS_CONFIG names the file when --config is absent."""
+    config = tmp_path / "tidings.toml"
+    config.write_text("[limits]\nmax_subscriptions = -1\n")
+    assert_config_error(run_cli("serve", "--port", "0", env={"TIDINGS_CONFIG": str(config)}),
+                        "limits.max_subscriptions")
+
+
+def test_unreadable_config_file(tmp_path: Path) -> None:
+    """A missing or invalid TOML file exits 2 naming --config."""
+    assert_config_error(run_cli("serve", "--config", str(tmp_path / "missing.toml")),
+                        "--config")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server\n")
+    assert_config_error(run_cli("serve", "--config", str(broken)), "--config")
+
+
+def test_bad_environment_value() -> None:
+    """A TIDINGS_* variable of the wrong type exits 2 naming the key."""
+    result = run_cli("serve", "--port", "0", env={"TIDINGS_LIMITS__MAX_SUBSCRIPTIONS": "abc"})
+    assert_config_error(result, "limits.max_subscriptions")
+
+
+def test_short_secret_in_production() -> None:
+    """A secret under 32 bytes outside development mode exits 2 naming auth.secret."""
+    for env in ({"TIDINGS_AUTH__SECRET": "short"},
+                {"TIDINGS_AUTH__SECRET": "short", "TIDINGS_SERVER__MODE": "production"}):
+        assert_config_error(run_cli("serve", "--port", "0", env=env), "auth.secret")
+
+
+def test_production_without_secret() -> None:
+    """Production mode without a secret exits 2 naming auth.secret."""
+    result = run_cli("serve", "--port", "0", env={"TIDINGS_SERVER__MODE": "production"})
+    assert_config_error(result, "auth.secret")
+
+
+def test_workers_need_redis() -> None:
+    """--workers 2 with the memory broker exits 2 naming workers."""
+    assert_config_error(run_cli("serve", "--port", "0", "--workers", "2"), "workers")
+
+
+@pytest.mark.parametrize("args", [
+    ("serve", "--port", "abc"), ("serve", "--bogus"), ("nonsense",), (),
+    ("token",), ("publish", "news:a"),
+])
+def test_bad_usage_exits_2(args: tuple[str, ...]) -> None:
+    """Bad arguments exit 2 with a usage message."""
+    result = run_cli(*args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert "usage" in result.stderr.lower()
+
+
+def test_version() -> None:
+    """--version prints the version and exits 0."""
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("tidings ")
+
+
+# -- token -------------------------------------------------------------------------------
+
+
+def test_token_verifies_with_the_secret() -> None:
+    """``tidings token`` prints a JWT signed with the configured secret and the claims."""
+    before = time.time()
+    result = run_cli("token", "--sub", "alice", "--channel", "news:*", "--ttl", "10m",
+                     env={"TIDINGS_AUTH__SECRET": SECRET})
+    assert result.returncode == 0, result.stderr
+    tok = result.stdout.strip()
+    assert len(result.stdout.strip().splitlines()) == 1
+    claims = jwt.decode(tok, SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "alice"
+    assert claims["channels"] == ["news:*"]
+    assert before + 600 - 5 <= claims["exp"] <= time.time() + 600 + 5
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(tok, SECRET + "x", algorithms=["HS256"])
+
+
+def test_token_with_several_channels_and_config_file(tmp_path: Path) -> None:
+    """--channel repeats; the secret may come from the TOML file."""
+    config = tmp_path / "tidings.toml"
+    config.write_text(f'[auth]\nsecret = "{SECRET}"\n')
+    result = run_cli("token", "--sub", "bob", "--channel", "news:a", "--channel", "chat:*",
+                     "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert claims["channels"] == ["news:a", "chat:*"]
+    assert 3600 - 5 <= claims["exp"] - time.time() <= 3600 + 5
+
+
+def test_token_without_secret() -> None:
+    """Without any secret ``tidings token`` exits 2 naming auth.secret."""
+    assert_config_error(run_cli("token", "--sub", "alice"), "auth.secret")
+
+
+@pytest.mark.parametrize("ttl", ["ten", "10x", "-5", "", "1e999", "nan"])
+def test_token_bad_ttl(ttl: str) -> None:
+    """An unparsable --ttl exits 2 naming --ttl."""
+    result = run_cli("token", "--sub", "alice", f"--ttl={ttl}",
+                     env={"TIDINGS_AUTH__SECRET": SECRET})
+    assert_config_error(result, "--ttl")
+    assert result.stdout == ""
+
+
+# -- publish -----------------------------------------------------------------------------
+
+
+async def test_publish_prints_results() -> None:
+    """``tidings publish`` against a running server prints the results JSON and exits 0."""
+    async with serve() as server:
+        code, out, err = await run_cli_async(
+            "publish", "news:cli", "notification", '{"message": "from cli", "level": "info"}',
+            "--url", server.http_url, "--api-key", API_KEY)
+        assert code == 0, err
+        answer = json.loads(out)
+        [result] = answer["results"]
+        assert (result["channel"], result["offset"]) == ("news:cli", 1)
+        status, page = await api(server, "GET", "/api/channels/news:cli/history")
+        assert status == 200
+        assert page["events"][0]["id"] == result["id"]
+        assert page["events"][0]["data"] == {"message": "from cli", "level": "info"}
+
+
+async def test_publish_with_idempotency_key_and_env_key() -> None:
+    """The API key may come from TIDINGS_API__KEYS; a repeated idempotency key dedupes."""
+    async with serve() as server:
+        env = {"TIDINGS_API__KEYS": f"{API_KEY},other-key"}
+        results = []
+        for _ in range(2):
+            code, out, err = await run_cli_async(
+                "publish", "news:cli", "custom_event", '{"n": 1}', "--url", server.http_url,
+                "--idempotency-key", "once", env=env)
+            assert code == 0, err
+            results.append(json.loads(out)["results"][0])
+        assert results[0] == results[1]
+        status, page = await api(server, "GET", "/api/channels/news:cli/history")
+        assert (status, page["offset"]) == (200, 1)
+
+
+@pytest.mark.parametrize("data", ["{not json", "[1, 2]", '"text"', ""])
+async def test_publish_bad_data_json(data: str) -> None:
+    """DATA_JSON that is not a JSON object exits 2 and publishes nothing."""
+    async with serve() as server:
+        code, out, err = await run_cli_async(
+            "publish", "news:cli", "notification", data, "--url", server.http_url,
+            "--api-key", API_KEY)
+        assert code == 2, (out, err)
+        assert "DATA_JSON" in err
+        status, page = await api(server, "GET", "/api/channels/news:cli/history")
+        assert (status, page["offset"]) == (200, 0)
+
+
+async def test_publish_wrong_key_exits_1() -> None:
+    """A wrong API key exits 1 with the server's error message."""
+    async with serve() as server:
+        code, out, err = await run_cli_async(
+            "publish", "news:cli", "notification", '{"message": "x", "level": "info"}',
+            "--url", server.http_url, "--api-key", "wrong-key")
+        assert code == 1, (out, err)
+        assert "401" in err and "invalid API key" in err
+        assert out == ""
+
+
+async def test_publish_invalid_event_exits_1() -> None:
+    """An event the server rejects exits 1 with the server's reason."""
+    async with serve() as server:
+        code, out, err = await run_cli_async(
+            "publish", "news:cli", "notification", '{"message": "x"}',
+            "--url", server.http_url, "--api-key", API_KEY)
+        assert code == 1, (out, err)
+        assert "400" in err and "level" in err
+
+
+async def test_publish_unreachable_server_exits_1() -> None:
+    """A server that does not answer exits 1 saying it cannot be reached."""
+    async with serve() as server:
+        url = server.http_url
+    code, out, err = await run_cli_async(
+        "publish", "news:cli", "notification", '{"message": "x", "level": "info"}',
+        "--url", url, "--api-key", API_KEY)
+    assert code == 1, (out, err)
+    assert "cannot reach" in err
+
+
+def test_publish_without_any_key() -> None:
+    """Without --api-key and without api.keys ``tidings publish`` exits 2."""
+    result = run_cli("publish", "news:cli", "notification", '{"message": "x", "level": "info"}',
+                     "--url", "http://127.0.0.1:9")
+    assert_config_error(result, "--api-key")

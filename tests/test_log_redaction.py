@@ -1,0 +1,197 @@
+"""No token, API key or secret reaches the logs of a real server, whatever path logs it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from helpers import API_KEY, SECRET, TIMEOUT, api, connect, serve, token, ws_until_close
+from tidings.logs import configure_logging
+from tidings.server import RunningServer
+
+#: Claim value inside the good tokens: the decoded claims must not be logged either.
+CLAIM_MARK = "zqCLAIMMARKzq"
+
+
+@contextlib.contextmanager
+def captured_logs(fmt: str) -> Iterator[io.StringIO]:
+    """Route every log record through Tidings' redacting handler into a string buffer,
+    restoring the root logger's handlers and level afterwards."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    stream = io.StringIO()
+    handler = configure_logging("debug", fmt, secrets=[SECRET, API_KEY], stream=stream)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        for old in saved_handlers:
+            root.addHandler(old)
+        root.setLevel(saved_level)
+
+
+@contextlib.asynccontextmanager
+async def webhook_answering(status: int) -> AsyncIterator[str]:
+    """A real HTTP authorizer answering ``status`` to every request; yields its base URL."""
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=status)
+
+    app = web.Application()
+    app.router.add_post("/authorize", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def _raw_http(server: RunningServer, request: bytes) -> bytes:
+    """Send raw bytes to the server and read its whole answer."""
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), TIMEOUT)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def _rejected_ws(server: RunningServer, *, query: str = "",
+                       headers: dict[str, str] | None = None) -> int | None:
+    """Connect with a token the server must refuse; return the close code it sent."""
+    async with aiohttp.ClientSession() as session, session.ws_connect(
+        server.ws_url + query, headers=headers or {}
+    ) as ws:
+        messages, code = await ws_until_close(ws)
+        assert [m["data"]["code"] for m in messages] == ["unauthorized"]
+        return code
+
+
+async def _too_long_for_aiohttp(server: RunningServer, *, query: str = "",
+                                headers: dict[str, str] | None = None) -> None:
+    """A request line or header over aiohttp's 8190-byte limit is refused with 400."""
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as raised:
+            async with session.ws_connect(server.ws_url + query, headers=headers or {}):
+                pass
+        assert raised.value.status == 400
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+async def test_no_secret_reaches_the_logs(fmt: str) -> None:
+    """Tokens (good, bad, huge, in URL or header), API keys and the secret never appear
+    in the log output, while the requests that carried them are logged."""
+    good_query = token("redact-query", ("orders:*",), note=CLAIM_MARK)
+    good_header = token("redact-header", note=CLAIM_MARK)
+    refresh_bad = "eyJREFRESHMARK." + "r" * 30 + ".sig"
+    bad_jwtish = "eyJMARKERBAD" + "b" * 40 + ".e30.c2ln"
+    bad_plain = "PLAINBADMARK-" + "p" * 20
+    header_bad = "HEADERBADMARK_" + "h" * 20
+    mid_long = "eyJMIDLONGMARK" + "m" * 7900          # fits aiohttp, refused by auth
+    huge_query = "HUGEQUERYMARK" + "q" * 20000        # request line over 8190 bytes
+    huge_jwtish = "eyJHUGEJWTMARK" + "j" * 20000
+    huge_header = "HUGEHEADERMARK" + "h" * 20000      # header field over 8190 bytes
+    wrong_key = "WRONGKEYMARK-0123456789"
+    raw_bad = "RAWLINEMARK" + "w" * 9000
+    markers = [CLAIM_MARK, "REFRESHMARK", "MARKERBAD", "PLAINBADMARK", "HEADERBADMARK",
+               "MIDLONGMARK", "HUGEQUERYMARK", "HUGEJWTMARK", "HUGEHEADERMARK",
+               "WRONGKEYMARK", "RAWLINEMARK", "HOOKURLMARK", SECRET, API_KEY]
+    secrets = [good_query, good_header, refresh_bad, bad_jwtish, bad_plain, header_bad,
+               mid_long, huge_query, huge_jwtish, huge_header, wrong_key, raw_bad]
+
+    with captured_logs(fmt) as stream:
+        async with webhook_answering(500) as hook:
+            namespaces = {
+                "default": {"rule": "claims"},
+                "orders": {"rule": "webhook", "url": f"{hook}/authorize?sig=HOOKURLMARK"},
+            }
+            async with serve({"namespaces": namespaces}) as server:
+                # Good tokens, in the query and in the header; a failing webhook; a bad
+                # refresh that closes the connection.
+                async with connect(server, good_header, query=False) as client:
+                    await client.send("ping", id="p")
+                    assert (await client.recv())["type"] == "pong"
+                async with connect(server, good_query) as client:
+                    reply = await client.subscribe("orders:42")
+                    assert reply["type"] == "error", reply
+                    assert reply["data"]["code"] == "subscription_failed"
+                    await client.send("refresh", {"token": refresh_bad}, id="r")
+                    messages, code = await ws_until_close(client.ws)
+                    assert code == 4401, messages
+                # Refused tokens: JWT-like, plain, in the header, long but acceptable
+                # to aiohttp.
+                assert await _rejected_ws(server, query=f"?token={bad_jwtish}") == 4401
+                assert await _rejected_ws(server, query=f"?x=1&token={bad_plain}") == 4401
+                assert await _rejected_ws(
+                    server, headers={"Authorization": f"Bearer {header_bad}"}) == 4401
+                assert await _rejected_ws(server, query=f"?token={mid_long}") == 4401
+                # Requests aiohttp itself refuses: it logs the start of the bad line.
+                await _too_long_for_aiohttp(server, query=f"?token={huge_query}")
+                await _too_long_for_aiohttp(server, query=f"?token={huge_jwtish}")
+                await _too_long_for_aiohttp(
+                    server, headers={"Authorization": f"Bearer {huge_header}"})
+                answer = await _raw_http(
+                    server, f"GET /ws?token={raw_bad} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert answer.startswith(b"HTTP/1.") and b" 400 " in answer[:20]
+                # The server API: a wrong key, the right key, and both secrets in a URL.
+                status, _ = await api(server, "GET", "/api/channels", key=wrong_key)
+                assert status == 401
+                status, _ = await api(server, "POST", "/api/publish", {
+                    "channel": "news:a", "type": "notification",
+                    "data": {"message": "m", "level": "info"}})
+                assert status == 200
+                status, _ = await api(server, "GET",
+                                      f"/healthz?key={API_KEY}&s={SECRET}", key=None)
+                assert status == 200
+        text = stream.getvalue()
+
+    lines = text.splitlines()
+    assert len(lines) > 10, text
+    for marker in markers:
+        assert marker not in text, f"{marker[:40]!r} leaked into the logs"
+    for secret in secrets:
+        for part in secret.split("."):
+            assert part not in text, f"part of a token leaked: {part[:40]!r}"
+    # The capture really covered every path that handled a token.
+    assert "token=[redacted]" in text
+    assert text.count("aiohttp.access") >= 10
+    assert "Error handling request" in text        # aiohttp's bad-request log lines
+    assert "webhook authorizer failed" in text
+    assert "connection rejected" in text
+    assert "refresh rejected" in text
+    if fmt == "json":
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        assert len(records) == len([line for line in lines if line.startswith("{")])
+        loggers = {record["logger"] for record in records}
+        assert {"aiohttp.access", "aiohttp.server", "tidings.channels"} <= loggers
+
+
+def test_library_loggers_reach_the_redacting_handler() -> None:
+    """No logger that can see a token writes anywhere but through the root handler."""
+    with captured_logs("json"):
+        names = ["aiohttp", "aiohttp.access", "aiohttp.server", "aiohttp.web",
+                 "aiohttp.websocket", "aiohttp.client", "asyncio", "tidings",
+                 "tidings.transport.websocket", "tidings.channels", "tidings.api.http",
+                 "tidings.auth", "tidings.gateway"]
+        for name in names:
+            logger: logging.Logger | None = logging.getLogger(name)
+            while logger is not None and logger is not logging.getLogger():
+                assert logger.propagate, f"{logger.name} does not propagate"
+                assert not logger.handlers, f"{logger.name} has its own handlers"
+                logger = logger.parent
+        assert len(logging.getLogger().handlers) == 1
