@@ -772,3 +772,37 @@ async def test_resubscribe_recovery_never_sends_offsets_out_of_order(gateway: Ga
     assert received == sorted(set(received)), received
     reply = next(m for m in messages if m["type"] == "subscribed")
     assert reply["data"]["recovered"] is False
+
+
+async def test_refresh_revokes_channels_the_new_token_no_longer_allows(gateway: Gateway) -> None:
+    """A refresh whose token drops a channel claim ends that subscription with ``revoked``."""
+    peer = await connect_peer(gateway, "user-1", channels=("team:*", "chat:*"))
+    await command(gateway, peer, "subscribe", {"channel": "team:a"})
+    await command(gateway, peer, "subscribe", {"channel": "chat:b"})
+    peer.take()
+    new = token("user-1", ("chat:*",))
+    await command(gateway, peer, "refresh", {"token": new}, id="r")
+    messages = peer.take()
+    assert [m["type"] for m in messages] == ["refreshed", "unsubscribed"]
+    assert messages[1]["data"] == {"channel": "team:a", "reason": "revoked", "resubscribe": False}
+    assert peer.session.subscriptions == {"user:user-1", "chat:b"}
+    await publish(gateway, "team:a")
+    await next_tick()
+    assert peer.take() == []
+
+
+async def test_continuity_lost_during_setup_fails_the_subscribe(gateway: Gateway) -> None:
+    """Continuity lost while a subscribe is set up answers that command with an error."""
+    peer = await connect_peer(gateway, "user-1")
+    peer.take()
+
+    async def lost(channel: str) -> None:
+        gateway.on_continuity_lost(channel)
+
+    wrapped(gateway).hooks["position"] = lost
+    await command(gateway, peer, "subscribe", {"channel": "news:a"}, id="s1")
+    messages = peer.take()
+    assert [m["type"] for m in messages] == ["unsubscribed", "error"]
+    assert messages[1]["id"] == "s1"
+    assert messages[1]["data"]["code"] == "subscription_failed"
+    assert "news:a" not in peer.session.subscriptions

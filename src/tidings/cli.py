@@ -155,6 +155,8 @@ def _token(args: argparse.Namespace) -> None:
         ttl = parse_duration(args.ttl)
     except ValueError as exc:
         _fail(2, f"--ttl: {exc}")
+    if ttl <= 0:
+        _fail(2, "--ttl: must be positive")
     algorithm = next((a for a in settings.auth.algorithms if a.startswith("HS")), None)
     if algorithm is None:
         _fail(2, "configuration error: auth.algorithms: no HS* algorithm to sign with")

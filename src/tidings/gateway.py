@@ -20,7 +20,13 @@ from tidings.auth import Authenticator, Identity
 from tidings.brokers.base import Broker
 from tidings.channels import ChannelPolicy
 from tidings.config import Settings
-from tidings.errors import ClientError, ServerError, TidingsError, Unauthorized
+from tidings.errors import (
+    ClientError,
+    ServerError,
+    SubscriptionFailed,
+    TidingsError,
+    Unauthorized,
+)
 from tidings.hub import Hub, Outbound, Subscriber
 from tidings.metrics import Metrics
 from tidings.protocol import CloseCode, Recover, Subscribe, encode_message, personal_channel
@@ -343,6 +349,10 @@ class Gateway:
             self._drop_subscription(peer, channel)
             raise
         if self.hub.subscriber(peer, channel) is not sub:
+            if self.hub.is_connected(peer):
+                # Continuity was lost while we set up (the client was told to resubscribe).
+                raise SubscriptionFailed("subscription interrupted; subscribe again",
+                                         channel=channel)
             return  # the connection closed while we waited
         recovered = self._recovered(command.recover, position.offset, position.epoch,
                                     len(events), complete)
@@ -468,5 +478,28 @@ class Gateway:
             logger.info("refresh rejected: %s", exc.message)
             self._apply_sync(peer, peer.session.unauthorized(exc.message, command_id))
             return
-        self._apply_sync(peer, peer.session.refreshed(identity, command_id, self.clock(),
-                                                      self.wall_clock()))
+        effects = peer.session.refreshed(identity, command_id, self.clock(), self.wall_clock())
+        self._apply_sync(peer, effects)
+        if not peer.session.closed:
+            await self._revoke_lost_channels(peer)
+
+    async def _revoke_lost_channels(self, peer: Peer) -> None:
+        """After a refresh, end subscriptions the new token no longer allows (``revoked``).
+
+        An authorizer that is unavailable keeps the subscription: an outage of the
+        application's backend must not unsubscribe everybody.
+        """
+        session = peer.session
+        for channel in sorted(session.subscriptions - {session.personal}):
+            try:
+                await self.policy.authorize(session.identity, channel)
+            except Unauthorized:
+                if channel not in session.subscriptions:
+                    continue
+                self._drop_subscription(peer, channel)
+                peer.send(text_frame(encode_message(
+                    "unsubscribed",
+                    {"channel": channel, "reason": "revoked", "resubscribe": False},
+                )))
+            except TidingsError:
+                continue
