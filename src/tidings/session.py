@@ -150,15 +150,19 @@ class Session:
         }
         return encode_message("connected", data)
 
-    def receive_text(self, raw: bytes | str, now: float) -> list[Effect]:
-        """Handle one text frame from the client."""
+    def _admit(self, now: float) -> list[Effect] | None:
+        """Count a data frame from the client: the effects to answer with instead of
+        handling it (closed, rate-limited), or None to handle it."""
         if self.closed:
             return []
-        self._last_seen = now
-        self._ping_outstanding = False
-        limited = self._rate_limit(now)
-        if limited:
-            return limited
+        self.saw_frame(now)
+        return self._rate_limit(now) or None
+
+    def receive_text(self, raw: bytes | str, now: float) -> list[Effect]:
+        """Handle one text frame from the client."""
+        refused = self._admit(now)
+        if refused is not None:
+            return refused
         try:
             command = decode_command(raw)
         except BadCommand as exc:
@@ -175,13 +179,9 @@ class Session:
 
     def receive_binary(self, now: float) -> list[Effect]:
         """Binary frames are not part of the protocol."""
-        if self.closed:
-            return []
-        self._last_seen = now
-        self._ping_outstanding = False
-        limited = self._rate_limit(now)
-        if limited:
-            return limited
+        refused = self._admit(now)
+        if refused is not None:
+            return refused
         return [Send(error_message(ErrorCode.INVALID_REQUEST, "binary frames are not accepted"),
                      ErrorCode.INVALID_REQUEST)]
 
