@@ -164,9 +164,7 @@ def gauge(gateway: Gateway, name: str, **labels: str) -> float | None:
 async def settle(gateway: Gateway) -> None:
     """Let background release tasks and the hub flush run to completion."""
     await next_tick()
-    tasks = list(gateway._tasks)
-    if tasks:
-        await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+    await asyncio.wait_for(gateway.node_subscriptions.settle(), WAIT)
 
 
 # -- connect and the personal channel -----------------------------------------------

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable
 from typing import Protocol
 
 from tidings.auth import Authenticator, Identity
@@ -29,8 +29,10 @@ from tidings.errors import (
 )
 from tidings.hub import Hub, Outbound, Subscriber
 from tidings.metrics import Metrics
-from tidings.protocol import CloseCode, Recover, Subscribe, encode_message, personal_channel
+from tidings.nodesubs import NodeSubscriptions
+from tidings.protocol import CloseCode, Subscribe, encode_message, personal_channel
 from tidings.protocol.wire import text_frame
+from tidings.recovery import Replay, recover_live, recover_new
 from tidings.session import (
     Close,
     Effect,
@@ -73,27 +75,6 @@ def _event_type(payload: bytes) -> str:
     return payload[9:end].decode() if payload.startswith(b'{"type":"') and end > 0 else "unknown"
 
 
-class _KeyedLocks:
-    """One lock per key, forgotten when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-
 class Gateway:
     """One node's coordinator; see the module docstring."""
 
@@ -117,9 +98,7 @@ class Gateway:
         self.wall_clock = wall_clock
         self.hub: Hub[Peer] = Hub(on_pending_overflow=self._pending_overflow)
         self.draining = False
-        self._node_channels: set[str] = set()
-        self._channel_locks = _KeyedLocks()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.node_subscriptions = NodeSubscriptions(broker, self.hub.has_channel)
         self._sweeper: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -156,22 +135,10 @@ class Gateway:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.node_subscriptions.settle()
         await self.broker.close()
         await self.authenticator.close()
         await self.policy.close()
-
-    def _spawn(self, coro: Coroutine[object, object, None], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("background task %s failed", task.get_name(),
-                         exc_info=task.exception())
 
     async def _sweep_forever(self, period: float) -> None:
         while True:
@@ -247,7 +214,7 @@ class Gateway:
         if personal is not None:
             sub, _ = self.hub.subscribe(peer, personal, hold=True)
             try:
-                await self._ensure_node_subscription(personal)
+                await self.node_subscriptions.ensure(personal)
                 after = (await self.broker.position(personal)).offset
             except TidingsError:
                 # The connection still works; the client may subscribe explicitly later.
@@ -272,7 +239,7 @@ class Gateway:
         was_known = self.hub.is_connected(peer)
         count = len(peer.session.subscriptions)
         for channel in self.hub.remove_connection(peer):
-            self._schedule_node_release(channel)
+            self.node_subscriptions.release_soon(channel)
         if was_known:
             self.metrics.connections.dec()
             self.metrics.subscriptions.dec(count)
@@ -337,14 +304,14 @@ class Gateway:
             return
         sub, _ = self.hub.subscribe(peer, channel, hold=True)
         try:
-            await self._ensure_node_subscription(channel)
+            await self.node_subscriptions.ensure(channel)
             if command.recover is not None:
                 page = await self.broker.history(
                     channel, command.recover.offset, self._recovery_limit()
                 )
-                position, events, complete = page.position, page.events, page.complete
+                position, replay = page.position, recover_new(command.recover, page)
             else:
-                position, events, complete = await self.broker.position(channel), (), False
+                position, replay = await self.broker.position(channel), Replay(False)
         except BaseException:
             self._drop_subscription(peer, channel)
             raise
@@ -354,16 +321,12 @@ class Gateway:
                 raise SubscriptionFailed("subscription interrupted; subscribe again",
                                          channel=channel)
             return  # the connection closed while we waited
-        recovered = self._recovered(command.recover, position.offset, position.epoch,
-                                    len(events), complete)
         data: dict[str, object] = {"channel": channel, "offset": position.offset,
                                    "epoch": position.epoch}
         if command.recover is not None:
-            data["recovered"] = recovered
+            data["recovered"] = replay.recovered
         peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
-        if recovered:
-            for event in events:
-                peer.send(text_frame(event.payload))
+        self._send_replay(peer, replay)
         session.subscribed(channel)
         self.metrics.subscriptions.inc()
         self._send_held(peer, sub, position.offset)
@@ -390,42 +353,21 @@ class Gateway:
         except BaseException:
             self._send_held(peer, sub, sub.after)
             raise
-        events = [e for e in page.events if e.offset <= sub.start]
-        if recover.offset >= sub.start:
-            # Everything after the client's offset came, or comes, from the live stream.
-            events = []
-            recovered = (page.position.epoch == recover.epoch
-                         and recover.offset <= page.position.offset)
-        else:
-            recovered = (
-                sub.after <= sub.start
-                and page.position.epoch == recover.epoch
-                and page.complete
-                and len(events) == sub.start - recover.offset
-            )
+        replay = recover_live(recover, page, sub.start, sub.after)
         data.update(offset=max(sub.after, sub.start), epoch=page.position.epoch,
-                    recovered=recovered)
+                    recovered=replay.recovered)
         peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
-        if recovered:
-            for event in events:
-                peer.send(text_frame(event.payload))
+        self._send_replay(peer, replay)
         self._send_held(peer, sub, sub.after)
-
-    @staticmethod
-    def _recovered(recover: Recover | None, offset: int, epoch: str, count: int,
-                   complete: bool) -> bool:
-        if recover is None:
-            return False
-        return (
-            recover.epoch == epoch
-            and recover.offset <= offset
-            and complete
-            and count == offset - recover.offset
-        )
 
     def _recovery_limit(self) -> int:
         # Streams may hold a little more than history.size (approximate trimming).
         return max(1, self.settings.history.size) * 2
+
+    @staticmethod
+    def _send_replay(peer: Peer, replay: Replay) -> None:
+        if replay.recovered and replay.events:
+            peer.send(b"".join(text_frame(event.payload) for event in replay.events))
 
     def _send_held(self, peer: Peer, sub: Subscriber[Peer], after: int) -> None:
         frames = self.hub.release(sub, after)
@@ -443,27 +385,7 @@ class Gateway:
         if was_subscribed:
             self.metrics.subscriptions.dec()
         if self.hub.unsubscribe(peer, channel):
-            self._schedule_node_release(channel)
-
-    async def _ensure_node_subscription(self, channel: str) -> None:
-        if channel in self._node_channels:
-            return
-        async with self._channel_locks.hold(channel):
-            if channel not in self._node_channels and self.hub.has_channel(channel):
-                await self.broker.subscribe(channel)
-                self._node_channels.add(channel)
-
-    def _schedule_node_release(self, channel: str) -> None:
-        self._spawn(self._release_node_subscription(channel), f"release:{channel}")
-
-    async def _release_node_subscription(self, channel: str) -> None:
-        async with self._channel_locks.hold(channel):
-            if channel in self._node_channels and not self.hub.has_channel(channel):
-                self._node_channels.discard(channel)
-                try:
-                    await self.broker.unsubscribe(channel)
-                except TidingsError:
-                    logger.warning("broker unsubscribe failed for a channel")
+            self.node_subscriptions.release_soon(channel)
 
     def _pending_overflow(self, peer: Peer) -> None:
         self.metrics.slow_consumer_closes.inc()

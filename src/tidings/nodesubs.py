@@ -1,0 +1,90 @@
+"""One broker subscription per channel per node.
+
+The first local subscriber of a channel makes the node subscribe to it in the broker; the
+last one leaving releases it, in the background. A per-channel lock orders the two so a
+channel that is left and joined again at once ends up subscribed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from tidings.brokers.base import Broker
+from tidings.errors import TidingsError
+
+__all__ = ["NodeSubscriptions"]
+
+logger = logging.getLogger(__name__)
+
+
+class _KeyedLocks:
+    """One lock per key, forgotten when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+class NodeSubscriptions:
+    """Which channels this node is subscribed to in the broker.
+
+    ``has_local(channel)`` tells whether the channel still has a local subscriber; it is
+    checked under the channel's lock, so decisions use the latest state.
+    """
+
+    def __init__(self, broker: Broker, has_local: Callable[[str], bool]) -> None:
+        self._broker = broker
+        self._has_local = has_local
+        self._channels: set[str] = set()
+        self._locks = _KeyedLocks()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def ensure(self, channel: str) -> None:
+        """Subscribe the node to ``channel`` unless it is already; raises broker errors."""
+        if channel in self._channels:
+            return
+        async with self._locks.hold(channel):
+            if channel not in self._channels and self._has_local(channel):
+                await self._broker.subscribe(channel)
+                self._channels.add(channel)
+
+    def release_soon(self, channel: str) -> None:
+        """Unsubscribe the node from ``channel`` in the background if nobody came back."""
+        task = asyncio.create_task(self._release(channel), name=f"release:{channel}")
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    async def _release(self, channel: str) -> None:
+        async with self._locks.hold(channel):
+            if channel in self._channels and not self._has_local(channel):
+                self._channels.discard(channel)
+                try:
+                    await self._broker.unsubscribe(channel)
+                except TidingsError:
+                    logger.warning("broker unsubscribe failed for a channel")
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("releasing a channel failed", exc_info=task.exception())
+
+    async def settle(self) -> None:
+        """Wait for the releases in flight (at shutdown, and in tests)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
