@@ -105,6 +105,8 @@ def _banner(server: RunningServer, dev: DevCredentials) -> str:
         f"               (user '{DEV_USER}', valid 24 h, may read demo:*; its personal",
         f"               channel {channel} is subscribed automatically)",
         f"  WebSocket    {server.ws_url}?token={token}",
+        *([f"  Console      {server.http_url}/console#token={token}"]
+          if server.settings.console_enabled else []),
         f"  Health       {server.http_url}/healthz",
         "",
         "  Publish an event to that user:",

@@ -18,6 +18,7 @@ from tidings.brokers.base import Broker
 from tidings.brokers.memory import MemoryBroker
 from tidings.channels import Authorizer, ChannelPolicy
 from tidings.config import Settings
+from tidings.console import add_client_route, add_console_routes
 from tidings.errors import ConfigError
 from tidings.gateway import Gateway
 from tidings.transport import websocket_handler
@@ -42,6 +43,8 @@ def prepare_dev(settings: Settings) -> tuple[Settings, DevCredentials | None]:
     secret = settings.auth.secret or secrets.token_urlsafe(32)
     api_key = settings.api.keys[0] if settings.api.keys else "dev_" + secrets.token_urlsafe(24)
     updated = settings.model_copy(update={
+        # Pinned: with a generated secret filled in, "auto" would no longer mean development.
+        "server": settings.server.model_copy(update={"mode": "development"}),
         "auth": settings.auth.model_copy(update={"secret": secret}),
         "api": settings.api.model_copy(update={"keys": settings.api.keys or (api_key,)}),
     })
@@ -79,6 +82,10 @@ def build_app(
     app.router.add_get(settings.server.path, websocket_handler(gateway))
     add_api_routes(app, gateway, ApiService(settings, gateway.broker, gateway.metrics),
                    settings.api.keys)
+    add_client_route(app)
+    if settings.console_enabled:
+        dev_key = settings.api.keys[0] if settings.dev_mode and settings.api.keys else None
+        add_console_routes(app, settings, dev_api_key=dev_key)
 
     async def start(_: web.Application) -> None:
         await gateway.start()
