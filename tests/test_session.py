@@ -558,3 +558,13 @@ def test_ping_command_is_not_a_ping_effect() -> None:
     effects = ping(make_session(), T0)
     assert not any(isinstance(effect, SendPing) for effect in effects)
     assert only_message(effects)["type"] == "pong"
+
+
+def test_rate_limited_error_names_the_dropped_command() -> None:
+    """A ``rate_limited`` error carries the id of the command it dropped."""
+    session = make_session(command_burst=1, commands_per_second=1)
+    session.receive_text('{"type":"ping","id":"a"}', 0.0)
+    effects = session.receive_text('{"type":"subscribe","id":"b","data":{"channel":"x:y"}}', 0.0)
+    assert len(effects) == 1 and isinstance(effects[0], Send)
+    error = json.loads(effects[0].data)
+    assert error["data"]["code"] == "rate_limited" and error["id"] == "b"

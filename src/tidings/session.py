@@ -96,6 +96,15 @@ def _wire_code(exc: TidingsError) -> str:
         return ErrorCode.INTERNAL_ERROR
 
 
+def _command_id(raw: bytes | str | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return decode_command(raw).id
+    except BadCommand as exc:
+        return exc.command_id
+
+
 class Session:
     """Protocol state of one authenticated connection.
 
@@ -150,17 +159,17 @@ class Session:
         }
         return encode_message("connected", data)
 
-    def _admit(self, now: float) -> list[Effect] | None:
+    def _admit(self, now: float, raw: bytes | str | None = None) -> list[Effect] | None:
         """Count a data frame from the client: the effects to answer with instead of
         handling it (closed, rate-limited), or None to handle it."""
         if self.closed:
             return []
         self.saw_frame(now)
-        return self._rate_limit(now) or None
+        return self._rate_limit(now, raw) or None
 
     def receive_text(self, raw: bytes | str, now: float) -> list[Effect]:
         """Handle one text frame from the client."""
-        refused = self._admit(now)
+        refused = self._admit(now, raw)
         if refused is not None:
             return refused
         try:
@@ -190,7 +199,7 @@ class Session:
         self._last_seen = now
         self._ping_outstanding = False
 
-    def _rate_limit(self, now: float) -> list[Effect]:
+    def _rate_limit(self, now: float, raw: bytes | str | None) -> list[Effect]:
         limits = self._limits
         elapsed = max(0.0, now - self._refilled)
         self._refilled = now
@@ -203,8 +212,10 @@ class Session:
         self._strikes += 1
         if self._strikes >= limits.rate_limit_strikes:
             return self._close(CloseCode.TOO_MANY, "command rate limit exceeded")
-        return [Send(error_message(ErrorCode.RATE_LIMITED, "too many commands; slow down"),
-                     ErrorCode.RATE_LIMITED)]
+        # Name the dropped command, so a client can tell which one to send again.
+        message = error_message(ErrorCode.RATE_LIMITED, "too many commands; slow down",
+                                command_id=_command_id(raw))
+        return [Send(message, ErrorCode.RATE_LIMITED)]
 
     def _subscribe(self, command: Subscribe) -> list[Effect]:
         channel = command.channel
