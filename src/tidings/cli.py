@@ -127,6 +127,13 @@ def _serve(args: argparse.Namespace) -> None:
     settings, dev = prepare_dev(_settings(args.config, overrides))
     secrets = [settings.auth.secret, *settings.api.keys]
     configure_logging(settings.logging.level, settings.logging.format, secrets)
+    if settings.workers > 1:
+        from tidings.workers import run_workers
+
+        if dev is not None:
+            print(f"tidings: development mode: JWT secret {dev.secret}  API key {dev.api_key}",
+                  flush=True)
+        raise SystemExit(run_workers(settings))
 
     async def main() -> None:
         stop = asyncio.Event()

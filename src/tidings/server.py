@@ -60,6 +60,13 @@ def make_broker(settings: Settings) -> Broker:
             history_ttl=settings.history.ttl,
             idempotency_window=settings.api.idempotency_window,
         )
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from tidings.brokers.redis import RedisBroker  # imported only when used
+
+        try:
+            return RedisBroker.from_settings(settings)
+        except ValueError as exc:  # a malformed URL (port, query options)
+            raise ConfigError("broker.url", f"invalid Redis URL: {exc}") from None
     raise ConfigError("broker.url", f"unsupported broker URL scheme in {url.split('://')[0]}://")
 
 
