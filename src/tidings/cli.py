@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from tidings import __version__
 from tidings.auth import mint_token, parse_duration
+from tidings.client.listen import add_listen_parser, run_listen
 from tidings.config import Settings, load_settings
 from tidings.errors import ConfigError
 from tidings.logs import configure_logging
@@ -60,6 +61,8 @@ def _build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--api-key", help="server API key (default: first of api.keys)")
     publish.add_argument("--idempotency-key")
     publish.add_argument("--config", help="TOML configuration file")
+
+    add_listen_parser(commands)
     return parser
 
 
@@ -214,6 +217,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "serve": _serve,
     "token": _token,
     "publish": _publish,
+    "listen": run_listen,
 }
 
 
