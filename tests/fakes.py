@@ -137,6 +137,26 @@ class FakePeer(FakeConn):
         fresh, self._read = messages[self._read:], len(messages)
         return fresh
 
+    async def next_message(self) -> dict[str, Any]:
+        """Wait for the next message not yet taken, and take it."""
+        while True:
+            messages = self.messages()
+            if len(messages) > self._read:
+                self._read += 1
+                return messages[self._read - 1]
+            wrote: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            previous = self.on_send
+
+            def wake(conn: FakeConn, data: bytes, wrote: asyncio.Future[None] = wrote) -> None:
+                if not wrote.done():
+                    wrote.set_result(None)
+
+            self.on_send = wake
+            try:
+                await wrote
+            finally:
+                self.on_send = previous
+
 
 async def next_tick() -> None:
     """Yield exactly one event-loop iteration: callbacks already scheduled with

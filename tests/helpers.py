@@ -24,7 +24,9 @@ def make_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     base: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0, "mode": "production",
                    "shutdown_timeout": 5},
-        "auth": {"secret": SECRET},
+        # Tests that are not about the connect-time hold of the personal channel want
+        # its live events at once; the hold's own tests switch it on.
+        "auth": {"secret": SECRET, "personal_channel_hold": 0},
         "api": {"keys": [API_KEY]},
         "logging": {"level": "debug"},
     }

@@ -804,3 +804,59 @@ async def test_continuity_lost_during_setup_fails_the_subscribe(gateway: Gateway
     assert messages[1]["id"] == "s1"
     assert messages[1]["data"]["code"] == "subscription_failed"
     assert "news:a" not in peer.session.subscriptions
+
+
+async def test_personal_channel_holds_live_events_until_the_first_command(
+        make_gateway: MakeGateway) -> None:
+    """Personal events published right after connect wait for the client's first command."""
+    gateway = await make_gateway({"auth": {"personal_channel_hold": 30}})
+    peer = await connect_peer(gateway, "user-1")
+    peer.take()
+    await publish(gateway, "user:user-1", 2)
+    await next_tick()
+    assert peer.take() == []
+    await command(gateway, peer, "ping")
+    assert [m["type"] for m in peer.take()] == ["notification", "notification", "pong"]
+
+
+async def test_personal_recover_right_after_connect_replays_in_order(
+        make_gateway: MakeGateway) -> None:
+    """A recover of the personal channel sent right after connect replays what was missed
+    before connect, then the events published since, in order and exactly once."""
+    gateway = await make_gateway({"auth": {"personal_channel_hold": 30}})
+    results = await publish(gateway, "user:user-1", 3)
+    peer = await connect_peer(gateway, "user-1")
+    peer.take()
+    await publish(gateway, "user:user-1", 2)  # live, while the client is about to recover
+    await next_tick()
+    await command(gateway, peer, "subscribe", {
+        "channel": "user:user-1", "recover": {"offset": 1, "epoch": results[0].epoch}}, id="r")
+    messages = peer.take()
+    assert messages[0]["type"] == "subscribed" and messages[0]["data"]["recovered"] is True
+    assert offsets(messages) == [2, 3, 4, 5]
+    await publish(gateway, "user:user-1")
+    await next_tick()
+    assert offsets(peer.take()) == [6]
+
+
+async def test_personal_hold_ends_on_its_own(make_gateway: MakeGateway) -> None:
+    """A client that sends nothing still gets its personal events once the hold expires."""
+    gateway = await make_gateway({"auth": {"personal_channel_hold": 0.05}})
+    peer = await connect_peer(gateway, "user-1")
+    peer.take()
+    await publish(gateway, "user:user-1")
+    got = await asyncio.wait_for(peer.next_message(), WAIT)
+    assert got["type"] == "notification" and got["offset"] == 1
+
+
+async def test_personal_subscribe_again_does_not_count_towards_the_limit(
+        make_gateway: MakeGateway) -> None:
+    """Unsubscribing and subscribing the personal channel again keeps it outside
+    max_subscriptions."""
+    gateway = await make_gateway({"limits": {"max_subscriptions": 1}})
+    peer = await connect_peer(gateway, "user-1")
+    await command(gateway, peer, "unsubscribe", {"channel": "user:user-1"})
+    await command(gateway, peer, "subscribe", {"channel": "user:user-1"}, id="p")
+    await command(gateway, peer, "subscribe", {"channel": "news:a"}, id="n")
+    replies = [m for m in peer.take() if m.get("id") in ("p", "n")]
+    assert [m["type"] for m in replies] == ["subscribed", "subscribed"]

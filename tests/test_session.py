@@ -313,11 +313,11 @@ def test_max_subscriptions_without_personal_channel() -> None:
     assert only_message(subscribe(session, "news:2"))["data"]["code"] == "subscription_failed"
 
 
-def test_explicit_personal_subscription_counts_when_not_automatic() -> None:
-    """A user: channel subscribed by command (not automatically) counts like any other."""
+def test_personal_channel_never_counts_even_when_subscribed_by_command() -> None:
+    """The user's own personal channel stays outside the limit however it was subscribed."""
     session = make_session(max_subscriptions=1)
     session.subscribed("user:alice")
-    assert only_message(subscribe(session, "news:1"))["data"]["code"] == "subscription_failed"
+    assert subscribe(session, "news:1") == [StartSubscribe(Subscribe("s", "news:1", None))]
 
 
 def test_already_subscribed_channel_passes_the_limit() -> None:
@@ -352,7 +352,7 @@ def test_unsubscribing_personal_channel_clears_it() -> None:
     assert session.personal is None
     assert session.subscriptions == set()
     session.subscribed("user:alice")
-    assert only_message(subscribe(session, "news:1"))["data"]["code"] == "subscription_failed"
+    assert subscribe(session, "news:1") == [StartSubscribe(Subscribe("s", "news:1", None))]
 
 
 # -- heartbeats ---------------------------------------------------------------------------

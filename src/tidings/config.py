@@ -81,6 +81,9 @@ class AuthSettings(_Section):
     leeway: float = Field(default=30, ge=0)
     channels_claim: str = "channels"
     personal_channel: bool = True
+    #: Seconds the personal channel's live events wait at connect for the client's first
+    #: command (a ``subscribe`` with ``recover`` then replays in order); 0 disables.
+    personal_channel_hold: float = Field(default=1.0, ge=0, le=30)
 
     @field_validator("algorithms")
     @classmethod

@@ -69,6 +69,11 @@ class TooManyConnections(ClientError):
     http_status = 429
 
 
+def _live_point(sub: Subscriber[Peer]) -> int:
+    """The offset up to which a subscription has sent, or stands at, its events."""
+    return max(sub.after, sub.start)
+
+
 def _event_type(payload: bytes) -> str:
     # Every event payload is encoded with "type" as its first key (protocol.wire).
     end = payload.find(b'"', 9)
@@ -99,6 +104,7 @@ class Gateway:
         self.hub: Hub[Peer] = Hub(on_pending_overflow=self._pending_overflow)
         self.draining = False
         self.node_subscriptions = NodeSubscriptions(broker, self.hub.has_channel)
+        self._personal_holds: dict[str, asyncio.TimerHandle] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -232,10 +238,33 @@ class Gateway:
                 channels.append(personal)
         peer.send(text_frame(peer.session.welcome(channels, self.clock())))
         if sub is not None:
-            self._send_held(peer, sub, after)
+            # The live events wait (auth.personal_channel_hold) for the client's first
+            # command: a subscribe with recover sent right after `connected` can then
+            # replay what was missed before any live event goes out.
+            sub.start = after
+            hold = self.settings.auth.personal_channel_hold
+            if hold > 0:
+                self._personal_holds[peer.conn_id] = asyncio.get_running_loop().call_later(
+                    hold, self._release_personal, peer)
+            else:
+                self._send_held(peer, sub, after)
+
+    def _release_personal(self, peer: Peer) -> None:
+        """End the connect-time hold of the personal channel: send what it held."""
+        handle = self._personal_holds.pop(peer.conn_id, None)
+        if handle is None:
+            return
+        handle.cancel()
+        personal = peer.session.personal
+        sub = self.hub.subscriber(peer, personal) if personal is not None else None
+        if sub is not None and sub.pending is not None:
+            self._send_held(peer, sub, _live_point(sub))
 
     def disconnect(self, peer: Peer) -> None:
         """Forget a connection that has closed."""
+        handle = self._personal_holds.pop(peer.conn_id, None)
+        if handle is not None:
+            handle.cancel()
         was_known = self.hub.is_connected(peer)
         count = len(peer.session.subscriptions)
         for channel in self.hub.remove_connection(peer):
@@ -264,6 +293,8 @@ class Gateway:
 
     async def handle(self, peer: Peer, effects: list[Effect]) -> None:
         """Carry out a session's effects; command failures become error replies."""
+        if peer.conn_id in self._personal_holds:
+            self._end_personal_hold(peer, effects)
         for effect in effects:
             if isinstance(effect, Send | Close | SendPing):
                 self._apply_sync(peer, [effect])
@@ -289,6 +320,19 @@ class Gateway:
                 self._apply_sync(peer, peer.session.fail(fault, command.id))
             finally:
                 self.metrics.command(name, self.clock() - started)
+
+    def _end_personal_hold(self, peer: Peer, effects: list[Effect]) -> None:
+        """The client's first command ends the connect-time hold; a recover of the
+        personal channel itself takes the hold over and releases it after its replay."""
+        first = effects[0] if effects else None
+        takes_over = (isinstance(first, StartSubscribe)
+                      and first.command.channel == peer.session.personal
+                      and first.command.recover is not None)
+        if takes_over:
+            handle = self._personal_holds.pop(peer.conn_id)
+            handle.cancel()
+        else:
+            self._release_personal(peer)
 
     # -- subscriptions ---------------------------------------------------------------
 
@@ -327,7 +371,8 @@ class Gateway:
             data["recovered"] = replay.recovered
         peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
         self._send_replay(peer, replay)
-        session.subscribed(channel)
+        session.subscribed(channel, personal=channel == personal_channel(
+            session.identity.user_id))
         self.metrics.subscriptions.inc()
         self._send_held(peer, sub, position.offset)
 
@@ -351,14 +396,14 @@ class Gateway:
         try:
             page = await self.broker.history(channel, recover.offset, self._recovery_limit())
         except BaseException:
-            self._send_held(peer, sub, sub.after)
+            self._send_held(peer, sub, _live_point(sub))
             raise
         replay = recover_live(recover, page, sub.start, sub.after)
         data.update(offset=max(sub.after, sub.start), epoch=page.position.epoch,
                     recovered=replay.recovered)
         peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
         self._send_replay(peer, replay)
-        self._send_held(peer, sub, sub.after)
+        self._send_held(peer, sub, _live_point(sub))
 
     def _recovery_limit(self) -> int:
         # Streams may hold a little more than history.size (approximate trimming).

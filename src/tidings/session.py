@@ -219,7 +219,8 @@ class Session:
 
     def _subscribe(self, command: Subscribe) -> list[Effect]:
         channel = command.channel
-        counted = self.subscriptions - {self.personal} if self.personal else self.subscriptions
+        # The personal channel never counts, whether automatic or subscribed again.
+        counted = self.subscriptions - {f"user:{self.identity.user_id}"}
         if channel not in self.subscriptions and len(counted) >= self._limits.max_subscriptions:
             return [Send(error_message(
                 ErrorCode.SUBSCRIPTION_FAILED,
