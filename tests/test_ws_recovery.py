@@ -252,3 +252,23 @@ async def test_every_message_has_object_data_and_no_null() -> None:
         await take("error")
         assert set(seen) == {"connected", "pong", "subscribed", "chat_message", "error",
                              "refreshed", "unsubscribed"}
+
+
+async def test_personal_channel_recovers_in_order_despite_live_events_at_connect() -> None:
+    """With the connect-time hold, a personal-channel recover sent right after ``connected``
+    replays the missed events before a live event published in between, exactly once."""
+    async with serve({"auth": {"personal_channel_hold": 10}}) as server:
+        async with connect(server, token("pat")) as first:
+            reply = await first.subscribe("user:pat", recover={"offset": 0, "epoch": ""})
+            epoch, seen = reply["data"]["epoch"], reply["data"]["offset"]
+        for _ in range(3):
+            await publish(server, "user:pat")
+        async with connect(server, token("pat")) as client:
+            await publish(server, "user:pat")  # live, before the client's first command
+            again = await client.subscribe("user:pat",
+                                           recover={"offset": seen, "epoch": epoch})
+            assert again["data"]["recovered"] is True
+            got = [(await client.recv())["offset"] for _ in range(4)]
+            assert got == [seen + 1, seen + 2, seen + 3, seen + 4]
+            await publish(server, "user:pat")
+            assert (await client.recv())["offset"] == seen + 5
