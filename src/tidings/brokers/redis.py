@@ -13,26 +13,27 @@ The only module of Tidings that imports ``redis``. Key layout and scripts are in
   per channel. A duplicate is dropped, a gap is filled from the history stream before
   later events are delivered, and a gap history cannot fill or a changed epoch is
   reported with ``on_continuity_lost``. After the pub/sub connection comes back every
-  served channel is repaired the same way.
+  served channel is repaired the same way. The decisions are made by the pure
+  ``tidings.brokers.continuity.Continuity``; this module feeds it and carries them out.
 * **Cluster-wide views**: each node keeps a key with its channel counts and one field per
   channel in that channel's presence hash; the node key expires when the node stops
   refreshing it, and readers ignore (and remove) entries of nodes whose key is gone.
-  ``disconnect_user`` goes to every node over a control pub/sub channel.
+  ``disconnect_user`` goes to every node over a control pub/sub channel. Sums and what to
+  write are worked out by the pure ``tidings.brokers.presence``; message formats are in
+  ``tidings.brokers.redis_codec``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, cast
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -51,6 +52,21 @@ from tidings.brokers.base import (
     StoredEvent,
     StreamPosition,
 )
+from tidings.brokers.continuity import Continuity, Deliver, Lost, Output, Status
+from tidings.brokers.presence import (
+    PresenceSync,
+    decode_entry,
+    encode_entry,
+    live_entries,
+    sum_channels,
+    sum_presence,
+)
+from tidings.brokers.redis_codec import (
+    decode_control,
+    decode_event,
+    encode_control,
+    split_payload,
+)
 from tidings.brokers.redis_scripts import PUBLISH_SCRIPT, READ_SCRIPT, KeyLayout
 from tidings.config import Settings
 from tidings.errors import BrokerUnavailable
@@ -67,8 +83,6 @@ _MAX_SINCE = 2**62
 _RESUBSCRIBE_CHUNK = 1000
 #: Repairs running at once after a reconnect.
 _REPAIR_CONCURRENCY = 16
-
-_OFFSET_MARK = b'"offset":0,"id":"'
 
 
 def redact_url(url: str) -> str:
@@ -90,16 +104,6 @@ def _text(value: bytes | str) -> str:
 def _unavailable(exc: BaseException) -> BrokerUnavailable:
     """A ``BrokerUnavailable`` with a message that never carries the URL or a secret."""
     return BrokerUnavailable(f"the broker is unavailable ({type(exc).__name__})")
-
-
-def _split_payload(payload: bytes) -> tuple[bytes, bytes]:
-    """Head and tail of an event encoded with offset 0, around the offset's digits.
-
-    Event types and channel names cannot contain a quote, so the first match is the
-    top-level ``offset`` field.
-    """
-    index = payload.index(_OFFSET_MARK) + len(b'"offset":')
-    return payload[:index], payload[index + 1:]
 
 
 T = TypeVar("T")
@@ -147,29 +151,27 @@ class _Wakeup:
                 self._waiter = None
         self._flag = False
 
-Status = Literal["init", "live", "repair", "stale"]
-
 
 @dataclass(slots=True, eq=False)
 class _Channel:
-    """What this node knows about one subscribed channel's stream.
+    """One subscribed channel: its continuity tracker and the I/O around it.
 
-    ``init``: waiting for the SUBSCRIBE confirmation and the starting position;
-    ``live``: events are checked and delivered as they arrive; ``repair``: filling a gap
-    from history, later events are buffered; ``stale``: the pub/sub connection is down,
-    repair starts when it is back.
+    ``tracker.status`` (see ``tidings.brokers.continuity``): ``init`` until the SUBSCRIBE
+    is confirmed and the starting position read; ``live``; ``repair`` while ``repair``
+    (a task) fills a gap from history; ``stale`` while the pub/sub connection is down.
     """
 
     name: str
     pubsub: bytes
-    status: Status = "init"
-    epoch: str = ""
-    last: int = 0
+    tracker: Continuity
     generation: int = 0
-    buffer: deque[tuple[str, int, bytes]] = field(default_factory=deque)
     confirmed: asyncio.Future[None] | None = None
     repair: asyncio.Task[None] | None = None
     closed: bool = False
+
+    @property
+    def status(self) -> Status:
+        return self.tracker.status
 
 
 class RedisBroker:
@@ -243,8 +245,7 @@ class RedisBroker:
         self._flush_scheduled = False
         self._repair_slots = asyncio.Semaphore(_REPAIR_CONCURRENCY)
         # Cluster-wide views.
-        self._synced_counts: dict[str, int] = {}
-        self._synced_presence: dict[str, dict[str, int]] = {}
+        self._synced = PresenceSync()
         self._sync_wakeup = _Wakeup()
         self._rewrite_presence = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -363,7 +364,7 @@ class RedisBroker:
         channel = request.channel
         wall = self._wall_clock()
         event_id = new_event_id(wall)
-        head, tail = _split_payload(encode_message(
+        head, tail = split_payload(encode_message(
             request.type, dict(request.data), id=event_id, channel=channel, offset=0,
             timestamp=wall,
         ))
@@ -417,8 +418,8 @@ class RedisBroker:
         if existing is not None or self._conn is None or self._closing:
             raise BrokerUnavailable("the broker is unavailable (not connected)")
         loop = asyncio.get_running_loop()
-        state = _Channel(channel, self._keys.events(channel), generation=self._generation,
-                         confirmed=loop.create_future())
+        state = _Channel(channel, self._keys.events(channel), Continuity(self._buffer_limit),
+                         generation=self._generation, confirmed=loop.create_future())
         self._channels[channel] = state
         self._by_pubsub[state.pubsub] = state
         self._queue("SUBSCRIBE", state.pubsub)
@@ -437,8 +438,7 @@ class RedisBroker:
             if self._channels.get(channel) is state:
                 self._forget(state)
             raise
-        state.epoch, state.last = position.epoch, position.offset
-        self._drain(state)
+        self._carry_out(state, state.tracker.start(position))
         self._sync_wakeup.set()
 
     async def unsubscribe(self, channel: str) -> None:
@@ -550,7 +550,7 @@ class RedisBroker:
         names = [self._keys.control]
         for state in self._channels.values():
             if state.status != "init":
-                state.status = "stale"
+                state.tracker.disconnected()
                 names.append(state.pubsub)
         for start in range(0, len(names), _RESUBSCRIBE_CHUNK):
             await conn.send_command("SUBSCRIBE", *names[start:start + _RESUBSCRIBE_CHUNK],
@@ -587,8 +587,7 @@ class RedisBroker:
                 state.generation = -1
                 self._fail_confirmation(state)
                 continue
-            state.status = "stale"
-            state.buffer.clear()
+            state.tracker.disconnected()
             if state.repair is not None:
                 state.repair.cancel()
                 state.repair = None
@@ -627,8 +626,8 @@ class RedisBroker:
         if state.status == "init":
             if state.confirmed is not None and not state.confirmed.done():
                 state.confirmed.set_result(None)
-        elif state.status == "stale":
-            self._start_repair(state)
+        else:
+            self._carry_out(state, state.tracker.resubscribed())
 
     def _on_message(self, name: bytes, data: bytes) -> None:
         if name == self._keys.control:
@@ -637,61 +636,38 @@ class RedisBroker:
         state = self._by_pubsub.get(name)
         if state is None:
             return
-        try:
-            epoch, offset, payload = data.split(b":", 2)
-            number = int(offset)
-        except ValueError:
+        message = decode_event(data)
+        if message is None:
             logger.warning("ignored a malformed event message")
             return
-        self._feed(state, epoch.decode(), number, payload)
+        self._carry_out(state, state.tracker.receive(message.epoch, message.offset,
+                                                     message.payload))
 
     def _on_control(self, data: bytes) -> None:
-        try:
-            message = json.loads(data)
-            node, user, reason = message["node"], message["user"], message["reason"]
-        except (ValueError, KeyError, TypeError):
+        message = decode_control(data)
+        if message is None:
             logger.warning("ignored a malformed control message")
             return
-        if node != self.node_id and self._handler is not None:
-            self._handler.on_disconnect_user(str(user), str(reason))
+        if message.node != self.node_id and self._handler is not None:
+            self._handler.on_disconnect_user(message.user, message.reason)
 
     # -- continuity ------------------------------------------------------------------
 
-    def _feed(self, state: _Channel, epoch: str, offset: int, payload: bytes) -> None:
-        if state.status == "live":
-            self._apply(state, epoch, offset, payload)
-        elif state.status in ("init", "repair"):
-            state.buffer.append((epoch, offset, payload))
-            if len(state.buffer) > self._buffer_limit:
-                # History has them; the repair reads on until it catches up.
-                state.buffer.clear()
+    def _carry_out(self, state: _Channel, outputs: list[Output]) -> None:
+        """Carry out the tracker's decisions, in order."""
+        for output in outputs:
+            if isinstance(output, Deliver):
+                self._deliver(state, output)
+            elif isinstance(output, Lost):
+                self._lost(state)
+            elif state.repair is None:
+                state.repair = self._spawn(self._repair(state), "redis-repair")
 
-    def _apply(self, state: _Channel, epoch: str, offset: int, payload: bytes) -> bool:
-        """Check one event against the tracker; False when it started a repair."""
-        if epoch != state.epoch:
-            self._lost(state)
-            state.epoch, state.last = epoch, offset - 1
-        if offset <= state.last:
-            return True
-        if offset == state.last + 1:
-            state.last = offset
-            self._deliver(state, offset, payload)
-            return True
-        state.buffer.appendleft((epoch, offset, payload))
-        self._start_repair(state)
-        return False
-
-    def _drain(self, state: _Channel) -> None:
-        """Go live and apply the buffered events (stops if one of them starts a repair)."""
-        state.status = "live"
-        while state.buffer and state.status == "live":
-            self._apply(state, *state.buffer.popleft())
-
-    def _deliver(self, state: _Channel, offset: int, payload: bytes) -> None:
+    def _deliver(self, state: _Channel, event: Deliver) -> None:
         if self._handler is None:
             return
         try:
-            self._handler.on_event(state.name, offset, state.epoch, payload)
+            self._handler.on_event(state.name, event.offset, event.epoch, event.payload)
         except Exception:
             logger.exception("on_event failed for a channel")
 
@@ -704,72 +680,49 @@ class RedisBroker:
         except Exception:
             logger.exception("on_continuity_lost failed for a channel")
 
-    def _start_repair(self, state: _Channel) -> None:
-        state.status = "repair"
-        if state.repair is None:
-            state.repair = self._spawn(self._repair(state), "redis-repair")
-
     async def _repair(self, state: _Channel) -> None:
-        """Fill the gap after ``state.last`` from history, then drain the buffer."""
+        """Fill the gap after the tracker's ``since`` from history, then resume."""
         attempt = 0
         chunk = max(100, self._history_size)
         try:
             async with self._repair_slots:
                 while True:
                     try:
-                        page = await self.history(state.name, state.last, chunk)
+                        page = await self.history(state.name, state.tracker.since, chunk)
                     except BrokerUnavailable:
                         attempt += 1
                         await asyncio.sleep(self._backoff(attempt))
                         continue
                     if state.closed or state.repair is not asyncio.current_task():
                         return
-                    position = page.position
-                    if position.epoch != state.epoch or not page.complete:
-                        self._lost(state)
-                        state.epoch, state.last = position.epoch, position.offset
-                        break
-                    before = state.last
-                    for event in page.events:
-                        if event.offset == state.last + 1:
-                            state.last = event.offset
-                            self._deliver(state, event.offset, event.payload)
-                    if state.last >= position.offset:
-                        break
-                    if state.last == before:
-                        # History does not continue where we are: cannot vouch.
-                        self._lost(state)
-                        state.last = position.offset
+                    step = state.tracker.repaired(page)
+                    self._carry_out(state, step.outputs)
+                    if step.done:
                         break
         finally:
             if state.repair is asyncio.current_task():
                 state.repair = None
-        if not state.closed and state.status == "repair":
-            self._drain(state)
+        if not state.closed:
+            self._carry_out(state, state.tracker.resume())
 
     # -- cluster-wide views ----------------------------------------------------------
 
     async def disconnect_user(self, user_id: str, reason: str) -> None:
         if self._handler is not None:
             self._handler.on_disconnect_user(user_id, reason)
-        message = json.dumps({"node": self.node_id, "user": user_id, "reason": reason})
+        message = encode_control(self.node_id, user_id, reason)
         await self._call(self._redis.publish(self._keys.control, message))
 
     async def channels(self, prefix: str) -> dict[str, int]:
         members = await self._call(self._redis.smembers(self._keys.nodes))
         others = sorted(n for n in map(_text, members) if n != self.node_id)
         values = await self._call(self._get_many([self._keys.node(n) for n in others]))
-        dead = [n for n, value in zip(others, values, strict=True) if value is None]
+        alive, dead = live_entries(others, values)
         if dead:
             with contextlib.suppress(BrokerUnavailable):
                 await self._call(self._redis.srem(self._keys.nodes, *dead))
-        totals: dict[str, int] = {}
         local = self._handler.local_channels() if self._handler is not None else {}
-        for counts in [local, *(json.loads(v) for v in values if v is not None)]:
-            for name, count in counts.items():
-                if name.startswith(prefix) and count > 0:
-                    totals[name] = totals.get(name, 0) + int(count)
-        return totals
+        return sum_channels([local, *map(decode_entry, alive)], prefix)
 
     async def _get_many(self, keys: list[str]) -> list[bytes | None]:
         if not keys:
@@ -784,19 +737,14 @@ class RedisBroker:
         fields = await self._call(self._redis.hgetall(key))
         others = {_text(n): v for n, v in fields.items() if _text(n) != self.node_id}
         names = sorted(others)
-        alive = await self._call(self._exists_many([self._keys.node(n) for n in names]))
-        dead = [n for n, ok in zip(names, alive, strict=True) if not ok]
+        exists = await self._call(self._exists_many([self._keys.node(n) for n in names]))
+        alive, dead = live_entries(names, [others[n] if ok else None
+                                           for n, ok in zip(names, exists, strict=True)])
         if dead:
             with contextlib.suppress(BrokerUnavailable):
                 await self._call(self._redis.hdel(key, *dead))
-        users: dict[str, int] = {}
         local = self._handler.local_presence(channel) if self._handler is not None else {}
-        entries = [local, *(json.loads(others[n]) for n, ok in zip(names, alive, strict=True)
-                            if ok)]
-        for entry in entries:
-            for user, count in entry.items():
-                users[user] = users.get(user, 0) + int(count)
-        return {user: count for user, count in users.items() if count > 0}
+        return sum_presence([local, *map(decode_entry, alive)])
 
     async def _exists_many(self, keys: list[str]) -> list[bool]:
         if not keys:
@@ -848,27 +796,19 @@ class RedisBroker:
                          touch: bool) -> None:
         if self._handler is None:
             return
-        counts = {name: count for name, count in self._handler.local_channels().items()
-                  if count > 0}
-        check = [name for name in counts.keys() | self._synced_counts.keys()
-                 if recheck or rewrite or counts.get(name) != self._synced_counts.get(name)]
-        presence: dict[str, dict[str, int]] = {}
-        for name in check:
-            users = dict(self._handler.local_presence(name)) if name in counts else {}
-            if rewrite or users != self._synced_presence.get(name, {}):
-                presence[name] = users
-        write_node = force_node or counts != self._synced_counts
-        if not (write_node or presence or touch):
+        plan = self._synced.plan(self._handler.local_channels(), self._handler.local_presence,
+                                 force_node=force_node, recheck=recheck, rewrite=rewrite)
+        if plan.empty and not touch:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
-            if write_node:
-                pipe.set(self._keys.node(self.node_id), json.dumps(counts),
+            if plan.write_node:
+                pipe.set(self._keys.node(self.node_id), encode_entry(plan.counts),
                          px=self._node_ttl_ms)
                 pipe.sadd(self._keys.nodes, self.node_id)
-            for name, users in presence.items():
+            for name, users in plan.presence.items():
                 key = self._keys.presence(name)
                 if users:
-                    pipe.hset(key, self.node_id, json.dumps(users))
+                    pipe.hset(key, self.node_id, encode_entry(users))
                     pipe.pexpire(key, self._presence_keep_ms)
                 else:
                     pipe.hdel(key, self.node_id)
@@ -879,18 +819,13 @@ class RedisBroker:
                         pipe.pexpire(self._keys.meta(name), self._ttl_ms)
                         pipe.pexpire(self._keys.stream(name), self._ttl_ms)
             await pipe.execute()
-        self._synced_counts = counts
-        for name, users in presence.items():
-            if users:
-                self._synced_presence[name] = users
-            else:
-                self._synced_presence.pop(name, None)
+        self._synced.written(plan)
 
     async def _remove_node_entries(self) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.delete(self._keys.node(self.node_id))
             pipe.srem(self._keys.nodes, self.node_id)
-            for name in self._synced_presence:
+            for name in self._synced.presence:
                 pipe.hdel(self._keys.presence(name), self.node_id)
             await pipe.execute()
 
@@ -907,4 +842,5 @@ class RedisBroker:
         state = self._channels.get(channel)
         if state is None:
             return None
-        return {"status": state.status, "epoch": state.epoch, "last": state.last}
+        tracker = state.tracker
+        return {"status": tracker.status, "epoch": tracker.epoch, "last": tracker.last}
