@@ -19,9 +19,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from tidings.client.effects import ChannelState
 from tidings.client.errors import SubscriptionError
 from tidings.client.models import Event, Gap, Item
-from tidings.client.tracker import ChannelTracker
 
 if TYPE_CHECKING:
     from tidings.client.connection import Client
@@ -40,11 +40,14 @@ ErrorCallback = Callable[[BaseException], Awaitable[None] | None]
 class Subscription:
     """One channel's stream of events and gaps; created by ``Client.subscribe``."""
 
-    def __init__(self, client: Client, channel: str, *, maxsize: int) -> None:
+    def __init__(self, client: Client, channel: str, *, maxsize: int,
+                 channel_state: ChannelState | None = None) -> None:
         if maxsize < 1:
             raise ValueError("queue size must be at least 1")
         self.channel = channel
-        self.tracker = ChannelTracker(channel)
+        #: The client session's bookkeeping of this channel (offsets, commands in flight).
+        self.channel_state = ChannelState(channel) if channel_state is None else channel_state
+        self.tracker = self.channel_state.tracker
         self._client = client
         self._maxsize = maxsize
         self._items: deque[Item] = deque()
@@ -55,16 +58,6 @@ class Subscription:
         self._error: BaseException | None = None
         self._confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._dispatcher: asyncio.Task[None] | None = None
-        #: Connection generation on which the last ``subscribe`` was sent (client-owned).
-        self.sent_on = -1
-        #: Retries of a failed resubscription on the current connection (client-owned).
-        self.retries = 0
-        #: Created by the client for a channel the server subscribed automatically.
-        self.automatic = False
-        #: Id of the latest ``subscribe`` sent; replies to older ones are stale (client-owned).
-        self.pending_id: str | None = None
-        #: Connection generation of the last unsubscribe-and-recover fallback (client-owned).
-        self.fallback_on = -1
 
     # -- application side ------------------------------------------------------------
 
@@ -85,6 +78,29 @@ class Subscription:
     @property
     def closed(self) -> bool:
         return self._ended
+
+    @property
+    def automatic(self) -> bool:
+        """The server subscribed this channel automatically (the personal channel)."""
+        return self.channel_state.automatic
+
+    # Client-owned bookkeeping, kept readable here (see ``ChannelState``).
+
+    @property
+    def sent_on(self) -> int:
+        return self.channel_state.sent_on
+
+    @property
+    def retries(self) -> int:
+        return self.channel_state.retries
+
+    @property
+    def pending_id(self) -> str | None:
+        return self.channel_state.pending_id
+
+    @property
+    def fallback_on(self) -> int:
+        return self.channel_state.fallback_on
 
     @property
     def confirmed(self) -> bool:
