@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 from tidings.protocol import CloseCode, ReconnectAdvice
@@ -10,13 +9,8 @@ from tidings.protocol import CloseCode, ReconnectAdvice
 __all__ = ["Action", "Decision", "decide"]
 
 
-class Action(enum.Enum):
-    RECONNECT = "reconnect"
-    #: Reconnect after a delay of at least ``Backoff.slow_floor`` (4429).
-    RECONNECT_SLOWLY = "reconnect_slowly"
-    #: Ask the token provider for a new token, then reconnect (4401).
-    NEW_TOKEN = "new_token"
-    STOP = "stop"
+#: The client's possible actions are exactly the protocol's reconnect advice.
+Action = ReconnectAdvice
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +32,8 @@ def decide(code: int | None, *, has_token_provider: bool) -> Decision:
     if advice is ReconnectAdvice.STOP:
         why = ("the server closed the connection normally (1000)" if code == CloseCode.NORMAL
                else "disconnected by the application (4403)")
-        return Decision(Action.STOP, why)
-    if advice is ReconnectAdvice.NEW_TOKEN:
-        if not has_token_provider:
-            return Decision(Action.STOP, "the server rejected the token (4401) and no "
-                                         "token_provider was given", auth=True)
-        return Decision(Action.NEW_TOKEN)
-    if advice is ReconnectAdvice.RECONNECT_SLOWLY:
-        return Decision(Action.RECONNECT_SLOWLY)
-    return Decision(Action.RECONNECT)
+        return Decision(advice, why)
+    if advice is ReconnectAdvice.NEW_TOKEN and not has_token_provider:
+        return Decision(Action.STOP, "the server rejected the token (4401) and no "
+                                     "token_provider was given", auth=True)
+    return Decision(advice)
