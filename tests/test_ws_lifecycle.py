@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from helpers import (
     SECRET,
@@ -482,3 +483,38 @@ async def test_too_many_connections_per_user_closes_4429() -> None:
         await ws_assert_open(second)
         async with connect(server, token("someone-else")) as other:
             await ws_assert_open(other)
+
+
+async def test_handshake_timeout_closes_with_try_again_later() -> None:
+    """Authentication that outlasts server.handshake_timeout (a JWKS endpoint that never
+    answers) closes with 1013, and the server keeps serving."""
+    release = asyncio.Event()
+
+    async def stalled(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({"keys": []})
+
+    app = web.Application()
+    app.router.add_get("/jwks", stalled)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    overrides = {
+        "auth": {"algorithms": ["RS256"], "secret": "", "jwks_url":
+                 f"http://127.0.0.1:{port}/jwks", "jwks_timeout": 30},
+        "server": {"handshake_timeout": 0.2},
+    }
+    try:
+        async with serve(overrides) as server:
+            rs_token = base64.urlsafe_b64encode(b'{"alg":"RS256","kid":"k1"}').rstrip(b"=")
+            fake = rs_token.decode() + ".eyJzdWIiOiJ1In0.c2ln"
+            async with ws_bare(server, fake) as ws:
+                msg = await ws.receive(timeout=5)
+                assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1013
+            status, _ = await api(server, "GET", "/healthz", key=None)
+            assert status == 200
+    finally:
+        release.set()
+        await runner.cleanup()
