@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from tidings import __version__
 from tidings.auth import mint_token, parse_duration
+from tidings.bench import add_bench_parser, run_bench
 from tidings.client.listen import add_listen_parser, run_listen
 from tidings.config import Settings, load_settings
 from tidings.errors import ConfigError
@@ -63,6 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--config", help="TOML configuration file")
 
     add_listen_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 
@@ -218,6 +220,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "token": _token,
     "publish": _publish,
     "listen": run_listen,
+    "bench": run_bench,
 }
 
 

@@ -137,7 +137,7 @@ class Hub(Generic[C]):
             entry = self._channels[channel] = _Channel()
         sub = entry.subscribers.get(conn.conn_id)
         if sub is None:
-            sub = Subscriber[C](conn, pending=[] if hold else None)
+            sub = Subscriber(conn, pending=[] if hold else None)
             entry.subscribers[conn.conn_id] = sub
             self._memberships[conn.conn_id].add(channel)
         return sub, first
