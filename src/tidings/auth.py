@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import time
+import types
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,9 @@ class _FetchError(Exception):
     """A JWKS fetch problem whose message is safe to log (no URL, no body)."""
 
 
+_NO_CLAIMS: Mapping[str, Any] = types.MappingProxyType({})
+
+
 class Authenticator:
     """Verifies tokens against the configured algorithms and keys.
 
@@ -100,7 +104,8 @@ class Authenticator:
     interval. ``fetch_jwks(url, timeout)`` returns a JWKS document; by default it is an
     aiohttp GET on a lazily created session, released by ``close()``. ``dev_mode`` is
     informational: in development mode the caller fills ``settings.secret`` in, and the
-    verification rules stay the same.
+    verification rules stay the same. With ``keep_claims`` false, ``Identity.claims`` is
+    empty (saves memory per connection when nothing reads the claims).
 
     Raises ``ConfigError`` when ``auth.public_key_file`` cannot be used.
     """
@@ -112,8 +117,10 @@ class Authenticator:
         dev_mode: bool = False,
         clock: Callable[[], float] = time.time,
         fetch_jwks: Callable[[str, float], Awaitable[Mapping[str, Any]]] | None = None,
+        keep_claims: bool = True,
     ) -> None:
         self.dev_mode = dev_mode
+        self._keep_claims = keep_claims
         self._settings = settings
         self._algorithms = frozenset(settings.algorithms)
         self._clock = clock
@@ -271,7 +278,10 @@ class Authenticator:
         raw = claims.get(self._settings.channels_claim)
         items = raw if isinstance(raw, list) else []
         channels = tuple(item for item in items if isinstance(item, str))
-        return Identity(user_id=sub, expires_at=exp, channels=channels, claims=claims)
+        # Claims are kept only for consumers that read them (webhook rules, Python
+        # authorizers): every idle connection holds its Identity.
+        kept = claims if self._keep_claims else _NO_CLAIMS
+        return Identity(user_id=sub, expires_at=exp, channels=channels, claims=kept)
 
 
 def mint_token(

@@ -22,7 +22,7 @@ from tidings.client.listen import add_listen_parser, run_listen
 from tidings.config import Settings, load_settings
 from tidings.errors import ConfigError
 from tidings.logs import configure_logging
-from tidings.server import DevCredentials, RunningServer, prepare_dev, running
+from tidings.server import DevCredentials, RunningServer, prepare_dev, running, tune_gc
 
 __all__ = ["main"]
 
@@ -147,6 +147,7 @@ def _serve(args: argparse.Namespace) -> None:
             loop.add_signal_handler(signum, stop.set)
         try:
             async with running(settings) as server:
+                tune_gc()
                 if dev is not None:
                     print(_banner(server, dev), flush=True)
                 else:

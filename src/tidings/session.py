@@ -112,6 +112,12 @@ class Session:
     a monotonic deadline once, at construction and on refresh.
     """
 
+    # Slots: one Session lives as long as each (mostly idle) connection.
+    __slots__ = ("_deadline", "_interval", "_last_ping", "_last_seen", "_leeway", "_limits",
+                 "_ping_outstanding", "_refilled", "_strikes", "_timeout", "_tokens",
+                 "_unanswered_since", "closed", "conn_id", "identity", "personal",
+                 "subscriptions")
+
     def __init__(
         self,
         identity: Identity,

@@ -225,7 +225,7 @@ def _worker_main(argv: Sequence[str]) -> int:
 
 
 async def _serve_worker(settings: Settings, ready_fd: int) -> int:
-    from tidings.server import running
+    from tidings.server import running, tune_gc
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -239,6 +239,7 @@ async def _serve_worker(settings: Settings, ready_fd: int) -> int:
     watcher.add_done_callback(lambda _: stop.set())
     try:
         async with running(settings, reuse_port=True) as server:
+            tune_gc()
             os.write(ready_fd, f"{server.http_url}\n".encode())
             os.close(ready_fd)
             await stop.wait()

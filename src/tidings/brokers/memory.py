@@ -12,7 +12,7 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tidings.brokers.base import (
     BrokerHandler,
@@ -35,7 +35,8 @@ MAX_IDEMPOTENCY_KEYS = 100_000
 class _Stream:
     epoch: str
     offset: int = 0
-    events: deque[StoredEvent] = field(default_factory=deque)
+    #: Created with the first event: many streams (personal channels) never get one.
+    events: deque[StoredEvent] | None = None
     touched: float = 0.0
 
 
@@ -134,6 +135,8 @@ class MemoryBroker:
             timestamp=wall,
         )
         if self._history_size:
+            if stream.events is None:
+                stream.events = deque()
             stream.events.append(StoredEvent(stream.offset, payload))
             if len(stream.events) > self._history_size:
                 stream.events.popleft()
@@ -164,7 +167,7 @@ class MemoryBroker:
     async def history(self, channel: str, since: int, limit: int) -> HistoryPage:
         stream = self._stream(channel)
         position = StreamPosition(stream.offset, stream.epoch)
-        events = stream.events
+        events = stream.events or deque()
         oldest = events[0].offset if events else stream.offset + 1
         complete = since + 1 >= oldest and since <= stream.offset
         start = max(0, since + 1 - oldest)
