@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from tidings.api import ApiService, add_api_routes, error_middleware
+from tidings.api import ApiService, add_api_routes, add_not_found_route, method_not_allowed
 from tidings.auth import Authenticator
 from tidings.brokers.base import Broker
 from tidings.brokers.memory import MemoryBroker
@@ -112,15 +112,19 @@ def build_app(
         policy=ChannelPolicy(settings.namespaces, callables=authorizers),
     )
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=settings.api.max_body_bytes
+        client_max_size=settings.api.max_body_bytes
     )
+    # No middleware, on purpose: it would add suspended frames to every idle WebSocket
+    # connection. API routes carry their own JSON error handling (api.http.json_errors).
     app.router.add_get(settings.server.path, websocket_handler(gateway))
+    app.router.add_route("*", settings.server.path, method_not_allowed)
     add_api_routes(app, gateway, ApiService(settings, gateway.broker, gateway.metrics),
                    settings.api.keys)
     add_client_route(app)
     if settings.console_enabled:
         dev_key = settings.api.keys[0] if settings.dev_mode and settings.api.keys else None
         add_console_routes(app, settings, dev_api_key=dev_key)
+    add_not_found_route(app)
 
     async def start(_: web.Application) -> None:
         await gateway.start()

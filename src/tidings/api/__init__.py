@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from tidings.api.http import add_api_routes, error_middleware
+from tidings.api.http import (
+    add_api_routes,
+    add_not_found_route,
+    json_errors,
+    method_not_allowed,
+)
 from tidings.api.service import ApiService
 
-__all__ = ["ApiService", "add_api_routes", "error_middleware"]
+__all__ = [
+    "ApiService",
+    "add_api_routes",
+    "add_not_found_route",
+    "json_errors",
+    "method_not_allowed",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -14,7 +15,13 @@ from tidings.errors import TidingsError, Unauthorized
 from tidings.gateway import Gateway
 from tidings.protocol.wire import dumps, loads
 
-__all__ = ["add_api_routes", "error_middleware", "json_response"]
+__all__ = [
+    "add_api_routes",
+    "add_not_found_route",
+    "json_errors",
+    "json_response",
+    "method_not_allowed",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,23 +48,46 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return json_response({"error": {"code": code, "message": message}}, status)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure as ``{"error": {"code", "message"}}`` with a fitting status."""
-    try:
-        return await handler(request)
-    except TidingsError as exc:
-        if exc.http_status >= 500:
-            logger.warning("%s %s failed: %s", request.method, request.path, exc.message)
-        return _error(exc.http_status, exc.code, exc.message)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = _STATUS_CODES.get(exc.status, "http_error")
-        return _error(exc.status, code, exc.reason)
-    except Exception:
-        logger.exception("unexpected error in %s %s", request.method, request.path)
-        return _error(500, "internal_error", "internal server error")
+def json_errors(handler: Handler) -> Handler:
+    """Wrap a route handler: every failure as ``{"error": {"code", "message"}}`` with a
+    fitting status.
+
+    A per-route wrapper rather than an aiohttp middleware: a middleware would wrap the
+    WebSocket handler too, and its suspended frames would cost every idle connection
+    about 1 KB.
+    """
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except TidingsError as exc:
+            return _tidings_error(request, exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error(exc.status, _STATUS_CODES.get(exc.status, "http_error"), exc.reason)
+        except Exception:
+            logger.exception("unexpected error in %s %s", request.method, request.path)
+            return _error(500, "internal_error", "internal server error")
+
+    return guarded
+
+
+async def not_found(request: web.Request) -> web.StreamResponse:
+    """The JSON answer for a path no route serves."""
+    return _error(404, "not_found", "Not Found")
+
+
+async def method_not_allowed(request: web.Request) -> web.StreamResponse:
+    """The JSON answer for a known path asked with a method it does not serve."""
+    return _error(405, "method_not_allowed", "Method Not Allowed")
+
+
+def _tidings_error(request: web.Request, exc: TidingsError) -> web.Response:
+    if exc.http_status >= 500:
+        logger.warning("%s %s failed: %s", request.method, request.path, exc.message)
+    return _error(exc.http_status, exc.code, exc.message)
 
 
 class _Api:
@@ -132,12 +162,19 @@ def add_api_routes(app: web.Application, gateway: Gateway, service: ApiService,
                    keys: tuple[str, ...]) -> None:
     """Register the server API, health, readiness and metrics routes."""
     api = _Api(gateway, service, keys)
-    app.router.add_post("/api/publish", api.publish)
-    app.router.add_post("/api/batch", api.batch)
-    app.router.add_post("/api/disconnect", api.disconnect)
-    app.router.add_get("/api/channels", api.channels)
-    app.router.add_get("/api/channels/{channel}/history", api.history)
-    app.router.add_get("/api/channels/{channel}/presence", api.presence)
-    app.router.add_get("/healthz", api.healthz)
-    app.router.add_get("/readyz", api.readyz)
-    app.router.add_get("/metrics", api.metrics)
+    posts = {"/api/publish": api.publish, "/api/batch": api.batch,
+             "/api/disconnect": api.disconnect}
+    gets = {"/api/channels": api.channels, "/api/channels/{channel}/history": api.history,
+            "/api/channels/{channel}/presence": api.presence, "/healthz": api.healthz,
+            "/readyz": api.readyz, "/metrics": api.metrics}
+    for path, handler in posts.items():
+        app.router.add_post(path, json_errors(handler))
+        app.router.add_route("*", path, method_not_allowed)
+    for path, handler in gets.items():
+        app.router.add_get(path, json_errors(handler))
+        app.router.add_route("*", path, method_not_allowed)
+
+
+def add_not_found_route(app: web.Application) -> None:
+    """Answer every path no other route serves with a JSON 404; register it last."""
+    app.router.add_route("*", "/{tail:.*}", not_found)

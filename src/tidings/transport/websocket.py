@@ -14,7 +14,7 @@ import logging
 from typing import Any
 from urllib.parse import unquote_plus
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from tidings.errors import Unauthorized
 from tidings.gateway import Gateway, TooManyConnections
@@ -50,8 +50,9 @@ def token_from_request(request: web.BaseRequest) -> str | None:
     """The JWT from ``?token=`` or ``Authorization: Bearer``."""
     # Not request.query: it would parse the whole query string into a MultiDict cached on
     # the request, which lives as long as the connection (about 0.7 KB per connection).
-    raw = request.rel_url.raw_query_string
-    token = _query_token(raw) if raw else None
+    # raw_path is the request target as received; reading it caches nothing.
+    _, _, raw = request.raw_path.partition("?")
+    token = _query_token(raw.partition("#")[0]) if raw else None
     if token:
         return token
     header = request.headers.get("Authorization", "")
@@ -71,12 +72,12 @@ class WsConnection:
     would drop the TCP connection without completing the handshake.
     """
 
-    __slots__ = ("_closing", "_gateway", "_handler", "_limit", "_transport", "_ws",
-                 "close_request", "receiving", "session")
+    __slots__ = ("_closing", "_gateway", "_handler", "_limit", "_transport",
+                 "close_request", "receiving", "session", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport,
                  session: Session, gateway: Gateway) -> None:
-        self._ws = ws
+        self.ws = ws
         self._transport = transport
         self.session = session
         self._gateway = gateway
@@ -129,7 +130,7 @@ class WsConnection:
         code, reason = self.close_request
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT + 1):
-                await self._ws.close(code=int(code), message=reason.encode()[:123], drain=False)
+                await self.ws.close(code=int(code), message=reason.encode()[:123], drain=False)
         except (TimeoutError, ConnectionError):
             self._transport.abort()
 
@@ -157,52 +158,37 @@ async def _reject(ws: web.WebSocketResponse, error: bytes | None, code: CloseCod
 
 
 def websocket_handler(gateway: Gateway) -> Any:
-    """The aiohttp handler for the WebSocket path."""
-    settings = gateway.settings
-    server = settings.server
+    """The aiohttp handler for the WebSocket path.
+
+    The read loop lives in the handler itself, and the handshake and each message are
+    handled by coroutines that have finished before the next ``receive``: an idle
+    connection then holds one suspended frame, not a stack of them (each costs every idle
+    connection a few hundred bytes).
+    """
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        if gateway.draining:
-            return _json_error(503, "unavailable", "server is shutting down")
-        if not origin_allowed(request.headers.get("Origin"), server.allowed_origins):
-            gateway.metrics.handshakes.labels("forbidden_origin").inc()
-            logger.info("handshake refused: origin not allowed")
-            return _json_error(403, "forbidden", "origin not allowed")
-        ws = web.WebSocketResponse(
-            compress=False,
-            autoping=False,
-            autoclose=True,
-            max_msg_size=settings.limits.max_message_bytes,
-            timeout=CLOSE_TIMEOUT,
-        )
-        if not ws.can_prepare(request).ok:
-            return _json_error(426, "invalid_request", "expected a WebSocket upgrade request")
-        await ws.prepare(request)
-        transport = request.transport
-        if transport is None:
-            return ws
+        accepted = await _accept(request, gateway)
+        if not isinstance(accepted, WsConnection):
+            return accepted
+        peer = accepted
+        ws = peer.ws
+        task = asyncio.current_task()
         try:
-            async with asyncio.timeout(server.handshake_timeout):
-                identity = await gateway.authenticate(token_from_request(request))
-        except Unauthorized as exc:
-            gateway.metrics.handshakes.labels("unauthorized").inc()
-            logger.info("connection rejected: %s", exc.message)
-            message = error_message(ErrorCode.UNAUTHORIZED, exc.message)
-            return await _reject(ws, message, CloseCode.UNAUTHORIZED, "unauthorized", gateway)
-        except TimeoutError:
-            gateway.metrics.handshakes.labels("timeout").inc()
-            logger.warning("authentication timed out")
-            return await _reject(ws, None, CloseCode.TRY_AGAIN_LATER, "try again later", gateway)
-        peer = WsConnection(ws, transport, gateway.new_session(identity), gateway)
-        try:
-            await gateway.connect(peer)
-        except TooManyConnections as exc:
-            gateway.metrics.handshakes.labels("too_many").inc()
-            logger.info("connection rejected: %s", exc.message)
-            return await _reject(ws, None, CloseCode.TOO_MANY, "too many connections", gateway)
-        gateway.metrics.handshakes.labels("ok").inc()
-        try:
-            await _read_loop(ws, peer, gateway)
+            while peer.close_request is None:
+                peer.receiving = True
+                try:
+                    msg = await ws.receive()
+                except asyncio.CancelledError as exc:
+                    if (peer.close_request is None or not exc.args
+                            or exc.args[0] != _CLOSE_REQUESTED):
+                        raise
+                    if task is not None:
+                        task.uncancel()
+                    break
+                finally:
+                    peer.receiving = False
+                if not await _on_message(msg, peer, gateway):
+                    break
         except Exception:
             # A fault of ours: tell the client to come back later, keep the server up.
             logger.exception("connection handler failed")
@@ -215,38 +201,72 @@ def websocket_handler(gateway: Gateway) -> Any:
     return handle
 
 
-async def _read_loop(ws: web.WebSocketResponse, peer: WsConnection, gateway: Gateway) -> None:
+async def _accept(request: web.Request, gateway: Gateway) -> WsConnection | web.StreamResponse:
+    """Origin check, upgrade, authentication and ``connected``: the accepted connection,
+    or the response that refused it."""
+    settings = gateway.settings
+    server = settings.server
+    if gateway.draining:
+        return _json_error(503, "unavailable", "server is shutting down")
+    if not origin_allowed(request.headers.get("Origin"), server.allowed_origins):
+        gateway.metrics.handshakes.labels("forbidden_origin").inc()
+        logger.info("handshake refused: origin not allowed")
+        return _json_error(403, "forbidden", "origin not allowed")
+    ws = web.WebSocketResponse(
+        compress=False,
+        autoping=False,
+        autoclose=True,
+        max_msg_size=settings.limits.max_message_bytes,
+        timeout=CLOSE_TIMEOUT,
+    )
+    if not ws.can_prepare(request).ok:
+        return _json_error(426, "invalid_request", "expected a WebSocket upgrade request")
+    await ws.prepare(request)
+    transport = request.transport
+    if transport is None:
+        return ws
+    try:
+        async with asyncio.timeout(server.handshake_timeout):
+            identity = await gateway.authenticate(token_from_request(request))
+    except Unauthorized as exc:
+        gateway.metrics.handshakes.labels("unauthorized").inc()
+        logger.info("connection rejected: %s", exc.message)
+        message = error_message(ErrorCode.UNAUTHORIZED, exc.message)
+        return await _reject(ws, message, CloseCode.UNAUTHORIZED, "unauthorized", gateway)
+    except TimeoutError:
+        gateway.metrics.handshakes.labels("timeout").inc()
+        logger.warning("authentication timed out")
+        return await _reject(ws, None, CloseCode.TRY_AGAIN_LATER, "try again later", gateway)
+    peer = WsConnection(ws, transport, gateway.new_session(identity), gateway)
+    try:
+        await gateway.connect(peer)
+    except TooManyConnections as exc:
+        gateway.metrics.handshakes.labels("too_many").inc()
+        logger.info("connection rejected: %s", exc.message)
+        return await _reject(ws, None, CloseCode.TOO_MANY, "too many connections", gateway)
+    gateway.metrics.handshakes.labels("ok").inc()
+    return peer
+
+
+async def _on_message(msg: WSMessage, peer: WsConnection, gateway: Gateway) -> bool:
+    """Handle one message from the client; False when the connection is over."""
     session = peer.session
     clock = gateway.clock
-    task = asyncio.current_task()
-    while peer.close_request is None:
-        # Inlined rather than a helper coroutine: an idle connection waits here, and a
-        # second suspended frame would cost every idle connection about 0.5 KB.
-        peer.receiving = True
-        try:
-            msg = await ws.receive()
-        except asyncio.CancelledError as exc:
-            if peer.close_request is None or not exc.args or exc.args[0] != _CLOSE_REQUESTED:
-                raise
-            if task is not None:
-                task.uncancel()
-            return
-        finally:
-            peer.receiving = False
-        kind = msg.type
-        if kind is WSMsgType.TEXT:
-            effects = session.receive_text(msg.data, clock())
-            if effects:
-                await gateway.handle(peer, effects)
-        elif kind is WSMsgType.BINARY:
-            await gateway.handle(peer, session.receive_binary(clock()))
-        elif kind is WSMsgType.PING:
-            session.saw_frame(clock())
-            with contextlib.suppress(ConnectionError):
-                await ws.pong(msg.data)
-        elif kind is WSMsgType.PONG:
-            session.saw_frame(clock())
-        else:
-            if kind is WSMsgType.ERROR and ws.close_code == CloseCode.MESSAGE_TOO_BIG:
-                gateway.metrics.closed(CloseCode.MESSAGE_TOO_BIG)
-            return
+    kind = msg.type
+    if kind is WSMsgType.TEXT:
+        effects = session.receive_text(msg.data, clock())
+        if effects:
+            await gateway.handle(peer, effects)
+    elif kind is WSMsgType.BINARY:
+        await gateway.handle(peer, session.receive_binary(clock()))
+    elif kind is WSMsgType.PING:
+        session.saw_frame(clock())
+        with contextlib.suppress(ConnectionError):
+            await peer.ws.pong(msg.data)
+    elif kind is WSMsgType.PONG:
+        session.saw_frame(clock())
+    else:
+        if kind is WSMsgType.ERROR and peer.ws.close_code == CloseCode.MESSAGE_TOO_BIG:
+            gateway.metrics.closed(CloseCode.MESSAGE_TOO_BIG)
+        return False
+    return True
