@@ -1118,3 +1118,29 @@ def test_parse_duration_rejects_junk(text: str) -> None:
     """Anything but a non-negative number with an optional unit is a clear ValueError."""
     with pytest.raises(ValueError, match="invalid duration"):
         parse_duration(text)
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(position=st.integers(min_value=0, max_value=400),
+       char=st.sampled_from("AaZz09-_.=+/ \x00é"),
+       alg=st.sampled_from(["HS256", "HS384", "HS512"]))
+def test_hmac_fast_path_agrees_with_pyjwt(position: int, char: str, alg: str) -> None:
+    """The HS* fast path accepts and rejects exactly the tokens PyJWT's path does."""
+    auth_settings = AuthSettings(algorithms=("HS256", "HS384", "HS512"),
+                                 secret="s" * 64, leeway=0)
+    fast = Authenticator(auth_settings, clock=lambda: 1_000.0)
+    slow = Authenticator(auth_settings, clock=lambda: 1_000.0)
+    slow._hmac_fast = False  # the reference: every token through PyJWT
+    good = mint_token("s" * 64, "alice", channels=["news:*"], ttl=600, algorithm=alg,
+                      now=1_000.0)
+    index = position % (len(good) + 1)
+    token = good[:index] + char + good[index + 1:]
+
+    def outcome(auth: Authenticator) -> object:
+        try:
+            identity = asyncio.run(auth.authenticate(token))
+        except Unauthorized:
+            return "rejected"
+        return (identity.user_id, identity.expires_at, identity.channels)
+
+    assert outcome(fast) == outcome(slow)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -123,6 +125,9 @@ class Authenticator:
         self._keep_claims = keep_claims
         self._settings = settings
         self._algorithms = frozenset(settings.algorithms)
+        # Prepared once: PyJWT re-checks the key's format on every call (see _decode_hmac).
+        self._secret = settings.secret.encode("utf-8")
+        self._hmac_fast = not (settings.issuer or settings.audience)
         self._clock = clock
         self._fetch = fetch_jwks if fetch_jwks is not None else self._default_fetch
         self._pem = _load_pem(settings) if settings.public_key_file else None
@@ -151,6 +156,8 @@ class Authenticator:
         if kid is not None and not isinstance(kid, str):
             raise Unauthorized("malformed token")
         key = await self._key_for(alg, kid)
+        if alg in _HMAC_DIGESTS and self._hmac_fast and not _HEADER_EXTENSIONS & header.keys():
+            return self._identity(self._decode_hmac(token, alg))
         return self._identity(self._decode(token, key, alg))
 
     async def close(self) -> None:
@@ -257,6 +264,34 @@ class Authenticator:
             # OverflowError, RecursionError... from the decoders).
             raise Unauthorized("malformed token") from None
 
+    def _decode_hmac(self, token: str, alg: str) -> dict[str, Any]:
+        """HS256/384/512 verification without PyJWT, for the common case (no issuer or
+        audience to check, no ``crit``/``b64`` header): the handshake's hot path.
+
+        Same checks and outcomes as ``_decode``: constant-time signature comparison over
+        the strict compact form ``_parse_header`` has already validated, a JSON-object
+        payload, ``sub`` and ``exp`` present; ``_identity`` then checks types and times.
+        """
+        signing_input, _, signature_b64 = token.rpartition(".")
+        try:
+            signature = _b64decode(signature_b64)
+            expected = hmac.new(self._secret, signing_input.encode("ascii"),
+                                _HMAC_DIGESTS[alg]).digest()
+        except Exception:  # binascii.Error, UnicodeEncodeError
+            raise Unauthorized("malformed token") from None
+        if not hmac.compare_digest(expected, signature):
+            raise Unauthorized("invalid token signature")
+        try:
+            claims = json.loads(_b64decode(signing_input.partition(".")[2]))
+        except Exception:  # binascii.Error, UnicodeDecodeError, ValueError, RecursionError
+            raise Unauthorized("malformed token") from None
+        if not isinstance(claims, dict):
+            raise Unauthorized("malformed token")
+        for required in ("sub", "exp"):
+            if required not in claims:
+                raise Unauthorized(f"token has no usable {required} claim")
+        return claims
+
     def _identity(self, claims: dict[str, Any]) -> Identity:
         """Check claim types and times (with leeway) and build the ``Identity``."""
         sub = claims.get("sub")
@@ -331,6 +366,16 @@ def parse_duration(text: str) -> float:
             "s, m, h or d (for example 90s, 15m, 1h, 2d)"
         )
     return seconds * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+_HMAC_DIGESTS = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
+
+#: Header parameters that change how a JWS is processed: such tokens go through PyJWT.
+_HEADER_EXTENSIONS = frozenset({"crit", "b64"})
+
+
+def _b64decode(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
 def _parse_header(token: str) -> dict[str, Any]:
