@@ -5,6 +5,7 @@ Pure and synchronous. Encoding leaves out every field without a value (never ``n
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import time
@@ -163,12 +164,18 @@ def format_timestamp(epoch_seconds: float) -> str:
         raise ValueError("timestamp must be finite")
     millis = int(epoch_seconds * 1000)
     seconds, ms = divmod(millis, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+    return f"{_second(seconds)}.{ms:03d}Z"
 
 
 def format_expiry(epoch_seconds: float) -> str:
     """RFC 3339 UTC to the second, as used for ``expires_at``."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch_seconds)))
+    return _second(int(epoch_seconds)) + "Z"
+
+
+@functools.lru_cache(maxsize=8)
+def _second(seconds: int) -> str:
+    # Every message carries a timestamp and most fall in the same second: strftime once.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def encode_message(
