@@ -430,7 +430,7 @@ class Gateway:
         peer.send(text_frame(reply))
 
     def _drop_subscription(self, peer: Peer, channel: str) -> None:
-        was_subscribed = channel in peer.session.subscriptions
+        was_subscribed = peer.session.is_subscribed(channel)
         peer.session.unsubscribed(channel)
         if was_subscribed:
             self.metrics.subscriptions.dec()
@@ -466,7 +466,7 @@ class Gateway:
             try:
                 await self.policy.authorize(session.identity, channel)
             except Unauthorized:
-                if channel not in session.subscriptions:
+                if not session.is_subscribed(channel):
                     continue
                 self._drop_subscription(peer, channel)
                 peer.send(text_frame(encode_message(
