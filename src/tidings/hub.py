@@ -56,7 +56,8 @@ class Subscriber(Generic[C]):
 @dataclass(slots=True)
 class _Channel(Generic[C]):
     subscribers: dict[str, Subscriber[C]] = field(default_factory=dict)
-    frames: list[tuple[int, bytes]] = field(default_factory=list)
+    #: Frames collected this tick; None between ticks (most channels are idle).
+    frames: list[tuple[int, bytes]] | None = None
 
 
 class Hub(Generic[C]):
@@ -217,9 +218,11 @@ class Hub(Generic[C]):
         entry = self._channels.get(channel)
         if entry is None:
             return 0
-        if not entry.frames:
+        frames = entry.frames
+        if frames is None:
+            entry.frames = frames = []
             self._dirty.append(entry)
-        entry.frames.append((offset, frame))
+        frames.append((offset, frame))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop = self._loop or asyncio.get_running_loop()
@@ -231,7 +234,7 @@ class Hub(Generic[C]):
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
         for entry in dirty:
-            frames, entry.frames = entry.frames, []
+            frames, entry.frames = entry.frames, None
             if not frames:
                 continue
             first, last = frames[0][0], frames[-1][0]

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.log import access_logger
 
 from tidings.api import ApiService, add_api_routes, add_not_found_route, method_not_allowed
 from tidings.auth import Authenticator
@@ -179,8 +180,11 @@ async def running(
     """Serve until the block exits, then drain: readiness fails, clients get 1001."""
     context = _ssl_context(settings)
     app, gateway = build_app(settings, broker=broker, authorizers=authorizers)
+    # Access lines are logged at info: below that level, skip the per-request logger.
+    quiet = settings.logging.level in ("warning", "error")
     runner = web.AppRunner(app, handle_signals=False,
-                           shutdown_timeout=settings.server.shutdown_timeout)
+                           shutdown_timeout=settings.server.shutdown_timeout,
+                           access_log=None if quiet else access_logger)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.server.host, settings.server.port,

@@ -113,10 +113,25 @@ class Session:
     """
 
     # Slots: one Session lives as long as each (mostly idle) connection.
-    __slots__ = ("_deadline", "_interval", "_last_ping", "_last_seen", "_leeway", "_limits",
-                 "_ping_outstanding", "_refilled", "_strikes", "_timeout", "_tokens",
-                 "_unanswered_since", "_channels", "closed", "conn_id", "identity",
-                 "personal")
+    __slots__ = (
+        "_channels",
+        "_deadline",
+        "_interval",
+        "_last_ping",
+        "_last_seen",
+        "_leeway",
+        "_limits",
+        "_ping_outstanding",
+        "_refilled",
+        "_strikes",
+        "_timeout",
+        "_tokens",
+        "_unanswered_since",
+        "closed",
+        "conn_id",
+        "identity",
+        "personal",
+    )
 
     def __init__(
         self,
