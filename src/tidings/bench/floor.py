@@ -13,7 +13,6 @@ message, events with the Tidings envelope, and ``POST /api/batch``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import struct
@@ -22,6 +21,8 @@ from typing import Any
 
 import msgspec
 from aiohttp import WSMsgType, web
+
+from tidings.bench.peerproc import run_peer
 
 __all__ = ["Floor", "main"]
 
@@ -117,31 +118,8 @@ def build_app() -> web.Application:
     return app
 
 
-async def _serve(host: str, port: int) -> None:
-    runner = web.AppRunner(build_app(), handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    print(f"listening on http://{host}:{runner.addresses[0][1]}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    import signal
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    await runner.cleanup()
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tidings.bench.floor")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    args = parser.parse_args(argv)
-    import uvloop
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(args.host, args.port))
+    run_peer("python -m tidings.bench.floor", build_app, argv)
 
 
 if __name__ == "__main__":
