@@ -13,11 +13,7 @@ __all__ = [
     "BrokerUnavailable",
     "ClientError",
     "ConfigError",
-    "Forbidden",
     "InvalidRequest",
-    "NotFound",
-    "PayloadTooLarge",
-    "RateLimited",
     "ServerError",
     "SubscriptionFailed",
     "TidingsError",
@@ -55,34 +51,6 @@ class Unauthorized(ClientError):
 
     code = "unauthorized"
     http_status = 401
-
-
-class Forbidden(ClientError):
-    """A credential that is valid but not allowed here (for example a disallowed Origin)."""
-
-    code = "forbidden"
-    http_status = 403
-
-
-class NotFound(ClientError):
-    """The addressed resource does not exist."""
-
-    code = "not_found"
-    http_status = 404
-
-
-class PayloadTooLarge(ClientError):
-    """The request body or message exceeds the configured size."""
-
-    code = "payload_too_large"
-    http_status = 413
-
-
-class RateLimited(ClientError):
-    """The peer sends faster than its limit."""
-
-    code = "rate_limited"
-    http_status = 429
 
 
 class SubscriptionFailed(ClientError):
