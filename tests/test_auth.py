@@ -1144,3 +1144,79 @@ def test_hmac_fast_path_agrees_with_pyjwt(position: int, char: str, alg: str) ->
         return (identity.user_id, identity.expires_at, identity.channels)
 
     assert outcome(fast) == outcome(slow)
+
+
+# --- verification without waiting (the handshake's path) --------------------------------
+
+
+async def test_verify_now_verifies_hmac_tokens_without_waiting(make_auth: MakeAuth) -> None:
+    """HS* tokens are verified synchronously, with the same identity and refusals."""
+    auth = make_auth()
+    token = mint_token(SECRET, "user-1", channels=["chat:1"], now=NOW)
+    assert auth.verify_now(token) == await auth.authenticate(token)
+    with pytest.raises(Unauthorized, match="invalid token signature"):
+        auth.verify_now(mint_token("another-secret-of-32-bytes-or-more!", "user-1", now=NOW))
+    with pytest.raises(Unauthorized, match="token missing"):
+        auth.verify_now(None)
+
+
+async def test_verify_now_defers_to_authenticate_until_the_jwks_is_cached(
+    make_auth: MakeAuth, ec_key: ec.EllipticCurvePrivateKey
+) -> None:
+    """A JWKS token gives None (fetch needed) until the key set is cached, then verifies
+    synchronously without another fetch."""
+    fetch = StubFetch({"keys": [public_jwk(ec_key, "e1")]})
+    auth = make_auth(algorithms=("ES256",), jwks_url="https://issuer.example/jwks",
+                     fetch_jwks=fetch)
+    token = signed(ec_key, "ES256", "e1")
+    assert auth.verify_now(token) is None
+    assert fetch.calls == []
+    assert (await auth.authenticate(token)).user_id == "user-1"
+    identity = auth.verify_now(token)
+    assert identity is not None and identity.user_id == "user-1"
+    assert len(fetch.calls) == 1
+    assert auth.verify_now(signed(ec_key, "ES256", "unknown-kid")) is None
+
+
+async def test_cached_header_does_not_vouch_for_the_rest_of_the_token(
+    make_auth: MakeAuth,
+) -> None:
+    """A header seen before still comes with a full check of the other segments."""
+    auth = make_auth()
+    good = mint_token(SECRET, "user-1", now=NOW)
+    assert (await auth.authenticate(good)).user_id == "user-1"
+    header, payload, signature = good.split(".")
+    for bad in (f"{header}.{payload}", f"{header}.{payload}.", f"{header}.{payload}+.{signature}",
+                f"{header}.{payload}.{signature}=", f"{header}..{signature}"):
+        await rejected(auth, bad)
+
+
+async def test_header_cache_stays_bounded(make_auth: MakeAuth) -> None:
+    """Tokens with ever new headers do not grow memory without bound."""
+    auth = make_auth()
+    for index in range(500):
+        token = jwt.encode(claims(), SECRET, algorithm="HS256", headers={"kid": f"k{index}"})
+        assert (await auth.authenticate(token)).user_id == "user-1"
+    assert len(auth._headers) <= 64
+
+
+# HS384 MACs (48 bytes) fill their last base64 character: no spare bits to vary.
+@pytest.mark.parametrize("alg", ["HS256", "HS512"])
+async def test_non_canonical_signature_spelling_is_refused(make_auth: MakeAuth, alg: str) -> None:
+    """A signature whose last character only changes unused bits decodes to the same MAC,
+    yet is refused, as PyJWT refuses it: one token has one spelling."""
+    auth = make_auth(algorithms=(alg,))
+    good = mint_token(SECRET, "user-1", algorithm=alg, now=NOW)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    index = alphabet.index(good[-1])
+    twin = good[:-1] + alphabet[index + 1]  # canonical last characters have zero low bits
+
+    def lenient(token: str) -> bytes:
+        segment = token.rsplit(".", 1)[1]
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+    assert lenient(twin) == lenient(good)
+    assert (await auth.authenticate(good)).user_id == "user-1"
+    await rejected(auth, twin, "malformed token")
+    with pytest.raises(jwt.DecodeError):
+        jwt.decode(twin, SECRET, algorithms=[alg], options={"verify_exp": False})

@@ -10,10 +10,6 @@ contains the token, any part of it, or the secret.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
-import json
 import logging
 import math
 import re
@@ -34,6 +30,14 @@ from jwt.exceptions import InvalidSubjectError
 
 from tidings.config import AuthSettings
 from tidings.errors import ConfigError, Unauthorized
+from tidings.jws import (
+    HmacKey,
+    MalformedToken,
+    check_compact,
+    decode_json,
+    decode_segment,
+    parse_header,
+)
 
 __all__ = [
     "JWKS_REFETCH_INTERVAL", "MAX_TOKEN_BYTES", "Authenticator", "Identity", "mint_token",
@@ -48,8 +52,6 @@ MAX_TOKEN_BYTES = 8192
 JWKS_REFETCH_INTERVAL = 30.0
 _MAX_SUB_CHARS = 256
 _HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
-# Strict base64url without padding. PyJWT tolerates '=' padding; the compact JWS form does not.
-_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)")
 
 _PublicKey: TypeAlias = (
@@ -126,7 +128,7 @@ class Authenticator:
         self._settings = settings
         self._algorithms = frozenset(settings.algorithms)
         # Prepared once: PyJWT re-checks the key's format on every call (see _decode_hmac).
-        self._secret = settings.secret.encode("utf-8")
+        self._hmac = HmacKey(settings.secret.encode("utf-8"))
         self._hmac_fast = not (settings.issuer or settings.audience)
         self._clock = clock
         self._fetch = fetch_jwks if fetch_jwks is not None else self._default_fetch
@@ -137,17 +139,41 @@ class Authenticator:
         self._holdoff_until = -math.inf
         self._inflight: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._headers: dict[str, Mapping[str, Any]] = {}
 
     async def authenticate(self, token: str | None) -> Identity:
         """Verify ``token`` and return its ``Identity``; raise ``Unauthorized`` otherwise.
 
         Never raises anything else for any input string, however crafted.
         """
+        header, alg, kid = self._precheck(token)
+        key = self._key_now(alg, kid)
+        if key is None:
+            key = await self._jwks_key(alg, kid)
+        return self._verify(token or "", header, alg, key)
+
+    def verify_now(self, token: str | None) -> Identity | None:
+        """Like ``authenticate`` without waiting on anything: the ``Identity``, or None
+        when the token's key must first be fetched from the JWKS URL (then call
+        ``authenticate``). Raises ``Unauthorized`` like ``authenticate``.
+
+        HS* tokens, PEM keys and JWKS keys already cached never wait: the handshake's
+        hot path verifies them without a coroutine or a timeout.
+        """
+        header, alg, kid = self._precheck(token)
+        key = self._key_now(alg, kid)
+        if key is None:
+            return None
+        return self._verify(token or "", header, alg, key)
+
+    def _precheck(self, token: str | None) -> tuple[Mapping[str, Any], str, str | None]:
+        """Size, compact form and header checks: the header, its ``alg`` and ``kid``."""
         if not token:
             raise Unauthorized("token missing")
-        if len(token.encode("utf-8", "surrogatepass")) > MAX_TOKEN_BYTES:
+        size = len(token) if token.isascii() else len(token.encode("utf-8", "surrogatepass"))
+        if size > MAX_TOKEN_BYTES:
             raise Unauthorized("token too large")
-        header = _parse_header(token)
+        header = self._header(token)
         alg = header.get("alg")
         # The header's alg only selects among the configured ones; it is never trusted beyond.
         if not isinstance(alg, str) or alg.lower() == "none" or alg not in self._algorithms:
@@ -155,7 +181,28 @@ class Authenticator:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise Unauthorized("malformed token")
-        key = await self._key_for(alg, kid)
+        return header, alg, kid
+
+    def _header(self, token: str) -> Mapping[str, Any]:
+        """``_parse_header`` with a small cache: a deployment signs with one or a few
+        distinct headers, so most handshakes skip decoding it. Cached headers are
+        never mutated; the cache is bounded and starts over when full."""
+        first = token.partition(".")[0]
+        header = self._headers.get(first)
+        try:
+            if header is None:
+                header = parse_header(token)
+                if len(self._headers) >= _HEADER_CACHE_SIZE:
+                    self._headers.clear()
+                self._headers[first] = header
+            else:
+                check_compact(token)
+        except MalformedToken:
+            raise Unauthorized("malformed token") from None
+        return header
+
+    def _verify(self, token: str, header: Mapping[str, Any], alg: str,
+                key: str | _PublicKey) -> Identity:
         if alg in _HMAC_DIGESTS and self._hmac_fast and not _HEADER_EXTENSIONS & header.keys():
             return self._identity(self._decode_hmac(token, alg))
         return self._identity(self._decode(token, key, alg))
@@ -169,8 +216,9 @@ class Authenticator:
             await self._session.close()
             self._session = None
 
-    async def _key_for(self, alg: str, kid: str | None) -> str | _PublicKey:
-        """The verification key for ``alg``: the secret, the PEM key or a JWKS key.
+    def _key_now(self, alg: str, kid: str | None) -> str | _PublicKey | None:
+        """The verification key for ``alg``: the secret, the PEM key or a cached JWKS key;
+        None when the JWKS must be (re)fetched first.
 
         A token with a ``kid`` is looked up in the JWKS when one is configured; otherwise
         the PEM key verifies, provided its type fits the algorithm.
@@ -183,7 +231,7 @@ class Authenticator:
         if self._pem is not None and (kid is None or not jwks_url) and _fits(alg, self._pem):
             return self._pem
         if jwks_url:
-            return await self._jwks_key(alg, kid)
+            return _select(self._jwks, alg, kid) if self._jwks is not None else None
         raise Unauthorized("unknown signing key")
 
     async def _jwks_key(self, alg: str, kid: str | None) -> _PublicKey:
@@ -274,16 +322,15 @@ class Authenticator:
         """
         signing_input, _, signature_b64 = token.rpartition(".")
         try:
-            signature = _b64decode(signature_b64)
-            expected = hmac.new(self._secret, signing_input.encode("ascii"),
-                                _HMAC_DIGESTS[alg]).digest()
-        except Exception:  # binascii.Error, UnicodeEncodeError
+            signature = decode_segment(signature_b64)
+        except MalformedToken:
             raise Unauthorized("malformed token") from None
-        if not hmac.compare_digest(expected, signature):
+        # ASCII: check_compact allows nothing else.
+        if not self._hmac.verify(alg, signing_input.encode("ascii"), signature):
             raise Unauthorized("invalid token signature")
         try:
-            claims = json.loads(_b64decode(signing_input.partition(".")[2]))
-        except Exception:  # binascii.Error, UnicodeDecodeError, ValueError, RecursionError
+            claims = decode_json(decode_segment(signing_input.partition(".")[2]))
+        except MalformedToken:
             raise Unauthorized("malformed token") from None
         if not isinstance(claims, dict):
             raise Unauthorized("malformed token")
@@ -368,34 +415,17 @@ def parse_duration(text: str) -> float:
     return seconds * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
-_HMAC_DIGESTS = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
+_HMAC_DIGESTS = frozenset(_HMAC_ALGORITHMS)
+#: Distinct token headers remembered by ``Authenticator._header``.
+_HEADER_CACHE_SIZE = 64
 
 #: Header parameters that change how a JWS is processed: such tokens go through PyJWT.
 _HEADER_EXTENSIONS = frozenset({"crit", "b64"})
 
 
-def _b64decode(segment: str) -> bytes:
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-
-
-def _parse_header(token: str) -> dict[str, Any]:
-    """The JOSE header of a strict compact JWS; raise ``Unauthorized`` for any other shape."""
-    segments = token.split(".")
-    if len(segments) != 3 or not segments[2] or not all(map(_SEGMENT.fullmatch, segments)):
-        raise Unauthorized("malformed token")
-    try:
-        raw = base64.urlsafe_b64decode(segments[0] + "=" * (-len(segments[0]) % 4))
-        header = json.loads(raw)
-    except Exception:  # binascii.Error, UnicodeDecodeError, ValueError, RecursionError
-        raise Unauthorized("malformed token") from None
-    if not isinstance(header, dict):
-        raise Unauthorized("malformed token")
-    return header
-
-
 def _number(value: Any) -> float | None:
     """``value`` as a finite float when it is a JSON number (bools are not), else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     try:
         number = float(value)
