@@ -304,6 +304,24 @@ async def test_plain_get_without_upgrade_is_4xx_json() -> None:
         assert isinstance(body["error"]["message"], str)
 
 
+@pytest.mark.parametrize("headers", [
+    {"Sec-WebSocket-Version": "99", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="},
+    {"Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "too-short"},
+    {"Sec-WebSocket-Version": "13"},
+])
+async def test_broken_upgrade_request_is_4xx_json(headers: dict[str, str]) -> None:
+    """An upgrade request that fails the WebSocket handshake rules gets a JSON 426, before
+    any authentication, and registers nothing."""
+    async with serve() as server, aiohttp.ClientSession() as session:
+        url = f"{server.ws_url}?token={token()}".replace("ws://", "http://", 1)
+        async with session.get(url, headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                             **headers}) as response:
+            assert response.status == 426
+            body = await response.json()
+        assert body["error"]["code"] == "invalid_request"
+        assert server.gateway.hub.connection_count() == 0
+
+
 # -- close codes -------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from tidings.auth import Authenticator, Identity
 from tidings.brokers.base import Broker
 from tidings.channels import ChannelPolicy
 from tidings.config import Settings
+from tidings.deadlines import Deadlines
 from tidings.errors import (
     ClientError,
     ServerError,
@@ -105,7 +106,9 @@ class Gateway:
         self.hub: Hub[Peer] = Hub(on_pending_overflow=self._pending_overflow)
         self.draining = False
         self.node_subscriptions = NodeSubscriptions(broker, self.hub.has_channel)
-        self._personal_holds: dict[str, asyncio.TimerHandle] = {}
+        # conn_id -> peer whose personal channel is held (auth.personal_channel_hold).
+        self._personal_holds: Deadlines[str, Peer] = Deadlines(
+            settings.auth.personal_channel_hold, self._send_personal)
         # Connection ids: a random tag per node (unique across nodes and restarts) and a
         # counter, cheaper per handshake than random bytes from the OS.
         self._node_tag = secrets.token_hex(4)
@@ -113,6 +116,11 @@ class Gateway:
         self._sweeper: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        # Read at scrape time: a Gauge.inc per handshake costs more than the handshake's
+        # own bookkeeping of the same numbers.
+        self._subscription_count = 0
+        self.metrics.connections.set_function(self.hub.connection_count)
+        self.metrics.subscriptions.set_function(lambda: self._subscription_count)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -142,6 +150,7 @@ class Gateway:
         return True
 
     async def close(self) -> None:
+        self._personal_holds.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -192,6 +201,11 @@ class Gateway:
         """Verify a token; raises ``Unauthorized``."""
         return await self.authenticator.authenticate(token)
 
+    def verify_now(self, token: str | None) -> Identity | None:
+        """Verify a token without waiting: None when its key must be fetched first (then
+        use ``authenticate``); raises ``Unauthorized``."""
+        return self.authenticator.verify_now(token)
+
     def new_session(self, identity: Identity) -> Session:
         server = self.settings.server
         return Session(
@@ -216,7 +230,6 @@ class Gateway:
             raise TooManyConnections(f"too many connections for this user (at most {limit})")
         self.hub.add_connection(peer)
         self._idle.clear()
-        self.metrics.connections.inc()
         channels: list[str] = []
         personal = (personal_channel(identity.user_id)
                     if self.settings.auth.personal_channel else None)
@@ -239,7 +252,7 @@ class Gateway:
                 raise
             else:
                 peer.session.subscribed(personal, personal=True)
-                self.metrics.subscriptions.inc()
+                self._subscription_count += 1
                 channels.append(personal)
         peer.send(text_frame(peer.session.welcome(channels, self.clock())))
         if sub is not None:
@@ -247,19 +260,18 @@ class Gateway:
             # command: a subscribe with recover sent right after `connected` can then
             # replay what was missed before any live event goes out.
             sub.start = after
-            hold = self.settings.auth.personal_channel_hold
-            if hold > 0:
-                self._personal_holds[peer.conn_id] = asyncio.get_running_loop().call_later(
-                    hold, self._release_personal, peer)
+            if self.settings.auth.personal_channel_hold > 0:
+                self._personal_holds.add(peer.conn_id, peer)
             else:
                 self._send_held(peer, sub, after)
 
     def _release_personal(self, peer: Peer) -> None:
-        """End the connect-time hold of the personal channel: send what it held."""
-        handle = self._personal_holds.pop(peer.conn_id, None)
-        if handle is None:
-            return
-        handle.cancel()
+        """End the connect-time hold of the personal channel early."""
+        if self._personal_holds.pop(peer.conn_id) is not None:
+            self._send_personal(peer)
+
+    def _send_personal(self, peer: Peer) -> None:
+        """The connect-time hold is over: send what it held, then go live."""
         personal = peer.session.personal
         sub = self.hub.subscriber(peer, personal) if personal is not None else None
         if sub is not None and sub.pending is not None:
@@ -267,16 +279,13 @@ class Gateway:
 
     def disconnect(self, peer: Peer) -> None:
         """Forget a connection that has closed."""
-        handle = self._personal_holds.pop(peer.conn_id, None)
-        if handle is not None:
-            handle.cancel()
+        self._personal_holds.pop(peer.conn_id)
         was_known = self.hub.is_connected(peer)
         count = len(peer.session.subscriptions)
         for channel in self.hub.remove_connection(peer):
             self.node_subscriptions.release_soon(channel)
         if was_known:
-            self.metrics.connections.dec()
-            self.metrics.subscriptions.dec(count)
+            self._subscription_count -= count
         if not self.hub.connection_count():
             self._idle.set()
 
@@ -334,8 +343,7 @@ class Gateway:
                       and first.command.channel == peer.session.personal
                       and first.command.recover is not None)
         if takes_over:
-            handle = self._personal_holds.pop(peer.conn_id)
-            handle.cancel()
+            self._personal_holds.pop(peer.conn_id)
         else:
             self._release_personal(peer)
 
@@ -378,7 +386,7 @@ class Gateway:
         self._send_replay(peer, replay)
         session.subscribed(channel, personal=channel == personal_channel(
             session.identity.user_id))
-        self.metrics.subscriptions.inc()
+        self._subscription_count += 1
         self._send_held(peer, sub, position.offset)
 
     async def _resubscribe(self, peer: Peer, sub: Subscriber[Peer], command: Subscribe) -> None:
@@ -433,7 +441,7 @@ class Gateway:
         was_subscribed = peer.session.is_subscribed(channel)
         peer.session.unsubscribed(channel)
         if was_subscribed:
-            self.metrics.subscriptions.dec()
+            self._subscription_count -= 1
         if self.hub.unsubscribe(peer, channel):
             self.node_subscriptions.release_soon(channel)
 

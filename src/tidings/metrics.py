@@ -42,6 +42,9 @@ class Metrics:
         self.handshakes = Counter(
             "tidings_handshakes", "WebSocket handshakes by outcome", ["outcome"], registry=r
         )
+        # The two frequent outcomes, resolved once (a labels() lookup takes a lock).
+        self.handshake_ok = self.handshakes.labels("ok")
+        self.handshake_unauthorized = self.handshakes.labels("unauthorized")
 
     def published(self, event_type: str, count: int = 1) -> None:
         self._published.labels(event_type).inc(count)

@@ -41,8 +41,9 @@ def _query_token(raw: str) -> str | None:
     """The first ``token`` parameter of a raw query string, decoded like ``parse_qsl``."""
     for pair in raw.split("&"):
         name, _, value = pair.partition("=")
-        if unquote_plus(name) == "token":
-            return unquote_plus(value)
+        # unquote_plus only where it can change something: JWTs have no '%' or '+'.
+        if name == "token" or (("%" in name or "+" in name) and unquote_plus(name) == "token"):
+            return unquote_plus(value) if "%" in value or "+" in value else value
     return None
 
 
@@ -76,14 +77,15 @@ class WsConnection:
                  "close_request", "receiving", "session", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport,
-                 session: Session, gateway: Gateway) -> None:
+                 session: Session, gateway: Gateway,
+                 handler: asyncio.Task[Any] | None) -> None:
         self.ws = ws
         self._transport = transport
         self.session = session
         self._gateway = gateway
         self._limit = gateway.settings.limits.send_buffer_bytes
         self._closing = False
-        self._handler = asyncio.current_task()
+        self._handler = handler
         self.close_request: tuple[CloseCode, str] | None = None
         self.receiving = False
 
@@ -167,12 +169,12 @@ def websocket_handler(gateway: Gateway) -> Any:
     """
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        accepted = await _accept(request, gateway)
+        task = asyncio.current_task()
+        accepted = await _accept(request, gateway, task)
         if not isinstance(accepted, WsConnection):
             return accepted
         peer = accepted
         ws = peer.ws
-        task = asyncio.current_task()
         try:
             while peer.close_request is None:
                 peer.receiving = True
@@ -201,14 +203,16 @@ def websocket_handler(gateway: Gateway) -> Any:
     return handle
 
 
-async def _accept(request: web.Request, gateway: Gateway) -> WsConnection | web.StreamResponse:
-    """Origin check, upgrade, authentication and ``connected``: the accepted connection,
-    or the response that refused it."""
+async def _accept(request: web.Request, gateway: Gateway, task: asyncio.Task[Any] | None
+                  ) -> WsConnection | web.StreamResponse:
+    """Origin check, upgrade, authentication and ``connected``: the accepted connection
+    (handled by ``task``), or the response that refused it."""
     settings = gateway.settings
     server = settings.server
     if gateway.draining:
         return _json_error(503, "unavailable", "server is shutting down")
-    if not origin_allowed(request.headers.get("Origin"), server.allowed_origins):
+    if server.allowed_origins and not origin_allowed(request.headers.get("Origin"),
+                                                     server.allowed_origins):
         gateway.metrics.handshakes.labels("forbidden_origin").inc()
         logger.info("handshake refused: origin not allowed")
         return _json_error(403, "forbidden", "origin not allowed")
@@ -219,32 +223,39 @@ async def _accept(request: web.Request, gateway: Gateway) -> WsConnection | web.
         max_msg_size=settings.limits.max_message_bytes,
         timeout=CLOSE_TIMEOUT,
     )
-    if not ws.can_prepare(request).ok:
+    try:
+        # Not ws.can_prepare first: it would run the whole handshake check twice. A
+        # refused handshake raises before anything is written.
+        await ws.prepare(request)
+    except web.HTTPBadRequest:
         return _json_error(426, "invalid_request", "expected a WebSocket upgrade request")
-    await ws.prepare(request)
     transport = request.transport
     if transport is None:
         return ws
+    token = token_from_request(request)
+    metrics = gateway.metrics
     try:
-        async with asyncio.timeout(server.handshake_timeout):
-            identity = await gateway.authenticate(token_from_request(request))
+        identity = gateway.verify_now(token)
+        if identity is None:  # the key must be fetched first (JWKS)
+            async with asyncio.timeout(server.handshake_timeout):
+                identity = await gateway.authenticate(token)
     except Unauthorized as exc:
-        gateway.metrics.handshakes.labels("unauthorized").inc()
+        metrics.handshake_unauthorized.inc()
         logger.info("connection rejected: %s", exc.message)
         message = error_message(ErrorCode.UNAUTHORIZED, exc.message)
         return await _reject(ws, message, CloseCode.UNAUTHORIZED, "unauthorized", gateway)
     except TimeoutError:
-        gateway.metrics.handshakes.labels("timeout").inc()
+        metrics.handshakes.labels("timeout").inc()
         logger.warning("authentication timed out")
         return await _reject(ws, None, CloseCode.TRY_AGAIN_LATER, "try again later", gateway)
-    peer = WsConnection(ws, transport, gateway.new_session(identity), gateway)
+    peer = WsConnection(ws, transport, gateway.new_session(identity), gateway, task)
     try:
         await gateway.connect(peer)
     except TooManyConnections as exc:
         gateway.metrics.handshakes.labels("too_many").inc()
         logger.info("connection rejected: %s", exc.message)
         return await _reject(ws, None, CloseCode.TOO_MANY, "too many connections", gateway)
-    gateway.metrics.handshakes.labels("ok").inc()
+    metrics.handshake_ok.inc()
     return peer
 
 
