@@ -104,6 +104,16 @@ async def test_channels_have_independent_offsets_and_epochs(broker: MemoryBroker
     assert results[0].epoch != results[1].epoch
 
 
+async def test_epochs_differ_between_streams_and_between_brokers() -> None:
+    """Epochs are 8 hex digits, distinct per stream and per broker instance (a restarted
+    server must never reuse its predecessor's epochs)."""
+    first, second = MemoryBroker(), MemoryBroker()
+    epochs = [(await broker.position(f"news:{index}")).epoch
+              for broker in (first, second) for index in range(100)]
+    assert all(len(epoch) == 8 and int(epoch, 16) >= 0 for epoch in epochs)
+    assert len(set(epochs)) == len(epochs)
+
+
 async def test_position_of_an_empty_channel_is_zero_with_a_stable_epoch(
         broker: MemoryBroker) -> None:
     """An unknown channel is at offset 0; its epoch stays the one its first event gets."""

@@ -163,6 +163,13 @@ def test_personal_channel(sub: str, expected: str | None) -> None:
     assert personal_channel(sub) == expected
 
 
+@given(st.text(alphabet=st.sampled_from("aZ09_.@=+|:- \n/é*#"), max_size=140))
+def test_personal_channel_agrees_with_the_channel_grammar(sub: str) -> None:
+    """For any sub, the personal channel exists exactly when user:<sub> is a valid channel."""
+    channel = f"user:{sub}"
+    assert personal_channel(sub) == (channel if is_valid_channel(channel) else None)
+
+
 # -- event type grammar -------------------------------------------------------------------
 
 

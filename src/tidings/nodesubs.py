@@ -8,9 +8,9 @@ channel that is left and joined again at once ends up subscribed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import Callable
 
 from tidings.brokers.base import Broker
 from tidings.errors import TidingsError
@@ -21,24 +21,44 @@ logger = logging.getLogger(__name__)
 
 
 class _KeyedLocks:
-    """One lock per key, forgotten when nobody holds or waits for it."""
+    """One FIFO lock per key, forgotten when nobody holds or waits for it.
+
+    Cheaper than an ``asyncio.Lock`` per key behind a context manager: taking a free key
+    allocates one empty deque and never suspends (every handshake takes one, for its
+    personal channel). A released key is handed to its oldest waiter.
+    """
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # key -> waiters of the holder; present while the key is held.
+        self._held: dict[str, deque[asyncio.Future[None]]] = {}
 
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
-        self._locks[key] = (lock, users + 1)
+    async def acquire(self, key: str) -> None:
+        waiters = self._held.get(key)
+        if waiters is None:
+            self._held[key] = deque()
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters.append(waiter)
         try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(key)  # handed over, then cancelled: pass it on
             else:
-                self._locks[key] = (lock, users - 1)
+                waiters.remove(waiter)
+            raise
+
+    def release(self, key: str) -> None:
+        waiters = self._held[key]
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        del self._held[key]
+
+    def __len__(self) -> int:
+        return len(self._held)
 
 
 class NodeSubscriptions:
@@ -59,10 +79,13 @@ class NodeSubscriptions:
         """Subscribe the node to ``channel`` unless it is already; raises broker errors."""
         if channel in self._channels:
             return
-        async with self._locks.hold(channel):
+        await self._locks.acquire(channel)
+        try:
             if channel not in self._channels and self._has_local(channel):
                 await self._broker.subscribe(channel)
                 self._channels.add(channel)
+        finally:
+            self._locks.release(channel)
 
     def release_soon(self, channel: str) -> None:
         """Unsubscribe the node from ``channel`` in the background if nobody came back."""
@@ -71,13 +94,16 @@ class NodeSubscriptions:
         task.add_done_callback(self._done)
 
     async def _release(self, channel: str) -> None:
-        async with self._locks.hold(channel):
+        await self._locks.acquire(channel)
+        try:
             if channel in self._channels and not self._has_local(channel):
                 self._channels.discard(channel)
                 try:
                     await self._broker.unsubscribe(channel)
                 except TidingsError:
                     logger.warning("broker unsubscribe failed for a channel")
+        finally:
+            self._locks.release(channel)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

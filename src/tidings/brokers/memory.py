@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -68,6 +69,9 @@ class MemoryBroker:
             OrderedDict()
         )
         self._handler: BrokerHandler | None = None
+        # Epochs must differ between processes and streams, not be secret: seeded once
+        # from the OS, then cheap (a stream is created on every new personal channel).
+        self._epochs = random.Random(secrets.randbits(64))  # noqa: S311
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, handler: BrokerHandler) -> None:
@@ -107,7 +111,7 @@ class MemoryBroker:
     def _stream(self, channel: str) -> _Stream:
         stream = self._streams.get(channel)
         if stream is None:
-            stream = _Stream(epoch=secrets.token_hex(4), touched=self._clock())
+            stream = _Stream(epoch=f"{self._epochs.getrandbits(32):08x}", touched=self._clock())
             self._streams[channel] = stream
         return stream
 
