@@ -121,3 +121,30 @@ def test_parse_header_needs_a_json_object() -> None:
     for header in (b"[]", b'"HS256"', b"null"):
         with pytest.raises(MalformedToken):
             parse_header(f"{b64(header)}.e30.c2ln")
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(value=_JSON_VALUES, position=st.integers(min_value=0, max_value=200),
+       byte=st.binary(min_size=0, max_size=2))
+def test_decode_json_agrees_with_json_loads_on_mutated_documents(
+        value: object, position: int, byte: bytes) -> None:
+    """On valid documents and on documents with bytes spliced in, decode_json either
+    returns what json.loads returns or fails where json.loads fails."""
+    text = json.dumps(value, ensure_ascii=bool(position % 2)).encode()
+    index = position % (len(text) + 1)
+    for raw in (text, text[:index] + byte + text[index:], text[:index] + byte + text[index + 1:]):
+        try:
+            expected = json.dumps(json.loads(raw))
+        except (ValueError, RecursionError):
+            with pytest.raises(MalformedToken):
+                decode_json(raw)
+        else:
+            assert json.dumps(decode_json(raw)) == expected

@@ -16,9 +16,9 @@ import re
 import time
 import types
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -73,16 +73,24 @@ _REASONS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """Who a verified token speaks for."""
+
+_NO_CLAIMS: Mapping[str, Any] = types.MappingProxyType({})
+
+
+class Identity(NamedTuple):
+    """Who a verified token speaks for; immutable.
+
+    A named tuple rather than a frozen dataclass: one is built per handshake, and a frozen
+    dataclass's ``__init__`` costs several times more (it sets each field through
+    ``object.__setattr__``).
+    """
 
     user_id: str
     expires_at: float
     #: Channel names and prefix patterns (ending in ``*``) from the channels claim.
     channels: tuple[str, ...] = ()
-    #: The verified claims, as decoded.
-    claims: Mapping[str, Any] = field(default_factory=dict)
+    #: The verified claims, as decoded (empty unless the Authenticator keeps them).
+    claims: Mapping[str, Any] = _NO_CLAIMS
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +104,6 @@ class _Jwk:
 
 class _FetchError(Exception):
     """A JWKS fetch problem whose message is safe to log (no URL, no body)."""
-
-
-_NO_CLAIMS: Mapping[str, Any] = types.MappingProxyType({})
 
 
 class Authenticator:
@@ -130,6 +135,9 @@ class Authenticator:
         # Prepared once: PyJWT re-checks the key's format on every call (see _decode_hmac).
         self._hmac = HmacKey(settings.secret.encode("utf-8"))
         self._hmac_fast = not (settings.issuer or settings.audience)
+        # Read per handshake: plain attributes, not lookups on the settings model.
+        self._leeway = settings.leeway
+        self._channels_claim = settings.channels_claim
         self._clock = clock
         self._fetch = fetch_jwks if fetch_jwks is not None else self._default_fetch
         self._pem = _load_pem(settings) if settings.public_key_file else None
@@ -347,7 +355,7 @@ class Authenticator:
         exp = _number(claims.get("exp"))
         if exp is None:
             raise Unauthorized("token has no usable exp claim")
-        now, leeway = self._clock(), self._settings.leeway
+        now, leeway = self._clock(), self._leeway
         for name in ("nbf", "iat"):
             if name in claims:
                 value = _number(claims[name])
@@ -357,9 +365,10 @@ class Authenticator:
                     raise Unauthorized("token not yet valid")
         if exp <= now - leeway:
             raise Unauthorized("token expired")
-        raw = claims.get(self._settings.channels_claim)
-        items = raw if isinstance(raw, list) else []
-        channels = tuple(item for item in items if isinstance(item, str))
+        raw = claims.get(self._channels_claim)
+        # A list first: tuple() of a generator preallocates and shrinks, even for none.
+        channels = (tuple([item for item in raw if isinstance(item, str)])
+                    if isinstance(raw, list) and raw else ())
         # Claims are kept only for consumers that read them (webhook rules, Python
         # authorizers): every idle connection holds its Identity.
         kept = claims if self._keep_claims else _NO_CLAIMS

@@ -32,11 +32,17 @@ class _KeyedLocks:
         # key -> waiters of the holder; present while the key is held.
         self._held: dict[str, deque[asyncio.Future[None]]] = {}
 
+    def try_acquire(self, key: str) -> bool:
+        """Take ``key`` if it is free, without waiting."""
+        if key in self._held:
+            return False
+        self._held[key] = deque()
+        return True
+
     async def acquire(self, key: str) -> None:
-        waiters = self._held.get(key)
-        if waiters is None:
-            self._held[key] = deque()
+        if self.try_acquire(key):
             return
+        waiters = self._held[key]
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters.append(waiter)
         try:
@@ -79,7 +85,8 @@ class NodeSubscriptions:
         """Subscribe the node to ``channel`` unless it is already; raises broker errors."""
         if channel in self._channels:
             return
-        await self._locks.acquire(channel)
+        if not self._locks.try_acquire(channel):  # no coroutine in the common case
+            await self._locks.acquire(channel)
         try:
             if channel not in self._channels and self._has_local(channel):
                 await self._broker.subscribe(channel)
