@@ -121,6 +121,13 @@ class Gateway:
         self._subscription_count = 0
         self.metrics.connections.set_function(self.hub.connection_count)
         self.metrics.subscriptions.set_function(lambda: self._subscription_count)
+        # Settings read on every handshake, looked up once.
+        server, auth = settings.server, settings.auth
+        self._session_settings = (settings.limits, server.heartbeat_interval,
+                                  server.heartbeat_timeout, auth.leeway)
+        self._max_connections_per_user = settings.limits.max_connections_per_user
+        self._personal_channels = auth.personal_channel
+        self._personal_hold = auth.personal_channel_hold > 0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -207,14 +214,14 @@ class Gateway:
         return self.authenticator.verify_now(token)
 
     def new_session(self, identity: Identity) -> Session:
-        server = self.settings.server
+        limits, interval, timeout, leeway = self._session_settings
         return Session(
             identity,
             conn_id=f"c_{self._node_tag}{next(self._conn_ids):x}",
-            limits=self.settings.limits,
-            heartbeat_interval=server.heartbeat_interval,
-            heartbeat_timeout=server.heartbeat_timeout,
-            leeway=self.settings.auth.leeway,
+            limits=limits,
+            heartbeat_interval=interval,
+            heartbeat_timeout=timeout,
+            leeway=leeway,
             now=self.clock(),
             wall=self.wall_clock(),
         )
@@ -225,14 +232,13 @@ class Gateway:
         Raises ``TooManyConnections`` when the user is at the limit.
         """
         identity = peer.session.identity
-        limit = self.settings.limits.max_connections_per_user
+        limit = self._max_connections_per_user
         if self.hub.user_connection_count(identity.user_id) >= limit:
             raise TooManyConnections(f"too many connections for this user (at most {limit})")
         self.hub.add_connection(peer)
         self._idle.clear()
         channels: list[str] = []
-        personal = (personal_channel(identity.user_id)
-                    if self.settings.auth.personal_channel else None)
+        personal = personal_channel(identity.user_id) if self._personal_channels else None
         sub: Subscriber[Peer] | None = None
         after = 0
         if personal is not None:
@@ -260,7 +266,7 @@ class Gateway:
             # command: a subscribe with recover sent right after `connected` can then
             # replay what was missed before any live event goes out.
             sub.start = after
-            if self.settings.auth.personal_channel_hold > 0:
+            if self._personal_hold:
                 self._personal_holds.add(peer.conn_id, peer)
             else:
                 self._send_held(peer, sub, after)

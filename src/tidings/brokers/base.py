@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
+
+# The small records made per event or per handshake are named tuples: as immutable as a
+# frozen dataclass, and several times cheaper to build.
 
 __all__ = [
     "Broker",
@@ -22,16 +25,14 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class StreamPosition:
+class StreamPosition(NamedTuple):
     """The latest offset of a channel and the epoch of its history stream."""
 
     offset: int
     epoch: str
 
 
-@dataclass(frozen=True, slots=True)
-class PublishRequest:
+class PublishRequest(NamedTuple):
     """One event to publish to one channel; the caller has validated it."""
 
     channel: str
@@ -40,8 +41,7 @@ class PublishRequest:
     idempotency_key: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class PublishResult:
+class PublishResult(NamedTuple):
     """Where an acknowledged event landed."""
 
     channel: str
@@ -50,8 +50,7 @@ class PublishResult:
     epoch: str
 
 
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
+class StoredEvent(NamedTuple):
     """An event in history: its offset and its encoded wire message (JSON bytes)."""
 
     offset: int
