@@ -73,7 +73,6 @@ _REASONS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
 )
 
 
-
 _NO_CLAIMS: Mapping[str, Any] = types.MappingProxyType({})
 
 
@@ -211,7 +210,7 @@ class Authenticator:
 
     def _verify(self, token: str, header: Mapping[str, Any], alg: str,
                 key: str | _PublicKey) -> Identity:
-        if alg in _HMAC_DIGESTS and self._hmac_fast and not _HEADER_EXTENSIONS & header.keys():
+        if alg in _HMAC_ALGORITHMS and self._hmac_fast and not _HEADER_EXTENSIONS & header.keys():
             return self._identity(self._decode_hmac(token, alg))
         return self._identity(self._decode(token, key, alg))
 
@@ -424,7 +423,6 @@ def parse_duration(text: str) -> float:
     return seconds * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
-_HMAC_DIGESTS = frozenset(_HMAC_ALGORITHMS)
 #: Distinct token headers remembered by ``Authenticator._header``.
 _HEADER_CACHE_SIZE = 64
 
