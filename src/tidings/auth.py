@@ -191,7 +191,7 @@ class Authenticator:
         return header, alg, kid
 
     def _header(self, token: str) -> Mapping[str, Any]:
-        """``_parse_header`` with a small cache: a deployment signs with one or a few
+        """``jws.parse_header`` with a small cache: a deployment signs with one or a few
         distinct headers, so most handshakes skip decoding it. Cached headers are
         never mutated; the cache is bounded and starts over when full."""
         first = token.partition(".")[0]
@@ -242,9 +242,8 @@ class Authenticator:
         raise Unauthorized("unknown signing key")
 
     async def _jwks_key(self, alg: str, kid: str | None) -> _PublicKey:
-        """A JWKS key for ``alg``/``kid``, refetching the set when allowed and needed."""
-        if self._jwks is not None and (found := _select(self._jwks, alg, kid)) is not None:
-            return found
+        """A JWKS key for ``alg``/``kid`` that ``_key_now`` did not find in the cached set:
+        refetch the set when allowed, or wait for the fetch in flight."""
         if self._inflight is None:
             now = self._clock()
             if now < self._holdoff_until:
@@ -324,7 +323,7 @@ class Authenticator:
         audience to check, no ``crit``/``b64`` header): the handshake's hot path.
 
         Same checks and outcomes as ``_decode``: constant-time signature comparison over
-        the strict compact form ``_parse_header`` has already validated, a JSON-object
+        the strict compact form ``_header`` has already checked, a JSON-object
         payload, ``sub`` and ``exp`` present; ``_identity`` then checks types and times.
         """
         signing_input, _, signature_b64 = token.rpartition(".")
