@@ -372,6 +372,15 @@ def test_webhook_needs_http_url(url: str) -> None:
 # -- errors name the key ------------------------------------------------------------------
 
 
+def test_cluster_sentinel_urls_and_ack_replicas_are_accepted() -> None:
+    """The cluster and Sentinel URL forms load, and ack_replicas is "auto" or a count."""
+    settings = load({"broker": {"url": "redis+cluster://a:7000,b:7001"}})
+    assert settings.broker.url.startswith("redis+cluster://")
+    assert settings.broker.ack_replicas == "auto"
+    settings = load({"broker": {"url": "redis+sentinel://s1,s2/svc/1", "ack_replicas": 2}})
+    assert settings.broker.ack_replicas == 2
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
@@ -396,6 +405,10 @@ def test_webhook_needs_http_url(url: str) -> None:
         ({"auth": {"leeway": -1}}, "auth.leeway"),
         ({"api": {"keys": "abc"}}, "api.keys"),
         ({"broker": {"url": "http://x"}}, "broker.url"),
+        ({"broker": {"url": "redis+cluster://a:1/3"}}, "broker.url"),
+        ({"broker": {"url": "redis+sentinel://s1:26379"}}, "broker.url"),
+        ({"broker": {"ack_replicas": -1}}, "broker.ack_replicas"),
+        ({"broker": {"ack_replicas": "all"}}, "broker.ack_replicas"),
         ({"namespaces": {"news": {"rule": "open"}}}, "namespaces.news.rule"),
         ({"namespaces": {"news": {"bogus": 1}}}, "namespaces.news.bogus"),
         ({"namespaces": {"news": 5}}, "namespaces.news"),

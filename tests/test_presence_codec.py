@@ -1,5 +1,5 @@
 """The Redis broker's pure parts besides continuity: presence sums and sync plans
-(``brokers/presence.py``) and the pub/sub message formats (``brokers/redis_codec.py``)."""
+(``brokers/presence.py``) and the pub/sub message formats (``brokers/redis/codec.py``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tidings.brokers.presence import (
     sum_channels,
     sum_presence,
 )
-from tidings.brokers.redis_codec import (
+from tidings.brokers.redis.codec import (
     ControlMessage,
     EventMessage,
     decode_control,

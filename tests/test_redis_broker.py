@@ -267,9 +267,10 @@ async def test_gap_is_filled_from_history_before_later_events(redis_prefix: str)
 
 async def _publish_silently(b: RedisBroker, channel: str) -> None:
     """Publish an event whose pub/sub message goes nowhere (as if it were lost)."""
-    keys, args = b._publish_call(note(channel))
-    args[6] = b"nowhere"
-    await b._publish_script(keys=keys, args=args)
+    event = b._publisher._event(note(channel))
+    command = list(event.command)
+    command[1 + command[0] + 6] = b"nowhere"  # ARGV[7]: the pub/sub channel
+    await b._router.run(event.slot, [("EVALSHA", b._scripts.publish, *command)])
 
 
 async def test_unfillable_gap_reports_continuity_lost(redis_prefix: str,

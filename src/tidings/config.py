@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from tidings.brokers.redis.urls import is_redis_url, parse_url
 from tidings.errors import ConfigError
 
 __all__ = [
@@ -109,12 +110,32 @@ class BrokerSettings(_Section):
     url: str = "memory://"
     prefix: str = "tidings"
     timeout: float = Field(default=2.0, gt=0)
+    #: Replicas that must hold an event before it is acknowledged and shown; "auto":
+    #: one where the primary has replicas, else none.
+    ack_replicas: Literal["auto"] | int = "auto"
 
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not value.startswith(("memory://", "redis://", "rediss://", "unix://")):
-            raise ValueError("must be memory:// or redis://host:port/db")
+        if value.startswith("memory://"):
+            return value
+        if not is_redis_url(value):
+            raise ValueError("must be memory://, redis://host:port/db, "
+                             "redis+cluster://host:port,... or "
+                             "redis+sentinel://host:port,.../service")
+        parse_url(value)  # its ValueError names what is wrong, never a password
+        return value
+
+    @field_validator("ack_replicas", mode="before")
+    @classmethod
+    def _ack_replicas(cls, value: object) -> object:
+        # Checked here, so that an error names the key and not a member of the union.
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)  # environment variables are strings
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16:
+            raise ValueError('must be "auto" or a number of replicas from 0 to 16')
         return value
 
 

@@ -18,6 +18,7 @@ from tidings.api import ApiService, add_api_routes, add_not_found_route, method_
 from tidings.auth import Authenticator
 from tidings.brokers.base import Broker
 from tidings.brokers.memory import MemoryBroker
+from tidings.brokers.redis.urls import is_redis_url
 from tidings.channels import Authorizer, ChannelPolicy
 from tidings.config import Settings
 from tidings.console import add_client_route, add_console_routes
@@ -83,7 +84,7 @@ def make_broker(settings: Settings) -> Broker:
             history_ttl=settings.history.ttl,
             idempotency_window=settings.api.idempotency_window,
         )
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis_url(url):
         from tidings.brokers.redis import RedisBroker  # imported only when used
 
         try:

@@ -4,7 +4,7 @@ Redis pub/sub may drop messages (a slow or broken connection, a Redis restart) a
 rare cases, repeat them. A node therefore tracks ``(epoch, last offset)`` for every
 channel it serves, and a ``Continuity`` turns each arriving message, and each page of
 history read to fill a gap, into decisions. It is plain synchronous code: it never reads
-a socket, never sleeps and never starts a task; ``tidings.brokers.redis`` does the I/O
+a socket, never sleeps and never starts a task; ``tidings.brokers.redis.fanout`` does the I/O
 and carries out the decisions in the order they are returned.
 
 Decisions (``Output``):

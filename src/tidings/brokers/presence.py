@@ -5,7 +5,7 @@ and, in each channel's presence hash, one entry with its users there (``{user:
 connections}``), both JSON. Readers add their own node's live view to the entries of the
 other nodes that are still alive (``live_entries``, ``sum_channels``, ``sum_presence``).
 ``PresenceSync`` remembers what this node last wrote and works out what the next write
-must change; ``tidings.brokers.redis`` does the reading and writing.
+must change; ``tidings.brokers.redis.views`` does the reading and writing.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What the Redis broker puts on pub/sub, encoded and decoded. Pure (no Redis import).
 
-The layout is described in ``tidings.brokers.redis_scripts``:
+The layout is described in ``tidings.brokers.redis.scripts``:
 
 * an event message on a channel's pub/sub channel is ``<epoch>:<offset>:<payload>``,
   where the payload is the event's wire message (JSON) as the publish script stored it;

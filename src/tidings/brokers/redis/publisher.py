@@ -1,0 +1,258 @@
+"""Publishing through Redis: the publishes of one loop tick as one pipeline per shard.
+
+``Publisher.publish`` queues its events; once per loop tick everything queued goes out
+together, one ``Router.run`` per slot (the ``Link`` of each primary writes them as one
+pipeline), so concurrent publishes cost one round trip per shard, not one each. Events
+of one channel share a slot and stay in their order; one call's results come back in
+its order.
+
+**Acknowledgement by replicas** (``ack_replicas`` = N > 0): each slot's events are
+appended without being published, followed on the same connection by ``WAIT N``; only
+when N replicas have them are they committed (published live and made readable as
+history) and acknowledged. So no client ever sees an event that a failover can take
+back. When fewer replicas answer within the time limit the publish fails with
+``BrokerUnavailable`` and nothing is shown; a retry with the same idempotency key
+finds the appended event, waits for the replicas again and commits it. ``None`` (auto)
+waits for one replica when the primary had replicas when the link connected, else for
+none. With N = 0 one script appends and publishes at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from redis.exceptions import ResponseError
+
+from tidings.brokers.base import PublishRequest, PublishResult
+from tidings.brokers.redis.codec import split_payload
+from tidings.brokers.redis.link import unavailable
+from tidings.brokers.redis.router import Router
+from tidings.brokers.redis.scripts import KeyLayout, key_slot
+from tidings.errors import BrokerUnavailable
+from tidings.events import new_event_id
+from tidings.protocol.wire import encode_message
+
+__all__ = ["Publisher", "Scripts"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Scripts:
+    """The SHA1 digests of the broker's scripts (their texts are in the router)."""
+
+    publish: str
+    append: str
+    commit: str
+    read: str
+
+
+@dataclass(slots=True, eq=False)
+class _Event:
+    request: PublishRequest
+    slot: int
+    command: tuple[Any, ...]
+    head: bytes
+    tail: bytes
+    result: PublishResult | None = None
+    error: BaseException | None = None
+    duplicate: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Publish:
+    events: list[_Event]
+    future: asyncio.Future[None]
+    waiting: int = field(default=0)
+
+
+class Publisher:
+    """Offsets for events through Redis; see the module docstring."""
+
+    def __init__(self, router: Router, keys: KeyLayout, scripts: Scripts, *,
+                 pubsub_command: str, history_size: int, ttl_ms: int, window_ms: int,
+                 ack_replicas: int | None, timeout: float,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self._router = router
+        self._keys = keys
+        self._scripts = scripts
+        self._pubsub_command = pubsub_command
+        self._history_size = history_size
+        self._ttl_ms = ttl_ms
+        self._window_ms = window_ms
+        self._ack_replicas = ack_replicas
+        self._wait_ms = max(1, int(timeout * 500))  # half the budget: the commit follows
+        self._wall_clock = wall_clock
+        self._queue: list[_Publish] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def publish(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
+        """Publish in order; see ``Broker.publish``."""
+        if not requests:
+            return []
+        loop = asyncio.get_running_loop()
+        pending = _Publish([self._event(r) for r in requests], loop.create_future())
+        self._queue.append(pending)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        await pending.future
+        results = []
+        for event in pending.events:
+            if event.error is not None:
+                raise event.error
+            if event.result is None:  # every event gets a result or an error
+                raise unavailable("no reply")
+            results.append(event.result)
+        return results
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    def _event(self, request: PublishRequest) -> _Event:
+        channel = request.channel
+        wall = self._wall_clock()
+        event_id = new_event_id(wall)
+        head, tail = split_payload(encode_message(
+            request.type, dict(request.data), id=event_id, channel=channel, offset=0,
+            timestamp=wall,
+        ))
+        keys = [self._keys.meta(channel), self._keys.stream(channel)]
+        if request.idempotency_key:
+            keys.append(self._keys.idempotency(channel, request.idempotency_key))
+        args = (secrets.token_hex(8), head, tail, self._history_size, self._ttl_ms,
+                self._window_ms, self._keys.events(channel), event_id)
+        # The sha is filled in when the batch knows which script it runs.
+        command = (len(keys), *keys, *args)
+        return _Event(request, key_slot(keys[0].encode()), command, head, tail)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        batch, self._queue = self._queue, []
+        if not batch:
+            return
+        task = asyncio.get_running_loop().create_task(self._run(batch), name="redis-publish")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[_Publish]) -> None:
+        by_slot: dict[int, list[_Event]] = {}
+        for pending in batch:
+            for event in pending.events:
+                by_slot.setdefault(event.slot, []).append(event)
+        try:
+            await asyncio.gather(*(self._slot(slot, events)
+                                   for slot, events in by_slot.items()))
+        except BaseException as exc:
+            for pending in batch:
+                for event in pending.events:
+                    if event.result is None and event.error is None:
+                        event.error = unavailable(exc)
+            raise
+        finally:
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_result(None)
+
+    async def _slot(self, slot: int, events: list[_Event]) -> None:
+        """Publish the events of one slot, in order."""
+        wanted = await self._guarded(events, self._wanted(slot))
+        if wanted is None:
+            return
+        if wanted == 0:
+            commands = [("EVALSHA", self._scripts.publish, *e.command) for e in events]
+            replies = await self._guarded(events, self._router.run(slot, commands))
+            if replies is not None:
+                self._results(events, replies)
+            return
+        commands = [("EVALSHA", self._scripts.append, *e.command) for e in events]
+        replies = await self._guarded(events, self._router.run(
+            slot, commands, suffix=("WAIT", wanted, self._wait_ms)))
+        if replies is None:
+            return
+        acknowledged = replies.pop()
+        self._results(events, replies)
+        if isinstance(acknowledged, ResponseError) or int(acknowledged) < wanted:
+            for event in events:
+                if event.error is None:
+                    event.result = None
+                    event.error = BrokerUnavailable(
+                        "the broker is unavailable (too few replicas acknowledged)")
+            return
+        await self._commit(slot, [e for e in events if e.error is None])
+
+    async def _commit(self, slot: int, events: list[_Event]) -> None:
+        """Publish and show the appended events (idempotent: retried on failures)."""
+        by_channel: dict[str, list[_Event]] = {}
+        for event in events:
+            by_channel.setdefault(event.request.channel, []).append(event)
+        commands = []
+        for channel, appended in by_channel.items():
+            results = [e.result for e in appended if e.result is not None]
+            latest = max(results, key=lambda r: r.offset)
+            pairs: list[Any] = []
+            for event in appended:
+                # A duplicate's payload is not this call's: the script reads it from history.
+                if event.result is not None and not event.duplicate:
+                    offset = event.result.offset
+                    pairs += [offset, event.head + str(offset).encode() + event.tail]
+            commands.append(("EVALSHA", self._scripts.commit, 2, self._keys.meta(channel),
+                             self._keys.stream(channel), latest.epoch, latest.offset,
+                             self._pubsub_command, self._keys.events(channel), *pairs))
+        replies = await self._guarded(events, self._router.run(slot, commands, retry=True))
+        if replies is None:
+            return
+        for (_channel, appended), reply in zip(by_channel.items(), replies, strict=True):
+            if isinstance(reply, ResponseError):
+                self._failed(appended, reply)
+
+    async def _wanted(self, slot: int) -> int:
+        """How many replicas must have the slot's events before they are shown."""
+        if self._ack_replicas is not None:
+            return self._ack_replicas
+        link = self._router.link(self._router.topology.address(slot))
+        if not link.connected:
+            # The replicas are counted when the link connects: connect it first.
+            await self._router.run(slot, [("PING",)], retry=True)
+            link = self._router.link(self._router.topology.address(slot))
+        role = link.role
+        return 1 if role is not None and role.replicas > 0 else 0
+
+    async def _guarded(self, events: list[_Event], call: Awaitable[T]) -> T | None:
+        """``call``'s value; None after ``BrokerUnavailable``, which every event gets."""
+        try:
+            return await call
+        except BrokerUnavailable as exc:
+            for event in events:
+                event.result = None
+                event.error = exc
+            return None
+
+    def _results(self, events: list[_Event], replies: list[Any]) -> None:
+        for event, reply in zip(events, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                self._failed([event], reply)
+                continue
+            epoch, offset, event_id, duplicate = reply
+            event.duplicate = bool(duplicate)
+            event.result = PublishResult(event.request.channel, int(offset),
+                                         event_id.decode(), epoch.decode())
+
+    @staticmethod
+    def _failed(events: list[_Event], reply: ResponseError) -> None:
+        logger.warning("redis refused a publish: %s", type(reply).__name__)
+        for event in events:
+            event.result = None
+            event.error = unavailable(reply)
