@@ -404,6 +404,35 @@ async def test_server_restart_reports_a_gap() -> None:
             await client.close()
 
 
+async def test_server_restart_gap_is_followed_by_the_new_epochs_events() -> None:
+    """Events published to a restarted in-memory server before the client is back are
+    delivered after the Gap (which reaches offset 0 of the new epoch), not lost."""
+    recorder = StateRecorder()
+    async with FaultProxy(0) as proxy:
+        async with serve() as first:
+            proxy.target_port = first.port
+            client = await open_client(proxy_url(proxy), on_state=recorder)
+            sub = await client.subscribe("news:a")
+            for _ in range(3):
+                await publish(first, "news:a")
+            assert offsets(await next_items(sub, 3)) == [1, 2, 3]
+        await recorder.wait("disconnected")
+        async with serve() as second:
+            # Published while the client cannot reach the new server yet.
+            published = [await publish(second, "news:a") for _ in range(2)]
+            proxy.target_port = second.port
+            await recorder.wait("connected", 2)
+            items = await next_items(sub, 3)
+            assert offsets(items) == ["gap:3->0", 1, 2]
+            gap = items[0]
+            assert isinstance(gap, Gap) and gap.epoch != gap.last_epoch
+            assert [i.id for i in items[1:] if isinstance(i, Event)] == [
+                r["id"] for r in published]
+            await publish(second, "news:a")
+            assert offsets([await next_item(sub)]) == [3]
+            await client.close()
+
+
 # -- tidings listen --------------------------------------------------------------------
 
 

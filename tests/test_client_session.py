@@ -100,12 +100,14 @@ def subscribe(session: Session, state: ChannelState) -> tuple[str, dict[str, Any
 
 
 def reply(session: Session, state: ChannelState, offset: int, epoch: str = "e1",
-          recovered: bool | None = None) -> list[Effect]:
+          recovered: bool | None = None, since: int | None = None) -> list[Effect]:
     """Subscribe ``state`` and apply the server's ``subscribed`` reply."""
     command_id, _ = subscribe(session, state)
     data: dict[str, Any] = {"channel": state.channel, "offset": offset, "epoch": epoch}
     if recovered is not None:
         data["recovered"] = recovered
+    if since is not None:
+        data["since"] = since
     return session.receive(frame("subscribed", data, command_id))
 
 
@@ -255,6 +257,66 @@ def test_recovery_failure_delivers_a_gap_before_confirming() -> None:
     effects = reply(session, news, 250, recovered=False)
     assert effects == [Deliver("news:a", [Gap("news:a", "recovery_failed", 2, "e1", 250, "e1")]),
                        Confirm("news:a")]
+
+
+def test_new_epoch_replay_follows_the_gap() -> None:
+    """``recovered: false`` with ``since: 0`` under a new epoch delivers a Gap from the old
+    position to offset 0, then the replayed events 1..n, although the old epoch had
+    reached a higher offset."""
+    session = make()
+    news = add(session, "news:a")
+    welcome(session)
+    reply(session, news, 40, "old")
+    session.receive(event("news:a", 41))
+    reconnect(session)
+    effects = reply(session, news, 3, "new", recovered=False, since=0)
+    assert effects == [Deliver("news:a", [Gap("news:a", "recovery_failed", 41, "old", 0, "new")]),
+                       Confirm("news:a")]
+    replayed = [o for n in (1, 2, 3, 4) for o in delivered(session.receive(event("news:a", n)))]
+    assert replayed == [1, 2, 3, 4]
+    assert news.tracker.recover_point() == (4, "new")
+
+
+def test_personal_channel_new_epoch_replay_needs_no_fallback() -> None:
+    """The automatic channel's ``recovered: false`` with ``since`` is a replay, not a
+    case for the unsubscribe-and-recover fallback."""
+    session = make()
+    welcome(session)
+    personal = session.channels[USER]
+    reply(session, personal, 5, "old", recovered=False)
+    reconnect(session)
+    effects = reply(session, personal, 2, "new", recovered=False, since=0)
+    assert delivered(effects) == ["gap:5->0"] and effects[-1] == Confirm(USER)
+    assert delivered(session.receive(event(USER, 1))) == [1]
+
+
+def test_personal_channel_new_epoch_without_replay_falls_back_once() -> None:
+    """A new epoch answered without ``since`` on the automatic channel (live events had
+    gone out) is retried once with unsubscribe-and-recover, whose replay is delivered."""
+    session = make()
+    welcome(session)
+    personal = session.channels[USER]
+    reply(session, personal, 5, "old", recovered=False)
+    reconnect(session)
+    assert reply(session, personal, 4, "new", recovered=False) == [RecoverFresh(personal, 2)]
+    assert session.receive(event(USER, 4)) == []  # live, held until the fresh reply
+    effects = reply(session, personal, 4, "new", recovered=False, since=0)
+    assert delivered(effects) == ["gap:5->0"]
+    replayed = [o for n in (1, 2, 3, 4) for o in delivered(session.receive(event(USER, n)))]
+    assert replayed == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("since", ["0", -1, 4, True])
+def test_malformed_since_is_a_violation(since: object) -> None:
+    """A ``since`` that is not an integer between 0 and the reply's offset breaks the
+    contract."""
+    session = make()
+    news = add(session, "news:a")
+    welcome(session)
+    command_id, _ = subscribe(session, news)
+    data = {"offset": 3, "epoch": "e1", "recovered": False, "since": since}
+    with pytest.raises(ProtocolViolation):
+        session.receive(frame("subscribed", data, command_id))
 
 
 def test_stale_and_foreign_replies_are_ignored() -> None:

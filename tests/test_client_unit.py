@@ -222,6 +222,32 @@ def test_tracker_epoch_change_restarts_offsets() -> None:
     assert tracker.recover_point() == (4, "new")
 
 
+def test_tracker_new_epoch_replay_after_a_gap_is_delivered() -> None:
+    """``recovered: false`` with ``since: 0`` under a new epoch is a Gap for the old
+    epoch's tail, then the replayed new-epoch events 1..n (below the old offset) are
+    delivered in order, not dropped as duplicates, and live events follow."""
+    tracker = ChannelTracker("news:a")
+    tracker.subscribed(40, "old", None)
+    tracker.event(ev(41))
+    tracker.begin()
+    assert tracker.subscribed(3, "new", False, since=0) == [
+        Gap("news:a", "recovery_failed", 41, "old", 0, "new")]
+    delivered = [*tracker.event(ev(1)), *tracker.event(ev(2)), *tracker.event(ev(3)),
+                 *tracker.event(ev(3)), *tracker.event(ev(4))]
+    assert offsets(delivered) == [1, 2, 3, 4]
+    assert tracker.recover_point() == (4, "new")
+
+
+def test_tracker_new_epoch_replay_must_start_at_its_first_offset() -> None:
+    """After ``since: 0`` the stream must go on at offset 1: a jump is a violation."""
+    tracker = ChannelTracker("news:a")
+    tracker.subscribed(40, "old", None)
+    tracker.begin()
+    tracker.subscribed(3, "new", False, since=0)
+    with pytest.raises(ProtocolViolation):
+        tracker.event(ev(4))
+
+
 def test_tracker_holds_live_events_until_the_replay_is_done() -> None:
     """Personal channel: live events that arrive before the reply wait for the replay."""
     tracker = ChannelTracker("user:u1")

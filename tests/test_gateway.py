@@ -112,12 +112,13 @@ async def make_gateway() -> AsyncIterator[MakeGateway]:
     gateways: list[Gateway] = []
 
     async def make(overrides: Mapping[str, Any] | None = None,
-                   clock: Callable[[], float] = time.monotonic) -> Gateway:
+                   clock: Callable[[], float] = time.monotonic,
+                   broker_clock: FakeClock | None = None) -> Gateway:
         settings = make_settings({"namespaces": NAMESPACES, **(overrides or {})})
         inner = MemoryBroker(history_size=settings.history.size,
                              history_ttl=settings.history.ttl,
                              idempotency_window=settings.api.idempotency_window,
-                             clock=FakeClock())
+                             clock=broker_clock or FakeClock())
         gateway = Gateway(settings, broker=WrappedBroker(inner),
                           authenticator=Authenticator(settings.auth),
                           policy=ChannelPolicy(settings.namespaces), clock=clock)
@@ -345,25 +346,95 @@ async def test_failed_recovery_sends_only_live_events(
     recover = {"wrong-epoch": {"offset": 4, "epoch": "not-" + epoch},
                "too-old": {"offset": 1, "epoch": epoch},
                "future-offset": {"offset": 9, "epoch": epoch}}[case]
-    if racing:
-        async def race(channel: str) -> None:
+    reads: list[int] = []  # the latest offset at each history read
+
+    async def race(channel: str) -> None:
+        reads.append((await wrapped(gateway).inner.position(channel)).offset)
+        if racing:
             await publish(gateway, channel, 2)
 
-        wrapped(gateway).hooks["history_after"] = race
+    wrapped(gateway).hooks["history_after"] = race
     peer = await connect_peer(gateway)
     peer.take()
     await command(gateway, peer, "subscribe", {"channel": "news:a", "recover": recover})
     wrapped(gateway).hooks.clear()
     await next_tick()
+    # Another epoch is read again from offset 0 (trimmed here, so nothing is replayed).
+    assert len(reads) == (2 if case == "wrong-epoch" else 1)
+    latest = reads[-1]
+    assert latest == (7 if racing and case == "wrong-epoch" else 5)
     messages = peer.take()
     reply = messages[0]
     assert reply["type"] == "subscribed"
-    assert reply["data"] == {"channel": "news:a", "offset": 5, "epoch": epoch,
+    assert reply["data"] == {"channel": "news:a", "offset": latest, "epoch": epoch,
                              "recovered": False}
-    assert offsets(messages) == ([6, 7] if racing else [])
+    racing_after = [latest + 1, latest + 2] if racing else []
+    assert offsets(messages) == racing_after
     await publish(gateway, "news:a")
     await next_tick()
-    assert offsets(peer.take()) == [8 if racing else 6]
+    assert offsets(peer.take()) == [latest + 1 + len(racing_after)]
+
+
+async def test_recover_after_an_epoch_change_replays_the_new_epoch(
+        make_gateway: MakeGateway) -> None:
+    """After the channel's stream restarts under a new epoch, a recover naming the old one
+    gets ``recovered: false`` (with ``since: 0``), the new epoch's events 1..n in order,
+    the events published during that read, then live events, each once."""
+    clock = FakeClock()
+    gateway = await make_gateway({"history": {"ttl": 60}}, broker_clock=clock)
+    old = await publish(gateway, "news:a", 5)
+    clock.advance(61)
+    wrapped(gateway).inner.expire()  # history lost: offsets start again at 1
+    new = await publish(gateway, "news:a", 3)
+    assert new[0].epoch != old[0].epoch and new[0].offset == 1
+    reads = 0
+
+    async def race(channel: str) -> None:
+        nonlocal reads
+        reads += 1
+        if reads == 2:  # the read after offset 0
+            await publish(gateway, channel, 2)
+
+    wrapped(gateway).hooks["history_after"] = race
+    peer = await connect_peer(gateway)
+    peer.take()
+    await command(gateway, peer, "subscribe",
+                  {"channel": "news:a", "recover": {"offset": 5, "epoch": old[0].epoch}},
+                  id="r")
+    wrapped(gateway).hooks.clear()
+    await next_tick()
+    messages = peer.take()
+    assert messages[0] == {"type": "subscribed", "id": "r",
+                           "timestamp": messages[0]["timestamp"],
+                           "data": {"channel": "news:a", "offset": 3, "epoch": new[0].epoch,
+                                    "recovered": False, "since": 0}}
+    assert offsets(messages) == [1, 2, 3, 4, 5]
+    assert [m["id"] for m in messages[1:4]] == [r.id for r in new]
+    await publish(gateway, "news:a")
+    await next_tick()
+    assert offsets(peer.take()) == [6]
+
+
+async def test_recover_after_an_epoch_change_past_history_replays_nothing(
+        make_gateway: MakeGateway) -> None:
+    """When the new epoch is no longer complete from offset 1 (trimmed), a recover naming
+    the old epoch is ``recovered: false`` with no replay and no ``since``, then live."""
+    clock = FakeClock()
+    gateway = await make_gateway({"history": {"ttl": 60, "size": 2}}, broker_clock=clock)
+    old = await publish(gateway, "news:a", 2)
+    clock.advance(61)
+    wrapped(gateway).inner.expire()
+    new = await publish(gateway, "news:a", 5)
+    peer = await connect_peer(gateway)
+    peer.take()
+    await command(gateway, peer, "subscribe",
+                  {"channel": "news:a", "recover": {"offset": 2, "epoch": old[0].epoch}})
+    reply = only(peer.take())
+    assert reply["data"] == {"channel": "news:a", "offset": 5, "epoch": new[0].epoch,
+                             "recovered": False}
+    await publish(gateway, "news:a")
+    await next_tick()
+    assert offsets(peer.take()) == [6]
 
 
 async def test_subscribe_twice_is_idempotent(gateway: Gateway) -> None:
@@ -416,19 +487,115 @@ async def test_resubscribe_with_recover_replays_the_personal_channel(gateway: Ga
     assert offsets(peer.take()) == [6]
 
 
-async def test_resubscribe_with_a_wrong_epoch_replays_nothing(gateway: Gateway) -> None:
-    """A re-subscription whose recovery fails replays nothing and stays live."""
+async def test_resubscribe_with_another_epoch_replays_the_current_one(
+        gateway: Gateway) -> None:
+    """A live subscription that sent nothing past its start, recovered with an old epoch,
+    answers ``recovered: false`` with ``since: 0``, replays the current epoch up to its
+    start, then stays live."""
+    results = await publish(gateway, "user:user-1", 2)
+    peer = await connect_peer(gateway)
+    peer.take()
+    await command(gateway, peer, "subscribe",
+                  {"channel": "user:user-1", "recover": {"offset": 7, "epoch": "other"}})
+    messages = peer.take()
+    assert messages[0]["data"] == {"channel": "user:user-1", "offset": 2,
+                                   "epoch": results[0].epoch, "recovered": False, "since": 0}
+    assert offsets(messages) == [1, 2]
+    assert [m["id"] for m in messages[1:]] == [r.id for r in results]
+    await publish(gateway, "user:user-1")
+    await next_tick()
+    assert offsets(peer.take()) == [3]
+
+
+async def test_resubscribe_with_another_epoch_after_live_events_replays_nothing(
+        gateway: Gateway) -> None:
+    """Once a live event went out, the current epoch's older events cannot follow it:
+    ``recovered: false`` without a replay (and without ``since``)."""
+    await publish(gateway, "news:a", 2)
+    peer = await connect_peer(gateway)
+    await command(gateway, peer, "subscribe", {"channel": "news:a"})
+    await publish(gateway, "news:a")
+    await next_tick()
+    assert offsets(peer.take()) == [3]
+    await command(gateway, peer, "subscribe",
+                  {"channel": "news:a", "recover": {"offset": 9, "epoch": "old"}})
+    reply = only(peer.take())
+    assert reply["data"]["recovered"] is False and reply["data"]["offset"] == 3
+    assert "since" not in reply["data"]
+
+
+async def test_resubscribe_without_an_epoch_replays_nothing(gateway: Gateway) -> None:
+    """A ``recover`` with an empty epoch (a client's first subscription) asks for a
+    baseline: ``recovered: false`` at the live start, no replay."""
     await publish(gateway, "user:user-1", 2)
     peer = await connect_peer(gateway)
     peer.take()
     await command(gateway, peer, "subscribe",
-                  {"channel": "user:user-1", "recover": {"offset": 0, "epoch": "other"}})
+                  {"channel": "user:user-1", "recover": {"offset": 0, "epoch": ""}})
     reply = only(peer.take())
-    assert reply["data"]["recovered"] is False
-    assert reply["data"]["offset"] == 2
+    assert reply["data"]["recovered"] is False and reply["data"]["offset"] == 2
+    assert "since" not in reply["data"]
     await publish(gateway, "user:user-1")
     await next_tick()
     assert offsets(peer.take()) == [3]
+
+
+@pytest.mark.parametrize("old_epoch", [True, False], ids=["old-epoch", "same-epoch"])
+async def test_repeated_recover_never_resends_an_offset(gateway: Gateway,
+                                                        old_epoch: bool) -> None:
+    """A second ``recover`` naming the same point on a live subscription sends nothing the
+    first one (replay or live) already sent."""
+    results = await publish(gateway, "user:user-1", 2)
+    peer = await connect_peer(gateway)
+    peer.take()
+    recover = {"offset": 0, "epoch": "old" if old_epoch else results[0].epoch}
+    for attempt in range(2):
+        await command(gateway, peer, "subscribe", {"channel": "user:user-1",
+                                                   "recover": recover})
+        await next_tick()
+        messages = peer.take()
+        assert messages[0]["type"] == "subscribed"
+        assert messages[0]["data"]["recovered"] is not old_epoch
+        assert offsets(messages) == ([1, 2] if attempt == 0 else [])
+    await publish(gateway, "user:user-1")
+    await next_tick()
+    assert offsets(peer.take()) == [3]
+
+
+async def test_recover_after_a_replay_cannot_resend_it(gateway: Gateway) -> None:
+    """After a new subscription's replay, a recover from an earlier offset is refused
+    rather than sending the replayed offsets again (or the earlier one out of order)."""
+    results = await publish(gateway, "news:a", 3)
+    peer = await connect_peer(gateway)
+    peer.take()
+    epoch = results[0].epoch
+    await command(gateway, peer, "subscribe",
+                  {"channel": "news:a", "recover": {"offset": 1, "epoch": epoch}})
+    assert offsets(peer.take()) == [2, 3]
+    await command(gateway, peer, "subscribe",
+                  {"channel": "news:a", "recover": {"offset": 0, "epoch": epoch}})
+    reply = only(peer.take())
+    assert reply["data"]["recovered"] is False and reply["data"]["offset"] == 3
+
+
+async def test_continuity_lost_during_a_resubscribe_fails_it(gateway: Gateway) -> None:
+    """Continuity lost while a live subscription reads history for its ``recover`` answers
+    ``unsubscribed`` then an error, never a ``subscribed`` for the dropped subscription."""
+    peer = await connect_peer(gateway)
+    await command(gateway, peer, "subscribe", {"channel": "news:a"})
+    peer.take()
+
+    async def lost(channel: str) -> None:
+        gateway.on_continuity_lost(channel)
+
+    wrapped(gateway).hooks["history_after"] = lost
+    await command(gateway, peer, "subscribe",
+                  {"channel": "news:a", "recover": {"offset": 0, "epoch": "old"}}, id="r")
+    messages = peer.take()
+    assert [m["type"] for m in messages] == ["unsubscribed", "error"]
+    assert messages[1]["id"] == "r"
+    assert messages[1]["data"]["code"] == "subscription_failed"
+    assert "news:a" not in peer.session.subscriptions
 
 
 async def test_unsubscribe_stops_events_and_is_idempotent(gateway: Gateway) -> None:

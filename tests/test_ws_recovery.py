@@ -122,8 +122,9 @@ async def test_recover_beyond_history_is_not_recovered() -> None:
             await _event(client, 4)
 
 
-async def test_recover_with_another_epoch_is_not_recovered() -> None:
-    """A ``recover`` naming another epoch gives ``recovered: false`` and no replay."""
+async def test_recover_with_another_epoch_replays_the_current_one() -> None:
+    """A ``recover`` naming another epoch gives ``recovered: false`` with ``since: 0``,
+    then the current epoch's events from offset 1, then live events."""
     async with serve() as server:
         offset, epoch = await _subscribed_at(server, "news:r", events=1)
         await publish(server, "news:r")
@@ -131,28 +132,49 @@ async def test_recover_with_another_epoch_is_not_recovered() -> None:
             reply = await client.subscribe(
                 "news:r", recover={"offset": offset, "epoch": "other-" + epoch})
             assert reply["data"] == {"channel": "news:r", "offset": 2, "epoch": epoch,
-                                     "recovered": False}
+                                     "recovered": False, "since": 0}
+            await _event(client, 1)
+            await _event(client, 2)
             await publish(server, "news:r")
             await _event(client, 3)
 
 
-async def test_recover_after_server_restart_is_not_recovered() -> None:
-    """After an in-memory server restarts, ``recover`` gives ``recovered: false`` under
-    a new epoch and replays nothing, even for offsets that exist again."""
+async def test_recover_after_server_restart_replays_the_new_epoch() -> None:
+    """After an in-memory server restarts, ``recover`` with the old epoch gives
+    ``recovered: false`` under the new epoch, and the new epoch's events from offset 1
+    (still in history) are replayed, in order, before live ones."""
     async with serve() as first:
-        offset, old_epoch = await _subscribed_at(first, "news:r", events=1)
+        offset, old_epoch = await _subscribed_at(first, "news:r", events=3)
     async with serve() as second:
-        await publish(second, "news:r")
-        await publish(second, "news:r")
+        published = [await publish(second, "news:r") for _ in range(2)]
         async with connect(second, token("reader", NEWS)) as client:
             reply = await client.subscribe(
                 "news:r", recover={"offset": offset, "epoch": old_epoch})
             assert reply["type"] == "subscribed"
             assert reply["data"]["recovered"] is False
-            assert reply["data"]["offset"] == 2
+            assert reply["data"]["offset"] == 2 and reply["data"]["since"] == 0
             assert reply["data"]["epoch"] != old_epoch
+            for result in published:
+                assert (await _event(client, result["offset"]))["id"] == result["id"]
             await publish(second, "news:r")
             await _event(client, 3)
+
+
+async def test_recover_after_server_restart_past_history_replays_nothing() -> None:
+    """When the restarted server's history no longer starts at offset 1, ``recover``
+    with the old epoch gives ``recovered: false`` and live events only."""
+    async with serve({"history": {"size": 2}}) as first:
+        offset, old_epoch = await _subscribed_at(first, "news:r", events=1)
+    async with serve({"history": {"size": 2}}) as second:
+        for _ in range(5):
+            await publish(second, "news:r")
+        async with connect(second, token("reader", NEWS)) as client:
+            reply = await client.subscribe(
+                "news:r", recover={"offset": offset, "epoch": old_epoch})
+            assert reply["data"]["recovered"] is False and reply["data"]["offset"] == 5
+            assert "since" not in reply["data"]
+            await publish(second, "news:r")
+            await _event(client, 6)
 
 
 @pytest.mark.parametrize("sub", ["alice", "auth0|abc"])

@@ -87,6 +87,12 @@ export interface RecoveryNotice {
   offset: number;
   /** Number of replayed events (when recovered). */
   missed?: number;
+  /**
+   * With `recovered: false` after an epoch change, when history still holds the new epoch
+   * from its start: the events that follow this notice are the new epoch's from
+   * `since + 1` (0: from its first offset). Absent when only live events follow.
+   */
+  since?: number;
   /** Where the client left off. */
   from: RecoverPoint;
 }
@@ -254,7 +260,7 @@ export declare class ChannelTracker {
   phase: "idle" | "subscribing" | "replaying" | "live";
   recoverPoint(): RecoverPoint | null;
   beginSubscribe(options?: { unknownRecover?: boolean }): RecoverPoint | null;
-  onSubscribed(data: { offset?: number; epoch?: string; recovered?: boolean }): {
+  onSubscribed(data: { offset?: number; epoch?: string; recovered?: boolean; since?: number }): {
     recovery: Omit<RecoveryNotice, "kind" | "channel"> | null;
     events: Array<{ offset: number }>;
   };

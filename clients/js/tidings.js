@@ -158,6 +158,11 @@ export class ChannelTracker {
   /**
    * The `subscribed` reply's data arrived. Returns `{recovery, events}`: a recovery
    * notice (or null) and the held events now to deliver, in order.
+   *
+   * `recovered: false` with `since` (the epoch changed and history still holds the new
+   * one from its start): the notice marks the loss, then the new epoch's events after
+   * `since` are replayed. Their offsets may be lower than the old epoch's, so the count
+   * restarts at `since`, not at the reply's offset, or they would be dropped as repeats.
    */
   onSubscribed(data) {
     const from = this.sent;
@@ -166,6 +171,8 @@ export class ChannelTracker {
     this.silent = false;
     const offset = Number.isInteger(data.offset) ? data.offset : 0;
     const epoch = typeof data.epoch === "string" ? data.epoch : "";
+    const since = Number.isInteger(data.since) && data.since >= 0 && data.since <= offset
+      ? data.since : null;
     let recovery = null;
     if (from === null || typeof data.recovered !== "boolean") {
       this.offset = offset;
@@ -182,8 +189,15 @@ export class ChannelTracker {
       return { recovery, events };
     }
     if (!silent) recovery = { recovered: false, epoch, offset, from };
-    this.offset = offset;
     this.epoch = epoch;
+    if (since !== null && data.recovered === false) {
+      if (recovery) recovery.since = since;
+      this.offset = since;
+      this.replayUntil = offset;
+      this.phase = "replaying";
+      return { recovery, events: since >= offset ? this._goLive() : [] };
+    }
+    this.offset = offset;
     this.phase = "live";
     return { recovery, events: this._flush() };
   }

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from tidings.auth import Authenticator, Identity
-from tidings.brokers.base import Broker
+from tidings.brokers.base import Broker, HistoryPage
 from tidings.channels import ChannelPolicy
 from tidings.config import Settings
 from tidings.deadlines import Deadlines
@@ -32,9 +32,9 @@ from tidings.errors import (
 from tidings.hub import Hub, Outbound, Subscriber
 from tidings.metrics import Metrics
 from tidings.nodesubs import NodeSubscriptions
-from tidings.protocol import CloseCode, Subscribe, encode_message, personal_channel
+from tidings.protocol import CloseCode, Recover, Subscribe, encode_message, personal_channel
 from tidings.protocol.wire import text_frame
-from tidings.recovery import Replay, recover_live, recover_new
+from tidings.recovery import Replay, history_since, recover_live, recover_new
 from tidings.session import (
     Close,
     Effect,
@@ -74,6 +74,14 @@ class TooManyConnections(ClientError):
 def _live_point(sub: Subscriber[Peer]) -> int:
     """The offset up to which a subscription has sent, or stands at, its events."""
     return max(sub.after, sub.start)
+
+
+def _add_recovery(data: dict[str, object], replay: Replay) -> None:
+    """The recovery fields of a ``subscribed`` reply: ``recovered``, and ``since`` when
+    events follow a ``recovered: false`` (the new epoch's, from ``since + 1`` on)."""
+    data["recovered"] = replay.recovered
+    if not replay.recovered and replay.since is not None:
+        data["since"] = replay.since
 
 
 def _event_type(payload: bytes) -> str:
@@ -369,9 +377,7 @@ class Gateway:
         try:
             await self.node_subscriptions.ensure(channel)
             if command.recover is not None:
-                page = await self.broker.history(
-                    channel, command.recover.offset, self._recovery_limit()
-                )
+                page = await self._recovery_page(channel, command.recover)
                 position, replay = page.position, recover_new(command.recover, page)
             else:
                 position, replay = await self.broker.position(channel), Replay(False)
@@ -387,13 +393,16 @@ class Gateway:
         data: dict[str, object] = {"channel": channel, "offset": position.offset,
                                    "epoch": position.epoch}
         if command.recover is not None:
-            data["recovered"] = replay.recovered
+            _add_recovery(data, replay)
         peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
         self._send_replay(peer, replay)
         session.subscribed(channel, personal=channel == personal_channel(
             session.identity.user_id))
         self._subscription_count += 1
         self._send_held(peer, sub, position.offset)
+        if replay.since is not None:
+            # The replay sent what follows `since`: a later recover must not send it again.
+            sub.start = min(sub.start, replay.since)
 
     async def _resubscribe(self, peer: Peer, sub: Subscriber[Peer], command: Subscribe) -> None:
         """Idempotent subscribe; with ``recover`` it replays what the connection missed
@@ -411,18 +420,42 @@ class Gateway:
             data.update(offset=position.offset, epoch=position.epoch)
             peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
             return
+        # The release below moves `start` up to the live point, but the offsets between
+        # the two were sent: `start` is put back (or lowered to where a replay began), so
+        # that a later recover cannot send them a second time.
+        start = sub.start
         self.hub.hold(sub)
         try:
-            page = await self.broker.history(channel, recover.offset, self._recovery_limit())
+            page = await self._recovery_page(channel, recover)
         except BaseException:
             self._send_held(peer, sub, _live_point(sub))
+            sub.start = start
             raise
-        replay = recover_live(recover, page, sub.start, sub.after)
-        data.update(offset=max(sub.after, sub.start), epoch=page.position.epoch,
-                    recovered=replay.recovered)
+        if self.hub.subscriber(peer, channel) is not sub:
+            if self.hub.is_connected(peer):
+                # Continuity was lost during the read (the client was told to resubscribe).
+                raise SubscriptionFailed("subscription interrupted; subscribe again",
+                                         channel=channel)
+            return  # the connection closed while we waited
+        replay = recover_live(recover, page, start, sub.after)
+        data.update(offset=_live_point(sub), epoch=page.position.epoch)
+        _add_recovery(data, replay)
         peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
         self._send_replay(peer, replay)
         self._send_held(peer, sub, _live_point(sub))
+        sub.start = start if replay.since is None else min(start, replay.since)
+
+    async def _recovery_page(self, channel: str, recover: Recover) -> HistoryPage:
+        """The history that decides ``recover``: after the client's offset, or, when the
+        channel turns out to be in another epoch, after 0 (``recovery.history_since``)."""
+        limit = self._recovery_limit()
+        page = await self.broker.history(channel, recover.offset, limit)
+        since = history_since(recover, page.position.epoch)
+        if since != recover.offset:
+            # The epoch changed (a rare path): read again rather than make every recover
+            # learn the epoch first.
+            page = await self.broker.history(channel, since, limit)
+        return page
 
     def _recovery_limit(self) -> int:
         # Streams may hold a little more than history.size (approximate trimming).
@@ -430,7 +463,8 @@ class Gateway:
 
     @staticmethod
     def _send_replay(peer: Peer, replay: Replay) -> None:
-        if replay.recovered and replay.events:
+        # Also under `recovered: false`: a new epoch's events, replayed from offset 1.
+        if replay.events:
             peer.send(b"".join(text_frame(event.payload) for event in replay.events))
 
     def _send_held(self, peer: Peer, sub: Subscriber[Peer], after: int) -> None:

@@ -99,9 +99,9 @@ function fakeSocketClass() {
       return this.sent.filter((m) => m.type === type).at(-1);
     }
 
-    replySubscribed(channel, offset, epoch, recovered) {
+    replySubscribed(channel, offset, epoch, recovered, extra = {}) {
       const command = this.sent.filter((m) => m.type === "subscribe" && m.data.channel === channel).at(-1);
-      const data = { channel, offset, epoch };
+      const data = { channel, offset, epoch, ...extra };
       if (recovered !== undefined) data.recovered = recovered;
       this.receive({ type: "subscribed", id: command.id, data });
     }
@@ -277,6 +277,34 @@ describe("subscriptions", () => {
     assert.deepEqual(items.map((i) => [i.kind, i.offset]), [["event", 5], ["recovery", 2], ["event", 3]]);
     assert.equal(items[1].recovered, false);
     assert.deepEqual(items[1].from, { offset: 5, epoch: "e1" });
+    env.client.close();
+  });
+
+  test("after a recovered-false item, the new epoch's replayed events are delivered", async () => {
+    const env = setup();
+    const ws = await connected(env);
+    const sub = env.client.subscribe("news:a");
+    const iterator = sub[Symbol.asyncIterator]();
+    const seen = [];
+    sub.on("event", (e) => seen.push(e.offset));
+    ws.replySubscribed("news:a", 40, "e1");
+    ws.event("news:a", 41);
+    ws.serverClose(1001);
+    await env.clock.advance(env.states.at(-1).delay);
+    const ws2 = await connected(env);
+    assert.deepEqual(ws2.last("subscribe").data,
+      { channel: "news:a", recover: { offset: 41, epoch: "e1" } });
+    ws2.replySubscribed("news:a", 2, "e2", false, { since: 0 });
+    for (const offset of [1, 2, 3]) ws2.event("news:a", offset);
+    assert.deepEqual(seen, [41, 1, 2, 3]); // delivered synchronously: the iterator has them
+    const items = [];
+    for (let i = 0; i < 5; i += 1) items.push((await iterator.next()).value);
+    assert.deepEqual(items.map((i) => [i.kind, i.offset]),
+      [["event", 41], ["recovery", 2], ["event", 1], ["event", 2], ["event", 3]]);
+    assert.equal(items[1].recovered, false);
+    assert.equal(items[1].since, 0);
+    assert.deepEqual(items[1].from, { offset: 41, epoch: "e1" });
+    assert.deepEqual([sub.offset, sub.epoch], [3, "e2"]);
     env.client.close();
   });
 

@@ -193,6 +193,50 @@ describe("ChannelTracker", () => {
     assert.deepEqual(t.recoverPoint(), { offset: 1, epoch: "new" });
   });
 
+  test("recovered false with since reports the loss, then delivers the new epoch's replay", () => {
+    // The epoch changed (e.g. a Redis restart without persistence) and history still holds
+    // the new epoch from offset 1: those events have lower offsets than the old epoch's.
+    const t = new ChannelTracker();
+    t.beginSubscribe();
+    t.onSubscribed({ offset: 40, epoch: "old" });
+    t.onEvent(ev(41));
+    t.onDisconnect();
+    t.beginSubscribe();
+    const { recovery, events } = t.onSubscribed({ offset: 3, epoch: "new", recovered: false, since: 0 });
+    assert.deepEqual(recovery, { recovered: false, epoch: "new", offset: 3, since: 0,
+      from: { offset: 41, epoch: "old" } });
+    assert.deepEqual(events, []);
+    const delivered = [1, 2, 2, 3, 4].flatMap((o) => offsets(t.onEvent(ev(o))));
+    assert.deepEqual(delivered, [1, 2, 3, 4]);
+    assert.equal(t.phase, "live");
+    assert.deepEqual(t.recoverPoint(), { offset: 4, epoch: "new" });
+  });
+
+  test("events held before a reply with since come after the replay", () => {
+    const t = new ChannelTracker();
+    t.beginSubscribe();
+    t.onSubscribed({ offset: 9, epoch: "old" });
+    t.onDisconnect();
+    t.beginSubscribe();
+    t.onEvent(ev(3));
+    const { events } = t.onSubscribed({ offset: 2, epoch: "new", recovered: false, since: 0 });
+    assert.deepEqual(events, []);
+    assert.deepEqual(offsets(t.onEvent(ev(1))), [1]);
+    assert.deepEqual(offsets(t.onEvent(ev(2))), [2, 3]);
+  });
+
+  test("a since outside 0..offset is ignored: live from the reply's offset", () => {
+    const t = new ChannelTracker();
+    t.beginSubscribe();
+    t.onSubscribed({ offset: 9, epoch: "old" });
+    t.onDisconnect();
+    t.beginSubscribe();
+    const { recovery } = t.onSubscribed({ offset: 2, epoch: "new", recovered: false, since: 5 });
+    assert.equal(recovery.since, undefined);
+    assert.deepEqual(offsets(t.onEvent(ev(1))), []);
+    assert.deepEqual(offsets(t.onEvent(ev(3))), [3]);
+  });
+
   test("the first subscribe of the personal channel asks from an unknown epoch, silently", () => {
     const t = new ChannelTracker();
     assert.deepEqual(t.beginSubscribe({ unknownRecover: true }), { offset: 0, epoch: "" });

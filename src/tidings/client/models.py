@@ -88,7 +88,9 @@ class Gap:
 
     * ``recovery_failed``: the server answered ``recovered: false`` after a reconnect or a
       server-initiated resubscribe (history too short, or the stream's epoch changed, for
-      example after a restart of an in-memory server);
+      example after a restart of an in-memory server). When the epoch changed and history
+      still holds the new one from its start, ``offset`` is 0: only the old epoch's tail
+      was lost, and the new epoch's events follow the gap from offset 1;
     * ``overflow``: the application read too slowly and the subscription's bounded queue
       was full; the events with offsets ``last_offset + 1`` to ``offset`` were dropped.
     """

@@ -329,20 +329,25 @@ class Session:
         if state is None or not self.is_current(state) or state.pending_id != reply_id:
             return []
         offset, epoch, recovered = data.get("offset"), data.get("epoch"), data.get("recovered")
+        since = data.get("since")
         if type(offset) is not int or not isinstance(epoch, str) or not (
-                recovered is None or isinstance(recovered, bool)):
+                recovered is None or isinstance(recovered, bool)) or not (
+                since is None or (type(since) is int and 0 <= since <= offset)):
             raise ProtocolViolation(f"{state.channel}: malformed 'subscribed' reply")
         tracker = state.tracker
-        if (state.automatic and recovered is False and epoch == tracker.epoch
-                and offset > tracker.offset and state.fallback_on != self.gen):
+        if (state.automatic and recovered is False and since is None
+                and tracker.epoch is not None
+                and (epoch != tracker.epoch or offset > tracker.offset)
+                and state.fallback_on != self.gen):
             # The server subscribed this channel at connect and may already have sent live
-            # events past the recovery point, so it could not replay without reordering.
-            # Unsubscribe and subscribe again with recover: a fresh subscription replays
-            # from history. Events keep being held meanwhile; a Gap only if that fails too.
+            # events past the recovery point (or, in a new epoch, past its first offsets),
+            # so it could not replay without reordering. Unsubscribe and subscribe again
+            # with recover: a fresh subscription replays from history (a new epoch from
+            # offset 1). Events keep being held meanwhile; a Gap only if that fails too.
             state.fallback_on = self.gen
             return [RecoverFresh(state, self.gen)]
         state.retries = 0
-        items = tracker.subscribed(offset, epoch, recovered)
+        items = tracker.subscribed(offset, epoch, recovered, since)
         state.confirmed = True
         return [*self._deliver(state, items), Confirm(state.channel)]
 

@@ -9,7 +9,10 @@ connections. Its rules, from the wire contract:
   reply to its recovering ``subscribe``).
 * ``subscribed`` with ``recovered: true`` announces the replay of every offset after the
   recovery point, in order; ``recovered: false`` (or a changed epoch) starts again at the
-  reply's offset and yields a ``Gap`` unless it is provable that nothing was missed. The
+  reply's offset and yields a ``Gap`` unless it is provable that nothing was missed. A
+  ``recovered: false`` with ``since`` (the epoch changed, and history still holds the new
+  one from its start) starts again at ``since`` instead: the ``Gap`` covers the old
+  epoch's tail only, and the replay of the new epoch's ``since + 1 ..`` follows. The
   very first reply is the baseline; events held before it (a channel live since
   ``connected``) are part of the stream and are kept.
 * An event at or below the last delivered offset is a duplicate and is dropped; after the
@@ -59,8 +62,11 @@ class ChannelTracker:
         self.awaiting = True
         self._held.clear()
 
-    def subscribed(self, offset: int, epoch: str, recovered: bool | None) -> list[Item]:
-        """Apply a ``subscribed`` reply; return what to deliver now."""
+    def subscribed(self, offset: int, epoch: str, recovered: bool | None,
+                   since: int | None = None) -> list[Item]:
+        """Apply a ``subscribed`` reply; return what to deliver now. ``since`` (at most
+        ``offset``) is the reply's field of that name: with ``recovered: false``, the
+        events of ``epoch`` after it are replayed next, so they are not duplicates."""
         out: list[Item] = []
         if recovered is True and self.epoch is not None:
             if epoch != self.epoch:
@@ -68,6 +74,10 @@ class ChannelTracker:
                     f"{self.channel}: 'recovered: true' for another epoch")
             # The replay of (self.offset, offset] follows, in order.
         else:
+            if recovered is False and since is not None:
+                # The replay of (since, offset] follows: the baseline is `since`, so the
+                # Gap reports only what is really lost and the replay is delivered.
+                offset = since
             if self.epoch is None and self._held:
                 # First baseline of a channel that was live before the reply (the
                 # automatic personal channel): the held events are part of the stream.
