@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from helpers import Client, make_settings, serve
+from helpers import Client, api, make_settings, serve
 from tidings.brokers.redis import RedisBroker
 from tidings.server import RunningServer
 
@@ -321,3 +321,57 @@ class Follower:
             assert missing == []
             positions = [self.ids.index(i) for i in acknowledged]
             assert positions == sorted(positions)
+
+
+class Producer:
+    """Publishes ``count`` events at a steady rate; a 503 is retried with the same key."""
+
+    def __init__(self, server: RunningServer, count: int, interval: float = 0.02, *,
+                 channel: str = "news:fault", key_prefix: str = "k") -> None:
+        self.server = server
+        self.channel = channel
+        self.key_prefix = key_prefix
+        self.count = count
+        self.interval = interval
+        self.acked: list[dict[str, Any]] = []
+        self.unavailable = 0
+        self._progress = asyncio.Event()
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        for i in range(self.count):
+            body = {"channel": self.channel, "type": "notification",
+                    "idempotency_key": f"{self.key_prefix}{i}",
+                    "data": {"message": f"event {i}", "level": "info"}}
+            while True:
+                status, answer = await api(self.server, "POST", "/api/publish", body)
+                if status == 200:
+                    break
+                assert status == 503, answer
+                self.unavailable += 1
+                self._progress.set()
+                await asyncio.sleep(self.interval)  # the client's retry pace
+            self.acked.append(answer["results"][0])
+            self._progress.set()
+            await asyncio.sleep(self.interval)  # the steady publishing rate
+
+    async def until_acked(self, count: int, timeout: float = 10) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.acked) < count:
+                self._progress.clear()
+                await self._progress.wait()
+
+    async def until_unavailable(self) -> None:
+        """Wait until a publish has answered 503 (the outage was seen)."""
+        async with asyncio.timeout(10):
+            while not self.unavailable:
+                self._progress.clear()
+                await self._progress.wait()
+
+    @property
+    def ids(self) -> list[str]:
+        return [result["id"] for result in self.acked]
+
+    def check_offsets(self) -> None:
+        """A retried key never made a second offset: offsets are exactly 1..count."""
+        assert [result["offset"] for result in self.acked] == list(range(1, self.count + 1))

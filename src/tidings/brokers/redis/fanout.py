@@ -206,7 +206,16 @@ class Fanout:
             state.repair.cancel()
         if state.subscriber is not None:
             state.subscriber.remove(state.pubsub)
+            self._close_if_idle(state.subscriber)
             state.subscriber = None
+
+    def _close_if_idle(self, subscriber: Subscriber) -> None:
+        """A pub/sub connection that carries nothing any more is closed."""
+        if subscriber.channels or subscriber is self._control_home:
+            return
+        if self._subscribers.get(subscriber.address) is subscriber:
+            del self._subscribers[subscriber.address]
+        self._spawn(subscriber.close(), "redis-pubsub-close")
 
     def _fail_confirmation(self, state: _Channel) -> None:
         if state.confirmed is not None and not state.confirmed.done():
@@ -260,6 +269,8 @@ class Fanout:
     def on_dropped(self, subscriber: Subscriber, names: list[bytes]) -> None:
         for name in names:
             self._drop(subscriber, name)
+        if not subscriber.down:
+            self._close_if_idle(subscriber)
         self._rehome_soon()
 
     def on_down(self, subscriber: Subscriber) -> None:

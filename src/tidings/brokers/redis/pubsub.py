@@ -224,6 +224,9 @@ class Subscriber:
             except ResponseError as error:
                 raise ConnectionError(f"pub/sub error reply: {type(error).__name__}") from None
             if not isinstance(reply, list) or not reply:
+                if reply == b"PONG" and self._pong is not None:
+                    # Outside subscribed mode (every channel left) PING answers plainly.
+                    self._pong.set()
                 continue
             kind = reply[0]
             if kind == self._message:
