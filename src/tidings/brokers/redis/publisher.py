@@ -153,8 +153,11 @@ class Publisher:
             for event in pending.events:
                 by_slot.setdefault(event.slot, []).append(event)
         try:
-            await asyncio.gather(*(self._slot(slot, events)
-                                   for slot, events in by_slot.items()))
+            if all(self._wanted_now(slot) == 0 for slot in by_slot):
+                await self._publish_at_once(by_slot)
+            else:
+                await asyncio.gather(*(self._slot(slot, events)
+                                       for slot, events in by_slot.items()))
         except BaseException as exc:
             for pending in batch:
                 for event in pending.events:
@@ -165,6 +168,28 @@ class Publisher:
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_result(None)
+
+    async def _publish_at_once(self, by_slot: dict[int, list[_Event]]) -> None:
+        """Append and publish in one script per event, every slot in one pass."""
+        slots = list(by_slot.items())
+        groups = [(slot, [("EVALSHA", self._scripts.publish, *e.command) for e in events])
+                  for slot, events in slots]
+        for (_, events), replies in zip(slots, await self._router.run_many(groups),
+                                        strict=True):
+            if isinstance(replies, BrokerUnavailable):
+                for event in events:
+                    event.error = replies
+            else:
+                self._results(events, replies)
+
+    def _wanted_now(self, slot: int) -> int | None:
+        """``_wanted`` when known without I/O (None: the link must connect first)."""
+        if self._ack_replicas is not None:
+            return self._ack_replicas
+        role = self._router.link(self._router.topology.address(slot)).role
+        if role is None:
+            return None
+        return 1 if role.replicas > 0 else 0
 
     async def _slot(self, slot: int, events: list[_Event]) -> None:
         """Publish the events of one slot, in order."""
