@@ -205,9 +205,9 @@ class EngineNode:
     def _arguments(self, binary: str) -> list[str]:
         if self.sentinel_config is not None:
             config = self.directory / "sentinel.conf"
-            if not config.exists():
-                # Written once: Sentinel rewrites it (its id, the replicas and sentinels
-                # it found, a new primary), and a restart must read that version.
+            if not self._started:
+                # Not on a restart: Sentinel rewrites it (its id, the replicas and
+                # sentinels it found, a new primary), and a restart must read that.
                 config.write_text(
                     f"port {self.port}\nbind {HOST}\ndir {self.directory}\n"
                     f"logfile {self.log_path}\n{self.sentinel_config}")
@@ -660,6 +660,7 @@ class ClusterEngine:
             return self._ids[owners.pop()]
 
         new = await eventually(promoted, timeout=WAIT_TIMEOUT, interval=POLL)
+        assert isinstance(new, EngineNode)  # eventually() returns only a truthy result
         await self.wait_ok()
         return new
 
@@ -866,6 +867,7 @@ class SentinelEngine:
             return new
 
         new = await eventually(switched, timeout=WAIT_TIMEOUT, interval=POLL)
+        assert isinstance(new, EngineNode)  # eventually() returns only a truthy result
         self._primary = new
         self._replicas = [replica for replica in self._replicas if replica is not new]
         if self._replicas:
