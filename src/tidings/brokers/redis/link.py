@@ -60,13 +60,15 @@ def make_connection(target: Target, address: Address, *, timeout: float,
     """A redis-py connection (not yet connected) to ``address`` of ``target``.
 
     ``reads_block``: a pub/sub connection, whose reads wait for messages (liveness is
-    checked with PING instead of a socket timeout).
+    checked with PING). No connection has a socket timeout: every wait is bounded by its
+    caller (a link's reply deadline, a pub/sub PING, ``asyncio.timeout`` around the
+    rest), and redis-py would otherwise start a task per write and a timer per read.
     """
     common: dict[str, Any] = {
         "db": target.db,
         "username": target.username,
         "password": target.password,
-        "socket_timeout": None if reads_block else timeout,
+        "socket_timeout": None,
         "socket_connect_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 0,
@@ -195,8 +197,9 @@ class Link:
         try:
             conn: AbstractConnection = await self._opener(self.address)
             try:
-                await conn.send_command("ROLE", check_health=False)
-                self.role = parse_role(await conn.read_response())
+                async with asyncio.timeout(self._timeout):
+                    await conn.send_command("ROLE", check_health=False)
+                    self.role = parse_role(await conn.read_response())
             except ResponseError:
                 self.role = None  # ROLE not permitted (ACL): nothing to learn from it
             except BaseException:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -94,6 +95,9 @@ class Publisher:
         self._queue: list[_Publish] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # Candidate epochs only need to be unique: a PRNG seeded from the OS, not a
+        # getrandom call per publish.
+        self._random = random.Random(secrets.randbits(128))  # noqa: S311
 
     async def publish(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
         """Publish in order; see ``Broker.publish``."""
@@ -132,7 +136,8 @@ class Publisher:
         keys = [self._keys.meta(channel), self._keys.stream(channel)]
         if request.idempotency_key:
             keys.append(self._keys.idempotency(channel, request.idempotency_key))
-        args = (secrets.token_hex(8), head, tail, self._history_size, self._ttl_ms,
+        epoch = f"{self._random.getrandbits(64):016x}"
+        args = (epoch, head, tail, self._history_size, self._ttl_ms,
                 self._window_ms, self._keys.events(channel), event_id)
         # The sha is filled in when the batch knows which script it runs.
         command = (len(keys), *keys, *args)
