@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tidings import __version__
-from tidings.bench import scenarios
+from tidings.bench import publishing, scenarios
 from tidings.bench.generator import BuildError, build_generator
 from tidings.bench.scenarios import Context, RunError
 from tidings.bench.servers import (
@@ -31,7 +31,7 @@ from tidings.bench.system import Pinning, machine_info, raise_nofile, wait_quiet
 
 __all__ = ["SCENARIOS", "add_arguments", "run"]
 
-SCENARIOS = ("fanout", "latency", "memory", "handshake", "redis")
+SCENARIOS = ("fanout", "latency", "memory", "handshake", "redis", "publish")
 
 #: Targets of the issue, as ratios to the floor or absolute figures.
 TARGETS = {
@@ -104,6 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="publish requests in flight in the fan-out scenario")
     parser.add_argument("--send-buffer", type=int, default=64 * 1024 * 1024,
                         help="limits.send_buffer_bytes given to the server under test")
+    parser.add_argument("--publish-seconds", type=float,
+                        help="measured window of each publish phase (default 4; --quick 0.5, "
+                             "and one attempt per run)")
+    parser.add_argument("--publish-brokers", type=publishing.broker_names,
+                        help=f"brokers of the publish scenario, from {','.join(publishing.BROKERS)}"
+                             f" (default: all; --quick {','.join(publishing.QUICK_BROKERS)})")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--quiet-wait", type=float,
                         help="before each run, wait up to this many seconds for the machine "
@@ -264,7 +270,7 @@ def _measure(plan: Plan, figure: Figure, one: Callable[[ServerKind], dict[str, A
 def _fmt(value: Any, unit: str) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float) and unit in ("ms", "KB"):
+    if isinstance(value, float) and unit in ("ms", "KB", "ratio", "µs/publish"):
         return f"{value:,.2f}" if value < 100 else f"{value:,.1f}"
     return f"{value:,.0f}"
 
@@ -302,8 +308,9 @@ def _handshakes(ctx: Context, kind: ServerKind, *, n: int, concurrency: int) -> 
 
 
 def _redis_fanout(ctx: Context, kind: ServerKind, *, n: int, seconds: float,
-                  events: int | None) -> dict[str, Any]:
-    return scenarios.redis_fanout(ctx, kind, n, seconds=seconds, events=events)
+                  events: int | None, cluster: bool = False) -> dict[str, Any]:
+    return scenarios.redis_fanout(ctx, kind, n, seconds=seconds, events=events,
+                                  cluster=cluster)
 
 
 def _redis_latency(ctx: Context, kind: ServerKind, *, n: int, rate: float, seconds: float,
@@ -329,6 +336,14 @@ def _redis_figures(plan: Plan, ctx: Context, figures: list[Figure],
         _measure(plan, figure, functools.partial(
             _redis_fanout, ctx, n=n, seconds=plan.seconds, events=plan.events), tidings)
         figures.append(figure)
+    for n in plan.subscribers:
+        figure = Figure("redis_fanout", f"Redis cluster 3x0, 2 nodes fan-out {n:,} subs",
+                        "deliveries_per_s", "deliveries/s", "higher",
+                        {"subscribers": n, "nodes": 2, "shards": 3}, {})
+        _measure(plan, figure, functools.partial(
+            _redis_fanout, ctx, n=n, seconds=plan.seconds, events=plan.events,
+            cluster=True), tidings)
+        figures.append(figure)
     n = plan.latency_subscribers
     for rate in plan.latency_rates:
         figure = Figure("redis_latency", f"Redis 2 nodes latency {rate:g} ev/s x {n:,}",
@@ -338,6 +353,23 @@ def _redis_figures(plan: Plan, ctx: Context, figures: list[Figure],
             _redis_latency, ctx, n=n, rate=rate, seconds=plan.latency_seconds,
             warmup=min(1.0, plan.latency_seconds / 2)), tidings)
         figures.append(figure)
+
+
+def _publish_figures(plan: Plan, args: argparse.Namespace, ctx: Context,
+                     figures: list[Figure], skipped: dict[str, str]) -> None:
+    """Publishes per second through each broker, on one Tidings node (tidings/bench/
+    publishing.py); Tidings only."""
+    if not any(kind.name == "tidings" for kind in plan.kinds):
+        skipped["publish"] = "only Tidings runs the publish scenario, and it is not among --servers"
+        return
+    rows, why = publishing.measure_publish(ctx, publishing.plan_from_args(
+        args, runs=plan.runs, quiet_wait=plan.quiet_wait, max_foreign=plan.max_foreign,
+        attempts=plan.attempts), progress=_progress)
+    skipped.update(why)
+    for row in rows:
+        figures.append(Figure(row.scenario, row.label, row.metric, row.unit, row.better,
+                              row.params, {"tidings": _summary(row.runs, row.errors)},
+                              row.note))
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -414,6 +446,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             figures.append(figure)
         if "redis" in plan.scenarios:
             _redis_figures(plan, ctx, figures, skipped)
+        if "publish" in plan.scenarios:
+            _publish_figures(plan, args, ctx, figures, skipped)
     finally:
         for path in work.iterdir():
             path.unlink()
@@ -455,6 +489,10 @@ def _targets(figures: Sequence[Figure]) -> list[dict[str, Any]]:
         elif figure.scenario == "memory":
             checks.append({"figure": figure.label, "target": "<= 16 KB per connection",
                            "value": value, "met": value <= TARGETS["memory_kb"]})
+        elif figure.scenario == "publish_ratio" and figure.params.get("target"):
+            checks.append({"figure": figure.label, "target": f">= {publishing.TARGET_RATIO} "
+                           "of the memory broker", "value": value,
+                           "met": value >= publishing.TARGET_RATIO})
         elif figure.scenario == "handshake" and ratio is not None:
             checks.append({"figure": figure.label, "target": ">= 75% of the floor",
                            "value": ratio, "met": ratio >= TARGETS["handshake_ratio"]})
@@ -494,6 +532,7 @@ def _report(plan: Plan, pinning: Pinning, figures: Sequence[Figure], skipped: di
                 "better": figure.better,
                 "params": figure.params,
                 "servers": figure.servers,
+                "note": figure.note,
                 "ratio_vs_floor": {name: _ratio(figure, name) for name in figure.servers
                                    if name != "floor" and "floor" in figure.servers},
             }
@@ -577,6 +616,8 @@ def render_table(report: dict[str, Any]) -> str:
         notes.append("*  : other processes of the machine used more than "
                      f"{report['config']['max_foreign']:g}% of a core during a kept run")
     notes.append("server CPU %: median per server, in the order of the columns")
+    for note in dict.fromkeys(r["note"] for r in report["results"] if r.get("note")):
+        notes.append(note)
     for check in report["targets"]:
         mark = "met" if check["met"] else "MISSED"
         notes.append(f"target {check['figure']}: {check['target']}: {check['value']} -> {mark}")

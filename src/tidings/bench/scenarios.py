@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tidings.bench.cluster import start_cluster
 from tidings.bench.generator import Generator
 from tidings.bench.servers import (
     CHANNEL,
@@ -354,11 +355,17 @@ def handshakes(ctx: Context, kind: ServerKind, count: int, *,
 
 
 def _redis_cluster_run(ctx: Context, kind: ServerKind, subscribers: int, body: Any, *,
-                       sample_every: int) -> dict[str, Any]:
-    """Start Redis and two Tidings nodes on the server CPU, connect ``subscribers`` spread
+                       sample_every: int, cluster: bool = False) -> dict[str, Any]:
+    """Start Redis (one redis-server, or with ``cluster`` a 3-shard Redis Cluster without
+    replicas) and two Tidings nodes on the server CPU, connect ``subscribers`` spread
     over both nodes, and run ``body(node_a, gen, others)``."""
     with contextlib.ExitStack() as stack:
-        redis_proc, url = stack.enter_context(start_redis(ctx.pinning))
+        if cluster:
+            engine = stack.enter_context(start_cluster(ctx.pinning, 3, 0))
+            url, broker_pids = engine.url, engine.pids
+        else:
+            redis_proc, url = stack.enter_context(start_redis(ctx.pinning))
+            broker_pids = (redis_proc.pid,)
         node_a = stack.enter_context(start_server(kind, ctx.pinning, ctx.credentials,
                                                   send_buffer=ctx.send_buffer, broker=url))
         node_b = stack.enter_context(start_server(kind, ctx.pinning, ctx.credentials,
@@ -371,13 +378,14 @@ def _redis_cluster_run(ctx: Context, kind: ServerKind, subscribers: int, body: A
                         setup_timeout=ctx.setup_timeout)
         stack.callback(gen.close)
         _connect_all(gen, node_a, subscribers)
-        result: dict[str, Any] = body(node_a, gen, (node_b.pid, redis_proc.pid))
+        result: dict[str, Any] = body(node_a, gen, (node_b.pid, *broker_pids))
         return result
 
 
 def redis_fanout(ctx: Context, kind: ServerKind, subscribers: int, *, seconds: float,
-                 events: int | None) -> dict[str, Any]:
-    """Fan-out through the Redis broker: publishes to node A, subscribers on A and B."""
+                 events: int | None, cluster: bool = False) -> dict[str, Any]:
+    """Fan-out through the Redis broker: publishes to node A, subscribers on A and B;
+    through a 3-shard Redis Cluster with ``cluster``."""
 
     def body(node: Server, gen: Generator, others: tuple[int, ...]) -> dict[str, Any]:
         warm = _publish_and_count(ctx, node, gen, _warm_events(ctx, subscribers), subscribers,
@@ -390,6 +398,7 @@ def redis_fanout(ctx: Context, kind: ServerKind, subscribers: int, *, seconds: f
         figures.update({
             "value": round(done["frames"] / measured["seconds"]),
             "events": count, "subscribers": subscribers, "nodes": 2,
+            "shards": 3 if cluster else 1,
             "seconds": round(measured["seconds"], 3),
             "sampled_p50_ms": _lat_ms(done, "p50_us"),
             "sampled_p99_ms": _lat_ms(done, "p99_us"),
@@ -397,7 +406,7 @@ def redis_fanout(ctx: Context, kind: ServerKind, subscribers: int, *, seconds: f
         return figures
 
     return _redis_cluster_run(ctx, kind, subscribers, body,
-                              sample_every=max(1, subscribers // 100))
+                              sample_every=max(1, subscribers // 100), cluster=cluster)
 
 
 def redis_latency(ctx: Context, kind: ServerKind, subscribers: int, rate: float, *,
