@@ -335,15 +335,12 @@ class Fanout:
                 while waiting and loop.time() < deadline:
                     await self._wait_change(deadline - loop.time())
                     waiting = [s for s in waiting if not s.connected and not s.down]
-                if self._all_homed():
+                if not self._homeless:
                     attempt = 0
         finally:
             self._rehoming = None
         if self._homeless and not self._closing:
             self._rehome_soon()
-
-    def _all_homed(self) -> bool:
-        return not self._homeless
 
     def _rehome_now(self) -> None:
         for name in list(self._homeless):

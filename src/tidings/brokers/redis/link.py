@@ -206,7 +206,6 @@ class Link:
                 await conn.disconnect(nowait=True)
                 raise
         except (RedisError, OSError, TimeoutError) as exc:
-            self._opening = None
             self._fail_all(unavailable(exc))
             if self._on_broken is not None:
                 self._on_broken(self, exc)

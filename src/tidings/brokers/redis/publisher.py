@@ -25,7 +25,7 @@ import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from redis.exceptions import ResponseError
@@ -72,7 +72,6 @@ class _Event:
 class _Publish:
     events: list[_Event]
     future: asyncio.Future[None]
-    waiting: int = field(default=0)
 
 
 class Publisher:

@@ -142,7 +142,7 @@ return {{epoch, o, ARGV[8], 0}}
 #: Append one event without publishing it (``broker.ack_replicas > 0``); the caller
 #: waits for the replicas, then runs ``COMMIT_SCRIPT``. A meta hash without ``committed``
 #: gets it now, at the offset before this one (everything before was committed).
-#: Returns {epoch, offset, event id, duplicate} and, last, the payload.
+#: Returns {epoch, offset, event id, duplicate}.
 APPEND_SCRIPT = _APPEND + """
 if not meta[2] then
   redis.call('HSET', KEYS[1], 'committed', tonumber(o) - 1)

@@ -151,10 +151,8 @@ class ClusterTopology(Topology):
 
 
 def parse_cluster_slots(reply: Any, asked: Address) -> list[Address] | None:
-    """The slot map of a ``CLUSTER SLOTS`` reply, or None while slots are unassigned
-    (a cluster still forming, or a node that lost its view).
-
-    A primary announced with an empty host is the node that was asked.
+    """The slot map of a ``CLUSTER SLOTS`` reply, or None for an empty reply (a node
+    that knows no slots). A primary announced with an empty host is the node asked.
     """
     if not isinstance(reply, list) or not reply:
         return None
