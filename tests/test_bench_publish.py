@@ -84,15 +84,22 @@ def test_publish_scenario_against_memory(tmp_path: Path) -> None:
     """Single and batched publish rates through memory:// are measured and written."""
     report = _bench(tmp_path, "--publish-brokers", "memory", "--publish-seconds", "0.3")
     rows = _by_label(report)
-    assert set(rows) == {"publish 1/req x32, memory", "publish batch 100 x8, memory"}
+    rates = {"publish 1/req x32, memory", "publish batch 100 x8, memory"}
+    latencies = {"publish latency 1 in flight p50, memory",
+                 "publish latency 1 in flight p99, memory"}
+    assert set(rows) == rates | latencies | {"Tidings CPU 1/req, memory",
+                                             "Tidings CPU batch 100, memory"}
     for label, summary in rows.items():
         assert summary["errors"] == [], label
-        assert summary["median"] > 0, label
         [run] = summary["runs"]
         assert run["events"] > 0 and run["failed"] == 0, run
-        assert run["server_cpu"] > 0, run
         assert run["redis_us_per_publish"] == [], run
-    assert {r["scenario"] for r in report["results"]} == {"publish_single", "publish_batch"}
+    for label in rates | latencies:
+        assert rows[label]["median"] > 0, label
+        assert rows[label]["runs"][0]["server_cpu"] > 0, label
+    assert rows["publish latency 1 in flight p50, memory"]["runs"][0]["concurrency"] == 1
+    assert {r["scenario"] for r in report["results"]} == {
+        "publish_single", "publish_batch", "publish_latency", "publish_node_cpu"}
 
 
 @needs_cc
@@ -107,6 +114,8 @@ def test_publish_scenario_through_one_redis(tmp_path: Path) -> None:
                   "publish batch 100 x8, Redis", "publish 1/req x32, Redis/memory"):
         assert rows[label]["errors"] == [], label
         assert rows[label]["median"] > 0, label
+    assert rows["publish latency 1 in flight p99, Redis"]["median"] > 0
+    assert rows["Tidings CPU 1/req, Redis"]["median"] is not None
     cpu = [rows["Redis CPU 1/req, Redis"], rows["Redis CPU batch 100, Redis"]]
     assert all(summary["median"] is not None and summary["median"] >= 0 for summary in cpu)
     # CPU time comes in 10 ms ticks: over 1 s at least one of the two phases shows some.

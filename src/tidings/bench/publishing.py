@@ -10,12 +10,14 @@ after a warm-up:
 
 * *single*: 32 connections, each with one ``POST /api/publish`` of one event in flight;
 * *batch*: 8 connections, each with one ``POST /api/batch`` of 100 events in flight;
+* *lone*: one connection with one single-event publish in flight: the latency of a
+  publish when nothing queues (p50 and p99; what ``WAIT`` for a replica adds);
 
 with ~100-byte event data spread over 64 channels ``bench:p<i>``. A phase's figure is the
 acknowledged events between two marks divided by the time between them; the CPU time
 (utime + stime) of the Tidings process, of the load process and of every redis-server is
 read at both marks. Redis CPU per publish is each redis-server's CPU time over the window
-divided by the events acknowledged in it.
+divided by the events acknowledged in it; Tidings CPU per publish is the node's.
 
 The brokers of one run are measured one after the other, so the ratios Redis/memory and
 cluster/memory are taken run by run (same run, neighbours in time) and then summarised.
@@ -136,13 +138,23 @@ class Row:
     note: str = ""
 
 
-_MODES = ("single", "batch")
+#: ``lone``: single publishes, one in flight, for the latency a publish costs unloaded.
+_MODES = ("single", "batch", "lone")
+_PERCENTILES = ("p50", "p99")
 
 
 def _mode_label(plan: PublishPlan, mode: str) -> str:
     if mode == "single":
         return f"publish 1/req x{plan.single_concurrency}"
+    if mode == "lone":
+        return "publish latency 1 in flight"
     return f"publish batch {plan.batch} x{plan.batch_concurrency}"
+
+
+def _concurrency(plan: PublishPlan, mode: str) -> int:
+    if mode == "lone":
+        return 1
+    return plan.single_concurrency if mode == "single" else plan.batch_concurrency
 
 
 @dataclass(slots=True)
@@ -185,9 +197,9 @@ def _phase(ctx: Context, plan: PublishPlan, url: str, infra: _Infra, server_pid:
            mode: str) -> dict[str, Any]:
     """One phase (``single`` or ``batch``) against a running node; the figures of its
     measured window."""
-    concurrency = plan.single_concurrency if mode == "single" else plan.batch_concurrency
+    concurrency = _concurrency(plan, mode)
     argv = [sys.executable, "-m", "tidings.bench.postload", "--url", url,
-            "--key", ctx.credentials.api_key, "--mode", mode,
+            "--key", ctx.credentials.api_key, "--mode", "batch" if mode == "batch" else "single",
             "--concurrency", str(concurrency), "--batch", str(plan.batch),
             "--channels", str(plan.channels), "--data-bytes", str(plan.data_bytes),
             "--limit", str(plan.warmup + plan.seconds + 60)]
@@ -226,6 +238,7 @@ def _phase(ctx: Context, plan: PublishPlan, url: str, infra: _Infra, server_pid:
         "seconds": round(seconds, 3),
         "concurrency": concurrency,
         "server_cpu": round(cpu_percent(before, after, server_pid), 1),
+        "node_us_per_publish": _us_per_event(before, after, server_pid, events),
         "gen_cpu": gen_cpu,
         "redis_us_per_publish": shards,
         "redis_us_per_publish_sum": round(sum(shards), 2) if shards else None,
@@ -290,10 +303,20 @@ def _rows(plan: PublishPlan, brokers: Sequence[Broker]) -> dict[tuple[str, ...],
     for mode in _MODES:
         unit = "publishes/s" if mode == "single" else "events/s"
         base = {"mode": mode, "channels": plan.channels, "data_bytes": plan.data_bytes,
-                "seconds": plan.seconds, "concurrency": plan.single_concurrency
-                if mode == "single" else plan.batch_concurrency}
+                "seconds": plan.seconds, "concurrency": _concurrency(plan, mode)}
         if mode == "batch":
             base["batch"] = plan.batch
+        if mode == "lone":
+            for part in _PERCENTILES:
+                for broker in brokers:
+                    rows[("latency", mode, broker.name, part)] = Row(
+                        "publish_latency", f"{_mode_label(plan, mode)} {part}, "
+                        f"{broker.label}", f"latency_{part}_ms", "ms", "lower",
+                        {**base, "broker": broker.name, "percentile": part},
+                        note="latency rows: request to answer of single publishes, one in "
+                             "flight, warm-up included; what WAIT for a replica adds shows "
+                             "in the cluster 3x1 row")
+            continue
         for broker in brokers:
             rows[("rate", mode, broker.name)] = Row(
                 f"publish_{mode}", f"{_mode_label(plan, mode)}, {broker.label}",
@@ -310,6 +333,13 @@ def _rows(plan: PublishPlan, brokers: Sequence[Broker]) -> dict[tuple[str, ...],
                     {**base, "broker": broker.name, "target": broker.target},
                     note="ratio rows: taken run by run (same run), server CPU % is the "
                          "Redis run's")
+        for broker in brokers:
+            prefix = f"Tidings CPU {'1/req' if mode == 'single' else f'batch {plan.batch}'}"
+            rows[("node", mode, broker.name)] = Row(
+                "publish_node_cpu", f"{prefix}, {broker.label}", "us_per_publish",
+                "µs/publish", "lower", {**base, "broker": broker.name},
+                note="Tidings CPU rows: the node's CPU time (utime+stime) per acknowledged "
+                     "event, HTTP included")
         for broker in brokers:
             if broker.name == "memory":
                 continue
@@ -347,6 +377,11 @@ def _fill(rows: dict[tuple[str, ...], Row], run: dict[str, dict[str, dict[str, A
         result = run[name][mode]
         if kind == "rate":
             row.runs.append(result)
+        elif kind == "latency":
+            row.runs.append({**result, "value": result[f"latency_{key[3]}_ms"]})
+        elif kind == "node":
+            row.runs.append({**result, "value": result["node_us_per_publish"],
+                             "resolution_us": round(1e6 / _TICKS / result["events"], 2)})
         elif kind == "ratio":
             memory = run["memory"][mode]
             row.runs.append({
@@ -432,10 +467,11 @@ def measure_publish(ctx: Context, plan: PublishPlan, *,
                 if (result.get("foreign_cpu") or 0.0) > plan.max_foreign:
                     result["noisy"] = True
         _fill(rows, run, failed, index)
-    resolution = max((run["resolution_us"] for key, row in rows.items() if key[0] == "cpu"
+    resolution = max((run["resolution_us"] for key, row in rows.items()
+                      if key[0] in ("cpu", "node")
                       for run in row.runs), default=None)
     for key, row in rows.items():
-        if key[0] == "cpu" and resolution is not None:
+        if key[0] in ("cpu", "node") and resolution is not None:
             row.note += (f"; CPU time comes in ticks of {1000 // _TICKS} ms, so each figure "
                          f"is within {resolution:g} µs/publish here (longer "
                          "--publish-seconds: finer)")
