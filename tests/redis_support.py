@@ -375,3 +375,16 @@ class Producer:
     def check_offsets(self) -> None:
         """A retried key never made a second offset: offsets are exactly 1..count."""
         assert [result["offset"] for result in self.acked] == list(range(1, self.count + 1))
+
+
+class NullHandler:
+    """A broker handler for a node with nothing subscribed."""
+
+    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes) -> None: ...
+    def on_continuity_lost(self, channel: str) -> None: ...
+    def on_disconnect_user(self, user_id: str, reason: str) -> None: ...
+    def local_channels(self) -> dict[str, int]:
+        return {}
+
+    def local_presence(self, channel: str) -> dict[str, int]:
+        return {}

@@ -19,9 +19,19 @@ from pathlib import Path
 import pytest
 
 from helpers import Client, api, connect, token
-from redis_engines import ClusterEngine, cluster_scope, sentinel_scope
-from redis_support import Follower, Producer, eventually, prefix_scope, redis_node
+from redis_engines import ClusterEngine, EngineNode, cluster_scope, sentinel_scope, stop_all
+from redis_support import (
+    Follower,
+    NullHandler,
+    Producer,
+    eventually,
+    prefix_scope,
+    redis_node,
+)
+from tidings.brokers import PublishRequest
+from tidings.brokers.redis import RedisBroker
 from tidings.brokers.redis.scripts import key_slot
+from tidings.errors import BrokerUnavailable
 from tidings.server import RunningServer
 
 pytestmark = pytest.mark.timeout(150)
@@ -230,6 +240,55 @@ async def test_cluster_events_are_shown_only_once_a_replica_has_them(
             status, history = await api(
                 b, "GET", f"/api/channels/{channel}/history?since=0&limit=10")
             assert [e["id"] for e in history["events"]] == [event_id]
+
+
+async def test_auto_ack_follows_a_replica_that_joins_later(tmp_path: Path) -> None:
+    """ack_replicas auto on a primary that had no replica when the node connected: once a
+    replica joins it is waited for, so with that replica frozen or gone a publish fails."""
+    sync = ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
+    primary = EngineNode(tmp_path / "primary", options=sync)
+    replica = EngineNode(tmp_path / "replica")
+    await primary.start()
+    broker = RedisBroker(f"redis://{primary.address}", timeout=0.5, ping_interval=0.05)
+    try:
+        await broker.start(NullHandler())
+        request = PublishRequest("news:late", "notification", {"n": 1})
+        [first] = await broker.publish([request])  # no replica: nothing to wait for
+        replica.options = ["--replicaof", "127.0.0.1", str(primary.port), *sync]
+        await replica.start()
+
+        async def replica_online() -> bool:
+            role = await primary.ask("ROLE")
+            return len(role[2]) == 1
+
+        await eventually(replica_online, timeout=20)
+
+        async def counted() -> bool:
+            [link] = broker._router.links()
+            return link.replicas_seen == 1
+
+        await eventually(counted, timeout=10)
+        replica.pause()
+        try:
+            with pytest.raises(BrokerUnavailable, match="replicas"):
+                await broker.publish([request])
+        finally:
+            replica.resume()
+        [later] = await broker.publish([request])
+        assert later.offset > first.offset
+        # Gone for good (as far as the primary knows): still waited for, never skipped.
+        replica.stop()
+
+        async def seen_gone() -> bool:
+            [link] = broker._router.links()
+            return link.role is not None and link.role.replicas == 0
+
+        await eventually(seen_gone, timeout=10)
+        with pytest.raises(BrokerUnavailable, match="replicas"):
+            await broker.publish([request])
+    finally:
+        await broker.close()
+        stop_all([replica, primary])
 
 
 async def test_sentinel_failover_under_load(tmp_path: Path, redis_prefix: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 from redis.crc import key_slot as redis_key_slot
 from redis.exceptions import ResponseError
 
-from redis_support import REDIS_URL, prefix_scope
+from redis_support import REDIS_URL, NullHandler, prefix_scope
 from tidings.brokers import PublishRequest
 from tidings.brokers.redis import RedisBroker
 from tidings.brokers.redis.link import Link, open_connection, parse_role
@@ -103,19 +103,6 @@ def test_plain_batches_merge_every_channel() -> None:
 
 
 # -- against the shared Redis ----------------------------------------------------------
-
-
-class NullHandler:
-    """A node with nothing subscribed."""
-
-    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes) -> None: ...
-    def on_continuity_lost(self, channel: str) -> None: ...
-    def on_disconnect_user(self, user_id: str, reason: str) -> None: ...
-    def local_channels(self) -> dict[str, int]:
-        return {}
-
-    def local_presence(self, channel: str) -> dict[str, int]:
-        return {}
 
 
 @pytest.fixture

@@ -229,11 +229,13 @@ class RedisBroker:
 
     async def _watch_forever(self) -> None:
         """Read the topology now and then: a Sentinel failover or a slot move that no
-        connection noticed (a demoted primary still accepts subscriptions)."""
+        connection noticed (a demoted primary still accepts subscriptions); and count
+        each primary's replicas again (``ack_replicas`` auto)."""
         while not self._closing:
             await asyncio.sleep(self._ping_interval)
             try:
                 async with asyncio.timeout(self._timeout):
+                    await self._router.refresh_roles()
                     changed = await self._topology.refresh()
             except (RedisError, OSError, TimeoutError) as exc:
                 logger.debug("reading the topology failed: %s", type(exc).__name__)

@@ -103,7 +103,8 @@ async def open_connection(target: Target, address: Address, *, timeout: float,  
 
 @dataclass(frozen=True, slots=True)
 class Role:
-    """What ``ROLE`` said when a link connected: primary or not, and its live replicas."""
+    """What ``ROLE`` said (when a link connected, and at each topology check): primary or
+    not, and its live replicas."""
 
     primary: bool
     replicas: int
@@ -142,6 +143,10 @@ class Link:
         self._max_pending = max_pending
         self._on_broken = on_broken
         self.role: Role | None = None
+        #: The most replicas ``ROLE`` has shown for this primary since the link was made.
+        #: Sticky, so that ``ack_replicas`` auto keeps waiting for a replica that dropped
+        #: out (which a failover may yet promote) instead of acknowledging without it.
+        self.replicas_seen = 0
         self._conn: AbstractConnection | None = None
         self._opening: asyncio.Task[None] | None = None
         self._outbox: list[_Call] = []
@@ -159,6 +164,12 @@ class Link:
     @property
     def pending(self) -> int:
         return len(self._outbox) + len(self._inflight)
+
+    def note_role(self, role: Role | None) -> None:
+        """What ``ROLE`` said now (None: the server would not say)."""
+        self.role = role
+        if role is not None and role.primary:
+            self.replicas_seen = max(self.replicas_seen, role.replicas)
 
     def call(self, commands: Sequence[Command]) -> asyncio.Future[list[Any]]:
         """Queue ``commands`` for this tick's write; see the module docstring."""
@@ -199,9 +210,9 @@ class Link:
             try:
                 async with asyncio.timeout(self._timeout):
                     await conn.send_command("ROLE", check_health=False)
-                    self.role = parse_role(await conn.read_response())
+                    self.note_role(parse_role(await conn.read_response()))
             except ResponseError:
-                self.role = None  # ROLE not permitted (ACL): nothing to learn from it
+                self.note_role(None)  # ROLE not permitted (ACL): nothing to learn from it
             except BaseException:
                 await conn.disconnect(nowait=True)
                 raise

@@ -13,8 +13,11 @@ history) and acknowledged. So no client ever sees an event that a failover can t
 back. When fewer replicas answer within the time limit the publish fails with
 ``BrokerUnavailable`` and nothing is shown; a retry with the same idempotency key
 finds the appended event, waits for the replicas again and commits it. ``None`` (auto)
-waits for one replica when the primary had replicas when the link connected, else for
-none. With N = 0 one script appends and publishes at once.
+waits for one replica when the primary has replicas, else for none. The replicas are
+counted when the link connects and again at every topology check; once a primary has
+been seen with a replica, one is waited for until the node restarts (a replica that
+dropped out may still be promoted by a failover: publishes fail rather than being
+acknowledged without it). With N = 0 one script appends and publishes at once.
 """
 
 from __future__ import annotations
@@ -190,10 +193,10 @@ class Publisher:
         """``_wanted`` when known without I/O (None: the link must connect first)."""
         if self._ack_replicas is not None:
             return self._ack_replicas
-        role = self._router.link(self._router.topology.address(slot)).role
-        if role is None:
+        link = self._router.link(self._router.topology.address(slot))
+        if not link.connected:
             return None
-        return 1 if role.replicas > 0 else 0
+        return 1 if link.replicas_seen > 0 else 0
 
     async def _slot(self, slot: int, events: list[_Event]) -> None:
         """Publish the events of one slot, in order."""
@@ -256,8 +259,7 @@ class Publisher:
             # The replicas are counted when the link connects: connect it first.
             await self._router.run(slot, [("PING",)], retry=True)
             link = self._router.link(self._router.topology.address(slot))
-        role = link.role
-        return 1 if role is not None and role.replicas > 0 else 0
+        return 1 if link.replicas_seen > 0 else 0
 
     async def _guarded(self, events: list[_Event], call: Awaitable[T]) -> T | None:
         """``call``'s value; None after ``BrokerUnavailable``, which every event gets."""

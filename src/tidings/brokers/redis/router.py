@@ -37,7 +37,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from tidings.brokers.redis.link import Address, Command, Link, unavailable
+from tidings.brokers.redis.link import Address, Command, Link, parse_role, unavailable
 from tidings.brokers.redis.topology import Topology
 from tidings.errors import BrokerUnavailable
 
@@ -76,6 +76,17 @@ class Router:
 
     def links(self) -> list[Link]:
         return list(self._links.values())
+
+    async def refresh_roles(self) -> None:
+        """Ask every connected link's server for its ``ROLE`` now, so that replicas that
+        joined (or left) since a link connected are counted. Failures are left to the
+        links (a broken connection reconnects and asks again)."""
+        links = [link for link in self._links.values() if link.connected]
+        replies = await asyncio.gather(*(link.call([("ROLE",)]) for link in links),
+                                       return_exceptions=True)
+        for link, reply in zip(links, replies, strict=True):
+            if isinstance(reply, list) and reply and not isinstance(reply[0], BaseException):
+                link.note_role(parse_role(reply[0]))
 
     async def close(self) -> None:
         self._closed = True
