@@ -1,13 +1,13 @@
 """Publishing through Redis: the publishes of one loop tick as one pipeline per shard.
 
 ``Publisher.publish`` queues its events; once per loop tick everything queued goes out
-together, one ``Router.run`` per slot (the ``Link`` of each primary writes them as one
+together, one ``Router.run_many`` call per primary (its ``Link`` writes them as one
 pipeline), so concurrent publishes cost one round trip per shard, not one each. Events
 of one channel share a slot and stay in their order; one call's results come back in
 its order.
 
-**Acknowledgement by replicas** (``ack_replicas`` = N > 0): each slot's events are
-appended without being published, followed on the same connection by ``WAIT N``; only
+**Acknowledgement by replicas** (``ack_replicas`` = N > 0): the events are appended
+without being published, followed in each primary's pipeline by one ``WAIT N``; only
 when N replicas have them are they committed (published live and made readable as
 history) and acknowledged. So no client ever sees an event that a failover can take
 back. When fewer replicas answer within the time limit the publish fails with
@@ -35,7 +35,7 @@ from redis.exceptions import ResponseError
 
 from tidings.brokers.base import PublishRequest, PublishResult
 from tidings.brokers.redis.codec import split_payload
-from tidings.brokers.redis.link import unavailable
+from tidings.brokers.redis.link import Command, unavailable
 from tidings.brokers.redis.router import Router
 from tidings.brokers.redis.scripts import KeyLayout, key_slot
 from tidings.errors import BrokerUnavailable
@@ -160,11 +160,21 @@ class Publisher:
             for event in pending.events:
                 by_slot.setdefault(event.slot, []).append(event)
         try:
-            if all(self._wanted_now(slot) == 0 for slot in by_slot):
-                await self._publish_at_once(by_slot)
-            else:
-                await asyncio.gather(*(self._slot(slot, events)
-                                       for slot, events in by_slot.items()))
+            wanted = {slot: self._wanted_now(slot) for slot in by_slot}
+            unknown = [slot for slot, count in wanted.items() if count is None]
+            if unknown:
+                # The first publishes to a primary: connect first, which counts its
+                # replicas (ack_replicas auto).
+                await asyncio.gather(*(self._connect(slot, by_slot[slot]) for slot in unknown))
+                wanted = {slot: self._wanted_now(slot) for slot in by_slot}
+            by_wanted: dict[int, dict[int, list[_Event]]] = {}
+            for slot, events in by_slot.items():
+                count = wanted[slot]
+                if count is not None:
+                    by_wanted.setdefault(count, {})[slot] = events
+            await asyncio.gather(*(self._publish_at_once(group) if count == 0
+                                   else self._publish_waited(group, count)
+                                   for count, group in by_wanted.items()))
         except BaseException as exc:
             for pending in batch:
                 for event in pending.events:
@@ -175,6 +185,10 @@ class Publisher:
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_result(None)
+
+    async def _connect(self, slot: int, events: list[_Event]) -> None:
+        """Connect the slot's link (its events fail if that fails)."""
+        await self._guarded(events, self._router.run(slot, [("PING",)], retry=True))
 
     async def _publish_at_once(self, by_slot: dict[int, list[_Event]]) -> None:
         """Append and publish in one script per event, every slot in one pass."""
@@ -189,76 +203,87 @@ class Publisher:
             else:
                 self._results(events, replies)
 
+    async def _publish_waited(self, by_slot: dict[int, list[_Event]], wanted: int) -> None:
+        """Append every slot's events, ``WAIT`` once per primary for ``wanted`` replicas,
+        then commit what they have."""
+        slots = list(by_slot.items())
+        groups = [(slot, [("EVALSHA", self._scripts.append, *e.command) for e in events])
+                  for slot, events in slots]
+        results = await self._router.run_many(
+            groups, suffix=("WAIT", wanted, self._wait_ms))
+        appended: list[tuple[int, list[_Event]]] = []
+        for (slot, events), replies in zip(slots, results, strict=True):
+            if isinstance(replies, BrokerUnavailable):
+                for event in events:
+                    event.error = replies
+                continue
+            acknowledged = replies.pop()
+            self._results(events, replies)
+            if any(isinstance(count, ResponseError) or int(count) < wanted
+                   for count in acknowledged):
+                for event in events:
+                    if event.error is None:
+                        event.result = None
+                        event.error = BrokerUnavailable(
+                            "the broker is unavailable (too few replicas acknowledged)")
+                continue
+            kept = [e for e in events if e.error is None]
+            if kept:
+                appended.append((slot, kept))
+        await self._commit(appended)
+
+    async def _commit(self, appended: list[tuple[int, list[_Event]]]) -> None:
+        """Publish and show the appended events of each slot: one commit script per
+        channel, one call per primary; a failed call is retried (commits are idempotent)."""
+        groups: list[tuple[int, list[Command]]] = []
+        channels: list[list[list[_Event]]] = []
+        for slot, events in appended:
+            by_channel: dict[str, list[_Event]] = {}
+            for event in events:
+                by_channel.setdefault(event.request.channel, []).append(event)
+            groups.append((slot, [self._commit_command(channel, members)
+                                  for channel, members in by_channel.items()]))
+            channels.append(list(by_channel.values()))
+        if not groups:
+            return
+        results = await self._router.run_many(groups)
+        failed = [index for index, replies in enumerate(results)
+                  if isinstance(replies, BrokerUnavailable)]
+        retried = await asyncio.gather(*(
+            self._guarded(appended[index][1],
+                          self._router.run(groups[index][0], groups[index][1], retry=True))
+            for index in failed))
+        for index, again in zip(failed, retried, strict=True):
+            if again is not None:  # else its events have the error
+                results[index] = again
+        for index, result in enumerate(results):
+            if isinstance(result, BrokerUnavailable):
+                continue
+            for members, reply in zip(channels[index], result, strict=True):
+                if isinstance(reply, ResponseError):
+                    self._failed(members, reply)
+
+    def _commit_command(self, channel: str, appended: list[_Event]) -> Command:
+        results = [e.result for e in appended if e.result is not None]
+        latest = max(results, key=lambda r: r.offset)
+        pairs: list[Any] = []
+        for event in appended:
+            # A duplicate's payload is not this call's: the script reads it from history.
+            if event.result is not None and not event.duplicate:
+                offset = event.result.offset
+                pairs += [offset, event.head + str(offset).encode() + event.tail]
+        return ("EVALSHA", self._scripts.commit, 2, self._keys.meta(channel),
+                self._keys.stream(channel), latest.epoch, latest.offset,
+                self._pubsub_command, self._keys.events(channel), *pairs)
+
     def _wanted_now(self, slot: int) -> int | None:
-        """``_wanted`` when known without I/O (None: the link must connect first)."""
+        """How many replicas must have the slot's events before they are shown (None:
+        not known until the link has connected)."""
         if self._ack_replicas is not None:
             return self._ack_replicas
         link = self._router.link(self._router.topology.address(slot))
         if not link.connected:
             return None
-        return 1 if link.replicas_seen > 0 else 0
-
-    async def _slot(self, slot: int, events: list[_Event]) -> None:
-        """Publish the events of one slot, in order."""
-        wanted = await self._guarded(events, self._wanted(slot))
-        if wanted is None:
-            return
-        if wanted == 0:
-            commands = [("EVALSHA", self._scripts.publish, *e.command) for e in events]
-            replies = await self._guarded(events, self._router.run(slot, commands))
-            if replies is not None:
-                self._results(events, replies)
-            return
-        commands = [("EVALSHA", self._scripts.append, *e.command) for e in events]
-        replies = await self._guarded(events, self._router.run(
-            slot, commands, suffix=("WAIT", wanted, self._wait_ms)))
-        if replies is None:
-            return
-        acknowledged = replies.pop()
-        self._results(events, replies)
-        if isinstance(acknowledged, ResponseError) or int(acknowledged) < wanted:
-            for event in events:
-                if event.error is None:
-                    event.result = None
-                    event.error = BrokerUnavailable(
-                        "the broker is unavailable (too few replicas acknowledged)")
-            return
-        await self._commit(slot, [e for e in events if e.error is None])
-
-    async def _commit(self, slot: int, events: list[_Event]) -> None:
-        """Publish and show the appended events (idempotent: retried on failures)."""
-        by_channel: dict[str, list[_Event]] = {}
-        for event in events:
-            by_channel.setdefault(event.request.channel, []).append(event)
-        commands = []
-        for channel, appended in by_channel.items():
-            results = [e.result for e in appended if e.result is not None]
-            latest = max(results, key=lambda r: r.offset)
-            pairs: list[Any] = []
-            for event in appended:
-                # A duplicate's payload is not this call's: the script reads it from history.
-                if event.result is not None and not event.duplicate:
-                    offset = event.result.offset
-                    pairs += [offset, event.head + str(offset).encode() + event.tail]
-            commands.append(("EVALSHA", self._scripts.commit, 2, self._keys.meta(channel),
-                             self._keys.stream(channel), latest.epoch, latest.offset,
-                             self._pubsub_command, self._keys.events(channel), *pairs))
-        replies = await self._guarded(events, self._router.run(slot, commands, retry=True))
-        if replies is None:
-            return
-        for (_channel, appended), reply in zip(by_channel.items(), replies, strict=True):
-            if isinstance(reply, ResponseError):
-                self._failed(appended, reply)
-
-    async def _wanted(self, slot: int) -> int:
-        """How many replicas must have the slot's events before they are shown."""
-        if self._ack_replicas is not None:
-            return self._ack_replicas
-        link = self._router.link(self._router.topology.address(slot))
-        if not link.connected:
-            # The replicas are counted when the link connects: connect it first.
-            await self._router.run(slot, [("PING",)], retry=True)
-            link = self._router.link(self._router.topology.address(slot))
         return 1 if link.replicas_seen > 0 else 0
 
     async def _guarded(self, events: list[_Event], call: Awaitable[T]) -> T | None:

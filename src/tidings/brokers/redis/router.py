@@ -184,19 +184,27 @@ class Router:
                 replies[i] = reply
         return replies
 
-    async def run_many(self, groups: Sequence[tuple[int, Sequence[Command]]]
+    async def run_many(self, groups: Sequence[tuple[int, Sequence[Command]]], *,
+                       suffix: Command | None = None
                        ) -> list[list[Any] | BrokerUnavailable]:
         """``run`` (without ``retry``) for each (slot, commands) group, cheaper: the groups of
         one primary are one call, awaited without a task per group. A group whose call
         failed gets the ``BrokerUnavailable`` in place of its replies; one with redirected
-        commands has them followed by ``run``."""
+        commands has them followed by ``run``.
+
+        ``suffix`` (e.g. ``WAIT``) ends every call, once per primary rather than once per
+        group; each group's replies are then followed by one more item: the list of the
+        suffix's replies from every call that carried its commands (two when some were
+        redirected and sent again)."""
         by_address: dict[Address, list[int]] = {}
         for index, (slot, _) in enumerate(groups):
             by_address.setdefault(self.topology.address(slot), []).append(index)
+        tail = [] if suffix is None else [suffix]
         calls = [(members, self.link(address).call(
-                    [command for i in members for command in groups[i][1]]))
+                    [command for i in members for command in groups[i][1]] + tail))
                  for address, members in by_address.items()]
         out: list[list[Any] | BrokerUnavailable] = [[] for _ in groups]
+        suffixes: list[list[Any]] = [[] for _ in groups]
         follow: list[tuple[int, list[int]]] = []
         for members, call in calls:
             try:
@@ -205,12 +213,14 @@ class Router:
                 for i in members:
                     out[i] = exc
                 continue
+            last = got.pop() if suffix is not None else None
             position = 0
             for i in members:
                 count = len(groups[i][1])
                 replies = got[position:position + count]
                 position += count
                 out[i] = replies
+                suffixes[i].append(last)
                 redirected = [j for j, reply in enumerate(replies) if _redirect(reply)]
                 for j in redirected:
                     if isinstance(replies[j], MovedError):
@@ -220,14 +230,20 @@ class Router:
         for i, redirected in follow:
             slot, commands = groups[i]
             try:
-                again = await self.run(slot, [commands[j] for j in redirected])
+                again = await self.run(slot, [commands[j] for j in redirected], suffix=suffix)
             except BrokerUnavailable as exc:
                 out[i] = exc
                 continue
+            if suffix is not None:
+                suffixes[i].append(again.pop())
             merged = out[i]
             if isinstance(merged, list):
                 for j, reply in zip(redirected, again, strict=True):
                     merged[j] = reply
+        if suffix is not None:
+            for result, got_suffix in zip(out, suffixes, strict=True):
+                if isinstance(result, list):
+                    result.append(got_suffix)
         return out
 
     # -- helpers ---------------------------------------------------------------------
