@@ -1,8 +1,9 @@
 """The WebSocket endpoint: handshake, read loop and raw frame writes on aiohttp.
 
 aiohttp's reader handles client frames, control frames, fragmentation and the RFC 6455
-rules; outbound event frames are pre-built and written straight into the socket
-transport, bypassing a per-message ``await``, so that fan-out never waits on a client.
+rules, except one that this module adds: client frames must be masked (section 5.1).
+Outbound event frames are pre-built and written straight into the socket transport,
+bypassing a per-message ``await``, so that fan-out never waits on a client.
 """
 
 from __future__ import annotations
@@ -14,20 +15,28 @@ import logging
 from typing import Any
 from urllib.parse import unquote_plus
 
-from aiohttp import WSMessage, WSMsgType, web
+from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
 from tidings.errors import Unauthorized
 from tidings.gateway import Gateway, TooManyConnections
 from tidings.protocol import CloseCode, ErrorCode
 from tidings.protocol.wire import close_frame, ping_frame
 from tidings.session import Session, error_message
+from tidings.transport.frames import MaskCheckingResponse
 
 __all__ = ["WsConnection", "origin_allowed", "token_from_request", "websocket_handler"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a closing handshake may take before the socket is simply dropped.
+#: Seconds a closing handshake may take before the socket is simply dropped. It bounds
+#: how long a client that stopped reading keeps its send buffer (at most the
+#: ``limits.send_buffer_bytes`` cap, the write that passed it and the close frame) after
+#: being closed with 1013.
 CLOSE_TIMEOUT = 5.0
+
+#: The only protocol version the server speaks: RFC 6455. Drafts 7 and 8, which aiohttp
+#: would accept, are answered 426 like any other version (RFC 6455 section 4.4).
+WS_VERSION = "13"
 
 
 def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
@@ -68,9 +77,10 @@ class WsConnection:
 
     A close requested from outside the handler (gateway, hub, sweeper) is carried out by
     the handler task itself: ``close`` records it and interrupts a pending ``receive``,
-    and the handler then runs aiohttp's closing handshake, which waits for the client's
-    close frame. Calling ``ws.close`` from another task while ``receive`` is pending
-    would drop the TCP connection without completing the handshake.
+    and the handler then runs the closing handshake (``finish``), which waits, bounded,
+    for the client's close frame. Calling ``ws.close`` from another task while
+    ``receive`` is pending would drop the TCP connection without completing the
+    handshake.
     """
 
     __slots__ = ("_closing", "_gateway", "_handler", "_limit", "_transport",
@@ -112,37 +122,87 @@ class WsConnection:
         self.send(ping_frame())
 
     def close(self, code: CloseCode, reason: str) -> None:
+        """Request a close: nothing more is sent but the close frame, which ``finish``
+        writes behind what is already queued."""
         if self._closing:
             return
         self._closing = True
         self._gateway.metrics.closed(int(code))
         self.close_request = (code, reason)
-        if code is CloseCode.TRY_AGAIN_LATER and not self._transport.is_closing():
-            # The buffer is full: a close frame queued behind it would never be read in
-            # time, so drop the socket after a best-effort close frame.
-            self._transport.write(close_frame(int(code), reason))
-            self._transport.abort()
         if self.receiving and self._handler is not None:
             self._handler.cancel(_CLOSE_REQUESTED)
 
     async def finish(self) -> None:
-        """Run the closing handshake for a requested close (in the handler task)."""
+        """Run the closing handshake for a requested close (in the handler task).
+
+        The close frame goes behind the bytes already queued, so a client reads every
+        frame it was sent and then the close code. Within ``CLOSE_TIMEOUT`` the client
+        must have read all of it and answered (or ended the connection); otherwise the
+        socket is aborted and its buffer freed. That buffer never holds more than the
+        send-buffer cap, the write that passed it and the close frame: ``send`` writes
+        nothing once a close is requested.
+        """
         if self.close_request is None or self._transport.is_closing():
             return
         code, reason = self.close_request
+        transport = self._transport
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT + 1):
-                await self.ws.close(code=int(code), message=reason.encode()[:123], drain=False)
+                if code is CloseCode.TRY_AGAIN_LATER and transport.can_write_eof():
+                    await self._close_behind_queue(code, reason)
+                else:
+                    await self.ws.close(code=int(code), message=reason.encode()[:123],
+                                        drain=False)
         except (TimeoutError, ConnectionError):
-            self._transport.abort()
+            pass
+        if transport.get_write_buffer_size():
+            # The client did not read what was queued in time: a graceful close would
+            # wait on it indefinitely.
+            transport.abort()
+        else:
+            transport.close()
+
+    async def _close_behind_queue(self, code: CloseCode, reason: str) -> None:
+        """Close a client that fell behind: close frame, then half-close, then wait.
+
+        Such a client has up to the cap queued before the close frame; the FIN after it
+        lets a client that reads to the end see the end at once instead of after the
+        close timeout, and reading on (not closing) keeps the kernel from answering the
+        client's late frames with a reset that could destroy the unread close frame.
+        """
+        self._transport.write(close_frame(int(code), reason))
+        self._transport.write_eof()
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                # Whatever the client sends now is not acted on (RFC 6455 section 5.5.1).
+                # aiohttp's answer to the client's close frame cannot be written on the
+                # half-closed transport; aiohttp swallows that RuntimeError, and it is
+                # suppressed here should a version not.
+                while (await self.ws.receive()).type not in _CLOSED_TYPES:
+                    pass
 
 
 #: Cancellation message that marks a cancel as ours (a close request), not a shutdown.
 _CLOSE_REQUESTED = "tidings: close requested"
 
+#: What ``receive`` returns once the connection is over.
+_CLOSED_TYPES = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
+                           WSMsgType.ERROR})
+
 
 def _json_error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def _upgrade_required() -> web.Response:
+    """The 426 for a request that is not a valid RFC 6455 upgrade: the JSON error, plus
+    the headers that say which upgrade would work (RFC 9110 section 15.5.22, RFC 6455
+    section 4.4)."""
+    response = _json_error(426, "invalid_request", "expected a WebSocket upgrade request")
+    response.headers["Upgrade"] = "websocket"
+    response.headers["Connection"] = "Upgrade"
+    response.headers["Sec-WebSocket-Version"] = WS_VERSION
+    return response
 
 
 async def _reject(ws: web.WebSocketResponse, error: bytes | None, code: CloseCode,
@@ -216,11 +276,15 @@ async def _accept(request: web.Request, gateway: Gateway, task: asyncio.Task[Any
         gateway.metrics.handshakes.labels("forbidden_origin").inc()
         logger.info("handshake refused: origin not allowed")
         return _json_error(403, "forbidden", "origin not allowed")
-    ws = web.WebSocketResponse(
+    if request.headers.get("Sec-WebSocket-Version") != WS_VERSION:
+        return _upgrade_required()
+    ws = MaskCheckingResponse(
         compress=False,
         autoping=False,
         autoclose=True,
-        max_msg_size=settings.limits.max_message_bytes,
+        # aiohttp refuses a message of max_msg_size bytes or more; the limit allows
+        # messages of exactly max_message_bytes.
+        max_msg_size=settings.limits.max_message_bytes + 1,
         timeout=CLOSE_TIMEOUT,
     )
     try:
@@ -228,7 +292,7 @@ async def _accept(request: web.Request, gateway: Gateway, task: asyncio.Task[Any
         # refused handshake raises before anything is written.
         await ws.prepare(request)
     except web.HTTPBadRequest:
-        return _json_error(426, "invalid_request", "expected a WebSocket upgrade request")
+        return _upgrade_required()
     transport = request.transport
     if transport is None:
         return ws
@@ -277,7 +341,9 @@ async def _on_message(msg: WSMessage, peer: WsConnection, gateway: Gateway) -> b
     elif kind is WSMsgType.PONG:
         session.saw_frame(clock())
     else:
-        if kind is WSMsgType.ERROR and peer.ws.close_code == CloseCode.MESSAGE_TOO_BIG:
-            gateway.metrics.closed(CloseCode.MESSAGE_TOO_BIG)
+        if kind is WSMsgType.ERROR and isinstance(msg.data, WebSocketError):
+            # aiohttp failed the connection on a bad frame (1002, 1007, 1009) and sent
+            # that code; ws.close_code says 1006 by now, as the socket is gone.
+            gateway.metrics.closed(msg.data.code)
         return False
     return True
