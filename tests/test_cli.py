@@ -229,7 +229,33 @@ async def test_serve_production_mode_and_sigint(tmp_path: Path) -> None:
         assert SECRET not in logs and API_KEY not in logs
 
 
+async def test_stray_environment_variables_do_not_stop_the_server(tmp_path: Path) -> None:
+    """TIDINGS_KEY (as docs/server-api.md exports it) and a mistyped TIDINGS_BROKER_URL
+    are not settings: the server starts, warns about the lookalike without its value,
+    and exits 0."""
+    env = {"TIDINGS_AUTH__SECRET": SECRET, "TIDINGS_API__KEYS": API_KEY,
+           "TIDINGS_KEY": "STRAYKEYVALUE", "TIDINGS_BROKER_URL": "redis://STRAYURLVALUE:1/0"}
+    async with serve_process(tmp_path, env=env,
+                             done=lambda line: "listening on" in line) as served:
+        url = served.stdout[-1].split("listening on", 1)[1].strip()
+        async with aiohttp.ClientSession() as session, session.get(url + "/readyz") as r:
+            assert r.status == 200
+        served.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(served.proc.wait(), PROCESS_TIMEOUT) == 0
+        logs = served.stderr()
+    assert "TIDINGS_BROKER_URL" in logs and "TIDINGS_BROKER__URL" in logs
+    assert "TIDINGS_KEY" not in logs
+    assert "STRAY" not in logs and "Traceback" not in logs
+
+
 # -- configuration errors ----------------------------------------------------------------
+
+
+def test_misspelled_key_in_a_known_section() -> None:
+    """TIDINGS_SERVER__PORTT names a key the server section does not have: exit 2."""
+    result = run_cli("serve", "--port", "0", env={"TIDINGS_SERVER__PORTT": "8001",
+                                                  "TIDINGS_KEY": "k"})
+    assert_config_error(result, "server.portt")
 
 
 def test_unknown_key_in_config_file(tmp_path: Path) -> None:

@@ -446,7 +446,8 @@ def test_file_errors_name_the_key(toml: Callable[..., Path], text: str, key: str
         ("TIDINGS_LIMITS__MAX_SUBSCRIPTIONS", "-1", "limits.max_subscriptions"),
         ("TIDINGS_LIMITS__MAX_SUBSCRIPTIONS", "many", "limits.max_subscriptions"),
         ("TIDINGS_LIMITS__BOGUS", "1", "limits.bogus"),
-        ("TIDINGS_BOGUS", "1", "bogus"),
+        ("TIDINGS_SERVER__PORTT", "8001", "server.portt"),
+        ("TIDINGS_NAMESPACES__NEWS__RULEE", "public", "namespaces.news.rulee"),
         ("TIDINGS_SERVER__PORT", "eighty", "server.port"),
         ("TIDINGS_AUTH__PERSONAL_CHANNEL", "maybe", "auth.personal_channel"),
         ("TIDINGS_WORKERS", "4", "workers"),
@@ -457,17 +458,57 @@ def test_environment_errors_name_the_key(variable: str, value: str, key: str) ->
     assert error_of(environ={variable: value}).key == key
 
 
-@pytest.mark.parametrize("variable", ["TIDINGS_LIMITS____X", "TIDINGS_", "TIDINGS_LIMITS__"])
+@pytest.mark.parametrize("variable", ["TIDINGS_LIMITS____X", "TIDINGS_LIMITS__"])
 def test_malformed_variable_names(variable: str) -> None:
-    """A malformed TIDINGS_ variable name is an error naming the variable."""
+    """A malformed variable name inside a known section is an error naming the variable."""
     error = error_of(environ={variable: "1"})
     assert error.key == variable
 
 
 def test_conflicting_variables() -> None:
-    """A variable for a section and one for a key inside it cannot both be set."""
-    error = error_of(environ={"TIDINGS_LIMITS": "5", "TIDINGS_LIMITS__MAX_SUBSCRIPTIONS": "3"})
-    assert error.key in {"TIDINGS_LIMITS__MAX_SUBSCRIPTIONS", "limits"}
+    """A variable for a namespace and one for a key inside it cannot both be set."""
+    error = error_of(environ={"TIDINGS_NAMESPACES__NEWS": "5",
+                              "TIDINGS_NAMESPACES__NEWS__RULE": "public"})
+    assert error.key in {"TIDINGS_NAMESPACES__NEWS__RULE", "namespaces.news"}
+
+
+#: Variables that start with TIDINGS_ without being settings, and whether they look like
+#: a mistyped setting (and so are worth a warning).
+STRAY_VARIABLES = {
+    "TIDINGS_KEY": False, "tidings_key": False, "TIDINGS_URL": False, "TIDINGS_": False,
+    "TIDINGS_REQUIRE_REDIS": False, "TIDINGS_REQUIRE_BROWSER": False,
+    "TIDINGS_CONFIG_DIR": False, "TIDINGS_BROKER_URL": True, "TIDINGS_SERVER": True,
+    "TIDINGS_API_KEY": True, "TIDINGS_SERVR__PORT": True, "TIDINGS_WORKERS__COUNT": True,
+    "TIDINGS___PORT": True,
+}
+
+
+def test_stray_variables_are_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    """TIDINGS_ variables that are not TIDINGS_<SECTION>__<KEY> or a top-level key are
+    ignored; only lookalikes of settings get a warning, naming them but not their value."""
+    caplog.set_level("WARNING", logger="tidings.config")
+    environ = {name: f"STRAYVALUE{index}" for index, name in enumerate(STRAY_VARIABLES)}
+    settings = load(environ={**environ, "TIDINGS_SERVER__PORT": "9002"})
+    assert settings.server.port == 9002
+    assert settings.broker.url == "memory://" and settings.api.keys == ()
+    assert settings.model_dump(exclude={"server"}) == load().model_dump(exclude={"server"})
+    warned = [record.getMessage() for record in caplog.records]
+    assert not any("STRAYVALUE" in message for message in warned), warned
+    for name, lookalike in STRAY_VARIABLES.items():
+        mentioned = any(f" {name} " in message for message in warned)
+        assert mentioned is lookalike, (name, warned)
+    assert len(warned) == sum(STRAY_VARIABLES.values())
+    hint = next(message for message in warned if "TIDINGS_BROKER_URL" in message)
+    assert "did you mean TIDINGS_BROKER__URL?" in hint
+
+
+def test_documented_names_are_read() -> None:
+    """The top-level key TIDINGS_WORKERS and the nested namespace keys are settings."""
+    settings = load(environ={"TIDINGS_WORKERS": "3", "TIDINGS_BROKER__URL": "redis://r:6379/0",
+                             "TIDINGS_NAMESPACES__CHAT__RULE": "public"})
+    assert settings.workers == 3
+    assert settings.broker.url == "redis://r:6379/0"
+    assert settings.namespaces["chat"].rule == "public"
 
 
 def test_flag_error_names_the_key_even_with_valid_lower_layers(

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from helpers import API_KEY, SECRET, TIMEOUT, api, connect, serve, token, ws_until_close
-from tidings.logs import configure_logging
+from tidings.logs import Redactor, configure_logging
 from tidings.server import RunningServer
 
 #: Claim value inside the good tokens: the decoded claims must not be logged either.
@@ -170,7 +170,9 @@ async def test_no_secret_reaches_the_logs(fmt: str) -> None:
     # The capture really covered every path that handled a token.
     assert "token=[redacted]" in text
     assert text.count("aiohttp.access") >= 10
-    assert "Error handling request" in text        # aiohttp's bad-request log lines
+    assert text.count("bad request from") == 4     # the requests aiohttp cannot parse
+    assert "Error handling request" not in text
+    assert "Traceback" not in text
     assert "webhook authorizer failed" in text
     assert "connection rejected" in text
     assert "refresh rejected" in text
@@ -178,7 +180,7 @@ async def test_no_secret_reaches_the_logs(fmt: str) -> None:
         records = [json.loads(line) for line in lines if line.startswith("{")]
         assert len(records) == len([line for line in lines if line.startswith("{")])
         loggers = {record["logger"] for record in records}
-        assert {"aiohttp.access", "aiohttp.server", "tidings.channels"} <= loggers
+        assert {"aiohttp.access", "tidings.server", "tidings.channels"} <= loggers
 
 
 def test_library_loggers_reach_the_redacting_handler() -> None:
@@ -195,3 +197,83 @@ def test_library_loggers_reach_the_redacting_handler() -> None:
                 assert not logger.handlers, f"{logger.name} has its own handlers"
                 logger = logger.parent
         assert len(logging.getLogger().handlers) == 1
+
+
+def _percent_encoded(text: str) -> str:
+    """Every character of ``text`` as a %XX escape (what ``unquote_plus`` undoes)."""
+    return "".join(f"%{byte:02X}" for byte in text.encode())
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["tok%65n", "%74oken", "%74%6F%6B%65%6E", "TOKEN", "T%6fKeN", "tok%2565n",
+     "refresh_token", "access%5Ftoken"],
+)
+def test_redactor_decodes_parameter_names(spelling: str) -> None:
+    """A query parameter whose name decodes to a token name, in any case or encoding,
+    loses its value, however the value is encoded; the other parameters stay."""
+    value = _percent_encoded("VALUEMARK.abc.def")
+    out = Redactor()(f"GET /ws?a=1&{spelling}={value}&b=2 HTTP/1.1")
+    assert out == f"GET /ws?a=1&{spelling}=[redacted]&b=2 HTTP/1.1"
+
+
+@pytest.mark.parametrize("text", [
+    "GET /ws?tokens=3&toke=4&broken=5 HTTP/1.1", "level=info user=u-1 count=2",
+    "a+b=c&%41=%42",
+])
+def test_redactor_keeps_other_parameters(text: str) -> None:
+    """Parameters whose names do not decode to a token name are left as they are."""
+    assert Redactor()(text) == text
+
+
+async def test_percent_encoded_token_names_stay_out_of_the_access_log() -> None:
+    """Tokens under percent-encoded parameter names authenticate, and neither they nor
+    their encoded forms reach the access log: not from the request line and not from a
+    page URL in the Referer header, which is logged as received."""
+    plain = token("encoded-name", note=CLAIM_MARK)
+    encoded = _percent_encoded(plain)
+    dotted = "%65" + plain[1:].replace(".", "%2E")
+    queries = [f"?tok%65n={encoded}", f"?x=1&%74oken={dotted}", f"?%74%6F%6B%65%6E={plain}"]
+    with captured_logs("json") as stream:
+        async with serve() as server:
+            for query in queries:
+                async with aiohttp.ClientSession() as session, session.ws_connect(
+                    server.ws_url + query, headers={"Referer": f"https://app.test/{query}"}
+                ) as ws:
+                    hello = json.loads((await ws.receive(timeout=TIMEOUT)).data)
+                    assert hello["type"] == "connected", hello
+                    assert hello["data"]["user_id"] == "encoded-name"
+        text = stream.getvalue()
+    access = [json.loads(line)["msg"] for line in text.splitlines()
+              if '"aiohttp.access"' in line]
+    assert len([line for line in access if "app.test" in line]) == len(queries)
+    for leaked in (plain, encoded, dotted, *plain.split("."), encoded[:60], dotted[:60]):
+        assert leaked not in text, f"{leaked[:40]!r} leaked into the logs"
+    assert text.count("=[redacted]") >= 2 * len(queries)
+
+
+async def test_unparsable_requests_log_one_line_without_their_bytes() -> None:
+    """A bad request line, an oversized request line, an oversized header and a bad
+    header each log one line naming the problem, with no traceback and none of the
+    request's bytes; each is answered 400."""
+    bad = [
+        b"G\x01T /ws?token=RAWMETHODMARK HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /ws?token=LONGLINEMARK" + b"q" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Big: LONGHEADERMARK" + b"h" * 9000 + b"\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nBAD HEADERMARK: v\r\n\r\n",
+    ]
+    with captured_logs("json") as stream:
+        async with serve() as server:
+            for request in bad:
+                answer = await _raw_http(server, request)
+                assert answer.startswith(b"HTTP/1.") and b" 400 " in answer[:20], answer[:80]
+        text = stream.getvalue()
+    records = [json.loads(line) for line in text.splitlines()]
+    failures = [r for r in records if r["msg"].startswith("bad request from")]
+    assert len(failures) == len(bad), text
+    assert {r["logger"] for r in failures} == {"tidings.server"}
+    assert not any("exc" in r for r in records), text
+    assert "Traceback" not in text and "Error handling request" not in text
+    for marker in ("RAWMETHODMARK", "LONGLINEMARK", "LONGHEADERMARK", "HEADERMARK", "qqqq",
+                   "hhhh"):
+        assert marker not in text, f"{marker} leaked into the logs"

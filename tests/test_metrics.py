@@ -45,6 +45,7 @@ def test_counters_with_labels() -> None:
     metrics.closed(1000)
     metrics.handshakes.labels("ok").inc()
     metrics.slow_consumer_closes.inc()
+    metrics.request_head_timeouts.inc()
     values = samples(metrics)
     assert values[("tidings_events_published_total", (("type", "notification"),))] == 3
     assert values[("tidings_events_published_total", (("type", "chat_message"),))] == 1
@@ -54,6 +55,7 @@ def test_counters_with_labels() -> None:
     assert values[("tidings_closes_total", (("code", "1000"),))] == 1
     assert values[("tidings_handshakes_total", (("outcome", "ok"),))] == 1
     assert values[("tidings_slow_consumer_closes_total", ())] == 1
+    assert values[("tidings_request_head_timeouts_total", ())] == 1
     text = metrics.render().decode()
     assert 'tidings_events_published_total{type="notification"} 3.0' in text
     assert 'tidings_closes_total{code="4429"} 1.0' in text

@@ -7,11 +7,12 @@ environment variables, the TOML file, defaults. This is the only module that rea
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 MIN_HMAC_SECRET_BYTES = 32
+
+logger = logging.getLogger(__name__)
 
 
 class _Section(BaseModel):
@@ -151,7 +154,7 @@ class LimitsSettings(_Section):
     command_burst: int = Field(default=100, gt=0)
     max_connections_per_user: int = Field(default=32, gt=0)
     send_buffer_bytes: int = Field(default=1_048_576, gt=0)
-    #: Rate-limit violations tolerated before closing with 4429.
+    #: Consecutive rate-limit violations that close with 4429 (the last one answered first).
     rate_limit_strikes: int = Field(default=10, gt=0)
 
 
@@ -225,10 +228,26 @@ class Settings(BaseSettings):
         return (init_settings, env_settings)
 
 
-#: ``TIDINGS_*`` variables that are not settings: the config file path and test switches.
-_NOT_SETTINGS = frozenset(
-    {"TIDINGS_CONFIG", "TIDINGS_REQUIRE_REDIS", "TIDINGS_REQUIRE_BROWSER"}
-)
+_ENV_PREFIX = "TIDINGS_"
+
+
+def _section_keys(annotation: Any) -> frozenset[str] | None:
+    """The keys of a top-level field that is a section (empty: any, as in namespaces),
+    or None for a plain key."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return frozenset(annotation.model_fields)
+    if get_origin(annotation) is dict:
+        return frozenset()
+    return None
+
+
+#: Sections a variable may name (``TIDINGS_<SECTION>__<KEY>``), with their keys.
+_SECTIONS = {
+    name: keys for name, field in Settings.model_fields.items()
+    if (keys := _section_keys(field.annotation)) is not None
+}
+#: Top-level keys a variable may name directly (``TIDINGS_WORKERS``).
+_TOP_LEVEL_KEYS = frozenset(Settings.model_fields) - frozenset(_SECTIONS)
 
 _LIST_KEYS = {("api", "keys"), ("server", "allowed_origins"), ("auth", "algorithms"),
               ("events", "allowed_types")}
@@ -244,16 +263,44 @@ def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _setting_path(name: str) -> tuple[str, ...] | None:
+    """The key path a variable name sets, or None when the name is not a setting.
+
+    Settings are ``TIDINGS_<SECTION>__<KEY>`` (one level deeper for namespaces) and the
+    top-level keys (``TIDINGS_WORKERS``), in any case. Any other name that merely starts
+    with ``TIDINGS_`` (a user's ``TIDINGS_KEY``, ``TIDINGS_CONFIG``, the test-suite
+    switches) is not one; a name that looks like a mistyped setting gets a warning that
+    names it (never its value). Raises ``ConfigError`` for a malformed name inside a
+    known section, such as an empty key.
+    """
+    upper = name.upper()
+    if not upper.startswith(_ENV_PREFIX):
+        return None
+    rest = upper[len(_ENV_PREFIX):].lower()
+    head, nested, _ = rest.partition("__")
+    if nested and head in _SECTIONS:
+        path = tuple(rest.split("__"))
+        if not all(path):
+            raise ConfigError(name, "malformed variable name")
+        return path
+    if not nested and rest in _TOP_LEVEL_KEYS:
+        return (rest,)
+    first, _, key = rest.partition("_")
+    if nested or first in _SECTIONS or first in _TOP_LEVEL_KEYS:
+        hint = ""
+        if not nested and key in _SECTIONS.get(first, ()):
+            hint = f" (did you mean {_ENV_PREFIX}{first.upper()}__{key.upper()}?)"
+        logger.warning("environment variable %s is not a setting and is ignored%s", name, hint)
+    return None
+
+
 def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
     """Turn ``TIDINGS_A__B=v`` variables into nested data; lists are comma-separated."""
     layer: dict[str, Any] = {}
     for name, value in environ.items():
-        upper = name.upper()
-        if not upper.startswith("TIDINGS_") or upper in _NOT_SETTINGS:
+        path = _setting_path(name)
+        if path is None:
             continue
-        path = tuple(part.lower() for part in upper[len("TIDINGS_"):].split("__"))
-        if not all(path):
-            raise ConfigError(name, "malformed variable name")
         node = layer
         for part in path[:-1]:
             child = node.setdefault(part, {})

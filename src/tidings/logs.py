@@ -12,12 +12,44 @@ import re
 import sys
 import time
 from collections.abc import Iterable
+from urllib.parse import unquote_plus
 
 __all__ = ["Redactor", "configure_logging"]
 
+#: A ``name=value`` pair as in a query string. The value ends where the server's own
+#: query parsing (``transport.websocket.token_from_request``) ends it: at ``&`` or ``#``,
+#: and at what ends a URL inside a log line (whitespace, a quote). A name starts only
+#: after a separator, so that the search stays linear on a long run without ``=``.
+_PARAMETER = re.compile(r"(?:^|(?<=[\s&?#\"';,]))([^\s&?=#\"';,]+)=([^&\s\"'#]*)")
+
+#: Rounds of percent-decoding applied to a parameter name; more than any client or proxy
+#: layer would add, few enough to bound the work on a hostile name.
+_NAME_DECODINGS = 3
+
+
+def _is_token_name(name: str) -> bool:
+    """Whether a parameter name, decoded like the server decodes it, names a token.
+
+    The server percent-decodes names (``unquote_plus``), so ``tok%65n`` and ``%74oken``
+    authenticate like ``token``; any case and any prefix (``refresh_token``) counts too,
+    which redacts a little more than the server reads, never less.
+    """
+    for _ in range(_NAME_DECODINGS):
+        if "%" not in name and "+" not in name:
+            break
+        name = unquote_plus(name)
+    return name.lower().endswith("token")
+
+
+def _redact_parameter(match: re.Match[str]) -> str:
+    name = match.group(1)
+    # Cheap test first: almost every access line has parameters, few have tokens.
+    if ("oken" in name.lower() or "%" in name) and _is_token_name(name):
+        return f"{name}=[redacted]"
+    return match.group(0)
+
+
 _PATTERNS = (
-    # token=... in URLs and query strings, up to a separator
-    (re.compile(r"(?i)(token=)[^&\s\"'#]*"), r"\1[redacted]"),
     # Authorization headers
     (re.compile(r"(?i)(bearer\s+)[^\s\"',]+"), r"\1[redacted]"),
     # Anything that looks like a JWT or the start of one (base64url of '{"'), also when
@@ -33,6 +65,8 @@ class Redactor:
         self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
+        if "=" in text:
+            text = _PARAMETER.sub(_redact_parameter, text)
         for pattern, replacement in _PATTERNS:
             text = pattern.sub(replacement, text)
         for secret in self._secrets:

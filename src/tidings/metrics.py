@@ -32,6 +32,12 @@ class Metrics:
         self.slow_consumer_closes = Counter(
             "tidings_slow_consumer_closes", "Connections closed for reading too slowly", registry=r
         )
+        self.request_head_timeouts = Counter(
+            "tidings_request_head_timeouts",
+            "Connections closed because a request head was not complete within "
+            "server.handshake_timeout",
+            registry=r,
+        )
         self._latency = Histogram(
             "tidings_command_seconds",
             "Time to handle a client command",

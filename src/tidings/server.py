@@ -25,6 +25,7 @@ from tidings.console import add_client_route, add_console_routes
 from tidings.errors import ConfigError
 from tidings.gateway import Gateway
 from tidings.transport import websocket_handler
+from tidings.transport.http import AppRunner
 
 __all__ = [
     "DevCredentials",
@@ -183,9 +184,12 @@ async def running(
     app, gateway = build_app(settings, broker=broker, authorizers=authorizers)
     # Access lines are logged at info: below that level, skip the per-request logger.
     quiet = settings.logging.level in ("warning", "error")
-    runner = web.AppRunner(app, handle_signals=False,
-                           shutdown_timeout=settings.server.shutdown_timeout,
-                           access_log=None if quiet else access_logger)
+    runner = AppRunner(app, handle_signals=False,
+                       shutdown_timeout=settings.server.shutdown_timeout,
+                       access_log=None if quiet else access_logger,
+                       # Request heads share the WebSocket handshake's deadline.
+                       head_timeout=settings.server.handshake_timeout,
+                       on_head_timeout=gateway.metrics.request_head_timeouts.inc)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.server.host, settings.server.port,

@@ -1,0 +1,172 @@
+"""aiohttp's HTTP/1 server with two additions: a deadline on every request head, and one
+log line without a traceback (nor any of the request's bytes) for a request it cannot
+parse.
+
+aiohttp has no option for its protocol class, so ``AppRunner`` rebuilds its server
+around the same handler and options; this extends private parts of aiohttp, which is why
+pyproject.toml takes aiohttp minor versions only once the tests pass on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import StreamReader, web
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+)
+
+__all__ = ["AppRunner", "HttpProtocol", "HttpServer"]
+
+logger = logging.getLogger("tidings.server")
+
+
+def _describe(exc: HttpProcessingError) -> str:
+    """What is wrong with a request aiohttp could not parse, without any of its bytes.
+
+    The exceptions' own messages quote the raw line or header, which may hold a token.
+    """
+    if isinstance(exc, LineTooLong):
+        return "request line or header too long"
+    if isinstance(exc, BadHttpMethod):
+        return "invalid method"
+    if isinstance(exc, BadStatusLine):
+        return "invalid request line"
+    if isinstance(exc, InvalidHeader):
+        return "invalid header"
+    if isinstance(exc, InvalidURLError):
+        return "invalid URL"
+    return "malformed request"
+
+
+class HttpProtocol(web.RequestHandler):
+    """aiohttp's HTTP/1 protocol with a deadline on every request head, and one log line
+    without a traceback for a request it cannot parse.
+
+    A head must be complete ``head_timeout`` seconds after the connection is accepted
+    (the first request) or after its own first byte arrived (keep-alive and pipelined
+    requests); otherwise ``on_head_timeout`` is called and the socket is closed. Idle
+    keep-alive time (aiohttp's ``keepalive_timeout``), request bodies, handlers and
+    upgraded (WebSocket) connections are not timed here.
+    """
+
+    __slots__ = ("_body", "_head_timeout", "_head_timer", "_on_head_timeout")
+
+    def __init__(self, manager: web.Server, *, head_timeout: float,
+                 on_head_timeout: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timeout = head_timeout
+        self._on_head_timeout = on_head_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+        #: The last request's body while it is still arriving; None between requests.
+        self._body: StreamReader | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # From the accept on: a client that connects and sends nothing, or too little,
+        # holds a socket as surely as one that drips its head.
+        self._arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._payload_parser is not None or self._upgraded:
+            # WebSocket frames, or bytes queued behind an upgrade request: no head here.
+            super().data_received(data)
+            return
+        body = self._body
+        if body is not None and body.is_eof():
+            body = self._body = None
+        if body is None and self._head_timer is None and data:
+            # Between requests, these bytes start the next head.
+            self._arm()
+        parsed = self._request_count
+        super().data_received(data)
+        if self._request_count != parsed:
+            self._disarm()
+            # aiohttp appends each parsed request in this call; the handler task has not
+            # run since, so the last one is still queued.
+            last = self._messages[-1][1] if self._messages else None
+            self._body = None if last is None or last.is_eof() else last
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        # A client's malformed request, not a server fault: aiohttp would log it with a
+        # traceback and the offending line; the answer is the same as aiohttp's. Like
+        # aiohttp, a bad method opening a connection (TLS or another protocol sent to
+        # this port, as scanners do) is only worth a debug line.
+        level = (logging.DEBUG if isinstance(exc, BadHttpMethod) and self._request_count == 1
+                 else logging.INFO)
+        logger.log(level, "bad request from %s answered %d: %s", request.remote, status,
+                   _describe(exc))
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started, cannot send the error")
+        response = web.Response(status=status, text=message, content_type="text/plain")
+        response.force_close()
+        return response
+
+    def _arm(self) -> None:
+        self._head_timer = self._loop.call_later(self._head_timeout, self._head_expired)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self.transport is None:
+            return
+        self._on_head_timeout()
+        logger.debug("request head not complete within %ss: connection closed",
+                     self._head_timeout)
+        self.force_close()
+
+
+class HttpServer(web.Server):
+    """aiohttp's protocol factory, making ``HttpProtocol`` connections."""
+
+    def __init__(self, base: web.Server, head_timeout: float,
+                 on_head_timeout: Callable[[], None]) -> None:
+        super().__init__(base.request_handler, request_factory=base.request_factory,
+                         handler_cancellation=base.handler_cancellation, loop=base._loop,
+                         **base._kwargs)
+        self._head_timeout = head_timeout
+        self._on_head_timeout = on_head_timeout
+
+    def __call__(self) -> web.RequestHandler:
+        return HttpProtocol(self, loop=self._loop, head_timeout=self._head_timeout,
+                             on_head_timeout=self._on_head_timeout, **self._kwargs)
+
+
+class AppRunner(web.AppRunner):
+    """An ``AppRunner`` serving with ``HttpProtocol``.
+
+    aiohttp has no option for the protocol class, so its server is rebuilt around the
+    same handler, request factory and options.
+    """
+
+    __slots__ = ("_head_timeout", "_on_head_timeout")
+
+    def __init__(self, app: web.Application, *, head_timeout: float,
+                 on_head_timeout: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._head_timeout = head_timeout
+        self._on_head_timeout = on_head_timeout
+
+    async def _make_server(self) -> web.Server:
+        base = await super()._make_server()
+        return HttpServer(base, self._head_timeout, self._on_head_timeout)
