@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -609,6 +610,35 @@ async def test_invalid_json_body_is_400(payload: bytes) -> None:
         for path in ("/api/publish", "/api/batch", "/api/disconnect"):
             status, _, answer = await call(server, "POST", path, body=payload)
             assert_error(status, answer, 400, "invalid_request")
+
+
+def deep_data(levels: int) -> bytes:
+    """A publish body whose ``data`` brings the whole body to ``levels`` levels of
+    nesting (the body itself is the first)."""
+    inner = b"[" * (levels - 2) + b"]" * (levels - 2)
+    return (b'{"channel":"news:a","type":"deep_thing","data":{"x":' + inner + b"}}")
+
+
+async def test_json_nested_past_the_limit_is_400_without_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 2 KB body nesting 1,000 levels (and one of 65) answers 400 invalid_request on
+    publish, batch and disconnect, logs no traceback, and 64 levels still publish."""
+    caplog.set_level(logging.DEBUG)
+    deep = deep_data(1000)
+    assert len(deep) < 2100
+    batch = b'{"events":[' + deep_data(1000) + b"]}"
+    async with serve() as server:
+        for path, payload in (("/api/publish", deep), ("/api/publish", deep_data(65)),
+                              ("/api/batch", batch), ("/api/disconnect", deep)):
+            status, _, answer = await call(server, "POST", path, body=payload)
+            assert_error(status, answer, 400, "invalid_request", "deeper than 64 levels")
+        status, _, answer = await call(server, "POST", "/api/publish", body=deep_data(64))
+        assert status == 200, answer
+        assert len((await history(server, "news:a"))["events"]) == 1
+    failures = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not failures, [r.getMessage() for r in failures]
+    assert "Traceback" not in caplog.text and "RecursionError" not in caplog.text
 
 
 # -- probes and metrics ------------------------------------------------------------------

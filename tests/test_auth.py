@@ -189,6 +189,8 @@ class JwksEndpoint:
 
     def __init__(self) -> None:
         self.document: dict[str, Any] = {"keys": []}
+        #: Raw reply bytes, served instead of ``document`` when set.
+        self.body: bytes | None = None
         self.status = 200
         self.hits = 0
         self.hold = False
@@ -201,6 +203,9 @@ class JwksEndpoint:
         self.entered.set()
         if self.hold:
             await self.release.wait()
+        if self.body is not None:
+            return web.Response(body=self.body, status=self.status,
+                                content_type="application/json")
         return web.json_response(self.document, status=self.status)
 
 
@@ -1220,3 +1225,156 @@ async def test_non_canonical_signature_spelling_is_refused(make_auth: MakeAuth, 
     await rejected(auth, twin, "malformed token")
     with pytest.raises(jwt.DecodeError):
         jwt.decode(twin, SECRET, algorithms=[alg], options={"verify_exp": False})
+
+
+# --- canonical form and depth on every verification path --------------------------------
+
+#: The base64url alphabet in order: a character's index is its 6-bit value.
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+#: Where a token is verified: the HS* fast path, PyJWT for HS256 (an issuer to check),
+#: a PEM key (RS256) and a JWKS key (ES256).
+PATHS = ["hs256-fast", "hs256-pyjwt", "rs256-pem", "es256-jwks"]
+SEGMENTS = ["header", "payload", "signature"]
+
+
+class Issuer:
+    """Signs hand-spelled tokens for one verification path and the Authenticator to
+    verify them."""
+
+    def __init__(self, path: str, make_auth: MakeAuth, tmp_path: Path,
+                 rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey) -> None:
+        self.header: dict[str, Any] = {"alg": "HS256"}
+        self.claims = claims()
+        self.key: Any = SECRET
+        if path == "hs256-fast":
+            self.auth = make_auth()
+        elif path == "hs256-pyjwt":
+            self.claims["iss"] = "https://issuer.example"
+            self.auth = make_auth(issuer="https://issuer.example")
+        elif path == "rs256-pem":
+            self.header, self.key = {"alg": "RS256"}, rsa_key
+            self.auth = make_auth(algorithms=("RS256",),
+                                  public_key_file=write_pem(tmp_path, rsa_key))
+        else:
+            self.header, self.key = {"alg": "ES256", "kid": "e1"}, ec_key
+            fetch = StubFetch({"keys": [public_jwk(ec_key, "e1")]})
+            self.auth = make_auth(algorithms=("ES256",), jwks_url="https://idp.example/jwks",
+                                  fetch_jwks=fetch)
+
+    def token(self, spelling: Callable[[str, bytes], str] | None = None,
+              payload: bytes | None = None) -> str:
+        """A correctly signed token; ``spelling(segment_name, data)`` writes each segment
+        (default: canonical unpadded base64url), the signature over the spelled ones."""
+        spell = spelling or (lambda _name, data: b64(data))
+        header = spell("header", _unaligned(json.dumps(self.header).encode()))
+        body = spell("payload", payload or _unaligned(json.dumps(self.claims).encode()))
+        algorithm = jwt.get_algorithm_by_name(self.header["alg"])
+        signature = algorithm.sign(f"{header}.{body}".encode(),
+                                   algorithm.prepare_key(self.key))
+        return f"{header}.{body}.{spell('signature', signature)}"
+
+
+def _unaligned(document: bytes) -> bytes:
+    """``document`` with trailing spaces so its length is not a multiple of 3: its
+    base64 form then has '=' padding and unused bits in its last character."""
+    while len(document) % 3 == 0:
+        document += b" "
+    return document
+
+
+def _padded(data: bytes) -> str:
+    text = base64.urlsafe_b64encode(data).decode()
+    assert text.endswith("=")
+    return text
+
+
+def _stray_bits(data: bytes) -> str:
+    """Unpadded base64url whose last character also sets unused low bits: it decodes
+    to the same bytes, leniently."""
+    text = b64(data)
+    twin = text[:-1] + ALPHABET[ALPHABET.index(text[-1]) + 1]
+    assert base64.urlsafe_b64decode(twin + "=" * (-len(twin) % 4)) == data
+    return twin
+
+
+def _standard_alphabet(data: bytes) -> str:
+    """Base64 with '+' and '/' (RFC 4648 section 4) instead of '-' and '_', unpadded."""
+    return base64.b64encode(data).rstrip(b"=").decode()
+
+
+SPELLINGS = {"padded": _padded, "stray-bits": _stray_bits,
+             "standard-alphabet": _standard_alphabet}
+
+
+@pytest.fixture
+def issuer_for(make_auth: MakeAuth, tmp_path: Path, rsa_key: rsa.RSAPrivateKey,
+               ec_key: ec.EllipticCurvePrivateKey) -> Callable[[str], Issuer]:
+    return lambda path: Issuer(path, make_auth, tmp_path, rsa_key, ec_key)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("segment", SEGMENTS)
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
+async def test_every_segment_must_be_canonical_on_every_path(
+    issuer_for: Callable[[str], Issuer], path: str, segment: str, spelling: str
+) -> None:
+    """A header, payload or signature spelled with '=' padding, stray trailing bits or
+    the standard alphabet is refused, though signed with the right key over exactly
+    that spelling, on the HS* fast path, PyJWT's path, a PEM key and a JWKS key."""
+    issuer = issuer_for(path)
+    if spelling == "standard-alphabet":
+        # Values whose base64 holds '-' or '_' (and so '+' or '/') in every segment.
+        issuer.header["x"] = issuer.claims["x"] = "~~~>>>???"
+    assert (await issuer.auth.authenticate(issuer.token())).user_id == "user-1"
+
+    def spell(name: str, data: bytes) -> str:
+        return SPELLINGS[spelling](data) if name == segment else b64(data)
+
+    for attempt in range(64):
+        issuer.claims["n"] = attempt  # another signature, until the spelling differs
+        variant = issuer.token(spell)
+        spelled = variant.split(".")[SEGMENTS.index(segment)]
+        if spelling != "standard-alphabet" or "+" in spelled or "/" in spelled:
+            break
+    else:
+        pytest.fail("no signature holds '-' or '_'")
+    await rejected(issuer.auth, variant, "malformed token")
+    with pytest.raises(Unauthorized, match="malformed token"):
+        issuer.auth.verify_now(variant)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("depth", [65, 900, 1200])  # 1200 in UTF-16 fits in 8 KiB
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])
+async def test_claims_deeper_than_the_protocol_limit_are_malformed(
+    issuer_for: Callable[[str], Issuer], path: str, depth: int, encoding: str
+) -> None:
+    """A signed payload nesting deeper than MAX_JSON_DEPTH is "malformed token" on every
+    path and in every encoding json.loads reads: 900 levels, which the JSON decoders
+    would read, as well as 1200, which make them recurse too deep; 64 are accepted."""
+    issuer = issuer_for(path)
+
+    def payload(levels: int) -> bytes:
+        inner = "[" * (levels - 1) + "]" * (levels - 1)
+        return (json.dumps(issuer.claims)[:-1] + ', "x": ' + inner + "}").encode(encoding)
+
+    assert (await issuer.auth.authenticate(issuer.token(payload=payload(64)))).user_id == "user-1"
+    await rejected(issuer.auth, issuer.token(payload=payload(depth)), "malformed token")
+
+
+async def test_deep_jwks_document_is_a_logged_fetch_failure(
+    make_auth: MakeAuth,
+    jwks_endpoint: JwksEndpoint,
+    ec_key: ec.EllipticCurvePrivateKey,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A JWKS reply nesting 5000 levels deep is a fetch failure: one warning line without
+    traceback, tokens refused with "unknown signing key"."""
+    jwks_endpoint.body = b'{"keys":[' + b"[" * 5000 + b"]" * 5000 + b"]}"
+    caplog.set_level(logging.WARNING)
+    auth = make_auth(algorithms=("ES256",), jwks_url=jwks_endpoint.url)
+    await rejected(auth, signed(ec_key, "ES256", "e1"), "unknown signing key")
+    assert jwks_endpoint.hits == 1
+    [record] = caplog.records
+    assert "deeper than 64 levels" in record.getMessage()
+    assert record.exc_info is None and "Traceback" not in caplog.text

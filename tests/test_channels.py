@@ -479,3 +479,34 @@ async def test_injected_post_json_receives_url_body_and_timeout() -> None:
     assert calls == [
         ("https://backend.test/auth", {"user_id": "bob", "channel": "room:r1", "claims": {}}, 1.5)
     ]
+
+
+@pytest.mark.parametrize("shape", ["circular", "deep"])
+async def test_webhook_with_unencodable_claims_is_unavailable(
+    shape: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hand-made claims that cannot become JSON (a cycle, 5,000 levels) make the webhook
+    unavailable with a warning, never a RecursionError or ValueError."""
+    claims: Any
+    if shape == "circular":
+        claims = {"sub": "alice"}
+        claims["self"] = claims
+    else:
+        claims = {"sub": "alice", "deep": []}
+        node = claims["deep"]
+        for _ in range(5000):
+            node.append([])
+            node = node[0]
+    identity = Identity(user_id="alice", expires_at=0.0, claims=claims)
+    sent: list[Any] = []
+
+    async def post_json(url: str, body: Any, timeout: float) -> int:
+        sent.append(body)
+        return 200
+
+    ns = NamespaceSettings(rule="webhook", url="https://backend.test/auth", timeout=1.5)
+    policy = ChannelPolicy({"room": ns}, post_json=post_json)
+    with pytest.raises(AuthorizerUnavailable):
+        await policy.authorize(identity, "room:r1")
+    assert sent == []
+    assert "claims not encodable" in caplog.text

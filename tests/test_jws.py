@@ -15,10 +15,12 @@ from tidings.jws import (
     HmacKey,
     MalformedToken,
     check_compact,
+    decode_claims,
     decode_json,
     decode_segment,
     parse_header,
 )
+from tidings.protocol import MAX_JSON_DEPTH
 
 ALGORITHMS = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
 
@@ -112,6 +114,41 @@ def test_decode_json_failures_are_malformed(raw: bytes) -> None:
     """Whatever json.loads rejects (or recurses too deep on) is MalformedToken."""
     with pytest.raises(MalformedToken):
         decode_json(raw)
+
+
+def claims_of_depth(depth: int) -> str:
+    """A claims object ``depth`` levels deep whose strings hold bytes 0x22 and 0x5B
+    (quote, bracket) in their UTF-16 and UTF-32 forms."""
+    inner = "[" * (depth - 1) + "]" * (depth - 1)
+    return '{"sub":"\u2222\u5b5b","exp":1,"x":' + inner + "}"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-32"])
+def test_decode_claims_limits_the_depth_in_every_encoding(encoding: str) -> None:
+    """Claims decode up to MAX_JSON_DEPTH levels in every encoding json.loads reads;
+    one level more, or 900 (under every recursion limit), is malformed."""
+    within = claims_of_depth(MAX_JSON_DEPTH)
+    assert decode_claims(b64(within.encode(encoding))) == json.loads(within)
+    for depth in (MAX_JSON_DEPTH + 1, 900, 3000):
+        with pytest.raises(MalformedToken):
+            decode_claims(b64(claims_of_depth(depth).encode(encoding)))
+
+
+def test_decode_claims_wants_canonical_base64url() -> None:
+    """Claims segments obey decode_segment's canonical spelling."""
+    segment = b64(b'{"a":1}')  # 10 characters: the last one has 4 unused bits
+    decode_claims(segment)
+    twin = segment[:-1] + chr(ord(segment[-1]) + 1)
+    with pytest.raises(MalformedToken):
+        decode_claims(twin)
+
+
+def test_parse_header_refuses_deep_headers() -> None:
+    """A header nested deeper than MAX_JSON_DEPTH is malformed, not a RecursionError."""
+    for depth in (MAX_JSON_DEPTH + 1, 2000):
+        header = b64(b'{"alg":"HS256","x":' + b"[" * depth + b"]" * depth + b"}")
+        with pytest.raises(MalformedToken):
+            parse_header(f"{header}.e30.c2ln")
 
 
 def test_parse_header_needs_a_json_object() -> None:

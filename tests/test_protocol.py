@@ -11,11 +11,12 @@ from fractions import Fraction
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tidings.errors import InvalidRequest
 from tidings.protocol import (
+    MAX_JSON_DEPTH,
     RESERVED_TYPES,
     BadCommand,
     CloseCode,
@@ -31,6 +32,8 @@ from tidings.protocol import (
     format_expiry,
     format_timestamp,
     is_valid_channel,
+    json_too_deep,
+    loads,
     parse_channel,
     personal_channel,
     text_frame,
@@ -233,6 +236,103 @@ def test_decode_rejects_non_objects(raw: bytes) -> None:
     error = bad(raw)
     assert "object" in error.message
     assert error.command_id is None
+
+
+def nested(depth: int, kinds: str = "[{") -> str:
+    """JSON nesting arrays and objects ``depth`` levels deep, alternating ``kinds``."""
+    opening = "".join('{"k":' if kinds[level % len(kinds)] == "{" else "["
+                      for level in range(depth))
+    closing = "".join("}" if kinds[level % len(kinds)] == "{" else "]"
+                      for level in reversed(range(depth)))
+    return opening + "1" + closing
+
+
+def json_depth(value: Any) -> int:
+    """Reference nesting depth of a decoded JSON value (scalars are 0)."""
+    if isinstance(value, dict):
+        return 1 + max(map(json_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(json_depth, value), default=0)
+    return 0
+
+
+@pytest.mark.parametrize("kinds", ["[", "{", "[{", "{["])
+@pytest.mark.parametrize("as_text", [False, True])
+def test_loads_accepts_the_depth_limit_and_refuses_one_more(kinds: str, as_text: bool) -> None:
+    """MAX_JSON_DEPTH (64) levels decode; 65 are invalid_request naming the limit."""
+    assert MAX_JSON_DEPTH == 64
+    within, beyond = nested(MAX_JSON_DEPTH, kinds), nested(MAX_JSON_DEPTH + 1, kinds)
+    assert json_depth(loads(within if as_text else within.encode())) == MAX_JSON_DEPTH
+    with pytest.raises(InvalidRequest, match="deeper than 64 levels") as info:
+        loads(beyond if as_text else beyond.encode())
+    assert info.value.code == "invalid_request"
+
+
+@pytest.mark.parametrize("depth", [1000, 5000, 100_000])
+def test_loads_refuses_deep_documents_without_recursing(depth: int) -> None:
+    """Nesting far past msgspec's recursion limit is invalid_request, never RecursionError."""
+    for raw in (nested(depth).encode(), ("[" * depth).encode(), "{\"a\":" * depth):
+        with pytest.raises(InvalidRequest):
+            loads(raw)
+
+
+@pytest.mark.parametrize("text", [
+    pytest.param('"' + "[" * 200 + '"', id="in-a-string"),
+    pytest.param('["\\\\", "' + "{" * 200 + '"]', id="after-an-escaped-backslash"),
+    pytest.param('["\\"' + "[" * 200 + '"]', id="after-an-escaped-quote"),
+    pytest.param('{"' + "]" * 100 + '":["' + "[" * 100 + '"]}', id="in-keys-and-values"),
+    pytest.param("[" + '[[1,2],{"a":[3]}],' * 100 + "[]]", id="wide-and-shallow"),
+])
+def test_brackets_in_strings_and_wide_documents_are_not_depth(text: str) -> None:
+    """Only structural brackets count: strings, escapes and width do not."""
+    assert not json_too_deep(text)
+    assert not json_too_deep(text.encode())
+    assert loads(text) == json.loads(text)
+
+
+@pytest.mark.parametrize("raw", [b"]" * 70 + b"[" * 70, b"[" * 70 + b"]" * 69,
+                                 b"[" * 130, b"[" * 65 + b'"' + b"]" * 65])
+def test_unbalanced_brackets_are_not_json(raw: bytes) -> None:
+    """Unbalanced structure is refused before any decoder sees it."""
+    assert json_too_deep(raw)
+    with pytest.raises(InvalidRequest, match="not valid JSON"):
+        loads(raw)
+
+
+# Strings drawn from JSON's awkward characters: brackets, quotes, backslashes.
+_awkward_strings = st.text(alphabet='[]{}"\\ab\n\u00e9\u2028', max_size=6)
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | _awkward_strings,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_awkward_strings, inner,
+                                                                 max_size=3),
+    max_leaves=40,
+)
+
+
+def _deepen(value: Any, levels: int) -> Any:
+    for level in range(levels):
+        value = [value, "]"] if level % 2 else {"[": value}
+    return value
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_json_values, extra=st.integers(min_value=0, max_value=80),
+       ascii_only=st.booleans())
+def test_json_too_deep_agrees_with_the_decoded_depth(value: Any, extra: int,
+                                                     ascii_only: bool) -> None:
+    """For any JSON document, the byte scan says "too deep" exactly when it is."""
+    document = _deepen(value, extra)
+    text = json.dumps(document, ensure_ascii=ascii_only)
+    expected = json_depth(document) > MAX_JSON_DEPTH
+    assert json_too_deep(text) is expected
+    assert json_too_deep(text.encode()) is expected
+
+
+def test_decode_command_too_deep_is_bad_command() -> None:
+    """A command nesting past the limit is a BadCommand (invalid_request), not a crash."""
+    error = bad('{"type": "ping", "data": {"x": ' + "[" * 1000 + "]" * 1000 + "}}")
+    assert error.code == "invalid_request"
+    assert "deeper than 64 levels" in error.message
 
 
 def test_decode_accepts_str_input() -> None:

@@ -29,15 +29,17 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.exceptions import InvalidSubjectError
 
 from tidings.config import AuthSettings
-from tidings.errors import ConfigError, Unauthorized
+from tidings.errors import ConfigError, InvalidRequest, Unauthorized
 from tidings.jws import (
     HmacKey,
     MalformedToken,
     check_compact,
-    decode_json,
+    decode_claims,
     decode_segment,
+    json_segment,
     parse_header,
 )
+from tidings.protocol.wire import loads
 
 __all__ = [
     "JWKS_REFETCH_INTERVAL", "MAX_TOKEN_BYTES", "Authenticator", "Identity", "mint_token",
@@ -287,13 +289,34 @@ class Authenticator:
             if response.status != 200:
                 # Not raise_for_status(): its message carries the URL, query string included.
                 raise _FetchError(f"HTTP status {response.status}")
-            document = await response.json(content_type=None)
+            body = await response.read()
+        try:
+            # Not response.json(): json.loads recurses per nesting level, and a deep
+            # document would surface as RecursionError rather than as a bad reply.
+            document = loads(body)
+        except InvalidRequest as exc:
+            raise _FetchError(f"the response is not usable JSON: {exc.message}") from None
         if not isinstance(document, Mapping):
             raise _FetchError("the response is not a JSON object")
         return document
 
     def _decode(self, token: str, key: str | _PublicKey, alg: str) -> dict[str, Any]:
-        """Signature, required claims, issuer and audience checks by PyJWT."""
+        """Signature, required claims, issuer and audience checks by PyJWT.
+
+        The payload and signature segments first pass the checks the HS* fast path
+        applies, so both paths refuse the same spellings: canonical base64url (no '='
+        padding, which ``check_compact`` already refused and PyJWT would accept; no
+        stray trailing bits), and a payload no deeper than ``MAX_JSON_DEPTH``
+        (PyJWT's json.loads recurses per level).
+        """
+        _, payload, signature = token.split(".")  # check_compact has passed
+        try:
+            decode_segment(signature)
+            # Only spelling and depth: what else the payload holds is PyJWT's to judge,
+            # after the signature, as on the fast path.
+            json_segment(payload)
+        except MalformedToken:
+            raise Unauthorized("malformed token") from None
         settings = self._settings
         try:
             return jwt.decode(
@@ -335,7 +358,7 @@ class Authenticator:
         if not self._hmac.verify(alg, signing_input.encode("ascii"), signature):
             raise Unauthorized("invalid token signature")
         try:
-            claims = decode_json(decode_segment(signing_input.partition(".")[2]))
+            claims = decode_claims(signing_input.partition(".")[2])
         except MalformedToken:
             raise Unauthorized("malformed token") from None
         if not isinstance(claims, dict):

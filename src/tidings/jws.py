@@ -16,12 +16,16 @@ from typing import Any
 
 import msgspec
 
+from tidings.protocol.wire import json_too_deep
+
 __all__ = [
     "HmacKey",
     "MalformedToken",
     "check_compact",
+    "decode_claims",
     "decode_json",
     "decode_segment",
+    "json_segment",
     "parse_header",
 ]
 
@@ -88,9 +92,39 @@ def decode_json(raw: bytes) -> Any:
         raise MalformedToken from None
 
 
+def json_segment(segment: str) -> bytes:
+    """A JSON segment's bytes (header or payload, checked by ``check_compact``): only in
+    canonical base64url (see ``decode_segment``), and nesting no deeper than
+    ``protocol.MAX_JSON_DEPTH``, else ``MalformedToken``.
+
+    The depth limit holds because JSON decoders recurse per level, and decoded claims
+    travel on (webhook bodies): a token cannot carry what no other message may.
+    """
+    raw = decode_segment(segment)
+    text: bytes | str = raw
+    # json.loads (the fallback, as in PyJWT) also reads UTF-16 and UTF-32, whose bytes
+    # say nothing about the nesting: measure their text. A JSON object in UTF-8, the
+    # only form seen in practice, starts with '{' and no NUL.
+    if raw[:1] != b"{" or raw[1:2] == b"\0":
+        encoding = json.detect_encoding(raw)
+        if encoding not in ("utf-8", "utf-8-sig"):
+            try:
+                text = raw.decode(encoding, "surrogatepass")
+            except UnicodeDecodeError:
+                raise MalformedToken from None
+    if json_too_deep(text):
+        raise MalformedToken
+    return raw
+
+
+def decode_claims(segment: str) -> Any:
+    """A JSON segment decoded: ``decode_json(json_segment(segment))``."""
+    return decode_json(json_segment(segment))
+
+
 def parse_header(token: str) -> dict[str, Any]:
     """The JOSE header (a JSON object) of a strict compact JWS."""
-    header = decode_json(decode_segment(check_compact(token)[0]))
+    header = decode_claims(check_compact(token)[0])
     if not isinstance(header, dict):
         raise MalformedToken
     return header

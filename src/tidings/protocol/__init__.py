@@ -11,6 +11,7 @@ from tidings.protocol.names import (
     validate_event_type,
 )
 from tidings.protocol.wire import (
+    MAX_JSON_DEPTH,
     BadCommand,
     Command,
     Ping,
@@ -23,11 +24,13 @@ from tidings.protocol.wire import (
     encode_message,
     format_expiry,
     format_timestamp,
+    json_too_deep,
     loads,
     text_frame,
 )
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "RESERVED_TYPES",
     "BadCommand",
     "CloseCode",
@@ -45,6 +48,7 @@ __all__ = [
     "format_expiry",
     "format_timestamp",
     "is_valid_channel",
+    "json_too_deep",
     "loads",
     "parse_channel",
     "personal_channel",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import struct
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from tidings.errors import InvalidRequest
 from tidings.protocol.names import parse_channel
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "BadCommand",
     "Command",
     "Ping",
@@ -31,15 +33,45 @@ __all__ = [
     "encode_message",
     "format_expiry",
     "format_timestamp",
+    "json_too_deep",
     "loads",
     "ping_frame",
     "text_frame",
 ]
 
 MAX_ID_LENGTH = 64
+#: Deepest nesting of arrays and objects accepted in any JSON a peer sends (commands,
+#: API bodies, token segments): ``{"a": [1]}`` is 2 levels deep. msgspec and ``json``
+#: recurse per level and raise RecursionError near 1,000, which no client may provoke.
+MAX_JSON_DEPTH = 64
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
+
+# Keep only brackets, as one kind (the kind does not change the depth; a mismatch such
+# as ``[}`` is msgspec's to report), and quotes, to tell which brackets are in strings.
+_TO_SQUARE = bytes.maketrans(b"{}", b"[]")
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
+#: Leaf pairs ``[]`` deleted by ``bytes.replace`` before the regular expression runs: the
+#: bulk of a shallow document, removed faster than the matcher steps over it.
+_LEAF_PASSES = 2
+
+
+def _balanced_within(depth: int) -> re.Pattern[bytes]:
+    """A pattern matching exactly the balanced bracket sequences at most ``depth`` deep.
+
+    Bounded depth makes the language regular; possessive repeats never backtrack, so a
+    match or a failure costs one linear scan.
+    """
+    pattern = b""
+    for _ in range(depth):
+        pattern = rb"(?:\[" + pattern + rb"\])*+"
+    return re.compile(pattern)
+
+
+_BALANCED = _balanced_within(MAX_JSON_DEPTH - _LEAF_PASSES)
+_TOO_DEEP = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+_NOT_JSON = "message is not valid JSON"
 
 
 def dumps(value: Any) -> bytes:
@@ -47,12 +79,73 @@ def dumps(value: Any) -> bytes:
     return _encoder.encode(value)
 
 
+def json_too_deep(data: bytes | str) -> bool:
+    """Whether ``data`` must not reach a recursive JSON decoder: it nests arrays and
+    objects deeper than ``MAX_JSON_DEPTH``, or its brackets do not balance (then it is
+    not JSON at all, and may be deep before its fault).
+
+    False for every JSON document within the limit. Never recurses, and costs a few
+    linear C-speed passes at most: short data costs a length check, data with fewer
+    brackets than the limit two counts.
+    """
+    return _depth_fault(data) is not None
+
+
+def _depth_fault(data: bytes | str) -> str | None:
+    """``json_too_deep`` with the reason, for ``loads`` to report."""
+    # Deeper than the limit takes an opening and a closing bracket per level; shorter
+    # text that is not JSON cannot make a decoder recurse near its limit either.
+    if len(data) < 2 * (MAX_JSON_DEPTH + 1):
+        return None
+    if isinstance(data, str):
+        if data.count("[") + data.count("{") <= MAX_JSON_DEPTH:
+            return None
+        raw = data.encode("utf-8", "surrogatepass")
+    else:
+        if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+            return None
+        raw = data
+    if b"\\" in raw:
+        # Escapes go first, read left to right as a JSON scanner reads them (escaped
+        # backslashes, then escaped quotes): the quotes left delimit strings.
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    kept = raw.translate(_TO_SQUARE, _NOT_STRUCTURE)
+    # Adjacent quotes enclose no bracket, whether they open and close one string or
+    # close one and open the next: dropping them leaves the other quotes paired as
+    # before. Only strings holding brackets are left, for the slower split.
+    kept = kept.replace(b'""', b"")
+    brackets = b"".join(kept.split(b'"')[::2]) if b'"' in kept else kept
+    for _ in range(_LEAF_PASSES):
+        shorter = brackets.replace(b"[]", b"")
+        if not shorter:
+            return None
+        if len(shorter) == len(brackets):
+            return _NOT_JSON  # no pair left to delete: unbalanced
+        brackets = shorter
+    if _BALANCED.fullmatch(brackets):
+        return None
+    # Where the top level stops: a closing bracket there closes nothing. An opening
+    # one starts a group that did not close within the depth left: with as many
+    # closing brackets as opening ones after it, that group is too deep.
+    stop = _BALANCED.match(brackets)
+    end = stop.end() if stop else 0
+    if brackets[end:end + 1] == b"]" or 2 * brackets.count(b"[", end) != len(brackets) - end:
+        return _NOT_JSON
+    return _TOO_DEEP
+
+
 def loads(data: bytes | str) -> Any:
-    """Decode JSON; raise ``InvalidRequest`` when it is not JSON."""
+    """Decode JSON; raise ``InvalidRequest`` when it is not JSON or nests deeper than
+    ``MAX_JSON_DEPTH`` levels. Never raises anything else, whatever ``data`` holds."""
+    fault = _depth_fault(data)
+    if fault is not None:
+        raise InvalidRequest(fault)
     try:
         return _decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest("message is not valid JSON") from exc
+    except (msgspec.DecodeError, UnicodeError) as exc:  # ValidationError: numbers too big
+        raise InvalidRequest(_NOT_JSON) from exc
+    except RecursionError:  # the depth is bounded, but a caller may be deep in its stack
+        raise InvalidRequest(_TOO_DEEP) from None
 
 
 class BadCommand(InvalidRequest):
