@@ -388,9 +388,65 @@ def test_personal_channel_falls_back_to_a_fresh_subscription_once() -> None:
     assert reply(session, personal, 9, recovered=False) == [RecoverFresh(personal, 3)]
 
 
+def test_first_connection_lost_before_the_personal_reply_misses_nothing() -> None:
+    """When the very first connection drops before the personal channel's reply, the next
+    one recovers from the position ``connected`` announced: the events published in
+    between are replayed and no Gap from 0 is reported."""
+    session = make()
+    welcome(session, positions={USER: {"offset": 3, "epoch": "e1"}})
+    personal = session.channels[USER]
+    recover = {"channel": USER, "recover": {"offset": 3, "epoch": "e1"}}
+    assert subscribe(session, personal)[1] == recover
+    assert session.receive(event(USER, 4)) == []  # held until the reply, then lost
+    session.connection_lost()
+    welcome(session, positions={USER: {"offset": 6, "epoch": "e1"}})
+    assert not personal.tracker.baseline_lost
+    command_id, data = subscribe(session, personal)
+    assert data == recover
+    effects = session.receive(frame("subscribed", {"channel": USER, "offset": 6,
+                                                   "epoch": "e1", "recovered": True},
+                                    command_id))
+    assert effects == [Confirm(USER)]
+    replayed = [effect for offset in (4, 5, 6) for effect in session.receive(event(USER, offset))]
+    assert delivered(replayed) == [4, 5, 6]
+
+
+def test_personal_position_in_connected_is_the_first_baseline() -> None:
+    """On a connection that lives, the announced position is the baseline: the reply to
+    its recover confirms, held live events follow, no Gap."""
+    session = make()
+    welcome(session, positions={USER: {"offset": 3, "epoch": "e1"}})
+    personal = session.channels[USER]
+    command_id, _ = subscribe(session, personal)
+    assert session.receive(event(USER, 4)) == []
+    effects = session.receive(frame("subscribed", {"channel": USER, "offset": 3,
+                                                   "epoch": "e1", "recovered": True},
+                                    command_id))
+    assert delivered(effects) == [4] and effects[-1] == Confirm(USER)
+    # A later connection's announcement does not move a baseline the client already has.
+    session.connection_lost()
+    welcome(session, positions={USER: {"offset": 9, "epoch": "e1"}})
+    assert subscribe(session, personal)[1]["recover"] == {"offset": 4, "epoch": "e1"}
+
+
+@pytest.mark.parametrize("positions", [
+    "garbage", {USER: {"offset": "3", "epoch": "e1"}}, {USER: {"offset": -1, "epoch": "e1"}},
+    {USER: {"offset": True, "epoch": "e1"}}, {USER: {"offset": 3, "epoch": ""}},
+    {USER: [3, "e1"]}, {"user:other": {"offset": 3, "epoch": "e1"}},
+])
+def test_malformed_positions_fall_back_to_the_first_recover(positions: object) -> None:
+    """A ``positions`` entry that is missing or malformed is ignored: the first subscribe
+    asks for a baseline (``FIRST_RECOVER``) as from a server that sends none."""
+    session = make()
+    welcome(session, positions=positions)
+    assert subscribe(session, session.channels[USER])[1] == {
+        "channel": USER, "recover": FIRST_RECOVER}
+
+
 def test_personal_channel_live_before_without_a_baseline_reports_a_gap() -> None:
-    """A personal channel whose first connection ended before its reply reports a Gap from
-    offset 0 at its first baseline."""
+    """From a server that announces no position, a personal channel whose first
+    connection ended before its reply reports a Gap from offset 0 at its first baseline
+    (events may have been missed, and nothing says which)."""
     session = make()
     welcome(session)
     personal = session.channels[USER]

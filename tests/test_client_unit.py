@@ -271,6 +271,18 @@ def test_tracker_first_automatic_subscription_has_no_gap() -> None:
     assert offsets(tracker.subscribed(3, "e1", False)) == [4, 5]
 
 
+def test_tracker_start_at_is_a_baseline_before_any_reply() -> None:
+    """``start_at`` sets the recovery point before any reply; it never moves a baseline
+    the tracker already has."""
+    tracker = ChannelTracker("user:u1")
+    tracker.start_at(3, "e1")
+    assert tracker.recover_point() == (3, "e1") and tracker.awaiting
+    tracker.event(ev(4, "user:u1"))
+    assert offsets(tracker.subscribed(4, "e1", True)) == [4]
+    tracker.start_at(9, "e2")
+    assert tracker.recover_point() == (4, "e1")
+
+
 def test_tracker_first_baseline_keeps_events_sent_before_the_reply() -> None:
     """When the first reply's offset already counts live events held before it (the
     server answers with the last offset it sent), those events are still delivered."""

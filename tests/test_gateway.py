@@ -4,6 +4,8 @@ heartbeats, with a real MemoryBroker and fake peers (no sockets)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -14,7 +16,7 @@ import pytest
 from fakes import FakeClock, command, connect_peer, next_tick
 from helpers import make_settings, token
 from tidings.api.service import ApiService
-from tidings.auth import Authenticator
+from tidings.auth import Authenticator, Identity
 from tidings.brokers import (
     BrokerHandler,
     HistoryPage,
@@ -25,7 +27,8 @@ from tidings.brokers import (
 from tidings.brokers.memory import MemoryBroker
 from tidings.channels import ChannelPolicy
 from tidings.errors import BrokerUnavailable
-from tidings.gateway import Gateway, TooManyConnections
+from tidings.gateway import Gateway, TooManyConnections, _frame_event_type
+from tidings.protocol import encode_message, text_frame
 
 WAIT = 5.0
 NAMESPACES = {"default": {"rule": "claims"}, "news": {"rule": "public"},
@@ -172,13 +175,15 @@ async def settle(gateway: Gateway) -> None:
 
 
 async def test_connect_subscribes_the_personal_channel_and_welcomes(gateway: Gateway) -> None:
-    """Connecting subscribes ``user:<sub>``, lists it in ``connected`` and delivers its
-    live events (not the ones published before)."""
-    await publish(gateway, "user:user-1", 2)
+    """Connecting subscribes ``user:<sub>``, lists it in ``connected`` with the position
+    it went live at, and delivers its live events (not the ones published before)."""
+    results = await publish(gateway, "user:user-1", 2)
     peer = await connect_peer(gateway, "user-1")
     welcome = only(peer.take())
     assert welcome["type"] == "connected"
     assert welcome["data"]["channels"] == ["user:user-1"]
+    assert welcome["data"]["positions"] == {
+        "user:user-1": {"offset": 2, "epoch": results[0].epoch}}
     assert welcome["data"]["user_id"] == "user-1"
     assert welcome["data"]["connection_id"] == peer.conn_id
     assert welcome["data"]["heartbeat_interval"] == 25
@@ -191,6 +196,19 @@ async def test_connect_subscribes_the_personal_channel_and_welcomes(gateway: Gat
     (event,) = peer.take()
     assert (event["type"], event["channel"], event["offset"]) == (
         "notification", "user:user-1", 3)
+
+
+async def test_connection_ids_are_random_not_sequential(gateway: Gateway) -> None:
+    """Connection ids are ``c_`` and 96 random bits: unique, and neither consecutive nor
+    sharing a per-node prefix, so that one id tells nothing about the next."""
+    identity = Identity("user-1", gateway.wall_clock() + 3600, ())
+    ids = [gateway.new_session(identity).conn_id for _ in range(2000)]
+    assert all(re.fullmatch(r"c_[0-9a-f]{24}", conn_id) for conn_id in ids), ids[:3]
+    assert len(set(ids)) == len(ids)
+    values = [int(conn_id[2:], 16) for conn_id in ids]
+    # With random 96-bit values either assertion fails less than once in a million runs.
+    assert all(abs(b - a) > 2**48 for a, b in itertools.pairwise(values))
+    assert all(a[:10] != b[:10] for a, b in itertools.pairwise(ids))
 
 
 @pytest.mark.parametrize("sub", ["has space", "a/b", "x" * 129, "tab\there"])
@@ -210,7 +228,8 @@ async def test_personal_channel_can_be_disabled(make_gateway: MakeGateway) -> No
     """With ``auth.personal_channel = false`` nothing is subscribed on connect."""
     gateway = await make_gateway({"auth": {"personal_channel": False}})
     peer = await connect_peer(gateway, "user-1")
-    assert only(peer.take())["data"]["channels"] == []
+    data = only(peer.take())["data"]
+    assert data["channels"] == [] and "positions" not in data
     assert not gateway.hub.is_subscribed(peer, "user:user-1")
 
 
@@ -223,7 +242,8 @@ async def test_personal_channel_failure_at_connect_keeps_the_connection(
 
     wrapped(gateway).hooks["subscribe"] = down
     peer = await connect_peer(gateway, "user-1")
-    assert only(peer.take())["data"]["channels"] == []
+    data = only(peer.take())["data"]
+    assert data["channels"] == [] and "positions" not in data
     assert gateway.hub.is_connected(peer)
     assert not gateway.hub.has_channel("user:user-1")
     assert peer.session.subscriptions == set()
@@ -1004,6 +1024,45 @@ async def test_personal_recover_right_after_connect_replays_in_order(
     await publish(gateway, "user:user-1")
     await next_tick()
     assert offsets(peer.take()) == [6]
+
+
+async def test_events_delivered_counts_frames_written_not_frames_held(
+        make_gateway: MakeGateway) -> None:
+    """``tidings_events_delivered_total`` counts event frames written to connections:
+    nothing for frames a held subscriber keeps, each one once released or replayed."""
+    gateway = await make_gateway({"auth": {"personal_channel_hold": 30}})
+
+    def delivered() -> float:
+        return gauge(gateway, "tidings_events_delivered_total", type="notification") or 0
+
+    first = await publish(gateway, "user:user-1")
+    peers = [await connect_peer(gateway, "user-1") for _ in range(2)]
+    for peer in peers:
+        peer.take()
+    await publish(gateway, "user:user-1", 2)
+    await next_tick()
+    assert [peer.take() for peer in peers] == [[], []]
+    assert delivered() == 0
+    await command(gateway, peers[0], "ping")
+    assert offsets(peers[0].take()) == [2, 3]
+    assert delivered() == 2
+    await command(gateway, peers[1], "subscribe", {
+        "channel": "user:user-1", "recover": {"offset": 0, "epoch": first[0].epoch}})
+    assert offsets(peers[1].take()) == [1, 2, 3]
+    assert delivered() == 5
+    await publish(gateway, "user:user-1")
+    await next_tick()
+    assert [offsets(peer.take()) for peer in peers] == [[4], [4]]
+    assert delivered() == 7
+
+
+# Payloads of about 110, 210 and 70,110 bytes: 7-bit, 16-bit and 64-bit lengths.
+@pytest.mark.parametrize("pad", [0, 100, 70_000], ids=["7-bit", "16-bit", "64-bit"])
+def test_delivered_metric_reads_the_type_behind_every_frame_header(pad: int) -> None:
+    """The event type counted for a written frame is read past each length form."""
+    payload = encode_message("chat_message", {"pad": "x" * pad}, channel="news:a", offset=1)
+    assert _frame_event_type(text_frame(payload)) == "chat_message"
+    assert _frame_event_type(text_frame(b'{"no":"type"}')) == "unknown"
 
 
 async def test_personal_hold_ends_on_its_own(make_gateway: MakeGateway) -> None:

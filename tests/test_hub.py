@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -231,6 +232,32 @@ async def test_pending_overflow_calls_the_callback_with_the_connection() -> None
     assert overflowed == [a]
     assert held.pending == []  # the held frames are dropped
     assert offsets(b) == [[1, 2], [3]]  # the direct subscriber is unaffected
+
+
+async def test_on_written_reports_the_frames_each_connection_was_sent() -> None:
+    """``on_written`` reports what was written: whole ticks once with their subscriber
+    count, partial writes per subscriber, and nothing for held or already-sent frames."""
+    reports: list[tuple[list[int], int]] = []
+
+    def written(frames: Sequence[bytes], connections: int) -> None:
+        reports.append(([m["offset"] for m in parse_frames(b"".join(frames))], connections))
+
+    a, b, c, held = FakeConn("a"), FakeConn("b"), FakeConn("c"), FakeConn("held")
+    hub = make_hub(a, b, c, held, on_written=written)
+    for conn in (a, b, c):
+        hub.subscribe(conn, "news:a", hold=False)
+    hub.subscribe(held, "news:a", hold=True)
+    behind, _ = hub.subscribe(c, "news:a", hold=False)
+    behind.after = 2  # c was sent 1 and 2 already (a replay)
+    for offset in (1, 2, 3):
+        hub.deliver("news:a", offset, frame(offset))
+    await next_tick()
+    assert sorted(reports) == [([1, 2, 3], 2), ([3], 1)]
+    assert offsets(c) == [[3]] and held.writes == []
+    reports.clear()
+    hub.deliver("news:a", 4, frame(4))
+    await next_tick()
+    assert reports == [([4], 3)]
 
 
 # -- bookkeeping ----------------------------------------------------------------------

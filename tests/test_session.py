@@ -109,6 +109,12 @@ def test_welcome_fields() -> None:
     assert message["timestamp"].endswith("Z")
 
 
+def test_welcome_announces_the_positions_of_automatic_channels() -> None:
+    """``positions`` gives each automatic channel's live point as offset and epoch."""
+    message = json.loads(make_session().welcome(["user:alice"], T0, {"user:alice": (7, "e1")}))
+    assert message["data"]["positions"] == {"user:alice": {"offset": 7, "epoch": "e1"}}
+
+
 def test_welcome_fractional_heartbeat() -> None:
     """A fractional heartbeat interval is sent as a number with its fraction."""
     message = json.loads(make_session(interval=2.5).welcome([], T0))
@@ -201,31 +207,54 @@ def test_binary_frame_is_invalid_request() -> None:
 # -- rate limit ---------------------------------------------------------------------------
 
 
+def _rate_limited(effects: list[Effect], command_id: str) -> None:
+    """``effects`` start with the ``rate_limited`` error answering ``command_id``."""
+    assert effects and isinstance(effects[0], Send), effects
+    assert effects[0].error == ErrorCode.RATE_LIMITED
+    message = json.loads(effects[0].data)
+    assert message["type"] == "error" and message["id"] == command_id
+    assert message["data"]["code"] == "rate_limited"
+
+
 def test_rate_limit_burst_then_errors_then_close() -> None:
-    """After the burst, commands get rate_limited; the Nth consecutive violation closes 4429."""
+    """After the burst every over-limit command gets rate_limited; the Nth in a row gets
+    its error too, followed by the close 4429."""
     session = make_session(command_burst=3, commands_per_second=1, rate_limit_strikes=3)
     for _ in range(3):
         assert only_message(ping(session, T0))["type"] == "pong"
-    for _ in range(2):
-        effects = ping(session, T0)
-        message = only_message(effects)
-        assert isinstance(effects[0], Send) and effects[0].error == ErrorCode.RATE_LIMITED
-        assert message["type"] == "error"
-        assert message["data"]["code"] == "rate_limited"
+    for index in range(2):
+        effects = ping(session, T0, f"p{index}")
+        assert len(effects) == 1
+        _rate_limited(effects, f"p{index}")
         assert not session.closed
-    assert ping(session, T0) == [Close(CloseCode.TOO_MANY, "command rate limit exceeded")]
+    effects = ping(session, T0, "last")
+    assert len(effects) == 2
+    _rate_limited(effects, "last")
+    assert effects[1] == Close(CloseCode.TOO_MANY, "command rate limit exceeded")
     assert session.closed
     assert ping(session, T0 + 1000) == []
 
 
-def test_rate_limit_single_strike_closes_at_once() -> None:
-    """With rate_limit_strikes=1 the first violation closes with 4429."""
+def test_rate_limit_single_strike_answers_then_closes() -> None:
+    """With rate_limit_strikes=1 the first violation gets its error and closes 4429."""
     session = make_session(command_burst=1, commands_per_second=1, rate_limit_strikes=1)
     assert only_message(ping(session, T0))["type"] == "pong"
     effects = ping(session, T0)
-    assert len(effects) == 1 and isinstance(effects[0], Close)
-    assert effects[0].code is CloseCode.TOO_MANY
-    assert int(effects[0].code) == 4429
+    assert len(effects) == 2
+    _rate_limited(effects, "p")
+    assert isinstance(effects[1], Close) and effects[1].code is CloseCode.TOO_MANY
+    assert int(effects[1].code) == 4429
+
+
+def test_rate_limit_closing_binary_frame_is_answered() -> None:
+    """A binary frame that uses up the last strike gets its (id-less) error before 4429."""
+    session = make_session(command_burst=1, commands_per_second=1, rate_limit_strikes=2)
+    session.receive_binary(T0)
+    assert only_message(session.receive_binary(T0))["data"]["code"] == "rate_limited"
+    effects = session.receive_binary(T0)
+    message = json.loads(effects[0].data) if isinstance(effects[0], Send) else {}
+    assert message["data"]["code"] == "rate_limited" and "id" not in message
+    assert effects[1:] == [Close(CloseCode.TOO_MANY, "command rate limit exceeded")]
 
 
 def test_rate_limit_counts_invalid_and_binary_frames() -> None:
@@ -251,7 +280,7 @@ def test_rate_limit_refill_resets_strikes() -> None:
     for _ in range(2):
         assert only_message(ping(session, now))["data"]["code"] == "rate_limited"
     assert not session.closed
-    assert isinstance(ping(session, now)[0], Close)
+    assert isinstance(ping(session, now)[-1], Close)
 
 
 def test_rate_limit_partial_refill() -> None:

@@ -345,14 +345,18 @@ async def test_rate_limited_keeps_connection_open() -> None:
 
 
 async def test_command_flood_closes_4429() -> None:
-    """A client that keeps flooding after ``rate_limited`` is closed with 4429."""
+    """Every over-limit command of a flood gets its ``rate_limited``, the
+    ``rate_limit_strikes``-th in a row included, and then the connection closes 4429."""
     async with serve(RATE) as server, connect(server, token()) as client:
         for index in range(10):
             await client.send("ping", id=f"p{index}")
         messages, code = await ws_until_close(client.ws, TIMEOUT)
         assert code == 4429
-        kinds = [m["type"] if m["type"] != "error" else m["data"]["code"] for m in messages]
-        assert kinds == ["pong", "pong", "rate_limited", "rate_limited"]
+        kinds = [(m.get("id"), m["type"] if m["type"] != "error" else m["data"]["code"])
+                 for m in messages]
+        # Burst 2, then 3 strikes: p2..p4 are dropped and answered; p5.. are never read.
+        assert kinds == [("p0", "pong"), ("p1", "pong"), ("p2", "rate_limited"),
+                         ("p3", "rate_limited"), ("p4", "rate_limited")]
 
 
 # -- internal_error ---------------------------------------------------------------------------

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import secrets
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from tidings.auth import Authenticator, Identity
@@ -46,7 +45,7 @@ from tidings.session import (
     StartUnsubscribe,
 )
 
-__all__ = ["Gateway", "Peer", "TooManyConnections"]
+__all__ = ["Gateway", "Peer", "TooManyConnections", "new_connection_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +70,17 @@ class TooManyConnections(ClientError):
     http_status = 429
 
 
+def new_connection_id() -> str:
+    """A connection id: ``c_`` and 96 random bits from the OS (24 hex digits).
+
+    Unguessable, so that one user cannot name another's connection (ids show up in
+    support requests and logs), and unique across nodes and restarts without a node tag:
+    nothing routes by an id's content. ``os.urandom`` directly, as ``secrets.token_hex``
+    only adds call overhead to every handshake.
+    """
+    return "c_" + os.urandom(12).hex()
+
+
 def _live_point(sub: Subscriber[Peer]) -> int:
     """The offset up to which a subscription has sent, or stands at, its events."""
     return max(sub.after, sub.start)
@@ -84,10 +94,20 @@ def _add_recovery(data: dict[str, object], replay: Replay) -> None:
         data["since"] = replay.since
 
 
-def _event_type(payload: bytes) -> str:
+def _event_type(payload: bytes, start: int = 0) -> str:
+    """The ``type`` of the event JSON in ``payload`` from ``start`` on."""
     # Every event payload is encoded with "type" as its first key (protocol.wire).
-    end = payload.find(b'"', 9)
-    return payload[9:end].decode() if payload.startswith(b'{"type":"') and end > 0 else "unknown"
+    if not payload.startswith(b'{"type":"', start):
+        return "unknown"
+    end = payload.find(b'"', start + 9)
+    return payload[start + 9:end].decode() if end > 0 else "unknown"
+
+
+def _frame_event_type(frame: bytes) -> str:
+    """The ``type`` of the event in a server text frame (``protocol.wire.text_frame``)."""
+    # Unmasked server frame: a 7-bit length, or 126/127 then a 16/64-bit one (RFC 6455 5.2).
+    length = frame[1] & 0x7F
+    return _event_type(frame, 2 if length < 126 else 4 if length == 126 else 10)
 
 
 class Gateway:
@@ -111,16 +131,13 @@ class Gateway:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.wall_clock = wall_clock
-        self.hub: Hub[Peer] = Hub(on_pending_overflow=self._pending_overflow)
+        self.hub: Hub[Peer] = Hub(on_pending_overflow=self._pending_overflow,
+                                  on_written=self._count_frames)
         self.draining = False
         self.node_subscriptions = NodeSubscriptions(broker, self.hub.has_channel)
         # conn_id -> peer whose personal channel is held (auth.personal_channel_hold).
         self._personal_holds: Deadlines[str, Peer] = Deadlines(
             settings.auth.personal_channel_hold, self._send_personal)
-        # Connection ids: a random tag per node (unique across nodes and restarts) and a
-        # counter, cheaper per handshake than random bytes from the OS.
-        self._node_tag = secrets.token_hex(4)
-        self._conn_ids = itertools.count(1)
         self._sweeper: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -187,9 +204,9 @@ class Gateway:
     # -- BrokerHandler ---------------------------------------------------------------
 
     def on_event(self, channel: str, offset: int, epoch: str, payload: bytes) -> None:
-        count = self.hub.deliver(channel, offset, text_frame(payload))
-        if count:
-            self.metrics.delivered(_event_type(payload), count)
+        # Counted when written (hub's on_written), not here: a subscriber under setup
+        # holds the frame, and one that already had the offset skips it.
+        self.hub.deliver(channel, offset, text_frame(payload))
 
     def on_continuity_lost(self, channel: str) -> None:
         message = text_frame(encode_message(
@@ -225,7 +242,7 @@ class Gateway:
         limits, interval, timeout, leeway = self._session_settings
         return Session(
             identity,
-            conn_id=f"c_{self._node_tag}{next(self._conn_ids):x}",
+            conn_id=new_connection_id(),
             limits=limits,
             heartbeat_interval=interval,
             heartbeat_timeout=timeout,
@@ -246,6 +263,7 @@ class Gateway:
         self.hub.add_connection(peer)
         self._idle.clear()
         channels: list[str] = []
+        positions: dict[str, tuple[int, str]] = {}
         personal = personal_channel(identity.user_id) if self._personal_channels else None
         sub: Subscriber[Peer] | None = None
         after = 0
@@ -253,7 +271,7 @@ class Gateway:
             sub, _ = self.hub.subscribe(peer, personal, hold=True)
             try:
                 await self.node_subscriptions.ensure(personal)
-                after = (await self.broker.position(personal)).offset
+                after, epoch = await self.broker.position(personal)
             except TidingsError:
                 # The connection still works; the client may subscribe explicitly later.
                 logger.warning("personal channel unavailable at connect", exc_info=True)
@@ -268,7 +286,11 @@ class Gateway:
                 peer.session.subscribed(personal, personal=True)
                 self._subscription_count += 1
                 channels.append(personal)
-        peer.send(text_frame(peer.session.welcome(channels, self.clock())))
+                # Every event after `after` reaches this connection: announce it as the
+                # baseline, so that a client losing this connection before its first
+                # reply still recovers from here (no gap from 0, nothing missed).
+                positions[personal] = (after, epoch)
+        peer.send(text_frame(peer.session.welcome(channels, self.clock(), positions)))
         if sub is not None:
             # The live events wait (auth.personal_channel_hold) for the client's first
             # command: a subscribe with recover sent right after `connected` can then
@@ -461,16 +483,26 @@ class Gateway:
         # Streams may hold a little more than history.size (approximate trimming).
         return max(1, self.settings.history.size) * 2
 
-    @staticmethod
-    def _send_replay(peer: Peer, replay: Replay) -> None:
+    def _send_replay(self, peer: Peer, replay: Replay) -> None:
         # Also under `recovered: false`: a new epoch's events, replayed from offset 1.
         if replay.events:
             peer.send(b"".join(text_frame(event.payload) for event in replay.events))
+            delivered = self.metrics.delivered
+            for event in replay.events:
+                delivered(_event_type(event.payload), 1)
 
     def _send_held(self, peer: Peer, sub: Subscriber[Peer], after: int) -> None:
         frames = self.hub.release(sub, after)
         if frames:
             peer.send(b"".join(frames))
+            self._count_frames(frames, 1)
+
+    def _count_frames(self, frames: Sequence[bytes], connections: int) -> None:
+        """``tidings_events_delivered_total``: each event frame of ``frames`` was written
+        to ``connections`` connections."""
+        delivered = self.metrics.delivered
+        for frame in frames:
+            delivered(_frame_event_type(frame), connections)
 
     def _unsubscribe(self, peer: Peer, channel: str, command_id: str | None) -> None:
         self._drop_subscription(peer, channel)

@@ -9,7 +9,7 @@ no task, queue or ``await`` per subscriber.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -67,6 +67,12 @@ class Hub(Generic[C]):
     delivered, at the end of the current loop tick, as one write per subscriber.
     ``pending_limit`` bounds the frames held for a subscriber under setup; past it the
     ``on_pending_overflow`` callback decides (the gateway closes with 1013).
+
+    ``on_written(frames, connections)`` is called after each flush of a channel: each of
+    ``frames`` was handed to ``send`` of ``connections`` connections (once per channel
+    for the subscribers that got the whole tick, once per subscriber that got part of
+    it). Frames held for a subscriber under setup, or skipped as already sent, are not
+    reported; held frames are reported by whoever writes what ``release`` returns.
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class Hub(Generic[C]):
         loop: asyncio.AbstractEventLoop | None = None,
         pending_limit: int = 10_000,
         on_pending_overflow: Callable[[C], None] | None = None,
+        on_written: Callable[[Sequence[bytes], int], None] | None = None,
     ) -> None:
         self._loop = loop
         self._connections: dict[str, C] = {}
@@ -88,6 +95,7 @@ class Hub(Generic[C]):
         self._flush_scheduled = False
         self._pending_limit = pending_limit
         self._on_pending_overflow = on_pending_overflow
+        self._on_written = on_written
 
     # -- connections -----------------------------------------------------------------
 
@@ -214,7 +222,8 @@ class Hub(Generic[C]):
 
     def deliver(self, channel: str, offset: int, frame: bytes) -> int:
         """Queue one encoded frame for every local subscriber of ``channel``; return how
-        many subscribers it is queued for."""
+        many subscribers the channel has (an upper bound on the writes: ``on_written``
+        reports the real ones)."""
         entry = self._channels.get(channel)
         if entry is None:
             return 0
@@ -233,12 +242,14 @@ class Hub(Generic[C]):
         """Write every channel's collected frames, joined, once per subscriber."""
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
+        written = self._on_written
         for entry in dirty:
             frames, entry.frames = entry.frames, None
             if not frames:
                 continue
             first, last = frames[0][0], frames[-1][0]
             joined = frames[0][1] if len(frames) == 1 else b"".join(f for _, f in frames)
+            whole = 0
             # Copy: a write may close a connection, which unsubscribes it.
             for sub in list(entry.subscribers.values()):
                 if sub.pending is not None:
@@ -246,11 +257,16 @@ class Hub(Generic[C]):
                 elif sub.after < first:
                     sub.after = last
                     sub.conn.send(joined)
+                    whole += 1
                 else:
                     part = [f for o, f in frames if o > sub.after]
                     if part:
                         sub.after = last
                         sub.conn.send(b"".join(part))
+                        if written is not None:
+                            written(part, 1)
+            if whole and written is not None:
+                written([f for _, f in frames], whole)
 
     def _hold(self, sub: Subscriber[C], pending: list[tuple[int, bytes]],
               frames: list[tuple[int, bytes]]) -> None:

@@ -7,6 +7,7 @@ comes back through ``subscribed``/``unsubscribed``/``refreshed``/``fail``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,7 +172,12 @@ class Session:
 
     # -- inbound ---------------------------------------------------------------------
 
-    def welcome(self, channels: list[str], now: float) -> bytes:
+    def welcome(self, channels: list[str], now: float,
+                positions: Mapping[str, tuple[int, str]] | None = None) -> bytes:
+        """The ``connected`` message. ``positions`` maps automatic channels to the
+        ``(offset, epoch)`` at which they went live: the client's baseline, as in a
+        ``subscribed`` reply, so that it can recover even if this connection is lost
+        before any reply (sent as ``positions`` only when there is one)."""
         interval = self._interval
         data: dict[str, Any] = {
             "connection_id": self.conn_id,
@@ -180,6 +186,9 @@ class Session:
             "heartbeat_interval": int(interval) if interval == int(interval) else interval,
             "channels": channels,
         }
+        if positions:
+            data["positions"] = {channel: {"offset": offset, "epoch": epoch}
+                                 for channel, (offset, epoch) in positions.items()}
         return encode_message("connected", data)
 
     def _admit(self, now: float, raw: bytes | str | None = None) -> list[Effect] | None:
@@ -223,6 +232,12 @@ class Session:
         self._ping_outstanding = False
 
     def _rate_limit(self, now: float, raw: bytes | str | None) -> list[Effect]:
+        """Token bucket: ``command_burst`` tokens, refilled at ``commands_per_second``.
+
+        A frame that finds no token is dropped and answered with ``rate_limited``; the
+        ``rate_limit_strikes``-th such frame in a row (no admitted frame in between) is
+        answered the same way and then closes the connection with 4429.
+        """
         limits = self._limits
         elapsed = max(0.0, now - self._refilled)
         self._refilled = now
@@ -233,12 +248,15 @@ class Session:
             self._strikes = 0
             return []
         self._strikes += 1
-        if self._strikes >= limits.rate_limit_strikes:
-            return self._close(CloseCode.TOO_MANY, "command rate limit exceeded")
-        # Name the dropped command, so a client can tell which one to send again.
+        # Name the dropped command, so a client can tell which one to send again. The
+        # command that uses up the last strike gets its error too, then the close: every
+        # command the server drops is answered, as docs/protocol.md promises.
         message = error_message(ErrorCode.RATE_LIMITED, "too many commands; slow down",
                                 command_id=_command_id(raw))
-        return [Send(message, ErrorCode.RATE_LIMITED)]
+        refused: list[Effect] = [Send(message, ErrorCode.RATE_LIMITED)]
+        if self._strikes >= limits.rate_limit_strikes:
+            refused += self._close(CloseCode.TOO_MANY, "command rate limit exceeded")
+        return refused
 
     def _subscribe(self, command: Subscribe) -> list[Effect]:
         channel = command.channel

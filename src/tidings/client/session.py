@@ -63,12 +63,24 @@ __all__ = ["FATAL_SUBSCRIBE_ERRORS", "FIRST_RECOVER", "Session"]
 logger = logging.getLogger("tidings.client")
 
 #: Recovery point for an automatically subscribed channel (the personal channel) seen for
-#: the first time: no epoch matches it, so the server answers ``recovered: false`` with the
-#: offset at which this connection's subscription went live: the baseline of its events.
+#: the first time, from a server whose ``connected`` announces no position for it: no
+#: epoch matches it, so the server answers ``recovered: false`` with the offset at which
+#: this connection's subscription went live: the baseline of its events.
 FIRST_RECOVER = {"offset": 0, "epoch": ""}
 
 #: Error codes after which a failed subscription is given up instead of retried.
 FATAL_SUBSCRIBE_ERRORS = frozenset({"unauthorized", "invalid_request"})
+
+
+def _position(value: object) -> tuple[int, str] | None:
+    """``(offset, epoch)`` from one entry of ``connected``'s ``positions``; None unless
+    well formed (a server that sends none, or garbage, gets the first-recover path)."""
+    if not isinstance(value, dict):
+        return None
+    offset, epoch = value.get("offset"), value.get("epoch")
+    if type(offset) is not int or offset < 0 or not isinstance(epoch, str) or not epoch:
+        return None
+    return offset, epoch
 
 
 class Session:
@@ -302,6 +314,8 @@ class Session:
         channels = data.get("channels")
         self._auto = {c for c in channels if isinstance(c, str)} if isinstance(
             channels, list) else set()
+        positions = data.get("positions")
+        positions = positions if isinstance(positions, dict) else {}
         self.backoff.connected(self._clock())
         effects: list[Effect] = []
         for channel in sorted(self._auto - self._unwanted):
@@ -309,9 +323,15 @@ class Session:
             if state is None:
                 state = self.channels[channel] = ChannelState(channel)
                 effects.append(Added(state))
-            if state.automatic and state.tracker.epoch is None:
-                state.tracker.baseline_lost = True  # live before, but never got a baseline
+            tracker = state.tracker
+            if state.automatic and tracker.epoch is None:
+                tracker.baseline_lost = True  # live before, but never got a baseline
             state.automatic = True
+            position = _position(positions.get(channel))
+            if position is not None and not tracker.baseline_lost:
+                # The point this connection's subscription went live at: recover from
+                # it, even on a later connection if this one is lost before the reply.
+                tracker.start_at(*position)
         # Before any event is read: hold what arrives until each channel's reply.
         for state in self.channels.values():
             state.tracker.begin()

@@ -14,7 +14,9 @@ connections. Its rules, from the wire contract:
   one from its start) starts again at ``since`` instead: the ``Gap`` covers the old
   epoch's tail only, and the replay of the new epoch's ``since + 1 ..`` follows. The
   very first reply is the baseline; events held before it (a channel live since
-  ``connected``) are part of the stream and are kept.
+  ``connected``) are part of the stream and are kept. A server that announces the
+  position of an automatic channel in ``connected`` gives the baseline before any reply
+  (``start_at``), and the first ``subscribe`` then recovers from it like any other.
 * An event at or below the last delivered offset is a duplicate and is dropped; after the
   reply, the next event must be exactly the next offset, otherwise the stream has a hole
   the client cannot explain and ``ProtocolViolation`` is raised (the client then drops the
@@ -56,6 +58,15 @@ class ChannelTracker:
     def recover_point(self) -> tuple[int, str] | None:
         """``(offset, epoch)`` to send as ``recover``, None before the first reply."""
         return None if self.epoch is None else (self.offset, self.epoch)
+
+    def start_at(self, offset: int, epoch: str) -> None:
+        """Take the position a ``connected`` message announced for this (automatic)
+        channel as its first baseline, before any reply: a connection lost before the
+        reply then recovers from it instead of reporting a ``Gap`` from 0. Ignored once
+        the channel has a baseline."""
+        if self.epoch is None:
+            self.epoch = epoch
+            self.offset = offset
 
     def begin(self) -> None:
         """A ``subscribe`` for this channel is being sent on a (new) connection."""
