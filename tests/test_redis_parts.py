@@ -16,6 +16,7 @@ from tidings.brokers import PublishRequest
 from tidings.brokers.redis import RedisBroker
 from tidings.brokers.redis.link import Link, open_connection, parse_role
 from tidings.brokers.redis.pubsub import Subscriber
+from tidings.brokers.redis.resp import pack_commands
 from tidings.brokers.redis.scripts import SLOTS, key_slot
 from tidings.brokers.redis.topology import parse_cluster_slots
 from tidings.brokers.redis.urls import parse_url
@@ -100,6 +101,19 @@ def test_plain_batches_merge_every_channel() -> None:
     queue = [(b"SUBSCRIBE", f"c{i}".encode()) for i in range(1500)]
     commands = sub._batches(queue)
     assert [len(c) - 1 for c in commands] == [1000, 500]
+
+
+def test_pack_commands_matches_redis_py() -> None:
+    """Commands are packed to the same bytes as redis-py packs them, and a bool is
+    refused as redis-py refuses it."""
+    from redis.asyncio.connection import Connection
+
+    commands = [("EVALSHA", "ab" * 20, 2, "k:{c}", b"\x00bin\r\n", 10**20, -3, 1.5, "ünï"),
+                ("PING",), ("WAIT", 1, 250), ("SPUBLISH", memoryview(b"ch"), bytearray(b"x"))]
+    expected = b"".join(Connection().pack_commands(commands))
+    assert pack_commands(commands) == expected
+    with pytest.raises(TypeError):
+        pack_commands([("SET", "k", True)])
 
 
 # -- against the shared Redis ----------------------------------------------------------

@@ -36,6 +36,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from tidings.brokers.redis.resp import pack_commands
 from tidings.brokers.redis.urls import Target
 from tidings.errors import BrokerUnavailable
 
@@ -244,7 +245,7 @@ class Link:
                     continue
                 commands = [command for call in calls for command in call.commands]
                 self._inflight.extend(calls)
-                await conn.send_packed_command(conn.pack_commands(commands),
+                await conn.send_packed_command(pack_commands(commands),
                                                check_health=False)
         except (RedisError, OSError, TimeoutError) as exc:
             self._break(unavailable(exc), conn=conn)

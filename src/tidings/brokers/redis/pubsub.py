@@ -31,6 +31,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import AskError, RedisError, ResponseError
 
 from tidings.brokers.redis.link import Address
+from tidings.brokers.redis.resp import pack_commands
 from tidings.brokers.redis.scripts import key_slot
 
 __all__ = ["Subscriber", "SubscriberEvents"]
@@ -160,7 +161,7 @@ class Subscriber:
 
     async def _send(self, conn: AbstractConnection, commands: list[tuple[bytes, ...]]) -> None:
         try:
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            await conn.send_packed_command(pack_commands(commands), check_health=False)
         except (RedisError, OSError, TimeoutError) as exc:
             logger.warning("pub/sub command failed: %s", type(exc).__name__)
             if self._conn is conn and self._task is not None:
