@@ -6,26 +6,19 @@ TIDINGS_REQUIRE_BROWSER=1 (CI) turns that into a failure. No browser is download
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import pytest_asyncio
 
+from browsers import ARTIFACTS, chromium
 from fault_proxy_js import fault_proxy
 from helpers import API_KEY, api, publish, serve, token
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser, Page
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 WAIT_MS = 8000
 CONSOLE = {"console": {"enabled": "on"}}
 #: Small backoff (ms) passed to the console so that reconnections in tests are quick.
@@ -36,28 +29,10 @@ FAST = "delay=50&maxDelay=200"
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("TIDINGS_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"browser tests required (TIDINGS_REQUIRE_BROWSER=1) but {reason}")
-    pytest.skip(reason)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def browser() -> AsyncIterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        _unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        _unavailable("the playwright package is not installed (pip install playwright)")
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield launched
-        finally:
-            await launched.close()
+    async with chromium() as launched:
+        yield launched
 
 
 @pytest_asyncio.fixture(loop_scope="module")

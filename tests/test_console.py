@@ -1,17 +1,21 @@
-"""The browser client and console routes: content, types, caching, configuration, switch."""
+"""The browser client and console routes: content, types, caching, configuration, switch;
+and the console's layout and reconnection in Chromium at desktop and phone widths."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
+import pytest_asyncio
 
-from helpers import API_KEY, serve
+from browsers import ARTIFACTS, chromium
+from helpers import API_KEY, publish, serve, token
 from tidings.config import load_settings
 from tidings.console import client_script
 from tidings.server import prepare_dev, running
@@ -20,6 +24,14 @@ REPO = Path(__file__).resolve().parent.parent
 CLIENT_SOURCE = REPO / "clients" / "js" / "tidings.js"
 STATIC = REPO / "src" / "tidings" / "static"
 CONSOLE_ON = {"console": {"enabled": "on"}}
+#: What a newcomer runs (`make run`): development mode, the publish form pre-filled.
+DEV = {"server": {"mode": "development"}}
+WAIT_MS = 8000
+#: Desktop and phone (an iPhone 12-15 is 390 px wide).
+VIEWPORTS = [pytest.param((1280, 800), id="1280"), pytest.param((390, 844), id="390")]
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser, Page
 
 
 async def _get(url: str, headers: dict[str, str] | None = None
@@ -152,3 +164,201 @@ async def test_head_requests_are_answered() -> None:
         assert response.status == 200
         assert int(response.headers["Content-Length"]) == len(CLIENT_SOURCE.read_bytes())
         assert await response.read() == b""
+
+
+async def test_favicon_is_served_and_inlined_in_the_console() -> None:
+    """/favicon.ico answers the SVG icon, and the console page links the same icon inline."""
+    icon = (STATIC / "favicon.svg").read_bytes()
+    async with serve(CONSOLE_ON) as server:
+        status, headers, body = await _get(server.http_url + "/favicon.ico")
+        _, _, html = await _get(server.http_url + "/console")
+    assert status == 200
+    assert headers["Content-Type"] == "image/svg+xml; charset=utf-8"
+    assert headers["Content-Security-Policy"] == "default-src 'none'"
+    assert body == icon and body.startswith(b"<svg ")
+    link = rb'<link rel="icon" type="image/svg\+xml" href="data:image/svg\+xml,([^"]*)">'
+    match = re.search(link, html)
+    assert match is not None
+    assert urllib.parse.unquote(match.group(1).decode()) == icon.decode().strip()
+
+
+# -- in Chromium ---------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with chromium() as launched:
+        yield launched
+
+
+async def _console(browser: Browser, viewport: tuple[int, int], url: str,
+                   failures: list[str]) -> Page:
+    """A fresh page at ``viewport`` showing the console at ``url``, connected."""
+    width, height = viewport
+    context = await browser.new_context(viewport={"width": width, "height": height})
+    page = await context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.on("pageerror", lambda error: failures.append(f"page error: {error}"))
+    page.on("response", lambda response: failures.append(
+        f"{response.status} {response.url}") if response.status >= 400 else None)
+    await page.goto(url)
+    await page.wait_for_selector('#state[data-state="connected"]')
+    return page
+
+
+async def _wait_live(page: Page, channel: str) -> None:
+    await page.wait_for_selector(
+        f'#subs li[data-channel="{channel}"] .sub-state[data-state="subscribed"]')
+
+
+async def _offsets(page: Page, channel: str) -> list[int]:
+    """Offsets shown for ``channel``, oldest first (the table lists newest first)."""
+    shown: list[str] = await page.eval_on_selector_all(
+        f'tr.event[data-channel="{channel}"]', "rows => rows.map(r => r.dataset.offset)")
+    return [int(offset) for offset in reversed(shown)]
+
+
+#: The console's four panels: name -> selector.
+PANELS = {
+    "connection": "section[aria-labelledby=h-connection]",
+    "subscriptions": "section[aria-labelledby=h-subs]",
+    "publish": "section[aria-labelledby=h-publish]",
+    "events": "section[aria-labelledby=h-events]",
+}
+BUTTONS = ["#connect", "#disconnect", "#ping", "#subscribe-form button", "#publish", "#clear",
+           '#subs li[data-channel="demo:feed"] .sub-x']
+
+_GEOMETRY = """(panels) => {
+  const rect = (el) => { const r = el.getBoundingClientRect();
+    return {left: r.left, top: r.top + scrollY, right: r.right, bottom: r.bottom + scrollY}; };
+  const out = {};
+  for (const [name, selector] of Object.entries(panels)) {
+    out[name] = rect(document.querySelector(selector));
+  }
+  return {panels: out, viewport: innerWidth, page: document.documentElement.scrollWidth};
+}"""
+
+#: True when the element's centre, scrolled into view, hits the element itself.
+_HIT = """(el) => {
+  el.scrollIntoView({block: "center", inline: "center"});
+  const r = el.getBoundingClientRect();
+  const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+  return hit !== null && (hit === el || el.contains(hit));
+}"""
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("viewport", VIEWPORTS)
+async def test_console_layout_fits_the_width(browser: Browser,
+                                             viewport: tuple[int, int]) -> None:
+    """At desktop and phone width the panels do not overlap or stick out, every button is
+    visible and clickable, and the Type field shows "notification" whole."""
+    failures: list[str] = []
+    async with serve(DEV) as server:
+        tok = token("alice", ("demo:*",))
+        page = await _console(browser, viewport, f"{server.http_url}/console#token={tok}"
+                                                 "&channels=demo:feed", failures)
+        await _wait_live(page, "demo:feed")
+        await _wait_live(page, "user:alice")
+
+        geometry = await page.evaluate(_GEOMETRY, PANELS)
+        boxes = geometry["panels"]
+        assert geometry["page"] <= geometry["viewport"], "the page scrolls sideways"
+        for name, box in boxes.items():
+            assert box["right"] > box["left"] and box["bottom"] > box["top"], name
+            assert box["left"] >= 0 and box["right"] <= geometry["viewport"], (name, box)
+        names = list(boxes)
+        for i, first in enumerate(names):
+            for second in names[i + 1:]:
+                a, b = boxes[first], boxes[second]
+                apart = (a["right"] <= b["left"] or b["right"] <= a["left"]
+                         or a["bottom"] <= b["top"] or b["bottom"] <= a["top"])
+                assert apart, f"{first} {a} overlaps {second} {b}"
+
+        for name, selector in PANELS.items():
+            panel = page.locator(selector)
+            assert await panel.is_visible(), name
+            assert await panel.locator("h2").evaluate(_HIT), f"{name}: its title is covered"
+        assert await page.locator("#subs li").count() == 2
+        # The top bar and the events table fit: nothing is cut off at the right.
+        for selector in (".topbar", ".table-wrap"):
+            width, room = await page.eval_on_selector(
+                selector, "el => [el.scrollWidth, el.clientWidth]")
+            assert width <= room, f"{selector} overflows ({width} > {room} px)"
+
+        for selector in BUTTONS:
+            button = page.locator(selector)
+            assert await button.is_visible(), selector
+            assert await button.is_enabled(), selector
+            assert await button.evaluate(_HIT), f"{selector} is covered"
+            # Playwright's actionability checks: visible, stable, enabled, receives events.
+            await button.click(trial=True)
+
+        for value in ("notification", "status_update", "chat_message"):
+            await page.fill("#pub-type", value)
+            width, room = await page.eval_on_selector(
+                "#pub-type", "el => [el.scrollWidth, el.clientWidth]")
+            assert width <= room, f"the Type field cuts {value!r} ({width} > {room} px)"
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / f"console-layout-{viewport[0]}.png"),
+                              full_page=True, animations="disabled")
+        await page.context.close()
+    assert failures == []
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("viewport", VIEWPORTS)
+async def test_disconnect_then_connect_shows_the_recovery(browser: Browser,
+                                                          viewport: tuple[int, int]) -> None:
+    """Disconnect, a publish, then Connect: the console recovers the missed events, in
+    order, and marks each channel as recovered (no silent jump)."""
+    failures: list[str] = []
+    async with serve(DEV) as server:
+        tok = token("alice", ("demo:*",))
+        page = await _console(browser, viewport, f"{server.http_url}/console#token={tok}"
+                                                 "&channels=demo:feed", failures)
+        await _wait_live(page, "demo:feed")
+        await _wait_live(page, "user:alice")
+        # The first connection's reply only confirms the personal channel: no marker.
+        assert await page.locator("tr.marker[data-kind=recovered]").count() == 0
+
+        await page.fill("#pub-channel", "demo:feed")
+        await page.click("#publish")
+        await page.wait_for_selector('tr.event[data-channel="demo:feed"][data-offset="1"]',
+                                     state="attached")
+        await page.wait_for_selector('#subs li[data-channel="demo:feed"] .sub-meta:text("@1")')
+
+        await page.click("#disconnect")
+        await page.wait_for_selector('#state[data-state="closed"]')
+        await page.wait_for_selector(
+            '#subs li[data-channel="demo:feed"] .sub-state[data-state="stopped"]')
+        for n in (2, 3):
+            await publish(server, "demo:feed", "notification",
+                          {"message": f"missed {n}", "level": "info"})
+        await publish(server, "user:alice", "notification",
+                      {"message": "missed too", "level": "info"})
+
+        await page.click("#connect")
+        await page.wait_for_selector('#state[data-state="connected"]')
+        feed = page.locator('tr.marker[data-kind="recovered"][data-channel="demo:feed"]')
+        await feed.wait_for(state="attached")
+        assert "2 missed events replayed" in (await feed.text_content() or "")
+        personal = page.locator('tr.marker[data-kind="recovered"][data-channel="user:alice"]')
+        await personal.wait_for(state="attached")
+        assert "1 missed event replayed" in (await personal.text_content() or "")
+        await page.wait_for_selector('tr.event[data-channel="demo:feed"][data-offset="3"]',
+                                     state="attached")
+        await page.wait_for_selector('tr.event[data-channel="user:alice"][data-offset="1"]',
+                                     state="attached")
+        await _wait_live(page, "demo:feed")
+        assert await _offsets(page, "demo:feed") == [1, 2, 3]
+        assert await page.text_content(
+            '#subs li[data-channel="demo:feed"] .sub-meta') == "@3"
+        assert await page.locator("tr.marker[data-kind=unrecovered]").count() == 0
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / f"console-recovery-{viewport[0]}.png"),
+                              full_page=True, animations="disabled")
+        await page.context.close()
+    assert failures == []

@@ -18,7 +18,11 @@ export declare const CLOSE_CODES: Readonly<Record<number, string>>;
 /** What the client does after a close code. */
 export type CloseAction = "stop" | "reconnect" | "reconnect_slowly" | "new_token";
 
-export type ConnectionState = "connecting" | "connected" | "disconnected" | "closed";
+/**
+ * `idle` only between `connect()` and the first attempt (the next microtask): the first
+ * `state` event reports `previous: "idle"`.
+ */
+export type ConnectionState = "idle" | "connecting" | "connected" | "disconnected" | "closed";
 
 export type SubscriptionState = "pending" | "subscribed" | "failed" | "unsubscribed";
 
@@ -56,6 +60,12 @@ export interface ClientOptions {
   /** Random source for the jitter (default `Math.random`). */
   random?: () => number;
   clock?: Clock;
+  /**
+   * Where to resume channels from, e.g. `positions` of an earlier client: the first
+   * subscribe of each listed channel recovers from there, and its outcome is reported as
+   * after any reconnect (a `recovery` notice). Malformed entries are ignored.
+   */
+  resumeFrom?: Record<string, RecoverPoint>;
 }
 
 /** An event published to a channel, as the application receives it. */
@@ -104,6 +114,7 @@ export type SubscriptionItem<T = Record<string, unknown>> =
 
 export interface StateChange {
   state: ConnectionState;
+  /** The state before this change (`"idle"` for the first one). */
   previous: ConnectionState;
   code?: number;
   reason?: string;
@@ -121,7 +132,10 @@ export interface ConnectedInfo {
   connectionId: string | null;
   userId: string | null;
   expiresAt: Date | null;
-  /** Milliseconds. */
+  /**
+   * Milliseconds (the `connected` message's `heartbeat_interval` is in seconds: 25 on the
+   * wire is 25000 here).
+   */
   heartbeatInterval: number;
   /** Channels the server subscribed automatically (the personal channel). */
   channels: string[];
@@ -178,7 +192,10 @@ export declare class Subscription<T = Record<string, unknown>> implements AsyncI
   readonly error: TidingsError | null;
   /** Resolves at the first `subscribed` reply; rejects if the subscription fails first. */
   readonly ready: Promise<SubscribedInfo>;
-  /** The last delivered offset (or the starting one); null before the first reply. */
+  /**
+   * The last delivered offset (or the starting one: the reply's, or a position announced
+   * by `connected` or given in `resumeFrom`); null while nothing is known.
+   */
   readonly offset: number | null;
   readonly epoch: string | null;
   readonly active: boolean;
@@ -208,7 +225,10 @@ export declare class TidingsClient {
   readonly connectionId: string | null;
   readonly userId: string | null;
   readonly expiresAt: Date | null;
-  /** Milliseconds, from the `connected` message. */
+  /**
+   * Milliseconds, from the `connected` message's `heartbeat_interval` (which is in
+   * seconds: 25 on the wire is 25000 here).
+   */
   readonly heartbeatInterval: number | null;
   /** Channels subscribed automatically on the current connection. */
   readonly channels: string[];
@@ -217,6 +237,8 @@ export declare class TidingsClient {
   /** Resolves at the first connection; rejects if the client stops before connecting. */
   readonly ready: Promise<ConnectedInfo>;
   readonly subscriptions: Subscription[];
+  /** Where each channel with a known position stands; pass it as `resumeFrom`. */
+  readonly positions: Record<string, RecoverPoint>;
   on<K extends keyof ClientEvents>(name: K, listener: (value: ClientEvents[K]) => void): () => void;
   off<K extends keyof ClientEvents>(name: K, listener: (value: ClientEvents[K]) => void): void;
   subscribe<T = Record<string, unknown>>(
@@ -259,6 +281,13 @@ export declare class ChannelTracker {
   epoch: string | null;
   phase: "idle" | "subscribing" | "replaying" | "live";
   recoverPoint(): RecoverPoint | null;
+  /**
+   * A starting position for a channel with none: an announced one (`connected`'s
+   * `positions`, the default) makes the first reply on that connection a silent
+   * confirmation; `announced: false` (a `resumeFrom` entry) is reported. False when
+   * ignored (a position is already known, or this one is malformed).
+   */
+  startAt(offset: number, epoch: string, options?: { announced?: boolean }): boolean;
   beginSubscribe(options?: { unknownRecover?: boolean }): RecoverPoint | null;
   onSubscribed(data: { offset?: number; epoch?: string; recovered?: boolean; since?: number }): {
     recovery: Omit<RecoveryNotice, "kind" | "channel"> | null;

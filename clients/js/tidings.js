@@ -126,6 +126,8 @@ export class ChannelTracker {
     this.held = [];
     this.sent = null;
     this.silent = false;
+    this.confirming = false;
+    this.announced = false;
   }
 
   /** Where this channel left off, or null when nothing is known yet. */
@@ -133,6 +135,31 @@ export class ChannelTracker {
     return this.offset !== null && this.epoch !== null
       ? { offset: this.offset, epoch: this.epoch }
       : null;
+  }
+
+  /**
+   * Take a position as the starting point of a channel that has none yet: the next
+   * subscribe recovers from it. Returns false (and changes nothing) when the channel
+   * already has a position or the position is not an integer offset >= 0 and a
+   * non-empty epoch.
+   *
+   * With `announced` (the default) the position is the one a `connected` message gave
+   * for an automatic channel (`positions`): the point at which that connection's
+   * subscription went live. The first reply on that connection then only confirms it:
+   * a `recovered: true` is not reported. If the connection drops before the reply, the
+   * next one recovers from this point and reports like any other reconnect. Without it
+   * (a position saved from an earlier client, see the `resumeFrom` option), the first
+   * reply is reported.
+   */
+  startAt(offset, epoch, { announced = true } = {}) {
+    if (this.offset !== null || this.epoch !== null) return false;
+    if (!Number.isInteger(offset) || offset < 0 || typeof epoch !== "string" || !epoch) {
+      return false;
+    }
+    this.offset = offset;
+    this.epoch = epoch;
+    this.announced = announced;
+    return true;
   }
 
   /**
@@ -146,6 +173,9 @@ export class ChannelTracker {
     this.phase = "subscribing";
     this.held = [];
     this.silent = false;
+    // The first subscribe after an announced position: its reply confirms it.
+    this.confirming = this.announced;
+    this.announced = false;
     let recover = this.recoverPoint();
     if (recover === null && unknownRecover) {
       recover = { offset: 0, epoch: "" };
@@ -167,8 +197,10 @@ export class ChannelTracker {
   onSubscribed(data) {
     const from = this.sent;
     const silent = this.silent;
+    const confirming = this.confirming;
     this.sent = null;
     this.silent = false;
+    this.confirming = false;
     const offset = Number.isInteger(data.offset) ? data.offset : 0;
     const epoch = typeof data.epoch === "string" ? data.epoch : "";
     const since = Number.isInteger(data.since) && data.since >= 0 && data.since <= offset
@@ -181,13 +213,22 @@ export class ChannelTracker {
       return { recovery, events: this._flush() };
     }
     if (data.recovered) {
-      recovery = { recovered: true, epoch, offset, missed: Math.max(0, offset - from.offset), from };
+      if (!silent && !confirming) {
+        recovery = { recovered: true, epoch, offset, missed: Math.max(0, offset - from.offset), from };
+      }
       this.epoch = epoch;
+      // No position of ours (the unknown-epoch first recover): the reply is the baseline.
+      if (this.offset === null) this.offset = offset;
       this.replayUntil = offset;
       this.phase = "replaying";
-      const events = this.offset >= offset ? this._goLive() : [];
+      // Held events that continue the stream (live ones the server sent before its reply,
+      // when there is nothing to replay) are delivered now; the others wait for the replay.
+      const events = this._flushContiguous();
+      if (this.offset >= offset) events.push(...this._goLive());
       return { recovery, events };
     }
+    // A `recovered: false` is reported even on the connection that announced the
+    // position: the server could not vouch for it (the epoch changed meanwhile).
     if (!silent) recovery = { recovered: false, epoch, offset, from };
     this.epoch = epoch;
     if (since !== null && data.recovered === false) {
@@ -232,6 +273,8 @@ export class ChannelTracker {
     this.held = [];
     this.sent = null;
     this.silent = false;
+    this.confirming = false;
+    this.announced = false;
   }
 
   _goLive() {
@@ -243,6 +286,16 @@ export class ChannelTracker {
     if (this.offset !== null && event.offset <= this.offset) return [];
     this.offset = event.offset;
     return [event];
+  }
+
+  /** Deliver the held events that follow the last offset without a hole; keep the rest. */
+  _flushContiguous() {
+    this.held.sort((a, b) => a.offset - b.offset);
+    const out = [];
+    while (this.held.length && this.offset !== null && this.held[0].offset <= this.offset + 1) {
+      out.push(...this._accept(this.held.shift()));
+    }
+    return out;
   }
 
   _flush() {
@@ -285,6 +338,12 @@ function report(error) {
 }
 
 function noop() {}
+
+/** `{offset, epoch}` with an integer offset >= 0 and a non-empty string epoch. */
+function wellFormedPosition(point) {
+  return point !== null && typeof point === "object" && Number.isInteger(point.offset)
+    && point.offset >= 0 && typeof point.epoch === "string" && point.epoch !== "";
+}
 
 const REPLIES = new Set(["subscribed", "unsubscribed", "pong", "refreshed", "error"]);
 
@@ -346,7 +405,10 @@ export class Subscription extends Emitter {
     this.ready.catch(noop);
   }
 
-  /** The last delivered offset (or the starting offset), null before the first reply. */
+  /**
+   * The last delivered offset (or the starting one: the reply's, or a position announced
+   * by `connected` or given in `resumeFrom`); null while nothing is known.
+   */
   get offset() {
     return this._tracker.offset;
   }
@@ -476,8 +538,9 @@ export class TidingsClient extends Emitter {
     this._tokenPromise = null;
     this._backoff = new Backoff(this.options, this._random);
 
-    /** connecting | connected | disconnected | closed */
-    this.state = "connecting";
+    /** idle (until the first attempt, in the next microtask) | connecting | connected |
+     * disconnected | closed */
+    this.state = "idle";
     this.connectionId = null;
     this.userId = null;
     this.expiresAt = null;
@@ -488,6 +551,16 @@ export class TidingsClient extends Emitter {
 
     this._subs = new Map();
     this._optOut = new Set();
+    // Positions to resume channels from (options.resumeFrom), each used once.
+    this._resume = new Map();
+    const resume = options.resumeFrom;
+    if (resume && typeof resume === "object") {
+      for (const [channel, point] of Object.entries(resume)) {
+        if (wellFormedPosition(point)) {
+          this._resume.set(channel, { offset: point.offset, epoch: point.epoch });
+        }
+      }
+    }
     this._pending = new Map();
     this._nextId = 1;
     this._ws = null;
@@ -527,8 +600,7 @@ export class TidingsClient extends Emitter {
     let sub = this._subs.get(channel);
     const fresh = !sub;
     if (fresh) {
-      sub = new Subscription(this, channel);
-      this._subs.set(channel, sub);
+      sub = this._newSubscription(channel, false);
       this._optOut.delete(channel);
     }
     if (typeof handler === "function") sub.on("event", handler);
@@ -561,6 +633,19 @@ export class TidingsClient extends Emitter {
   /** Every subscription this client holds (after `close()`, the ended ones). */
   get subscriptions() {
     return [...this._subs.values()];
+  }
+
+  /**
+   * `{[channel]: {offset, epoch}}`: where each channel with a known position stands (also
+   * after `close()`). Pass it as `resumeFrom` to a new client to recover from there.
+   */
+  get positions() {
+    const out = {};
+    for (const sub of this._subs.values()) {
+      const point = sub._tracker.recoverPoint();
+      if (point) out[sub.channel] = point;
+    }
+    return out;
   }
 
   /** Round trip of an application `ping`, in milliseconds. */
@@ -829,6 +914,17 @@ export class TidingsClient extends Emitter {
 
   // -- subscriptions ---------------------------------------------------------------------
 
+  _newSubscription(channel, auto) {
+    const sub = new Subscription(this, channel, auto);
+    this._subs.set(channel, sub);
+    const point = this._resume.get(channel);
+    if (point) {
+      this._resume.delete(channel);
+      sub._tracker.startAt(point.offset, point.epoch, { announced: false });
+    }
+    return sub;
+  }
+
   _sendSubscribe(sub) {
     this._clock.clearTimeout(sub._retryTimer);
     sub._retryTimer = null;
@@ -956,8 +1052,11 @@ export class TidingsClient extends Emitter {
     this._connectedAt = now;
     this.connectionId = data.connection_id ?? null;
     this.userId = data.user_id ?? null;
+    // The wire says seconds; the client keeps milliseconds like every other duration.
     this.heartbeatInterval = (Number(data.heartbeat_interval) || 25) * 1000;
     this.channels = Array.isArray(data.channels) ? data.channels.slice() : [];
+    const positions = data.positions !== null && typeof data.positions === "object"
+      && !Array.isArray(data.positions) ? data.positions : {};
     this._setExpiry(data.expires_at, message.timestamp);
     this._setState("connected", { connectionId: this.connectionId, userId: this.userId });
     const info = { connectionId: this.connectionId, userId: this.userId,
@@ -969,8 +1068,12 @@ export class TidingsClient extends Emitter {
     for (const channel of this.channels) {
       if (this._optOut.has(channel)) {
         this._command("unsubscribe", { channel }).catch(noop);
-      } else if (!this._subs.has(channel)) {
-        this._subs.set(channel, new Subscription(this, channel, true));
+      } else {
+        const sub = this._subs.get(channel) ?? this._newSubscription(channel, true);
+        // Where this connection's subscription went live: the channel's first position,
+        // so that losing this connection before the reply still recovers from there.
+        const point = Object.hasOwn(positions, channel) ? positions[channel] : null;
+        if (wellFormedPosition(point)) sub._tracker.startAt(point.offset, point.epoch);
       }
     }
     for (const sub of this._subs.values()) if (sub.active) this._sendSubscribe(sub);

@@ -2,13 +2,15 @@
 
 Both are static files packaged in ``tidings/static``, read once when the routes are
 added. The console page carries a small JSON configuration (the WebSocket path and, in
-development mode only, the generated API key so that its publish form works at once).
+development mode only, the generated API key so that its publish form works at once) and
+its icon inline; the same icon answers ``/favicon.ico`` (an SVG: browsers take it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -18,14 +20,17 @@ from aiohttp import web
 from tidings import __version__
 from tidings.config import Settings
 
-__all__ = ["CLIENT_PATH", "CONSOLE_PATH", "add_client_route", "add_console_routes", "client_script"]
+__all__ = ["CLIENT_PATH", "CONSOLE_PATH", "FAVICON_PATH", "add_client_route",
+           "add_console_routes", "client_script"]
 
 CLIENT_PATH = "/client/tidings.js"
 CONSOLE_PATH = "/console"
+FAVICON_PATH = "/favicon.ico"
 
 _JS = "text/javascript"
 _CSS = "text/css"
 _HTML = "text/html"
+_SVG = "image/svg+xml"
 
 #: The console needs its own scripts and styles, and WebSockets to any server the user
 #: points it at; nothing else, and it is never framed.
@@ -96,9 +101,12 @@ def add_client_route(app: web.Application) -> None:
 def add_console_routes(app: web.Application, settings: Settings, *,
                        dev_api_key: str | None) -> None:
     """Serve the live console (``/console`` and its assets)."""
+    icon = _static("favicon.svg")
+    # A data: URL (the page's CSP allows data: images): no request for the icon.
+    icon_url = "data:image/svg+xml," + urllib.parse.quote(icon.decode().strip(), safe=":/=,")
     page = _static("console.html").decode().replace(
         "{{config}}", _config_json(settings, dev_api_key)
-    )
+    ).replace("{{favicon}}", icon_url)
     html = _asset(
         page.encode(), _HTML,
         ("Content-Security-Policy", _CONSOLE_CSP),
@@ -109,6 +117,8 @@ def add_console_routes(app: web.Application, settings: Settings, *,
     )
     script = _asset(_static("console.js"), _JS)
     style = _asset(_static("console.css"), _CSS)
+    favicon = _asset(icon, _SVG, ("Content-Security-Policy", "default-src 'none'"))
     app.router.add_get(CONSOLE_PATH, _handler(html))
     app.router.add_get(CONSOLE_PATH + "/console.js", _handler(script))
     app.router.add_get(CONSOLE_PATH + "/console.css", _handler(style))
+    app.router.add_get(FAVICON_PATH, _handler(favicon))

@@ -146,6 +146,36 @@ describe("connecting", () => {
     env.client.close();
   });
 
+  test("the first state change reports the real previous state", async () => {
+    const env = setup();
+    assert.equal(env.client.state, "idle");
+    const ws = await connected(env);
+    assert.deepEqual(env.states.map((s) => [s.previous, s.state]),
+      [["idle", "connecting"], ["connecting", "connected"]]);
+    ws.serverClose(1001);
+    await env.clock.advance(env.states.at(-1).delay);
+    assert.deepEqual(env.states.slice(2).map((s) => [s.previous, s.state]),
+      [["connected", "disconnected"], ["disconnected", "connecting"]]);
+    env.client.close();
+    assert.deepEqual(env.states.at(-1).previous, "connecting");
+  });
+
+  test("a client closed before its first attempt goes from idle to closed", async () => {
+    const env = setup();
+    env.client.close();
+    await settle();
+    assert.deepEqual(env.states.map((s) => [s.previous, s.state]), [["idle", "closed"]]);
+    assert.equal(env.sockets.length, 0);
+  });
+
+  test("heartbeatInterval is in milliseconds while the wire says seconds", async () => {
+    const env = setup();
+    await connected(env, { heartbeat_interval: 7 });
+    assert.equal(env.client.heartbeatInterval, 7000);
+    assert.equal((await env.client.ready).heartbeatInterval, 7000);
+    env.client.close();
+  });
+
   test("needs a token or a token provider", () => {
     assert.throws(() => connect("ws://x/ws", { WebSocket: class {} }), TypeError);
   });
@@ -316,6 +346,131 @@ describe("subscriptions", () => {
     ws.receive({ type: "pong", id: ws.last("ping").id, data: {} });
     assert.equal(await rtt, 7);
     env.client.close();
+  });
+});
+
+// connected.positions: where this connection's personal-channel subscription went live
+// (mirrors tests/test_client_session.py for the Python client).
+describe("the personal channel's announced position", () => {
+  const PERSONAL = "user:u1";
+  const announced = (offset, epoch = "e1") => ({ channels: [PERSONAL],
+    positions: { [PERSONAL]: { offset, epoch } } });
+
+  function watch(client) {
+    const seen = { events: [], notices: [] };
+    client.on("event", (e) => seen.events.push(e.offset));
+    client.on("recovery", (n) => seen.notices.push(n));
+    return seen;
+  }
+
+  test("first connection lost before the personal reply misses nothing", async () => {
+    const env = setup();
+    const seen = watch(env.client);
+    const ws = await connected(env, announced(3));
+    const recover = { channel: PERSONAL, recover: { offset: 3, epoch: "e1" } };
+    assert.deepEqual(ws.last("subscribe").data, recover);
+    ws.event(PERSONAL, 4); // held until the reply, which never comes
+    ws.serverClose(1006);
+    await env.clock.advance(env.states.at(-1).delay);
+    const ws2 = await connected(env, announced(6));
+    assert.deepEqual(ws2.last("subscribe").data, recover);
+    ws2.replySubscribed(PERSONAL, 6, "e1", true);
+    for (const offset of [4, 5, 6]) ws2.event(PERSONAL, offset);
+    assert.deepEqual(seen.events, [4, 5, 6]);
+    assert.equal(seen.notices.length, 1); // reported like any reconnect
+    assert.deepEqual(seen.notices[0].from, { offset: 3, epoch: "e1" });
+    assert.equal(seen.notices[0].recovered, true);
+    assert.equal(seen.notices[0].missed, 3);
+    env.client.close();
+  });
+
+  test("personal position in connected is the first baseline", async () => {
+    const env = setup();
+    const seen = watch(env.client);
+    const ws = await connected(env, announced(3));
+    const sub = env.client.subscription(PERSONAL);
+    assert.deepEqual([sub.offset, sub.epoch, sub.auto], [3, "e1", true]);
+    ws.event(PERSONAL, 4);
+    assert.deepEqual(seen.events, []);
+    ws.replySubscribed(PERSONAL, 4, "e1", true);
+    assert.deepEqual(seen.events, [4]);
+    assert.deepEqual(seen.notices, []); // the reply confirms: no recovery notice
+    assert.equal(sub.state, "subscribed");
+    // A later connection's announcement does not move a position the client already has.
+    ws.serverClose(1006);
+    await env.clock.advance(env.states.at(-1).delay);
+    const ws2 = await connected(env, announced(9));
+    assert.deepEqual(ws2.last("subscribe").data.recover, { offset: 4, epoch: "e1" });
+    ws2.replySubscribed(PERSONAL, 9, "e1", true);
+    assert.equal(seen.notices.length, 1);
+    assert.equal(seen.notices[0].missed, 5);
+    env.client.close();
+  });
+
+  test("malformed positions fall back to the first recover", async () => {
+    for (const positions of ["garbage", { [PERSONAL]: { offset: "3", epoch: "e1" } },
+      { [PERSONAL]: { offset: -1, epoch: "e1" } }, { [PERSONAL]: { offset: true, epoch: "e1" } },
+      { [PERSONAL]: { offset: 3, epoch: "" } }, { [PERSONAL]: [3, "e1"] },
+      { "user:other": { offset: 3, epoch: "e1" } }, [{ offset: 3, epoch: "e1" }], null]) {
+      const env = setup();
+      const seen = watch(env.client);
+      const ws = await connected(env, { channels: [PERSONAL], positions });
+      const label = JSON.stringify(positions);
+      assert.deepEqual(ws.last("subscribe").data,
+        { channel: PERSONAL, recover: { offset: 0, epoch: "" } }, label);
+      ws.replySubscribed(PERSONAL, 5, "e1", false);
+      assert.deepEqual(seen.notices, [], label);
+      assert.equal(env.client.subscription(PERSONAL).offset, 5, label);
+      env.client.close();
+    }
+  });
+
+  test("a channel subscribed by the application takes the announced position too", async () => {
+    const env = setup();
+    const sub = env.client.subscribe(PERSONAL);
+    const ws = await connected(env, announced(2));
+    assert.deepEqual(ws.last("subscribe").data.recover, { offset: 2, epoch: "e1" });
+    ws.replySubscribed(PERSONAL, 2, "e1", true);
+    assert.equal(sub.state, "subscribed");
+    env.client.close();
+  });
+});
+
+describe("resuming from an earlier client", () => {
+  test("resumeFrom recovers from the positions of a closed client and reports it", async () => {
+    const env = setup();
+    const ws = await connected(env, { channels: ["user:u1"],
+      positions: { "user:u1": { offset: 1, epoch: "p1" } } });
+    env.client.subscribe("news:a");
+    ws.replySubscribed("user:u1", 1, "p1", true);
+    ws.replySubscribed("news:a", 3, "e1");
+    ws.event("news:a", 4);
+    env.client.close();
+    const positions = env.client.positions;
+    assert.deepEqual(positions, { "user:u1": { offset: 1, epoch: "p1" },
+      "news:a": { offset: 4, epoch: "e1" } });
+
+    const next = setup({ resumeFrom: { ...positions, "bad:x": { offset: -1, epoch: "e" } } });
+    const notices = [];
+    next.client.on("recovery", (n) => notices.push(n));
+    const news = next.client.subscribe("news:a");
+    assert.deepEqual([news.offset, news.epoch], [4, "e1"]);
+    assert.equal(next.client.subscribe("bad:x").offset, null); // a malformed entry is ignored
+    const ws2 = await connected(next, { channels: ["user:u1"],
+      positions: { "user:u1": { offset: 2, epoch: "p1" } } });
+    const recovers = Object.fromEntries(ws2.sent.filter((m) => m.type === "subscribe")
+      .map((m) => [m.data.channel, m.data.recover]));
+    assert.deepEqual(recovers, { "news:a": { offset: 4, epoch: "e1" }, "bad:x": undefined,
+      "user:u1": { offset: 1, epoch: "p1" } });
+    ws2.replySubscribed("news:a", 5, "e1", true);
+    ws2.replySubscribed("user:u1", 2, "p1", true);
+    assert.deepEqual(notices.map((n) => [n.channel, n.recovered, n.missed]),
+      [["news:a", true, 1], ["user:u1", true, 1]]);
+    // A position is used once: a channel subscribed again later starts afresh.
+    next.client.unsubscribe("news:a").catch(() => {});
+    next.client.subscribe("news:a");
+    assert.deepEqual(ws2.last("subscribe").data, { channel: "news:a" });
+    next.client.close();
   });
 });
 

@@ -259,13 +259,120 @@ describe("ChannelTracker", () => {
     t.onDisconnect();
     assert.deepEqual(t.beginSubscribe(), { offset: 2, epoch: "e" });
     assert.deepEqual(t.onEvent(ev(3)), []);
-    t.onSubscribed({ offset: 5, epoch: "e", recovered: true });
+    // The held 3 follows offset 2 without a hole: it comes with the reply, the replay's
+    // copy of it is dropped.
+    const { events } = t.onSubscribed({ offset: 5, epoch: "e", recovered: true });
     const delivered = [3, 3, 4, 5].flatMap((o) => offsets(t.onEvent(ev(o))));
-    assert.deepEqual(delivered, [3, 4, 5]);
+    assert.deepEqual([...offsets(events), ...delivered], [3, 4, 5]);
   });
 
   test("events while not subscribed are ignored", () => {
     const t = new ChannelTracker();
     assert.deepEqual(t.onEvent(ev(1)), []);
+  });
+});
+
+// The position `connected` announces for the personal channel (`positions`), as in
+// tests/test_client_session.py for the Python client.
+describe("ChannelTracker with an announced position", () => {
+  test("first connection lost before the personal reply misses nothing", () => {
+    const t = new ChannelTracker();
+    assert.equal(t.startAt(3, "e1"), true);
+    assert.deepEqual(t.beginSubscribe({ unknownRecover: true }), { offset: 3, epoch: "e1" });
+    assert.deepEqual(t.onEvent(ev(4)), []); // held until the reply, then lost with the connection
+    t.onDisconnect();
+    // The next connection announces its own position: the first one is kept.
+    assert.equal(t.startAt(6, "e1"), false);
+    assert.deepEqual(t.beginSubscribe({ unknownRecover: true }), { offset: 3, epoch: "e1" });
+    const { recovery, events } = t.onSubscribed({ offset: 6, epoch: "e1", recovered: true });
+    // Reported as after any reconnect: three events were missed, and are replayed.
+    assert.deepEqual(recovery, { recovered: true, epoch: "e1", offset: 6, missed: 3,
+      from: { offset: 3, epoch: "e1" } });
+    assert.deepEqual(events, []);
+    assert.deepEqual([4, 5, 6].flatMap((o) => offsets(t.onEvent(ev(o)))), [4, 5, 6]);
+    assert.equal(t.phase, "live");
+  });
+
+  test("personal position in connected is the first baseline", () => {
+    const t = new ChannelTracker();
+    t.startAt(3, "e1");
+    t.beginSubscribe({ unknownRecover: true });
+    assert.deepEqual(t.onEvent(ev(4)), []);
+    const { recovery, events } = t.onSubscribed({ offset: 3, epoch: "e1", recovered: true });
+    assert.equal(recovery, null); // the reply only confirms the announced point
+    assert.deepEqual(offsets(events), [4]);
+    assert.deepEqual(offsets(t.onEvent(ev(5))), [5]);
+    // A later connection's announcement does not move a position the client already has.
+    t.onDisconnect();
+    assert.equal(t.startAt(9, "e1"), false);
+    assert.deepEqual(t.beginSubscribe({ unknownRecover: true }), { offset: 5, epoch: "e1" });
+  });
+
+  test("live events sent before the confirming reply are delivered with it", () => {
+    // The server answers with its live point when it already sent events past the
+    // announced offset: nothing is replayed, the held events are the stream.
+    const t = new ChannelTracker();
+    t.startAt(3, "e1");
+    t.beginSubscribe({ unknownRecover: true });
+    t.onEvent(ev(5));
+    t.onEvent(ev(4));
+    const { recovery, events } = t.onSubscribed({ offset: 5, epoch: "e1", recovered: true });
+    assert.equal(recovery, null);
+    assert.deepEqual(offsets(events), [4, 5]);
+    assert.equal(t.phase, "live");
+    assert.deepEqual(offsets(t.onEvent(ev(6))), [6]);
+  });
+
+  test("only the first reply on the announcing connection is silent", () => {
+    const t = new ChannelTracker();
+    t.startAt(3, "e1");
+    t.beginSubscribe({ unknownRecover: true });
+    t.onSubscribed({ offset: 3, epoch: "e1", recovered: true });
+    // A resubscribe on the same connection (unsubscribed with resubscribe: true) reports.
+    t.beginSubscribe({ unknownRecover: true });
+    const { recovery } = t.onSubscribed({ offset: 3, epoch: "e1", recovered: true });
+    assert.equal(recovery.recovered, true);
+    assert.equal(recovery.missed, 0);
+  });
+
+  test("recovered false on the announcing connection is still reported", () => {
+    // The epoch changed between `connected` and the reply: events may be lost.
+    const t = new ChannelTracker();
+    t.startAt(3, "e1");
+    t.beginSubscribe({ unknownRecover: true });
+    const { recovery } = t.onSubscribed({ offset: 2, epoch: "e2", recovered: false });
+    assert.deepEqual(recovery, { recovered: false, epoch: "e2", offset: 2,
+      from: { offset: 3, epoch: "e1" } });
+  });
+
+  test("malformed positions fall back to the first recover", () => {
+    for (const [offset, epoch] of [["3", "e1"], [-1, "e1"], [true, "e1"], [1.5, "e1"],
+      [3, ""], [3, 7], [null, "e1"], [undefined, undefined]]) {
+      const t = new ChannelTracker();
+      assert.equal(t.startAt(offset, epoch), false, `${offset} ${epoch}`);
+      assert.deepEqual(t.beginSubscribe({ unknownRecover: true }), { offset: 0, epoch: "" });
+      const { recovery } = t.onSubscribed({ offset: 5, epoch: "e1", recovered: false });
+      assert.equal(recovery, null);
+    }
+  });
+
+  test("a position not announced (resumed from an earlier client) is reported", () => {
+    const t = new ChannelTracker();
+    assert.equal(t.startAt(4, "e1", { announced: false }), true);
+    assert.deepEqual(t.beginSubscribe(), { offset: 4, epoch: "e1" });
+    const { recovery } = t.onSubscribed({ offset: 5, epoch: "e1", recovered: true });
+    assert.deepEqual(recovery, { recovered: true, epoch: "e1", offset: 5, missed: 1,
+      from: { offset: 4, epoch: "e1" } });
+    assert.deepEqual(offsets(t.onEvent(ev(5))), [5]);
+  });
+
+  test("the unknown-epoch first recover is silent also when answered recovered true", () => {
+    const t = new ChannelTracker();
+    t.beginSubscribe({ unknownRecover: true });
+    t.onEvent(ev(3));
+    const { recovery, events } = t.onSubscribed({ offset: 2, epoch: "e1", recovered: true });
+    assert.equal(recovery, null);
+    assert.deepEqual(offsets(events), [3]);
+    assert.deepEqual(t.recoverPoint(), { offset: 3, epoch: "e1" });
   });
 });

@@ -42,6 +42,10 @@ els.devBadge.hidden = !config.devMode;
 // -- state -------------------------------------------------------------------------------
 
 let client = null;
+// Where the last client's channels stood when it was stopped, and its URL: the next
+// client of the same server resumes from there, so Disconnect then Connect recovers the
+// missed events and shows the recovery marker instead of jumping ahead silently.
+let carried = null;
 let lastToken = null;
 let tokenWaiter = null;
 let shown = 0;
@@ -213,6 +217,7 @@ function subscribe(channel) {
 
 function unsubscribe(channel) {
   wanted.delete(channel);
+  if (carried) delete carried.positions[channel];
   if (client) client.unsubscribe(channel).catch(() => {}).finally(renderSubs);
   renderSubs();
 }
@@ -285,7 +290,9 @@ function start() {
   sessionStorage.setItem(TOKEN_KEY, token);
   lastToken = null;
   showPrompt("");
-  const current = connect(els.wsUrl.value.trim() || defaultWs, { tokenProvider, ...backoff });
+  const url = els.wsUrl.value.trim() || defaultWs;
+  const resumeFrom = carried?.url === url ? carried.positions : undefined;
+  const current = connect(url, { tokenProvider, ...backoff, resumeFrom });
   client = current;
   const mine = (fn) => (value) => { if (client === current) fn(value); };
   current.on("state", mine(onState));
@@ -325,7 +332,10 @@ function stop() {
   const old = client;
   client = null;
   tokenWaiter = null;
-  if (old) old.close();
+  if (old) {
+    old.close();
+    carried = { url: old.url, positions: old.positions };
+  }
   els.who.textContent = "";
 }
 
