@@ -188,6 +188,30 @@ async def test_malformed_publish_is_invalid_request(request_body: Any) -> None:
         assert (await history(server, "news:a"))["offset"] == 0
 
 
+@pytest.mark.parametrize(("path", "request_body", "fragment"), [
+    ("/api/publish", body("news:a", idempotencykey="k-1"),
+     "unknown field 'idempotencykey' (did you mean 'idempotency_key'?)"),
+    ("/api/publish", {"chanel": "news:a", "type": "notification", "data": NOTE},
+     "unknown field 'chanel' (did you mean 'channel'?)"),
+    ("/api/publish", body("news:a", priority="high"), "unknown field 'priority'; expected "
+     "channel, channels, data, idempotency_key, type"),
+    ("/api/batch", {"events": [body("news:b"), body("news:a", idempotencyKey="k")]},
+     "events[1]: unknown field 'idempotencyKey'"),
+    ("/api/batch", {"events": [body("news:a")], "idempotency_key": "k"},
+     "unknown field 'idempotency_key'; expected events"),
+])
+async def test_unknown_fields_are_refused_by_name(path: str, request_body: Any,
+                                                  fragment: str) -> None:
+    """A publish or batch with a field the API does not know (a typo of
+    ``idempotency_key`` would publish without deduplication) answers 400 naming it, and
+    publishes nothing."""
+    async with serve() as server:
+        status, answer = await api(server, "POST", path, request_body)
+        assert_error(status, answer, 400, "invalid_request", fragment)
+        assert (await history(server, "news:a"))["offset"] == 0
+        assert (await history(server, "news:b"))["offset"] == 0
+
+
 async def test_custom_type_is_published_and_delivered() -> None:
     """A well-formed custom type with any data object is accepted and delivered as is."""
     data = {"order": {"id": 7, "items": [1, 2]}, "note": None}
@@ -288,6 +312,9 @@ async def test_idempotency_key_deduplicates_publish() -> None:
         second = await publish(server, "news:a", idempotency_key="k-1")
         assert (second["offset"], second["id"]) == (first["offset"], first["id"]) == (
             1, first["id"])
+        # The repeat says it was deduplicated; the first answer has no such field.
+        assert "duplicate" not in first
+        assert second == {**first, "duplicate": True}
         page = await history(server, "news:a")
         assert page["offset"] == 1
         assert [e["id"] for e in page["events"]] == [first["id"]]
@@ -310,8 +337,8 @@ async def test_idempotency_key_is_per_channel_in_batch() -> None:
         status, answer = await api(server, "POST", "/api/batch", {"events": [
             body("news:a", idempotency_key="same"), body("news:a", idempotency_key="new")]})
         assert status == 200, answer
-        assert (answer["results"][0]["offset"], answer["results"][0]["id"]) == (1, a["id"])
-        assert answer["results"][1]["offset"] == 2
+        assert answer["results"][0] == {**a, "duplicate": True}
+        assert answer["results"][1]["offset"] == 2 and "duplicate" not in answer["results"][1]
         assert (await history(server, "news:a"))["offset"] == 2
 
 
@@ -735,7 +762,7 @@ async def test_broker_unavailable_is_json_503_and_retry_is_safe() -> None:
         broker.down = False
         first = await publish(server, "news:a", idempotency_key="k")
         again = await publish(server, "news:a", idempotency_key="k")
-        assert first == again
+        assert again == {**first, "duplicate": True}
         assert first["offset"] == 1
         assert (await history(server, "news:a"))["offset"] == 1
 

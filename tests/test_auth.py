@@ -1073,6 +1073,15 @@ async def test_mint_token_negative_ttl_is_already_expired(make_auth: MakeAuth) -
     await rejected(make_auth(), mint_token(SECRET, "u", ttl=-60, now=NOW), "token expired")
 
 
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
+def test_mint_token_writes_what_pyjwt_writes(alg: str) -> None:
+    """The standard-library minter (no PyJWT import for the CLI) signs byte for byte the
+    token PyJWT would."""
+    claims = {"sub": "u", "iat": int(NOW), "exp": int(NOW) + 60, "channels": ["a:1", "é:2"]}
+    assert mint_token(SECRET, "u", ttl=60, now=NOW, channels=["a:1", "é:2"],
+                      algorithm=alg) == jwt.encode(claims, SECRET, algorithm=alg)
+
+
 def test_mint_token_default_now_is_the_wall_clock() -> None:
     """Without now, a minted token is valid for real time."""
     decoded = jwt.decode(mint_token(SECRET, "u", ttl=120), SECRET, algorithms=["HS256"])

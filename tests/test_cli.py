@@ -27,6 +27,16 @@ CLI = [sys.executable, "-m", "tidings.cli"]
 PROCESS_TIMEOUT = 8.0
 
 
+@pytest.fixture(autouse=True)
+def _private_runtime_dir(tmp_path_factory: pytest.TempPathFactory,
+                         monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's CLI processes get a runtime directory of their own, so the development
+    state files they write or read are never the user's nor another test's."""
+    runtime = tmp_path_factory.mktemp("runtime")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    return runtime
+
+
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment without any TIDINGS_* variable, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TIDINGS_")}
@@ -401,7 +411,8 @@ async def test_publish_with_idempotency_key_and_env_key() -> None:
                 "--idempotency-key", "once", env=env)
             assert code == 0, err
             results.append(json.loads(out)["results"][0])
-        assert results[0] == results[1]
+        assert "duplicate" not in results[0]
+        assert results[1] == {**results[0], "duplicate": True}
         status, page = await api(server, "GET", "/api/channels/news:cli/history")
         assert (status, page["offset"]) == (200, 1)
 
@@ -456,3 +467,218 @@ def test_publish_without_any_key() -> None:
     result = run_cli("publish", "news:cli", "notification", '{"message": "x", "level": "info"}',
                      "--url", "http://127.0.0.1:9")
     assert_config_error(result, "--api-key")
+
+
+# -- serve --help --------------------------------------------------------------------------
+
+
+def test_serve_help_explains_every_flag() -> None:
+    """``tidings serve --help`` gives each of --host, --port and --workers a help text."""
+    result = run_cli("serve", "--help")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for flag, metavar, words in (("--host", "HOST", "address"), ("--port", "PORT", "port"),
+                                 ("--workers", "WORKERS", "worker processes")):
+        [line] = [line for line in lines if line.strip().startswith(f"{flag} {metavar}")]
+        assert words in line.split(metavar, 1)[1], result.stdout
+
+
+# -- the development server's state file -------------------------------------------------
+
+
+async def _read_stream_until(stream: asyncio.StreamReader, needle: str) -> list[str]:
+    """Lines of ``stream`` up to and including the first that contains ``needle``."""
+    lines: list[str] = []
+    async with asyncio.timeout(PROCESS_TIMEOUT):
+        while True:
+            raw = await stream.readline()
+            if not raw:
+                raise AssertionError(f"stream ended before {needle!r}: {lines}")
+            lines.append(raw.decode().rstrip("\n"))
+            if needle in lines[-1]:
+                return lines
+
+
+def _home_env(tmp_path: Path) -> dict[str, str]:
+    """No runtime directory and no XDG state home: the state file goes under $HOME."""
+    home = tmp_path / "home"
+    home.mkdir()
+    return {"HOME": str(home), "XDG_RUNTIME_DIR": "", "XDG_STATE_HOME": ""}
+
+
+async def test_cli_works_against_the_dev_server_with_nothing_exported(tmp_path: Path) -> None:
+    """After ``tidings serve`` in development mode, ``token``, ``publish`` and ``listen``
+    work with no secret, key or URL given (the server runs on a random port), through a
+    0600 state file that is removed when the server stops; the banner shows them."""
+    env = _home_env(tmp_path)
+    state = Path(env["HOME"]) / ".local" / "state" / "tidings" / "dev-server.json"
+    async with serve_process(tmp_path, env=env, done=_is_curl) as served:
+        banner = "\n".join(served.stdout)
+        secret, api_key = served.field("JWT secret"), served.field("API key")
+        assert str(state) in banner
+        assert "token --sub alice --channel 'news:*'" in banner
+        assert "listen --sub alice news:a" in banner
+        assert "publish news:a notification" in banner
+        assert state.stat().st_mode & 0o777 == 0o600
+        assert state.parent.stat().st_mode & 0o777 == 0o700
+        assert api_key in state.read_text()
+
+        code, out, err = await run_cli_async(
+            "token", "--sub", "alice", "--channel", "news:*", env=env)
+        assert code == 0, err
+        claims = jwt.decode(out.strip(), secret, algorithms=["HS256"])
+        assert (claims["sub"], claims["channels"]) == ("alice", ["news:*"])
+
+        listener = await asyncio.create_subprocess_exec(
+            *CLI, "listen", "--sub", "alice", "news:a", env=clean_env(env),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert listener.stdout is not None and listener.stderr is not None
+        try:
+            await _read_stream_until(listener.stderr, "subscribed to news:a")
+            code, out, err = await run_cli_async(
+                "publish", "news:a", "notification",
+                '{"message": "first", "level": "info"}', env=env)
+            assert code == 0, err
+            [result] = json.loads(out)["results"]
+            async with asyncio.timeout(PROCESS_TIMEOUT):
+                event = json.loads(await listener.stdout.readline())
+            assert (event["channel"], event["id"]) == ("news:a", result["id"])
+            listener.terminate()
+            assert await asyncio.wait_for(listener.wait(), PROCESS_TIMEOUT) == 0
+        finally:
+            if listener.returncode is None:
+                listener.kill()
+                await listener.wait()
+
+        served.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(served.proc.wait(), PROCESS_TIMEOUT) == 0
+    assert not state.exists()
+    result = run_cli("token", "--sub", "alice", env=env)
+    assert_config_error(result, "auth.secret")
+    assert "tidings serve" in result.stderr
+
+    # Development mode logs readable lines: where it listens, each WebSocket coming and
+    # going with its id and user, and no access line, token or secret.
+    logs = served.stderr()
+    assert not any(line.startswith("{") for line in logs.splitlines()), logs
+    assert "listening on http://127.0.0.1:" in logs
+    connected = [line for line in logs.splitlines() if "connected: user alice" in line
+                 and "disconnected" not in line]
+    assert len(connected) == 1, logs
+    conn_id = connected[0].split("websocket ", 1)[1].split()[0]
+    assert conn_id.startswith("c_")
+    assert f"websocket {conn_id} disconnected: user alice, close code 1000" in logs
+    assert "GET /ws" not in logs
+    assert secret not in logs and api_key not in logs and "eyJ" not in logs
+
+
+async def test_dev_key_is_not_sent_to_another_server(tmp_path: Path) -> None:
+    """With a development server's state file present, ``publish --url`` naming another
+    server does not send it that server's key: without a key of its own it exits 2."""
+    env = _home_env(tmp_path)
+    async with serve_process(tmp_path, env=env, done=_is_curl), serve() as other:
+        code, out, err = await run_cli_async(
+            "publish", "news:a", "notification", '{"message": "x", "level": "info"}',
+            "--url", other.http_url, env=env)
+        assert code == 2, (out, err)
+        assert "--api-key" in err
+        status, page = await api(other, "GET", "/api/channels/news:a/history")
+        assert (status, page["offset"]) == (200, 0)
+        code, out, err = await run_cli_async("listen", "--url", other.ws_url, "news:a", env=env)
+        assert code == 2 and "--token" in err, (out, err)
+
+
+async def test_production_server_writes_no_state_file(tmp_path: Path) -> None:
+    """A production server leaves the CLI nothing to find: ``tidings token`` without a
+    secret still exits 2."""
+    plain = _home_env(tmp_path)
+    env = {**plain, "TIDINGS_AUTH__SECRET": SECRET, "TIDINGS_API__KEYS": API_KEY}
+    async with serve_process(tmp_path, env=env, done=lambda line: "listening on" in line):
+        assert not (Path(env["HOME"]) / ".local" / "state" / "tidings").exists()
+        assert_config_error(run_cli("token", "--sub", "alice", env=plain), "auth.secret")
+
+
+# -- start-up cost -----------------------------------------------------------------------
+
+#: Modules whose import is most of a slow start-up; the quick commands need none of them.
+HEAVY = ("aiohttp", "pydantic", "pydantic_settings", "jwt", "cryptography", "tidings.server",
+         "tidings.client", "tidings.bench.runner")
+
+_REPORT_IMPORTS = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print('IMPORTED', sorted(m for m in sys.modules if any(\n"
+    f"    m == h or m.startswith(h + '.') for h in {HEAVY!r})), file=sys.stderr))\n"
+    "from tidings.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+async def _heavy_imports(*args: str, env: Mapping[str, str] | None = None) -> list[str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _REPORT_IMPORTS, *args, env=clean_env(env),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), PROCESS_TIMEOUT)
+    assert proc.returncode == 0, (out, err)
+    line = next(line for line in err.decode().splitlines() if line.startswith("IMPORTED "))
+    return list(json.loads(line.removeprefix("IMPORTED ").replace("'", '"')))
+
+
+async def test_quick_commands_import_no_heavy_module(tmp_path: Path) -> None:
+    """``--version``, ``publish`` (with a key, or the dev server's) and ``token`` (with the
+    dev server's secret) run without importing aiohttp, pydantic, PyJWT or the server:
+    what made every call cost most of a second."""
+    assert await _heavy_imports("--version") == []
+    async with serve() as server:
+        assert await _heavy_imports(
+            "publish", "news:a", "notification", '{"message": "x", "level": "info"}',
+            "--url", server.http_url, "--api-key", API_KEY) == []
+    env = _home_env(tmp_path)
+    async with serve_process(tmp_path, env=env, done=_is_curl):
+        assert await _heavy_imports("token", "--sub", "alice", env=env) == []
+        assert await _heavy_imports(
+            "publish", "news:a", "notification", '{"message": "x", "level": "info"}',
+            env=env) == []
+
+
+# -- development mode is asked for; the file is checked as a whole ---------------------------
+
+
+def test_config_file_without_auth_refuses_to_start(tmp_path: Path) -> None:
+    """A configuration file that lost its [auth] section exits 2 naming auth.secret
+    instead of starting a development server."""
+    config = tmp_path / "tidings.toml"
+    config.write_text('[server]\nhost = "127.0.0.1"\n')
+    result = run_cli("serve", "--port", "0", "--config", str(config))
+    assert_config_error(result, "auth.secret")
+    assert "DEVELOPMENT" not in result.stdout
+
+
+def test_environment_settings_without_a_secret_refuse_to_start() -> None:
+    """TIDINGS_* settings in the environment make a production server: no secret, exit 2."""
+    result = run_cli("serve", "--port", "0", env={"TIDINGS_LOGGING__LEVEL": "info"})
+    assert_config_error(result, "auth.secret")
+
+
+@pytest.mark.parametrize(("text", "key"), [('[server]\nport = "eighty"\n', "server.port"),
+                                           ('[server]\nport = "8106"\n', "server.port"),
+                                           ('[auth]\npersonal_channel = "yes"\n',
+                                            "auth.personal_channel")])
+def test_bad_file_value_exits_2_even_when_a_flag_overrides_it(tmp_path: Path, text: str,
+                                                              key: str) -> None:
+    """A file value of the wrong type exits 2 naming the key, also under --port."""
+    config = tmp_path / "tidings.toml"
+    config.write_text(text + f'[api]\nkeys = ["{API_KEY}"]\n')
+    result = run_cli("serve", "--port", "8108", "--config", str(config),
+                     env={"TIDINGS_AUTH__SECRET": SECRET})
+    assert_config_error(result, key)
+    assert "must be" in result.stderr and "Input should" not in result.stderr
+
+
+async def test_explicit_development_mode_in_a_file(tmp_path: Path) -> None:
+    """server.mode = "development" in a file asks for a development server: banner,
+    generated credentials and the console."""
+    config = tmp_path / "tidings.toml"
+    config.write_text('[server]\nmode = "development"\n')
+    async with serve_process(tmp_path, "--config", str(config), done=_is_curl) as served:
+        assert "DEVELOPMENT MODE" in "\n".join(served.stdout)
+        assert served.field("Console").startswith("http://127.0.0.1:")

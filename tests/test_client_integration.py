@@ -452,7 +452,8 @@ async def read_until(stream: asyncio.StreamReader, needle: str) -> str:
 async def test_listen_prints_events_and_recovers(
         proxied: tuple[RunningServer, FaultProxy]) -> None:
     """``tidings listen`` prints JSON lines, reports state on stderr, reconnects and
-    recovers without duplicates, and exits 0 on SIGTERM."""
+    recovers without duplicates, says how many missed events each recovery brought, and
+    exits 0 on SIGTERM."""
     server, proxy = proxied
     src = str(Path(__file__).parent.parent / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -477,6 +478,11 @@ async def test_listen_prints_events_and_recovers(
         lines = [json.loads(await read_line(process.stdout)) for _ in range(2)]
         assert sorted((x["channel"], x["offset"]) for x in lines) == [("news:a", 2),
                                                                        ("user:u1", 1)]
+        wanted = {"tidings: news:a: recovered 1 missed event (offsets 2 to 2, epoch ",
+                  "tidings: user:u1: recovered 1 missed event (offsets 1 to 1, epoch "}
+        while wanted:
+            line = await read_line(process.stderr)
+            wanted = {text for text in wanted if not line.startswith(text)}
         process.terminate()
         assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
         assert await process.stdout.read() == b""

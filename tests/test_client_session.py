@@ -15,6 +15,7 @@ from tidings.client import (
     Event,
     Gap,
     ProtocolViolation,
+    Recovery,
     SubscriptionError,
 )
 from tidings.client.effects import (
@@ -28,6 +29,7 @@ from tidings.client.effects import (
     Failed,
     Outcome,
     Reconnect,
+    Recovered,
     RecoverFresh,
     Reply,
     Resubscribe,
@@ -234,7 +236,8 @@ def test_subscribed_reply_delivers_and_confirms() -> None:
 
 
 def test_events_before_the_reply_are_held_and_replayed_in_order() -> None:
-    """After a reconnect, events that arrive before the reply wait for the replay."""
+    """After a reconnect, events that arrive before the reply wait for the replay; the
+    recovery is announced first, with the offsets it covers."""
     session = make()
     news = add(session, "news:a")
     welcome(session)
@@ -242,9 +245,28 @@ def test_events_before_the_reply_are_held_and_replayed_in_order() -> None:
     reconnect(session)
     assert session.receive(event("news:a", 5)) == []
     effects = reply(session, news, 4, recovered=True)
-    assert effects == [Confirm("news:a")]
+    assert effects == [Recovered("news:a", Recovery("news:a", 2, 4, "e1")), Confirm("news:a")]
+    assert Recovery("news:a", 2, 4, "e1").count == 2
     assert delivered(session.receive(event("news:a", 3))) == [3]
     assert delivered(session.receive(event("news:a", 4))) == [4, 5]
+
+
+def test_recovery_is_announced_only_for_a_subscription_confirmed_before() -> None:
+    """A first reply is the baseline, never a ``Recovered``, even with ``recovered: true``
+    (the personal channel's announced position); each later one is, also when nothing
+    was missed."""
+    session = make()
+    welcome(session, positions={USER: {"offset": 3, "epoch": "e1"}})
+    personal = session.channels[USER]
+    command_id, _ = subscribe(session, personal)
+    first = session.receive(frame("subscribed", {"channel": USER, "offset": 3, "epoch": "e1",
+                                                 "recovered": True}, command_id))
+    assert not any(isinstance(effect, Recovered) for effect in first)
+    reconnect(session)
+    command_id, _ = subscribe(session, personal)
+    again = session.receive(frame("subscribed", {"channel": USER, "offset": 3, "epoch": "e1",
+                                                 "recovered": True}, command_id))
+    assert again == [Recovered(USER, Recovery(USER, 3, 3, "e1")), Confirm(USER)]
 
 
 def test_recovery_failure_delivers_a_gap_before_confirming() -> None:

@@ -27,17 +27,26 @@ def toml(tmp_path: Path) -> Callable[[str], Path]:
 
 
 def load(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
-         config_file: Path | None = None) -> Settings:
+         config_file: Path | None = None, *, require_auth: bool = True) -> Settings:
     """Load settings isolated from the real environment."""
-    return load_settings(config_file, overrides, environ={} if environ is None else environ)
+    return load_settings(config_file, overrides, environ={} if environ is None else environ,
+                         require_auth=require_auth)
+
+
+def layers(overrides: Mapping[str, Any] | None = None,
+           environ: Mapping[str, str] | None = None,
+           config_file: Path | None = None) -> Settings:
+    """Load settings for a test about layers and types: a file or environment means
+    production mode, whose signing-key check is not what these tests are about."""
+    return load(overrides, environ, config_file, require_auth=False)
 
 
 def error_of(overrides: Mapping[str, Any] | None = None,
              environ: Mapping[str, str] | None = None,
-             config_file: Path | None = None) -> ConfigError:
+             config_file: Path | None = None, *, require_auth: bool = True) -> ConfigError:
     """Return the ConfigError that loading these layers raises."""
     with pytest.raises(ConfigError) as info:
-        load(overrides, environ, config_file)
+        load(overrides, environ, config_file, require_auth=require_auth)
     return info.value
 
 
@@ -87,9 +96,9 @@ def test_precedence_across_all_layers(toml: Callable[..., Path]) -> None:
                "TIDINGS_LIMITS__COMMAND_BURST": "9"}
     overrides = {"server": {"port": 8003}}
 
-    assert load(config_file=path).server.port == 8001
-    assert load(environ=environ, config_file=path).server.port == 8002
-    settings = load(overrides, environ, path)
+    assert layers(config_file=path).server.port == 8001
+    assert layers(environ=environ, config_file=path).server.port == 8002
+    settings = layers(overrides, environ, path)
     assert settings.server.port == 8003  # flag
     assert settings.server.heartbeat_interval == 6  # env over file
     assert settings.server.host == "0.0.0.0"  # file only
@@ -102,7 +111,7 @@ def test_precedence_across_all_layers(toml: Callable[..., Path]) -> None:
 
 def test_overrides_merge_into_sections() -> None:
     """An override of one key keeps the other keys of its section from lower layers."""
-    settings = load({"limits": {"max_subscriptions": 3}},
+    settings = layers({"limits": {"max_subscriptions": 3}},
                     {"TIDINGS_LIMITS__COMMAND_BURST": "4"})
     assert settings.limits.max_subscriptions == 3
     assert settings.limits.command_burst == 4
@@ -111,26 +120,26 @@ def test_overrides_merge_into_sections() -> None:
 def test_config_file_from_environment(toml: Callable[..., Path]) -> None:
     """TIDINGS_CONFIG names the file when no explicit file is given."""
     path = toml("[history]\nsize = 12\n")
-    assert load(environ={"TIDINGS_CONFIG": str(path)}).history.size == 12
+    assert layers(environ={"TIDINGS_CONFIG": str(path)}).history.size == 12
 
 
 def test_explicit_config_file_beats_environment_file(toml: Callable[..., Path]) -> None:
     """An explicit --config file wins over TIDINGS_CONFIG."""
     env_file = toml("[history]\nsize = 12\n", "env.toml")
     flag_file = toml("[history]\nsize = 34\n", "flag.toml")
-    settings = load(environ={"TIDINGS_CONFIG": str(env_file)}, config_file=flag_file)
+    settings = layers(environ={"TIDINGS_CONFIG": str(env_file)}, config_file=flag_file)
     assert settings.history.size == 34
 
 
 def test_tidings_config_is_not_a_setting(toml: Callable[..., Path]) -> None:
     """TIDINGS_CONFIG itself is not parsed as a configuration key."""
     path = toml("")
-    assert load(environ={"TIDINGS_CONFIG": str(path)}).history.size == 100
+    assert layers(environ={"TIDINGS_CONFIG": str(path)}).history.size == 100
 
 
 def test_environment_types_and_names() -> None:
     """Environment strings are converted to the key's type; names are case-insensitive."""
-    settings = load(environ={
+    settings = layers(environ={
         "TIDINGS_AUTH__PERSONAL_CHANNEL": "false",
         "tidings_server__port": "9001",
         "TIDINGS_SERVER__HEARTBEAT_INTERVAL": "2.5",
@@ -157,23 +166,23 @@ def test_environment_types_and_names() -> None:
 )
 def test_environment_lists_are_comma_separated(variable: str, section: str, key: str) -> None:
     """List keys from the environment split on commas, trimming blanks and empty items."""
-    settings = load(environ={variable: " alpha, beta,,gamma ,"})
+    settings = layers(environ={variable: " alpha, beta,,gamma ,"})
     assert getattr(getattr(settings, section), key) == ("alpha", "beta", "gamma")
 
 
 def test_environment_algorithms_list() -> None:
     """TIDINGS_AUTH__ALGORITHMS takes a comma-separated list too."""
-    settings = load(environ={"TIDINGS_AUTH__ALGORITHMS": "HS256,HS512"})
+    settings = layers(environ={"TIDINGS_AUTH__ALGORITHMS": "HS256,HS512"})
     assert settings.auth.algorithms == ("HS256", "HS512")
 
 
 def test_environment_list_replaces_file_list(toml: Callable[..., Path]) -> None:
     """A list from the environment replaces the file's list rather than extending it."""
     path = toml('[api]\nkeys = ["file-key"]\n')
-    assert load(config_file=path).api.keys == ("file-key",)
-    assert load(environ={"TIDINGS_API__KEYS": "env-key"}, config_file=path).api.keys == \
+    assert layers(config_file=path).api.keys == ("file-key",)
+    assert layers(environ={"TIDINGS_API__KEYS": "env-key"}, config_file=path).api.keys == \
         ("env-key",)
-    assert load({"api": {"keys": ["flag-key"]}}, {"TIDINGS_API__KEYS": "env-key"},
+    assert layers({"api": {"keys": ["flag-key"]}}, {"TIDINGS_API__KEYS": "env-key"},
                 path).api.keys == ("flag-key",)
 
 
@@ -249,7 +258,7 @@ def test_operations_example_file(toml: Callable[..., Path]) -> None:
 
 def test_namespace_in_file_keeps_default(toml: Callable[..., Path]) -> None:
     """Configuring [namespaces.news] keeps the implicit default namespace."""
-    settings = load(config_file=toml('[namespaces.news]\nrule = "public"\n'))
+    settings = layers(config_file=toml('[namespaces.news]\nrule = "public"\n'))
     assert settings.namespaces["news"].rule == "public"
     assert settings.namespaces["default"].rule == "claims"
 
@@ -262,14 +271,14 @@ def test_namespace_override_keeps_default() -> None:
 
 def test_default_namespace_can_be_changed(toml: Callable[..., Path]) -> None:
     """The default namespace's rule can itself be configured."""
-    settings = load(config_file=toml('[namespaces.default]\nrule = "public"\n'))
+    settings = layers(config_file=toml('[namespaces.default]\nrule = "public"\n'))
     assert settings.namespaces["default"].rule == "public"
 
 
 def test_namespace_env_merges_with_file(toml: Callable[..., Path]) -> None:
     """An environment variable for one namespace key merges with that namespace's file keys."""
     path = toml('[namespaces.orders]\nrule = "webhook"\nurl = "http://h/authorize"\n')
-    settings = load(environ={"TIDINGS_NAMESPACES__ORDERS__TIMEOUT": "0.5"}, config_file=path)
+    settings = layers(environ={"TIDINGS_NAMESPACES__ORDERS__TIMEOUT": "0.5"}, config_file=path)
     assert settings.namespaces["orders"].rule == "webhook"
     assert settings.namespaces["orders"].timeout == 0.5
 
@@ -455,7 +464,7 @@ def test_file_errors_name_the_key(toml: Callable[..., Path], text: str, key: str
 )
 def test_environment_errors_name_the_key(variable: str, value: str, key: str) -> None:
     """Bad values from the environment name the configuration key."""
-    assert error_of(environ={variable: value}).key == key
+    assert error_of(environ={variable: value}, require_auth=False).key == key
 
 
 @pytest.mark.parametrize("variable", ["TIDINGS_LIMITS____X", "TIDINGS_LIMITS__"])
@@ -488,10 +497,10 @@ def test_stray_variables_are_ignored(caplog: pytest.LogCaptureFixture) -> None:
     ignored; only lookalikes of settings get a warning, naming them but not their value."""
     caplog.set_level("WARNING", logger="tidings.config")
     environ = {name: f"STRAYVALUE{index}" for index, name in enumerate(STRAY_VARIABLES)}
-    settings = load(environ={**environ, "TIDINGS_SERVER__PORT": "9002"})
+    settings = layers(environ={**environ, "TIDINGS_SERVER__PORT": "9002"})
     assert settings.server.port == 9002
     assert settings.broker.url == "memory://" and settings.api.keys == ()
-    assert settings.model_dump(exclude={"server"}) == load().model_dump(exclude={"server"})
+    assert settings.model_dump(exclude={"server"}) == layers().model_dump(exclude={"server"})
     warned = [record.getMessage() for record in caplog.records]
     assert not any("STRAYVALUE" in message for message in warned), warned
     for name, lookalike in STRAY_VARIABLES.items():
@@ -504,7 +513,7 @@ def test_stray_variables_are_ignored(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_documented_names_are_read() -> None:
     """The top-level key TIDINGS_WORKERS and the nested namespace keys are settings."""
-    settings = load(environ={"TIDINGS_WORKERS": "3", "TIDINGS_BROKER__URL": "redis://r:6379/0",
+    settings = layers(environ={"TIDINGS_WORKERS": "3", "TIDINGS_BROKER__URL": "redis://r:6379/0",
                              "TIDINGS_NAMESPACES__CHAT__RULE": "public"})
     assert settings.workers == 3
     assert settings.broker.url == "redis://r:6379/0"
@@ -550,5 +559,161 @@ def test_settings_are_frozen() -> None:
 def test_real_environment_is_used_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without an environ argument, load_settings reads os.environ."""
     monkeypatch.setenv("TIDINGS_HISTORY__SIZE", "17")
+    monkeypatch.setenv("TIDINGS_AUTH__SECRET", SECRET)
     monkeypatch.delenv("TIDINGS_CONFIG", raising=False)
     assert load_settings().history.size == 17
+
+
+# -- development mode is asked for ---------------------------------------------------------
+
+
+def test_a_file_without_auth_is_production(toml: Callable[..., Path]) -> None:
+    """A configuration file that lacks [auth] does not start a development server: it
+    is production, and the missing secret names auth.secret."""
+    error = error_of(config_file=toml('[server]\nport = 8100\n'))
+    assert error.key == "auth.secret"
+    assert "production" in error.reason
+    assert error_of(config_file=toml("")).key == "auth.secret"
+
+
+def test_environment_settings_alone_are_production() -> None:
+    """Any TIDINGS_* setting means the server was configured: production mode."""
+    assert error_of(environ={"TIDINGS_LOGGING__LEVEL": "debug"}).key == "auth.secret"
+    settings = load(environ={"TIDINGS_LOGGING__LEVEL": "debug", "TIDINGS_AUTH__SECRET": SECRET})
+    assert not settings.dev_mode and settings.server.mode == "production"
+    assert not settings.console_enabled
+
+
+def test_only_no_configuration_at_all_is_development() -> None:
+    """Nothing configured (flags such as --port and --broker are not configuration) and
+    stray TIDINGS_ variables that are not settings: development mode, resolved."""
+    settings = load({"server": {"port": 9000}, "broker": {"url": "memory://"}},
+                    {"TIDINGS_KEY": "mine", "TIDINGS_REQUIRE_REDIS": "1"})
+    assert settings.dev_mode and settings.server.mode == "development"
+
+
+def test_explicit_development_mode_without_a_secret(toml: Callable[..., Path]) -> None:
+    """server.mode = "development" in a file or the environment asks for development
+    mode, secret or not."""
+    assert load(config_file=toml('[server]\nmode = "development"\n')).dev_mode
+    assert load(environ={"TIDINGS_SERVER__MODE": "development"}).dev_mode
+    assert load(environ={"TIDINGS_SERVER__MODE": "auto", "TIDINGS_AUTH__SECRET": SECRET}
+                ).server.mode == "production"
+
+
+def test_settings_built_directly_with_auto_are_production() -> None:
+    """Settings not made by load_settings never fall into development mode."""
+    assert not Settings().dev_mode
+
+
+# -- strict types ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ('[server]\nport = "8106"\n', "server.port", "must be an integer"),
+        ("[server]\nport = 8106.0\n", "server.port", "must be an integer"),
+        ('[auth]\npersonal_channel = "yes"\n', "auth.personal_channel", "must be true or false"),
+        ("[auth]\npersonal_channel = 1\n", "auth.personal_channel", "must be true or false"),
+        ('[server]\nallowed_origins = "https://a"\n', "server.allowed_origins",
+         "must be a list of strings"),
+        ("[api]\nkeys = [1, 2]\n", "api.keys", "must be a list of strings"),
+        ('[server]\nheartbeat_interval = "5"\n', "server.heartbeat_interval",
+         "must be a number"),
+        ("[server]\nheartbeat_interval = inf\n", "server.heartbeat_interval",
+         "must be a number"),
+        ("[server]\nhost = 127\n", "server.host", "must be a string"),
+        ('[broker]\nack_replicas = "2"\n', "broker.ack_replicas",
+         'must be "auto" or an integer'),
+        ('[logging]\nlevel = "loud"\n', "logging.level",
+         'must be one of "debug", "info", "warning", "error"'),
+        ("[server]\nportt = 1\n", "server.portt", "unknown key"),
+        ("[bogus]\nx = 1\n", "bogus", "unknown key"),
+        ("limits = 5\n", "limits", "must be a table"),
+        ('workers = "2"\n', "workers", "must be an integer"),
+        ("[server]\nport = 70000\n", "server.port", "must be at most 65535"),
+        ("[history]\nttl = 0\n", "history.ttl", "must be more than 0"),
+    ],
+)
+def test_file_values_must_have_their_documented_types(
+        toml: Callable[..., Path], text: str, key: str, reason: str) -> None:
+    """TOML values are not coerced: a wrong type or range names the key, in the project's
+    words and the file's name, never the validation library's."""
+    path = toml(text)
+    error = error_of(config_file=path, require_auth=False)
+    assert error.key == key
+    assert error.reason.startswith(reason), error.reason
+    assert str(path) in error.reason
+    for words in ("Input should", "Extra inputs", "valid tuple", "validation error"):
+        assert words not in error.reason
+
+
+@pytest.mark.parametrize(
+    ("text", "flags", "key"),
+    [
+        ('[server]\nport = "eighty"\n', {"server": {"port": 8108}}, "server.port"),
+        ("[server]\nport = 99999\n", {"server": {"port": 8108}}, "server.port"),
+        ('[broker]\nurl = "ftp://x"\n', {"broker": {"url": "memory://"}}, "broker.url"),
+        ('workers = "4"\n', {"workers": 1}, "workers"),
+    ],
+)
+def test_the_file_is_checked_before_flags_apply(toml: Callable[..., Path], text: str,
+                                                flags: dict[str, Any], key: str) -> None:
+    """A bad file value is an error even where a flag overrides it."""
+    assert error_of(flags, config_file=toml(text), require_auth=False).key == key
+
+
+def test_an_environment_value_is_checked_before_flags_apply() -> None:
+    """A bad environment value is an error even where a flag overrides it, and the
+    message names the variable."""
+    error = error_of({"server": {"port": 8108}}, {"TIDINGS_SERVER__PORT": "eighty"},
+                     require_auth=False)
+    assert error.key == "server.port"
+    assert error.reason == "must be an integer (from TIDINGS_SERVER__PORT)"
+    error = error_of({"limits": {"max_subscriptions": 5}},
+                     {"TIDINGS_LIMITS__MAX_SUBSCRIPTIONS": "-1"}, require_auth=False)
+    assert error.key == "limits.max_subscriptions"
+    assert error.reason == "must be at least 0 (from TIDINGS_LIMITS__MAX_SUBSCRIPTIONS)"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("true", True), ("TRUE", True), ("1", True), ("false", False), ("False", False),
+     ("0", False)],
+)
+def test_environment_booleans(value: str, expected: bool) -> None:
+    """Booleans from the environment are true/false (any case) or 1/0."""
+    settings = layers(environ={"TIDINGS_AUTH__PERSONAL_CHANNEL": value})
+    assert settings.auth.personal_channel is expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "reason"),
+    [
+        ("TIDINGS_AUTH__PERSONAL_CHANNEL", "yes", "must be true or false"),
+        ("TIDINGS_SERVER__PORT", "80.5", "must be an integer"),
+        ("TIDINGS_SERVER__PORT", "8_000", "must be an integer"),
+        ("TIDINGS_SERVER__HEARTBEAT_INTERVAL", "soon", "must be a number"),
+        ("TIDINGS_SERVER__HEARTBEAT_INTERVAL", "nan", "must be a number"),
+        ("TIDINGS_BROKER__ACK_REPLICAS", "all", 'must be "auto" or an integer'),
+        ("TIDINGS_SERVER__PORTT", "1", "unknown key"),
+    ],
+)
+def test_environment_values_are_parsed_per_type(variable: str, value: str,
+                                                reason: str) -> None:
+    """Environment strings are parsed by the key's type; what does not parse names the
+    key and the variable."""
+    error = error_of(environ={variable: value}, require_auth=False)
+    assert error.reason == f"{reason} (from {variable})"
+
+
+def test_environment_numbers_and_union_values() -> None:
+    """Integers, numbers and "auto"-or-integer keys parse from their text."""
+    settings = layers(environ={"TIDINGS_SERVER__PORT": " 8101 ",
+                               "TIDINGS_SERVER__HEARTBEAT_INTERVAL": "7",
+                               "TIDINGS_BROKER__ACK_REPLICAS": "2"})
+    assert settings.server.port == 8101
+    assert settings.server.heartbeat_interval == 7.0
+    assert settings.broker.ack_replicas == 2
+    assert layers(environ={"TIDINGS_BROKER__ACK_REPLICAS": "auto"}).broker.ack_replicas == "auto"

@@ -27,7 +27,12 @@ from tidings.brokers import (
 from tidings.brokers.memory import MemoryBroker
 from tidings.channels import ChannelPolicy
 from tidings.errors import BrokerUnavailable
-from tidings.gateway import Gateway, TooManyConnections, _frame_event_type
+from tidings.gateway import (
+    Gateway,
+    PersonalChannelUnavailable,
+    TooManyConnections,
+    _frame_event_type,
+)
 from tidings.protocol import encode_message, text_frame
 
 WAIT = 5.0
@@ -233,20 +238,25 @@ async def test_personal_channel_can_be_disabled(make_gateway: MakeGateway) -> No
     assert not gateway.hub.is_subscribed(peer, "user:user-1")
 
 
-async def test_personal_channel_failure_at_connect_keeps_the_connection(
-        gateway: Gateway) -> None:
-    """When the broker cannot subscribe the personal channel the connection still opens,
-    without it."""
+async def test_personal_channel_failure_at_connect_refuses_the_connection(
+        gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    """When the broker cannot subscribe the personal channel the connection is refused
+    (PersonalChannelUnavailable, closed with 1013 at the edge), nothing stays registered,
+    and the log says so in one line without a traceback."""
     async def down(channel: str) -> None:
         raise BrokerUnavailable("broker down")
 
+    caplog.set_level("WARNING", logger="tidings.gateway")
     wrapped(gateway).hooks["subscribe"] = down
-    peer = await connect_peer(gateway, "user-1")
-    data = only(peer.take())["data"]
-    assert data["channels"] == [] and "positions" not in data
-    assert gateway.hub.is_connected(peer)
+    with pytest.raises(PersonalChannelUnavailable):
+        await connect_peer(gateway, "user-1")
+    assert gateway.hub.connection_count() == 0
+    assert gateway.hub.user_connection_count("user-1") == 0
     assert not gateway.hub.has_channel("user:user-1")
-    assert peer.session.subscriptions == set()
+    assert gateway.local_channels() == {}
+    [record] = [r for r in caplog.records if "personal channel" in r.getMessage()]
+    assert record.levelname == "WARNING" and record.exc_info is None
+    assert "broker down" in record.getMessage()
 
 
 # -- subscribe ----------------------------------------------------------------------

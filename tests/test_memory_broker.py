@@ -203,11 +203,13 @@ async def test_history_size_zero_keeps_nothing(clock: FakeClock) -> None:
 
 async def test_idempotent_retry_returns_the_first_result(broker: MemoryBroker,
                                                          handler: RecordingHandler) -> None:
-    """A retry with the same key and channel returns the first result and publishes nothing."""
+    """A retry with the same key and channel returns the first result, marked duplicate,
+    and publishes nothing."""
     await broker.subscribe("news:a")
     (first,) = await publish(broker, key="k1")
     (retry,) = await publish(broker, key="k1")
-    assert retry == first
+    assert not first.duplicate
+    assert retry == first._replace(duplicate=True)
     assert (await broker.position("news:a")).offset == 1
     assert [offset for _, offset, _, _ in handler.events] == [1]
     (other,) = await publish(broker)
@@ -215,11 +217,15 @@ async def test_idempotent_retry_returns_the_first_result(broker: MemoryBroker,
 
 
 async def test_idempotency_is_scoped_per_channel(broker: MemoryBroker) -> None:
-    """The same key on another channel is another event; a retry of both is deduplicated."""
+    """The same key on another channel is another event; a retry of both is deduplicated,
+    and so is a repeat within one call."""
     first = await broker.publish([request("news:a", key="k"), request("news:b", key="k")])
     assert [(r.channel, r.offset) for r in first] == [("news:a", 1), ("news:b", 1)]
     retry = await broker.publish([request("news:a", key="k"), request("news:b", key="k")])
-    assert retry == first
+    assert retry == [result._replace(duplicate=True) for result in first]
+    once, twice = await broker.publish([request("news:d", key="k"), request("news:d", key="k")])
+    assert (once.offset, once.duplicate) == (1, False)
+    assert twice == once._replace(duplicate=True)
     (fresh,) = await publish(broker, "news:c", key="k")
     assert fresh.offset == 1 and fresh.channel == "news:c"
 
@@ -230,13 +236,13 @@ async def test_idempotency_expires_after_the_window(broker: MemoryBroker,
     (first,) = await publish(broker, key="k")
     clock.advance(WINDOW - 0.5)
     (inside,) = await publish(broker, key="k")
-    assert inside == first
+    assert inside == first._replace(duplicate=True)
     clock.advance(1.0)
     (after,) = await publish(broker, key="k")
-    assert after.offset == 2
+    assert after.offset == 2 and not after.duplicate
     assert after.id != first.id
     (again,) = await publish(broker, key="k")
-    assert again == after  # the new publish opened a new window
+    assert again == after._replace(duplicate=True)  # the new publish opened a new window
 
 
 async def test_expire_drops_stale_idempotency_records(broker: MemoryBroker,
@@ -249,8 +255,8 @@ async def test_expire_drops_stale_idempotency_records(broker: MemoryBroker,
     broker.expire()
     (old_again,) = await publish(broker, key="old")
     (fresh_again,) = await publish(broker, key="fresh")
-    assert old_again.offset == 3 and old_again.id != old.id
-    assert fresh_again == fresh
+    assert old_again.offset == 3 and old_again.id != old.id and not old_again.duplicate
+    assert fresh_again == fresh._replace(duplicate=True)
 
 
 # -- expiry ---------------------------------------------------------------------------

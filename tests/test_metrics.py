@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import re
+import sys
 
+import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from helpers import API_KEY, SECRET, connect, publish, serve, token
+from tidings import __version__
 from tidings.metrics import Metrics
+from tidings.server import RunningServer
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -17,6 +22,13 @@ def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+async def api_text(server: RunningServer, path: str) -> tuple[int, str]:
+    """GET ``path`` without a key; the status and the body as text."""
+    async with aiohttp.ClientSession() as session, \
+            session.get(server.http_url + path) as response:
+        return response.status, await response.text()
 
 
 def test_render_is_prometheus_text() -> None:
@@ -113,3 +125,59 @@ def test_no_default_registry_pollution() -> None:
 
     Metrics().published("notification")
     assert b"tidings_" not in generate_latest(REGISTRY)
+
+
+def test_operator_series_in_one_process() -> None:
+    """One process exposes process_* and python_* series, the build info and the
+    broker-health gauge, and the publish and fan-out histograms."""
+    metrics = Metrics()
+    metrics.broker_up.set(1)
+    values = samples(metrics)
+    assert values[("tidings_build_info", (("version", __version__),))] == 1
+    assert values[("tidings_broker_up", ())] == 1
+    assert ("python_gc_collections_total", (("generation", "0"),)) in values
+    assert any(name == "python_info" for name, _ in values)
+    assert values[("tidings_publish_seconds_count", ())] == 0
+    assert values[("tidings_fanout_seconds_count", ())] == 0
+    if sys.platform.startswith("linux"):  # the client library reads /proc
+        assert values[("process_resident_memory_bytes", ())] > 0
+        assert values[("process_open_fds", ())] > 0
+        assert ("process_cpu_seconds_total", ()) in values
+
+
+def test_counts_are_read_at_scrape_time_in_one_process() -> None:
+    """bind_counts reads the two gauges from the functions when scraped; the returned
+    callable has nothing to do."""
+    metrics = Metrics()
+    counts = {"connections": 2, "subscriptions": 5}
+    changed = metrics.bind_counts(lambda: counts["connections"],
+                                  lambda: counts["subscriptions"])
+    assert samples(metrics)[("tidings_connections", ())] == 2
+    counts["connections"] = 3
+    changed()
+    values = samples(metrics)
+    assert values[("tidings_connections", ())] == 3
+    assert values[("tidings_subscriptions", ())] == 5
+
+
+async def test_publish_and_fanout_latency_through_a_server() -> None:
+    """A publish is timed once to its acknowledgement and its fan-out once per event,
+    however many subscribers; labels carry no secret, token or channel."""
+    tok = token("u1", ("news:*",))
+    async with serve() as server, connect(server, tok) as first, \
+            connect(server, tok) as second, connect(server, tok) as third:
+        for client in (first, second, third):
+            assert (await client.subscribe("news:lat"))["type"] == "subscribed"
+        await publish(server, "news:lat")
+        for client in (first, second, third):
+            assert (await client.recv())["channel"] == "news:lat"
+        status, text = await api_text(server, "/metrics")
+    assert status == 200
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for family in text_string_to_metric_families(text) for s in family.samples}
+    assert values[("tidings_publish_seconds_count", ())] == 1
+    assert values[("tidings_fanout_seconds_count", ())] == 1
+    assert values[("tidings_events_delivered_total", (("type", "notification"),))] == 3
+    assert values[("tidings_broker_up", ())] == 1
+    for secret in (SECRET, API_KEY, tok, "news:lat"):
+        assert secret not in text

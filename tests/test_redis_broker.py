@@ -155,16 +155,21 @@ async def test_history_pages_and_completeness(redis_prefix: str) -> None:
 
 async def test_idempotency_key_returns_the_first_result(redis_prefix: str,
                                                         redis_client: aioredis.Redis) -> None:
-    """A retried key answers the first offset and publishes nothing, per channel, until
-    the window ends."""
+    """A retried key answers the first offset, marked duplicate, and publishes nothing,
+    per channel, until the window ends."""
     async with broker(redis_prefix, idempotency_window=60) as (b, _), \
             broker(redis_prefix) as (sub, seen):
         await sub.subscribe("news:i")
         [first] = await b.publish([note("news:i", key="k-1")])
         [again] = await b.publish([note("news:i", key="k-1", message="other")])
-        assert again == first
+        assert not first.duplicate
+        assert again == first._replace(duplicate=True)
         [other] = await b.publish([note("news:j", key="k-1")])
-        assert other.offset == 1 and other.channel == "news:j"
+        assert other.offset == 1 and other.channel == "news:j" and not other.duplicate
+        # Twice in one call (one pipeline): the second is the first's duplicate.
+        once, twice = await b.publish([note("news:k", key="k-2"), note("news:k", key="k-2")])
+        assert (once.offset, once.duplicate) == (1, False)
+        assert twice == once._replace(duplicate=True)
         assert (await b.position("news:i")).offset == 1
         key = f"{redis_prefix}:{{news:i}}:idem:k-1"
         ttl = await redis_client.pttl(key)
@@ -172,7 +177,7 @@ async def test_idempotency_key_returns_the_first_result(redis_prefix: str,
         await redis_client.pexpire(key, 1)
         await eventually(lambda: _gone(redis_client, key))
         [fresh] = await b.publish([note("news:i", key="k-1")])
-        assert fresh.offset == 2
+        assert fresh.offset == 2 and not fresh.duplicate
         await seen.until(lambda: seen.offsets("news:i") == [1, 2])
 
 

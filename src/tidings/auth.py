@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
 import types
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -39,6 +38,7 @@ from tidings.jws import (
     json_segment,
     parse_header,
 )
+from tidings.minting import HMAC_ALGORITHMS, mint_token, parse_duration
 from tidings.protocol.wire import loads
 
 __all__ = [
@@ -53,8 +53,7 @@ MAX_TOKEN_BYTES = 8192
 #: Minimum seconds between JWKS refetches caused by unknown key ids (or by a failed fetch).
 JWKS_REFETCH_INTERVAL = 30.0
 _MAX_SUB_CHARS = 256
-_HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)")
+_HMAC_ALGORITHMS = HMAC_ALGORITHMS
 
 _PublicKey: TypeAlias = (
     rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
@@ -394,55 +393,6 @@ class Authenticator:
         # authorizers): every idle connection holds its Identity.
         kept = claims if self._keep_claims else _NO_CLAIMS
         return Identity(user_id=sub, expires_at=exp, channels=channels, claims=kept)
-
-
-def mint_token(
-    secret: str,
-    sub: str,
-    *,
-    channels: Sequence[str] = (),
-    ttl: float = 3600,
-    algorithm: str = "HS256",
-    now: float | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> str:
-    """Sign an HS* token, for development mode, the ``tidings token`` command and tests.
-
-    Claims: ``sub``, ``iat`` (``now``, default the wall clock), ``exp`` (``iat + ttl``),
-    ``channels`` when non-empty, then ``extra`` merged last (it may override the others).
-    A ttl of zero or less mints an already-expired token, which tests use. Raises
-    ``ValueError`` for an empty secret or sub, a non-HMAC algorithm, a non-finite ttl, or
-    a bare string passed as ``channels``.
-    """
-    if algorithm not in _HMAC_ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {', '.join(_HMAC_ALGORITHMS)}")
-    if not secret or not sub:
-        raise ValueError("secret and sub must not be empty")
-    if isinstance(channels, str):
-        raise ValueError("channels must be a sequence of channel names, not one string")
-    if not math.isfinite(ttl):
-        raise ValueError("ttl must be a finite number of seconds")
-    issued = time.time() if now is None else now
-    claims: dict[str, Any] = {"sub": sub, "iat": int(issued), "exp": int(issued + ttl)}
-    if channels:
-        claims["channels"] = list(channels)
-    claims.update(extra or {})
-    return jwt.encode(claims, secret, algorithm=algorithm)
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``text``: ``"3600"``, ``"90s"``, ``"15m"``, ``"1h"``, ``"2d"`` (decimals allowed).
-
-    Raises ``ValueError`` naming the expected forms for anything else.
-    """
-    match = _DURATION.fullmatch(text.strip().lower())
-    seconds = float(match.group(1)) if match else math.nan
-    if match is None or not math.isfinite(seconds):
-        raise ValueError(
-            f"invalid duration {text[:40]!r}: use seconds or a number followed by "
-            "s, m, h or d (for example 90s, 15m, 1h, 2d)"
-        )
-    return seconds * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
 #: Distinct token headers remembered by ``Authenticator._header``.

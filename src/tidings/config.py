@@ -7,12 +7,16 @@ environment variables, the TOML file, defaults. This is the only module that rea
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import re
 import tomllib
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -63,8 +67,13 @@ class ServerSettings(_Section):
     #: Seconds between failing readiness and closing connections on shutdown, so that a
     #: load balancer stops routing new clients here first.
     drain_delay: float = Field(default=0, ge=0)
-    #: ``auto``: development mode when no signing key is configured.
+    #: ``auto``: development mode only when nothing is configured (no file, no ``TIDINGS_*``
+    #: setting, no signing key); ``load_settings`` resolves it to one of the other two.
     mode: Literal["auto", "development", "production"] = "auto"
+    #: When set, the server API, metrics, probes and console are served on this second
+    #: listener and not on ``port``, so that the publish API need not face the internet.
+    internal_port: int | None = Field(default=None, ge=0, le=65535)
+    internal_host: str = "127.0.0.1"
 
     @field_validator("path")
     @classmethod
@@ -135,8 +144,6 @@ class BrokerSettings(_Section):
         # Checked here, so that an error names the key and not a member of the union.
         if value == "auto":
             return value
-        if isinstance(value, str) and value.isdigit():
-            value = int(value)  # environment variables are strings
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16:
             raise ValueError('must be "auto" or a number of replicas from 0 to 16')
         return value
@@ -204,10 +211,9 @@ class Settings(BaseSettings):
 
     @property
     def dev_mode(self) -> bool:
-        """Development mode: explicit, or ``auto`` with no signing key configured."""
-        if self.server.mode != "auto":
-            return self.server.mode == "development"
-        return not (self.auth.secret or self.auth.public_key_file or self.auth.jwks_url)
+        """Development mode. ``load_settings`` resolves ``auto``; settings built any other
+        way with ``auto`` are production settings: development is only ever asked for."""
+        return self.server.mode == "development"
 
     @property
     def console_enabled(self) -> bool:
@@ -249,8 +255,138 @@ _SECTIONS = {
 #: Top-level keys a variable may name directly (``TIDINGS_WORKERS``).
 _TOP_LEVEL_KEYS = frozenset(Settings.model_fields) - frozenset(_SECTIONS)
 
-_LIST_KEYS = {("api", "keys"), ("server", "allowed_origins"), ("auth", "algorithms"),
-              ("events", "allowed_types")}
+#: Environment spellings of booleans (any case).
+_TRUE = frozenset({"true", "1"})
+_FALSE = frozenset({"false", "0"})
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+# -- types, in the documentation's words -------------------------------------------------
+#
+# Checked here rather than by pydantic, whose lax mode turns "8106" into 8106 and "yes"
+# into True, and whose messages ("Extra inputs are not permitted") are not the project's.
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _arms(annotation: Any) -> tuple[Any, ...]:
+    """The members of a union annotation, or the annotation alone."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return get_args(annotation)
+    return (annotation,)
+
+
+def _describe(annotation: Any) -> str:
+    """What a value of ``annotation`` must be, as the error message says it."""
+    arms = [arm for arm in _arms(annotation) if arm is not type(None)]
+    if len(arms) > 1:
+        return " or ".join(_describe(arm) for arm in arms)
+    annotation = arms[0]
+    origin = get_origin(annotation)
+    if origin is Literal:
+        values = [json.dumps(value) for value in get_args(annotation)]
+        return values[0] if len(values) == 1 else f"one of {', '.join(values)}"
+    if origin is tuple:
+        return "a list of strings"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(annotation, "a table")
+
+
+def _matches(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` has the type ``annotation`` documents (no coercion)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(_matches(arm, value) for arm in get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        # TOML has inf and nan; no setting means either.
+        return (isinstance(value, int | float) and not isinstance(value, bool)
+                and math.isfinite(value))
+    if annotation is str:
+        return isinstance(value, str)
+    origin = get_origin(annotation)
+    if origin is tuple:
+        return isinstance(value, list | tuple) and all(isinstance(item, str) for item in value)
+    if origin is Literal:
+        return any(type(value) is type(choice) and value == choice
+                   for choice in get_args(annotation))
+    return False
+
+
+def _check_value(annotation: Any, value: Any, path: tuple[str, ...]) -> None:
+    """Raise ``ConfigError`` naming the key when ``value`` is not of its documented type."""
+    key = ".".join(path)
+    if _is_section(annotation) or get_origin(annotation) is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, "must be a table")
+        if _is_section(annotation):
+            _check_table(annotation, value, path)
+        else:
+            item = get_args(annotation)[1]
+            for name, child in value.items():
+                _check_value(item, child, (*path, str(name)))
+    elif not _matches(annotation, value):
+        raise ConfigError(key, f"must be {_describe(annotation)}")
+
+
+def _check_table(model: type[BaseModel], data: Mapping[str, Any],
+                 path: tuple[str, ...] = ()) -> None:
+    fields = model.model_fields
+    for key, value in data.items():
+        field = fields.get(key)
+        if field is None:
+            raise ConfigError(".".join((*path, str(key))), "unknown key")
+        _check_value(field.annotation, value, (*path, key))
+
+
+def _annotation_at(path: tuple[str, ...]) -> Any:
+    """The annotation of the key at ``path``, or None when no such key exists."""
+    node: Any = Settings
+    for part in path:
+        if _is_section(node):
+            field = node.model_fields.get(part)
+            if field is None:
+                return None
+            node = field.annotation
+        elif get_origin(node) is dict:
+            node = get_args(node)[1]
+        else:
+            return None
+    return node
+
+
+def _parse_env(annotation: Any, text: str) -> Any:
+    """An environment variable's text as a value of ``annotation``: integers, numbers,
+    ``true``/``false`` (or ``1``/``0``) and comma-separated lists. Text that does not
+    parse is returned as it is, for the type check to name the key."""
+    arms = [arm for arm in _arms(annotation) if arm is not type(None)]
+    if len(arms) > 1:
+        for arm in arms:
+            parsed = _parse_env(arm, text)
+            if _matches(arm, parsed):
+                return parsed
+        return text
+    annotation = arms[0]
+    stripped = text.strip()
+    if annotation is bool:
+        lowered = stripped.lower()
+        return True if lowered in _TRUE else False if lowered in _FALSE else text
+    if annotation is int:
+        return int(stripped) if _INTEGER.fullmatch(stripped) else text
+    if annotation is float:
+        try:
+            return float(stripped)
+        except ValueError:
+            return text
+    if get_origin(annotation) is tuple:
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return text
 
 
 def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -295,7 +431,8 @@ def _setting_path(name: str) -> tuple[str, ...] | None:
 
 
 def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Turn ``TIDINGS_A__B=v`` variables into nested data; lists are comma-separated."""
+    """Turn ``TIDINGS_A__B=v`` variables into nested data, each value parsed per the
+    type of its key; raises ``ConfigError`` naming the key (and the variable)."""
     layer: dict[str, Any] = {}
     for name, value in environ.items():
         path = _setting_path(name)
@@ -307,43 +444,103 @@ def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
             if not isinstance(child, dict):
                 raise ConfigError(name, "conflicts with another variable")
             node = child
-        parsed: Any = value
-        if path in _LIST_KEYS:
-            parsed = [item.strip() for item in value.split(",") if item.strip()]
+        annotation = _annotation_at(path)
+        if annotation is None:
+            raise ConfigError(".".join(path), f"unknown key (from {name})")
+        parsed = _parse_env(annotation, value)
+        try:
+            _check_value(annotation, parsed, path)
+        except ConfigError as exc:
+            raise ConfigError(exc.key, f"{exc.reason} (from {name})") from None
         node[path[-1]] = parsed
     return layer
 
 
-def _key_of(error: Mapping[str, Any]) -> str:
-    return ".".join(str(part) for part in error["loc"]) or "config"
+def _reason(error: Mapping[str, Any]) -> str:
+    """A pydantic error (a range or a validator; types are checked before) in the
+    project's words."""
+    kind, context = error["type"], error.get("ctx") or {}
+    bounds = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "more than"),
+              "less_than_equal": ("le", "at most"), "less_than": ("lt", "less than")}
+    if kind in bounds:
+        name, words = bounds[kind]
+        return f"must be {words} {context[name]}"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "value_error" and "error" in context:
+        return str(context["error"])
+    if kind == "literal_error" and "expected" in context:
+        return f"must be {context['expected']}"
+    return str(error["msg"])
+
+
+def _validate(data: Mapping[str, Any], where: str = "") -> Settings:
+    """Settings from fully merged data; ``ConfigError`` names the first bad key."""
+    try:
+        # Sources are merged here, so pydantic-settings must not read the env again.
+        return _StaticSettings(**data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"] if isinstance(part, str))
+        raise ConfigError(key or "config", _reason(first) + where) from None
+
+
+def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with Path(path).open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
 
 
 def load_settings(
     config_file: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    *,
+    require_auth: bool = True,
 ) -> Settings:
-    """Build the settings from file, environment and overrides; raise ``ConfigError``."""
+    """Build the settings from file, environment and overrides; raise ``ConfigError``.
+
+    Every layer is checked on its own first, the file as a whole before anything
+    overrides it: a bad value is an error even where a flag replaces it. ``server.mode =
+    "auto"`` resolves to development only when nothing is configured: no file, no
+    ``TIDINGS_*`` setting in the environment and no signing key among ``overrides``.
+    ``require_auth=False`` skips the signing-key checks, for commands that never verify
+    a token (``tidings publish``).
+    """
     env = os.environ if environ is None else environ
     path = config_file or env.get("TIDINGS_CONFIG") or None
-    data: dict[str, Any] = {"namespaces": {"default": {"rule": "claims"}}}
-    if path:
-        try:
-            with Path(path).open("rb") as handle:
-                data = _deep_merge(data, tomllib.load(handle))
-        except OSError as exc:
-            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
-    data = _deep_merge(data, _env_layer(env))
-    data = _deep_merge(data, overrides or {})
+    defaults: dict[str, Any] = {"namespaces": {"default": {"rule": "claims"}}}
+    file_layer = _read_file(path) if path else {}
     try:
-        # Sources are merged here, so pydantic-settings must not read the env again.
-        settings = _StaticSettings(**data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(_key_of(first), first["msg"]) from None
-    _check(settings)
+        _check_table(Settings, file_layer)
+    except ConfigError as exc:
+        raise ConfigError(exc.key, f"{exc.reason} (in {path})") from None
+    env_layer = _env_layer(env)  # types checked variable by variable
+    # Ranges and validators, for each layer on its own (a value overridden is still bad).
+    if file_layer:
+        _validate(_deep_merge(defaults, file_layer), f" (in {path})")
+    if env_layer:
+        try:
+            _validate(_deep_merge(defaults, env_layer))
+        except ConfigError as exc:
+            variable = _ENV_PREFIX + exc.key.upper().replace(".", "__")
+            raise ConfigError(exc.key, f"{exc.reason} (from {variable})") from None
+    _check_table(Settings, overrides or {})
+    data = _deep_merge(_deep_merge(_deep_merge(defaults, file_layer), env_layer),
+                       overrides or {})
+    settings = _validate(data)
+    if settings.server.mode == "auto":
+        auth = settings.auth
+        configured = bool(path or env_layer or auth.secret or auth.public_key_file
+                          or auth.jwks_url)
+        mode = "production" if configured else "development"
+        settings = settings.model_copy(
+            update={"server": settings.server.model_copy(update={"mode": mode})})
+    _check(settings, require_auth=require_auth)
     return settings
 
 
@@ -362,14 +559,18 @@ class _StaticSettings(Settings):
         return (init_settings,)
 
 
-def _check(settings: Settings) -> None:
+def _check(settings: Settings, *, require_auth: bool = True) -> None:
     """Cross-field rules that a single field validator cannot express."""
     auth = settings.auth
     hmac = any(alg.startswith("HS") for alg in auth.algorithms)
     asym = any(not alg.startswith("HS") for alg in auth.algorithms)
-    if not settings.dev_mode:
+    if require_auth and not settings.dev_mode:
         if hmac and not auth.secret:
-            raise ConfigError("auth.secret", "required for HS* algorithms outside development mode")
+            raise ConfigError(
+                "auth.secret",
+                "required for HS* algorithms in production mode (a server given a "
+                "configuration file or TIDINGS_* settings runs in production mode unless "
+                'server.mode = "development")')
         if hmac and len(auth.secret.encode()) < MIN_HMAC_SECRET_BYTES:
             raise ConfigError(
                 "auth.secret",
@@ -385,6 +586,9 @@ def _check(settings: Settings) -> None:
         value = getattr(settings.server, key)
         if value and not Path(value).is_file():
             raise ConfigError(f"server.{key}", "file not found")
+    internal = settings.server.internal_port
+    if internal and internal == settings.server.port:
+        raise ConfigError("server.internal_port", "must differ from server.port")
     if settings.workers > 1 and settings.broker.url.startswith("memory://"):
         raise ConfigError("workers", "more than one worker needs the Redis broker (broker.url)")
     for name, ns in settings.namespaces.items():

@@ -31,6 +31,7 @@ from tidings.errors import (
 from tidings.hub import Hub, Outbound, Subscriber
 from tidings.metrics import Metrics
 from tidings.nodesubs import NodeSubscriptions
+from tidings.outages import OutageLog
 from tidings.protocol import CloseCode, Recover, Subscribe, encode_message, personal_channel
 from tidings.protocol.wire import text_frame
 from tidings.recovery import Replay, history_since, recover_live, recover_new
@@ -45,9 +46,19 @@ from tidings.session import (
     StartUnsubscribe,
 )
 
-__all__ = ["Gateway", "Peer", "TooManyConnections", "new_connection_id"]
+__all__ = [
+    "Gateway",
+    "Peer",
+    "PersonalChannelUnavailable",
+    "TooManyConnections",
+    "new_connection_id",
+]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between two checks of the broker for ``tidings_broker_up`` (a scrape also
+#: checks), which is also how often a worker copies its periodic metrics.
+HEALTH_INTERVAL = 5.0
 
 
 class Peer(Outbound, Protocol):
@@ -68,6 +79,15 @@ class TooManyConnections(ClientError):
 
     code = "rate_limited"
     http_status = 429
+
+
+class PersonalChannelUnavailable(ServerError):
+    """The personal channel cannot be subscribed at connect, as the broker is away: the
+    connection is refused with 1013 and the client retries later, rather than accepted
+    without it, which would lose every event sent to the user meanwhile."""
+
+    code = "broker_unavailable"
+    http_status = 503
 
 
 def new_connection_id() -> str:
@@ -134,18 +154,24 @@ class Gateway:
         self.hub: Hub[Peer] = Hub(on_pending_overflow=self._pending_overflow,
                                   on_written=self._count_frames)
         self.draining = False
-        self.node_subscriptions = NodeSubscriptions(broker, self.hub.has_channel)
+        self.outages = OutageLog(logger)
+        self.node_subscriptions = NodeSubscriptions(broker, self.hub.has_channel,
+                                                    outages=self.outages)
         # conn_id -> peer whose personal channel is held (auth.personal_channel_hold).
         self._personal_holds: Deadlines[str, Peer] = Deadlines(
             settings.auth.personal_channel_hold, self._send_personal)
         self._sweeper: asyncio.Task[None] | None = None
+        self._health: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         # Read at scrape time: a Gauge.inc per handshake costs more than the handshake's
         # own bookkeeping of the same numbers.
         self._subscription_count = 0
-        self.metrics.connections.set_function(self.hub.connection_count)
-        self.metrics.subscriptions.set_function(lambda: self._subscription_count)
+        # Called after either count changes; does nothing unless the metrics are shared
+        # between workers.
+        self._counts_changed = self.metrics.bind_counts(self.hub.connection_count,
+                                                        lambda: self._subscription_count)
+        self._fanned_out = self.metrics.fanned_out
         # Settings read on every handshake, looked up once.
         server, auth = settings.server, settings.auth
         self._session_settings = (settings.limits, server.heartbeat_interval,
@@ -161,6 +187,29 @@ class Gateway:
         server = self.settings.server
         period = max(0.01, min(1.0, server.heartbeat_interval / 4, server.heartbeat_timeout / 4))
         self._sweeper = asyncio.create_task(self._sweep_forever(period), name="gateway-sweep")
+        await self.check_broker()
+        self._health = asyncio.create_task(self._health_forever(), name="gateway-health")
+
+    async def check_broker(self) -> bool:
+        """Whether the broker answers now (within ``broker.timeout``), as ``/readyz`` and
+        ``tidings_broker_up`` report it."""
+        try:
+            async with asyncio.timeout(self.settings.broker.timeout + 1):
+                up = await self.broker.ready()
+        except (TidingsError, TimeoutError):
+            up = False
+        self.metrics.broker_up.set(1 if up else 0)
+        return up
+
+    async def _health_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL)
+            try:
+                await self.check_broker()
+                self.metrics.sync()
+            except Exception:
+                # A fault of ours: the gauges keep their last values, the checks go on.
+                logger.exception("periodic health check failed")
 
     def begin_drain(self, reason: str = "server shutting down") -> None:
         """Fail readiness and close every connection with 1001."""
@@ -183,10 +232,11 @@ class Gateway:
 
     async def close(self) -> None:
         self._personal_holds.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._health):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.node_subscriptions.settle()
         await self.broker.close()
         await self.authenticator.close()
@@ -205,8 +255,11 @@ class Gateway:
 
     def on_event(self, channel: str, offset: int, epoch: str, payload: bytes) -> None:
         # Counted when written (hub's on_written), not here: a subscriber under setup
-        # holds the frame, and one that already had the offset skips it.
+        # holds the frame, and one that already had the offset skips it. Timed once per
+        # event, never per subscriber.
+        started = time.perf_counter()
         self.hub.deliver(channel, offset, text_frame(payload))
+        self._fanned_out(time.perf_counter() - started)
 
     def on_continuity_lost(self, channel: str) -> None:
         message = text_frame(encode_message(
@@ -254,7 +307,9 @@ class Gateway:
     async def connect(self, peer: Peer) -> None:
         """Register ``peer``, subscribe its personal channel and send ``connected``.
 
-        Raises ``TooManyConnections`` when the user is at the limit.
+        Raises ``TooManyConnections`` when the user is at the limit and
+        ``PersonalChannelUnavailable`` when the broker cannot subscribe the personal
+        channel; either way nothing stays registered.
         """
         identity = peer.session.identity
         limit = self._max_connections_per_user
@@ -272,11 +327,13 @@ class Gateway:
             try:
                 await self.node_subscriptions.ensure(personal)
                 after, epoch = await self.broker.position(personal)
-            except TidingsError:
-                # The connection still works; the client may subscribe explicitly later.
-                logger.warning("personal channel unavailable at connect", exc_info=True)
-                self._drop_subscription(peer, personal)
-                sub = None
+            except TidingsError as exc:
+                # Expected during a broker outage: one line, no traceback, rate-limited.
+                self.outages.warn("personal channel unavailable at connect; refusing the "
+                                  "connection with 1013", exc.message)
+                self.disconnect(peer)
+                raise PersonalChannelUnavailable(
+                    "personal channel unavailable; try again later") from None
             except BaseException:
                 # Unexpected fault or cancellation: register nothing (the caller never
                 # reaches its disconnect), or the user's slot and the channel would leak.
@@ -290,6 +347,7 @@ class Gateway:
                 # baseline, so that a client losing this connection before its first
                 # reply still recovers from here (no gap from 0, nothing missed).
                 positions[personal] = (after, epoch)
+        self._counts_changed()
         peer.send(text_frame(peer.session.welcome(channels, self.clock(), positions)))
         if sub is not None:
             # The live events wait (auth.personal_channel_hold) for the client's first
@@ -322,6 +380,7 @@ class Gateway:
             self.node_subscriptions.release_soon(channel)
         if was_known:
             self._subscription_count -= count
+        self._counts_changed()
         if not self.hub.connection_count():
             self._idle.set()
 
@@ -361,7 +420,8 @@ class Gateway:
                     await self._refresh(peer, effect.command.token, effect.command.id)
             except (ClientError, ServerError) as exc:
                 if isinstance(exc, ServerError):
-                    logger.warning("%s failed: %s", name, exc.message)
+                    # A broker or authorizer outage fails every such command: rate-limited.
+                    self.outages.warn(f"{name} failed", exc.message)
                 channel = getattr(command, "channel", None)
                 self._apply_sync(peer, peer.session.fail(exc, command.id, channel))
             except Exception:
@@ -421,6 +481,7 @@ class Gateway:
         session.subscribed(channel, personal=channel == personal_channel(
             session.identity.user_id))
         self._subscription_count += 1
+        self._counts_changed()
         self._send_held(peer, sub, position.offset)
         if replay.since is not None:
             # The replay sent what follows `since`: a later recover must not send it again.
@@ -514,11 +575,15 @@ class Gateway:
         peer.session.unsubscribed(channel)
         if was_subscribed:
             self._subscription_count -= 1
+            self._counts_changed()
         if self.hub.unsubscribe(peer, channel):
             self.node_subscriptions.release_soon(channel)
 
     def _pending_overflow(self, peer: Peer) -> None:
         self.metrics.slow_consumer_closes.inc()
+        logger.warning("closing slow consumer %s (user %s) with 1013: too many events "
+                       "held while its subscription was being set up", peer.conn_id,
+                       peer.user_id)
         peer.close(CloseCode.TRY_AGAIN_LATER, "subscriber too slow")
 
     # -- refresh ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from tidings.brokers.base import Broker
 from tidings.errors import TidingsError
+from tidings.outages import OutageLog
 
 __all__ = ["NodeSubscriptions"]
 
@@ -74,9 +75,11 @@ class NodeSubscriptions:
     checked under the channel's lock, so decisions use the latest state.
     """
 
-    def __init__(self, broker: Broker, has_local: Callable[[str], bool]) -> None:
+    def __init__(self, broker: Broker, has_local: Callable[[str], bool], *,
+                 outages: OutageLog | None = None) -> None:
         self._broker = broker
         self._has_local = has_local
+        self._outages = outages or OutageLog(logger)
         self._channels: set[str] = set()
         self._locks = _KeyedLocks()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -107,8 +110,8 @@ class NodeSubscriptions:
                 self._channels.discard(channel)
                 try:
                     await self._broker.unsubscribe(channel)
-                except TidingsError:
-                    logger.warning("broker unsubscribe failed for a channel")
+                except TidingsError as exc:
+                    self._outages.warn("broker unsubscribe failed for a channel", exc.message)
         finally:
             self._locks.release(channel)
 

@@ -8,6 +8,7 @@ import gc
 import logging
 import secrets
 import ssl
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -18,12 +19,13 @@ from tidings.api import ApiService, add_api_routes, add_not_found_route, method_
 from tidings.auth import Authenticator
 from tidings.brokers.base import Broker
 from tidings.brokers.memory import MemoryBroker
-from tidings.brokers.redis.urls import is_redis_url
+from tidings.brokers.redis.urls import is_redis_url, redact_url
 from tidings.channels import Authorizer, ChannelPolicy
 from tidings.config import Settings
 from tidings.console import add_client_route, add_console_routes
 from tidings.errors import ConfigError
 from tidings.gateway import Gateway
+from tidings.metrics import Metrics
 from tidings.transport import websocket_handler
 from tidings.transport.http import AppRunner
 
@@ -55,7 +57,8 @@ def prepare_dev(settings: Settings) -> tuple[Settings, DevCredentials | None]:
     secret = settings.auth.secret or secrets.token_urlsafe(32)
     api_key = settings.api.keys[0] if settings.api.keys else "dev_" + secrets.token_urlsafe(24)
     updated = settings.model_copy(update={
-        # Pinned: with a generated secret filled in, "auto" would no longer mean development.
+        # Pinned: settings not made by load_settings may still say "auto", which outside
+        # load_settings means production.
         "server": settings.server.model_copy(update={"mode": "development"}),
         "auth": settings.auth.model_copy(update={"secret": secret}),
         "api": settings.api.model_copy(update={"keys": settings.api.keys or (api_key,)}),
@@ -100,11 +103,16 @@ def build_app(
     *,
     broker: Broker | None = None,
     authorizers: Mapping[str, Authorizer] | None = None,
+    metrics: Metrics | None = None,
 ) -> tuple[web.Application, Gateway]:
-    """The aiohttp application serving the WebSocket path, the server API and probes."""
+    """The aiohttp application serving the WebSocket path, the server API and probes.
+
+    ``metrics``: the worker's shared-mode metrics under ``--workers``; default, its own.
+    """
     gateway = Gateway(
         settings,
         broker=broker or make_broker(settings),
+        metrics=metrics,
         authenticator=Authenticator(
             settings.auth,
             dev_mode=settings.dev_mode,
@@ -140,6 +148,17 @@ def build_app(
     return app, gateway
 
 
+def _public_app(settings: Settings, gateway: Gateway) -> web.Application:
+    """The public listener's application when ``server.internal_port`` is set: the
+    WebSocket path and the browser client only (every other path answers 404)."""
+    app = web.Application(client_max_size=settings.api.max_body_bytes)
+    app.router.add_get(settings.server.path, websocket_handler(gateway))
+    app.router.add_route("*", settings.server.path, method_not_allowed)
+    add_client_route(app)
+    add_not_found_route(app)
+    return app
+
+
 def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
     server = settings.server
     if not server.tls_cert:
@@ -161,10 +180,21 @@ class RunningServer:
     host: str
     port: int
     tls: bool
+    #: The internal listener's port (``server.internal_port``), or None when there is none.
+    internal_port: int | None = None
 
     @property
     def http_url(self) -> str:
         return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        """Where the server API, probes, metrics and console are: the internal listener
+        when there is one, else the public one."""
+        if self.internal_port is None:
+            return self.http_url
+        host = self.settings.server.internal_host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.internal_port}"
 
     @property
     def ws_url(self) -> str:
@@ -178,33 +208,79 @@ async def running(
     broker: Broker | None = None,
     authorizers: Mapping[str, Authorizer] | None = None,
     reuse_port: bool = False,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[RunningServer]:
     """Serve until the block exits, then drain: readiness fails, clients get 1001."""
     context = _ssl_context(settings)
-    app, gateway = build_app(settings, broker=broker, authorizers=authorizers)
+    app, gateway = build_app(settings, broker=broker, authorizers=authorizers,
+                             metrics=metrics)
     # Access lines are logged at info: below that level, skip the per-request logger.
     quiet = settings.logging.level in ("warning", "error")
-    runner = AppRunner(app, handle_signals=False,
-                       shutdown_timeout=settings.server.shutdown_timeout,
-                       access_log=None if quiet else access_logger,
-                       # Request heads share the WebSocket handshake's deadline.
-                       head_timeout=settings.server.handshake_timeout,
-                       on_head_timeout=gateway.metrics.request_head_timeouts.inc)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, settings.server.host, settings.server.port,
+
+    def runner_for(application: web.Application) -> AppRunner:
+        return AppRunner(application, handle_signals=False,
+                         shutdown_timeout=settings.server.shutdown_timeout,
+                         access_log=None if quiet else access_logger,
+                         # Request heads share the WebSocket handshake's deadline.
+                         head_timeout=settings.server.handshake_timeout,
+                         on_head_timeout=gateway.metrics.request_head_timeouts.inc)
+
+    server_settings = settings.server
+    # With an internal listener, the full application (the console needs /ws next to the
+    # API) serves it, and the public port gets one with /ws and the browser client only.
+    # Two runners, both the head-timing AppRunner; the full app's own (which starts and
+    # stops the gateway) is set up first and cleaned up last.
+    runner = runner_for(app)
+    public = runner if server_settings.internal_port is None else runner_for(
+        _public_app(settings, gateway))
+    listening, drain_started = False, 0.0
+    async with contextlib.AsyncExitStack() as stack:
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        if public is not runner:
+            await public.setup()
+            stack.push_async_callback(public.cleanup)
+        site = web.TCPSite(public, server_settings.host, server_settings.port,
                            ssl_context=context, reuse_port=reuse_port or None)
         await site.start()
-        port = runner.addresses[0][1]
-        yield RunningServer(settings, gateway, settings.server.host, int(port), context is not None)
+        internal_port: int | None = None
+        if public is not runner:
+            internal = web.TCPSite(runner, server_settings.internal_host,
+                                   server_settings.internal_port, ssl_context=context,
+                                   reuse_port=reuse_port or None)
+            await internal.start()
+            internal_port = int(runner.addresses[0][1])
+        port = public.addresses[0][1]
+        server = RunningServer(settings, gateway, server_settings.host, int(port),
+                               context is not None, internal_port)
+        _log_listening(server)
+        listening = True
+        yield server
         gateway.draining = True
-        if settings.server.drain_delay:
-            await asyncio.sleep(settings.server.drain_delay)
+        drain_started = time.monotonic()
+        logger.info("draining %d connections%s", gateway.hub.connection_count(),
+                    f" (readiness fails {server_settings.drain_delay:g} s before they are "
+                    "closed with 1001)" if server_settings.drain_delay else
+                    " (closing them with 1001)")
+        if server_settings.drain_delay:
+            await asyncio.sleep(server_settings.drain_delay)
         gateway.close_all()
-        if not await gateway.wait_idle(settings.server.shutdown_timeout):
-            logger.warning("connections still open after the shutdown timeout")
-    finally:
-        await runner.cleanup()
+        if not await gateway.wait_idle(server_settings.shutdown_timeout):
+            logger.warning("%d connections still open after the shutdown timeout (%g s)",
+                           gateway.hub.connection_count(), server_settings.shutdown_timeout)
+    if listening:
+        logger.info("stopped (%.1f s after draining began)", time.monotonic() - drain_started)
+
+
+def _log_listening(server: RunningServer) -> None:
+    """The operator's start-up line: where, in which mode, on which broker."""
+    settings = server.settings
+    internal = (f", server API, probes and metrics on {server.api_url}"
+                if server.internal_port is not None else "")
+    logger.info("listening on %s (WebSocket path %s)%s; %s mode; broker %s",
+                server.http_url, settings.server.path, internal,
+                "development" if settings.dev_mode else "production",
+                redact_url(settings.broker.url))
 
 
 async def serve_until(stop: asyncio.Event, settings: Settings,

@@ -13,6 +13,12 @@ its URL to a pipe inherited from the supervisor.
 
 A worker that fails before it ever became ready (a port in use, an unreachable TLS file)
 stops the whole start-up: the supervisor exits with that worker's status.
+
+Metrics: the supervisor makes a private directory where every worker keeps its metric
+values (``PROMETHEUS_MULTIPROC_DIR``) and the supervisor records which pid is which
+worker, so that ``/metrics``, answered by whichever worker the kernel picks, describes
+the whole server (``tidings.metrics``). The supervisor removes it when it exits; when the
+supervisor was killed, the last worker to exit does.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from tidings.config import Settings, load_settings
 from tidings.errors import ConfigError
+from tidings.metrics import forget_process, leave_metrics, record_process
 
 __all__ = ["run_workers"]
 
@@ -82,24 +90,32 @@ def run_workers(settings: Settings, workers: int | None = None, *,
               file=sys.stderr)
         return 2
     server = settings.server
-    try:
-        reservation = _reserve_port(server.host, server.port)
-    except OSError as exc:
-        print(f"tidings: cannot listen on {server.host}:{server.port}: {exc.strerror}",
-              file=sys.stderr)
-        return 1
-    with reservation:
-        port = int(reservation.getsockname()[1])
+    # The internal listener (server.internal_port) is shared by the workers the same way.
+    listeners = [("port", server.host, server.port)]
+    if server.internal_port is not None:
+        listeners.append(("internal_port", server.internal_host, server.internal_port))
+    with contextlib.ExitStack() as reservations:
+        ports: dict[str, int] = {}
+        for key, host, wanted in listeners:
+            try:
+                reservation = reservations.enter_context(_reserve_port(host, wanted))
+            except OSError as exc:
+                print(f"tidings: cannot listen on {host}:{wanted}: {exc.strerror}",
+                      file=sys.stderr)
+                return 1
+            ports[key] = int(reservation.getsockname()[1])
         final = settings.model_copy(update={
-            "server": server.model_copy(update={"port": port}), "workers": 1,
+            "server": server.model_copy(update=ports), "workers": 1,
         })
-        return _run(_Supervisor(final, count, restart_delay).run())
+        with tempfile.TemporaryDirectory(prefix="tidings-metrics-") as metrics_dir:
+            return _run(_Supervisor(final, count, restart_delay, metrics_dir).run())
 
 
 class _Supervisor:
     def __init__(self, settings: Settings, count: int,
-                 restart_delay: tuple[float, float]) -> None:
+                 restart_delay: tuple[float, float], metrics_dir: str) -> None:
         self._settings = settings
+        self._metrics_dir = metrics_dir
         self._count = count
         self._restart_delay = restart_delay
         self._config = json.dumps(settings.model_dump(mode="json")).encode() + b"\n"
@@ -113,6 +129,7 @@ class _Supervisor:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
+        record_process(self._metrics_dir, os.getpid())
         slots = [asyncio.create_task(self._keep(index), name=f"worker-{index}")
                  for index in range(1, self._count + 1)]
         await self._stop.wait()
@@ -143,7 +160,10 @@ class _Supervisor:
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "tidings.workers", str(index), str(write_end),
-                stdin=asyncio.subprocess.PIPE, pass_fds=(write_end,),
+                self._metrics_dir, stdin=asyncio.subprocess.PIPE, pass_fds=(write_end,),
+                # Read when the worker first imports prometheus_client: its values go to
+                # files there, which every worker reads when scraped.
+                env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir},
             )
         except BaseException:
             os.close(read_end)
@@ -151,6 +171,7 @@ class _Supervisor:
         finally:
             os.close(write_end)
         self._procs[index] = proc
+        record_process(self._metrics_dir, proc.pid, index)
         assert proc.stdin is not None  # noqa: S101 - created with stdin=PIPE
         proc.stdin.write(self._config)
         with contextlib.suppress(ConnectionError):
@@ -175,24 +196,27 @@ class _Supervisor:
             started = time.monotonic()
             proc, url = await self._spawn(index)
             if url:
+                if ever_ready:
+                    logger.info("worker %d restarted (pid %d)", index, proc.pid)
                 ever_ready = True
                 print(f"tidings: worker {index} ready (pid {proc.pid})", flush=True)
                 self._worker_ready(index, url)
             code = await proc.wait()
+            forget_process(self._metrics_dir, proc.pid, index)
             self._ready.discard(index)
             if proc.stdin is not None:
                 proc.stdin.close()
             if self._stop.is_set():
                 return
+            # Through logging, not print: an operator's log pipeline reads these as JSON.
             if not ever_ready:
-                print(f"tidings: worker {index} failed to start (exit status {code}); "
-                      "stopping", file=sys.stderr, flush=True)
+                logger.error("worker %d failed to start (exit status %s); stopping", index, code)
                 self._status = code if code and code > 0 else 1
                 self._stop.set()
                 return
             delay = low if time.monotonic() - started >= STABLE_AFTER else delay
-            print(f"tidings: worker {index} (pid {proc.pid}) exited with status {code}; "
-                  f"restarting in {delay:.1f} s", file=sys.stderr, flush=True)
+            logger.warning("worker %d (pid %d) exited with status %s; restarting in %.1f s",
+                           index, proc.pid, code, delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stop.wait()
@@ -211,7 +235,7 @@ class _Supervisor:
 def _worker_main(argv: Sequence[str]) -> int:
     from tidings.logs import configure_logging
 
-    index, ready_fd = int(argv[0]), int(argv[1])
+    index, ready_fd, metrics_dir = int(argv[0]), int(argv[1]), argv[2]
     line = sys.stdin.buffer.readline()
     try:
         settings = load_settings(None, json.loads(line), environ={})
@@ -221,10 +245,12 @@ def _worker_main(argv: Sequence[str]) -> int:
         return 2
     configure_logging(settings.logging.level, settings.logging.format,
                       [settings.auth.secret, *settings.api.keys])
-    return _run(_serve_worker(settings, ready_fd))
+    return _run(_serve_worker(settings, ready_fd, metrics_dir, index))
 
 
-async def _serve_worker(settings: Settings, ready_fd: int) -> int:
+async def _serve_worker(settings: Settings, ready_fd: int, metrics_dir: str,
+                        index: int) -> int:
+    from tidings.metrics import Metrics
     from tidings.server import running, tune_gc
 
     loop = asyncio.get_running_loop()
@@ -238,7 +264,8 @@ async def _serve_worker(settings: Settings, ready_fd: int) -> int:
     watcher = asyncio.create_task(lifeline.read())
     watcher.add_done_callback(lambda _: stop.set())
     try:
-        async with running(settings, reuse_port=True) as server:
+        metrics = Metrics(multiprocess_dir=metrics_dir)
+        async with running(settings, reuse_port=True, metrics=metrics) as server:
             tune_gc()
             os.write(ready_fd, f"{server.http_url}\n".encode())
             os.close(ready_fd)
@@ -251,10 +278,14 @@ async def _serve_worker(settings: Settings, ready_fd: int) -> int:
               f"{exc.strerror}", file=sys.stderr)
         return 1
     finally:
+        orphaned = watcher.done() and not watcher.cancelled()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         transport.close()
+        if orphaned:
+            # The supervisor was killed and cannot remove the metrics directory.
+            leave_metrics(metrics_dir, index)
     return 0
 
 

@@ -143,15 +143,13 @@ class _Api:
     async def readyz(self, request: web.Request) -> web.Response:
         if self._gateway.draining:
             return json_response({"status": "draining"}, 503)
-        try:
-            ready = await self._gateway.broker.ready()
-        except TidingsError:
-            ready = False
-        if not ready:
+        if not await self._gateway.check_broker():
             return json_response({"status": "broker unavailable"}, 503)
         return json_response({"status": "ready"})
 
     async def metrics(self, request: web.Request) -> web.Response:
+        # tidings_broker_up as of now, not as of the last periodic check.
+        await self._gateway.check_broker()
         body = self._gateway.metrics.render()
         response = web.Response(body=body)
         response.headers["Content-Type"] = self._gateway.metrics.content_type

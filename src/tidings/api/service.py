@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+import time
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -19,6 +21,21 @@ __all__ = ["ApiService"]
 MAX_HISTORY_LIMIT = 1000
 MAX_IDEMPOTENCY_KEY = 256
 MAX_CHANNELS_PER_PUBLISH = 100
+
+#: The fields of a publish body, and of a batch body. Any other is refused (400) rather
+#: than ignored: a misspelt ``idempotency_key`` would otherwise publish without dedup.
+PUBLISH_FIELDS = frozenset({"channel", "channels", "type", "data", "idempotency_key"})
+BATCH_FIELDS = frozenset({"events"})
+
+
+def _check_fields(body: Mapping[str, Any], known: Collection[str], where: str = "") -> None:
+    """Raise ``InvalidRequest`` naming the first field of ``body`` not in ``known``."""
+    for name in body:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise InvalidRequest(f"{where}unknown field {str(name)[:64]!r}{hint}; expected "
+                                 f"{', '.join(sorted(known))}")
 
 
 class ApiService:
@@ -37,6 +54,8 @@ class ApiService:
     def _requests(self, body: Any, where: str = "") -> list[PublishRequest]:
         if not isinstance(body, dict):
             raise InvalidRequest(f"{where}body must be a JSON object")
+        if not body.keys() <= PUBLISH_FIELDS:
+            _check_fields(body, PUBLISH_FIELDS, where)
         has_one, has_many = "channel" in body, "channels" in body
         if has_one == has_many:
             raise InvalidRequest(f"{where}give exactly one of 'channel' or 'channels'")
@@ -62,19 +81,29 @@ class ApiService:
         unique = list(dict.fromkeys(channels))
         return [PublishRequest(channel, kind, data, key) for channel in unique]
 
-    async def _publish(self, requests: Sequence[PublishRequest]) -> dict[str, Any]:
+    async def _publish(self, requests: Sequence[PublishRequest], started: float
+                       ) -> dict[str, Any]:
         results = await self._broker.publish(requests)
+        # tidings_publish_seconds: from the request (``started``) to the acknowledgement.
+        self._metrics.publish_acknowledged(time.perf_counter() - started)
         for request in requests:
             self._metrics.published(request.type)
-        return {"results": [{"channel": r.channel, "offset": r.offset, "id": r.id}
+        # "duplicate" only where true: a fresh publish answers exactly as it always has.
+        return {"results": [{"channel": r.channel, "offset": r.offset, "id": r.id,
+                             "duplicate": True} if r.duplicate else
+                            {"channel": r.channel, "offset": r.offset, "id": r.id}
                             for r in results]}
 
     async def publish(self, body: Any) -> dict[str, Any]:
-        return await self._publish(self._requests(body))
+        started = time.perf_counter()
+        return await self._publish(self._requests(body), started)
 
     async def batch(self, body: Any) -> dict[str, Any]:
+        started = time.perf_counter()
         if not isinstance(body, dict) or not isinstance(body.get("events"), list):
             raise InvalidRequest("body must be an object with an 'events' list")
+        if len(body) > 1:
+            _check_fields(body, BATCH_FIELDS)
         events = body["events"]
         if not events:
             raise InvalidRequest("'events' must not be empty")
@@ -83,7 +112,7 @@ class ApiService:
         requests: list[PublishRequest] = []
         for index, event in enumerate(events):
             requests.extend(self._requests(event, f"events[{index}]: "))
-        return await self._publish(requests)
+        return await self._publish(requests, started)
 
     async def channels(self, prefix: str) -> dict[str, Any]:
         found = await self._broker.channels(prefix)

@@ -42,12 +42,14 @@ class PublishRequest(NamedTuple):
 
 
 class PublishResult(NamedTuple):
-    """Where an acknowledged event landed."""
+    """Where an acknowledged event landed. ``duplicate``: the request's idempotency key
+    had already published this event (inside the window), and nothing new was published."""
 
     channel: str
     offset: int
     id: str
     epoch: str
+    duplicate: bool = False
 
 
 class StoredEvent(NamedTuple):
@@ -102,8 +104,8 @@ class Broker(Protocol):
     Guarantees: a ``publish`` returns only after every event has its offset and is in
     history; offsets of a channel increase by exactly 1 per event within one epoch; a
     retried publish with the same ``(idempotency_key, channel)`` inside the deduplication
-    window returns the first result and publishes nothing. Failures to reach the backing
-    store raise ``BrokerUnavailable``.
+    window returns the first result, marked ``duplicate``, and publishes nothing. Failures
+    to reach the backing store raise ``BrokerUnavailable``.
     """
 
     async def start(self, handler: BrokerHandler) -> None:

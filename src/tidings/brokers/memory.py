@@ -124,7 +124,7 @@ class MemoryBroker:
         if key is not None:
             record = self._idempotency.get(key)
             if record is not None and record[0] > now:
-                return record[1]
+                return record[1]._replace(duplicate=True)
         stream = self._stream(request.channel)
         stream.offset += 1
         stream.touched = now

@@ -31,7 +31,7 @@ from tidings.client.errors import (
     NotConnected,
     SubscriptionError,
 )
-from tidings.client.models import Event, Gap, GapReason, Item, State, StateChange
+from tidings.client.models import Event, Gap, GapReason, Item, Recovery, State, StateChange
 from tidings.client.policy import Action, Decision, decide
 from tidings.client.subscription import Subscription
 from tidings.client.tracker import ChannelTracker, ProtocolViolation
@@ -54,6 +54,7 @@ __all__ = [
     "Item",
     "NotConnected",
     "ProtocolViolation",
+    "Recovery",
     "State",
     "StateChange",
     "StateListener",

@@ -22,7 +22,17 @@ from typing import Any, TypedDict, Unpack, assert_never
 import aiohttp
 
 from tidings.client.backoff import Backoff
-from tidings.client.effects import Added, AppEffect, Confirm, Connected, Deliver, End, Outcome, Stop
+from tidings.client.effects import (
+    Added,
+    AppEffect,
+    Confirm,
+    Connected,
+    Deliver,
+    End,
+    Outcome,
+    Recovered,
+    Stop,
+)
 from tidings.client.errors import (
     AuthenticationFailed,
     ClientError,
@@ -33,7 +43,13 @@ from tidings.client.errors import (
 from tidings.client.link import Link, describe, handshake
 from tidings.client.models import State, StateChange
 from tidings.client.session import Session
-from tidings.client.subscription import ErrorCallback, EventCallback, GapCallback, Subscription
+from tidings.client.subscription import (
+    ErrorCallback,
+    EventCallback,
+    GapCallback,
+    RecoveryCallback,
+    Subscription,
+)
 from tidings.client.tokens import TokenProvider
 from tidings.protocol import is_valid_channel
 
@@ -276,13 +292,16 @@ class Client:
         on_event: EventCallback | None = None,
         on_gap: GapCallback | None = None,
         on_error: ErrorCallback | None = None,
+        on_recovered: RecoveryCallback | None = None,
         queue_size: int | None = None,
     ) -> Subscription:
         """Subscribe and wait for the server's confirmation; return the subscription.
 
         Iterate it (``async for item in sub``) or pass ``on_event`` together with the
-        required ``on_gap`` (and optionally ``on_error``). Subscribing again to a channel
-        returns the same subscription. While disconnected, this waits for the next
+        required ``on_gap`` (and optionally ``on_error``). ``on_recovered``, a plain
+        function, is told of each later successful recovery (``Recovery``: after a
+        reconnect, how many events were missed and are replayed). Subscribing again to a
+        channel returns the same subscription. While disconnected, this waits for the next
         connection. Raises ``SubscriptionError`` when the server refuses; if the wait is
         cancelled the subscription stays requested (``unsubscribe`` to drop it).
         """
@@ -303,6 +322,8 @@ class Client:
             if core.connected and link is not None:
                 with contextlib.suppress(NotConnected):
                     await link.send_subscribe(sub.channel_state, core.gen)
+        if on_recovered is not None:
+            sub.on_recovered = on_recovered
         await sub.wait_confirmed()
         if on_event is not None and on_gap is not None:
             sub.start_callbacks(on_event, on_gap, on_error)
@@ -387,6 +408,8 @@ class Client:
             self._subs[effect.channel].push(effect.items)
         elif isinstance(effect, Confirm):
             self._subs[effect.channel].confirm()
+        elif isinstance(effect, Recovered):
+            self._subs[effect.channel].recovered(effect.recovery)
         elif isinstance(effect, End):
             self._subs.pop(effect.channel).finish(effect.error)
         elif isinstance(effect, Added):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tidings.client.errors import ClientError, ConnectionClosed
-from tidings.client.models import Item
+from tidings.client.models import Item, Recovery
 from tidings.client.tracker import ChannelTracker
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "Outcome",
     "Reconnect",
     "RecoverFresh",
+    "Recovered",
     "Reply",
     "Resubscribe",
     "RetrySubscribe",
@@ -79,6 +80,14 @@ class Confirm:
     """The server confirmed the subscription of ``channel``."""
 
     channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """The subscription of ``channel`` was recovered (see ``Recovery``)."""
+
+    channel: str
+    recovery: Recovery
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +175,7 @@ class Failed:
 
 
 #: What the application sees: its subscriptions' items and ends, and the connection state.
-AppEffect = Deliver | Confirm | End | Added | Connected
+AppEffect = Deliver | Confirm | Recovered | End | Added | Connected
 #: Work on the current connection: commands to send, replies to hand over.
 LinkEffect = (Resubscribe | SubscribeNow | RetrySubscribe | RecoverFresh | StartRefresh | Reply
               | Failed)

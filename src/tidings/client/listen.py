@@ -1,9 +1,13 @@
 """``tidings listen``: print events as JSON lines, reconnecting and recovering on its own.
 
-Each event is one JSON line on stdout (its wire form). State changes, missed-event gaps and
-errors go to stderr, one line each, prefixed ``tidings:``. Exit status: 0 after SIGINT or
-SIGTERM, 1 when the client stops for good (4403, 1000, a rejected token, a refused
-channel), 2 for bad usage.
+Each event is one JSON line on stdout (its wire form). State changes, recoveries,
+missed-event gaps and errors go to stderr, one line each, prefixed ``tidings:``. Exit
+status: 0 after SIGINT or SIGTERM, 1 when the client stops for good (4403, 1000, a rejected
+token, a refused channel), 2 for bad usage.
+
+Without ``--token``, a token for ``--sub`` that may read the given channels is minted with
+the secret of the running development server (``tidings.devstate``), whose URL is then
+the default.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any, TextIO
 from tidings.client.backoff import Backoff
 from tidings.client.connection import Client
 from tidings.client.errors import ClientError
-from tidings.client.models import Event, Gap, State, StateChange
+from tidings.client.models import Event, Gap, Recovery, State, StateChange
 from tidings.protocol import dumps, is_valid_channel
 
 __all__ = ["DEFAULT_URL", "add_listen_parser", "listen", "main", "run_listen"]
@@ -34,9 +38,13 @@ def add_listen_parser(commands: argparse._SubParsersAction) -> None:  # type: ig
         description="Connect, subscribe to CHANNELs (the personal channel is automatic), "
                     "print each event as one JSON line on stdout and state changes on "
                     "stderr; reconnect and recover on its own.")
-    parser.add_argument("--token", required=True, help="the JWT to connect with")
-    parser.add_argument("--url", default=DEFAULT_URL,
-                        help=f"the server's WebSocket URL (default {DEFAULT_URL})")
+    parser.add_argument("--token", help="the JWT to connect with (default: one minted for "
+                                        "--sub with the running development server's secret)")
+    parser.add_argument("--sub", default="dev-user",
+                        help="without --token: the user to mint the token for (default "
+                             "dev-user); it may read the CHANNELs given")
+    parser.add_argument("--url", help=f"the server's WebSocket URL (default: the running "
+                                      f"development server's, else {DEFAULT_URL})")
     parser.add_argument("channels", nargs="*", metavar="CHANNEL", help="a channel to subscribe")
 
 
@@ -47,9 +55,30 @@ def run_listen(args: argparse.Namespace) -> None:
         print(f"tidings: error: invalid channel name {bad[0]!r} (namespace:name)",
               file=sys.stderr)
         raise SystemExit(2)
-    status = asyncio.run(listen(args.url, args.token, args.channels))
+    token, url = args.token, args.url
+    if token is None:
+        token, url = _development_token(args.sub, args.channels, url)
+    status = asyncio.run(listen(url or DEFAULT_URL, token, args.channels))
     if status:
         raise SystemExit(status)
+
+
+def _development_token(sub: str, channels: Sequence[str], url: str | None) -> tuple[str, str]:
+    """A token for ``sub`` that may read ``channels``, signed with the running
+    development server's secret, and that server's URL; exits 2 when there is none (or
+    ``url`` names another server: its token is for that server only)."""
+    from tidings.devstate import read_state
+    from tidings.minting import mint_token
+
+    state = read_state()
+    if state is None or (url is not None and url.rstrip("/") != state.ws_url.rstrip("/")):
+        print("tidings: error: --token: required (no development server to mint one "
+              "with; see `tidings token`)", file=sys.stderr)
+        raise SystemExit(2)
+    # As long as the banner's token: a listener left running overnight keeps working.
+    token = mint_token(state.secret, sub, channels=channels, ttl=24 * 3600,
+                       algorithm=state.algorithm)
+    return token, state.ws_url
 
 
 class _Printer:
@@ -65,6 +94,16 @@ class _Printer:
     def note(self, text: str) -> None:
         self.err.write(f"tidings: {text}\n")
         self.err.flush()
+
+    def recovered(self, recovery: Recovery) -> None:
+        count, channel = recovery.count, recovery.channel
+        if count:
+            events = "event" if count == 1 else "events"
+            self.note(f"{channel}: recovered {count} missed {events} (offsets "
+                      f"{recovery.last_offset + 1} to {recovery.offset}, epoch {recovery.epoch})")
+        else:
+            self.note(f"{channel}: recovered, no events missed (offset {recovery.offset}, "
+                      f"epoch {recovery.epoch})")
 
     def gap(self, gap: Gap) -> None:
         self.note(f"{gap.channel}: events missed ({gap.reason}) after offset "
@@ -104,7 +143,8 @@ async def listen(url: str, token: str, channels: Sequence[str], *, out: TextIO |
     async def follow(channel: str) -> None:
         try:
             await client.subscribe(channel, on_event=printer.event, on_gap=printer.gap,
-                                   on_error=lambda exc: printer.note(f"{channel}: {exc}"))
+                                   on_error=lambda exc: printer.note(f"{channel}: {exc}"),
+                                   on_recovered=printer.recovered)
             printer.note(f"subscribed to {channel}")
         except ClientError as exc:
             printer.note(f"cannot subscribe to {channel}: {exc}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-__all__ = ["Event", "Gap", "GapReason", "Item", "State", "StateChange"]
+__all__ = ["Event", "Gap", "GapReason", "Item", "Recovery", "State", "StateChange"]
 
 
 class State(enum.Enum):
@@ -101,6 +101,26 @@ class Gap:
     last_epoch: str | None
     offset: int
     epoch: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """A subscription was recovered: after a reconnect (or a resubscribe the server asked
+    for) the server answered ``recovered: true``, so every event of ``epoch`` after
+    ``last_offset`` up to ``offset`` reaches the application, in order, without a gap;
+    those that had not arrived yet are replayed from history."""
+
+    channel: str
+    #: The last offset the application had when the subscription was sent again.
+    last_offset: int
+    #: The channel's offset when the server answered.
+    offset: int
+    epoch: str
+
+    @property
+    def count(self) -> int:
+        """How many events the application had missed (0: none were published meanwhile)."""
+        return self.offset - self.last_offset
 
 
 Item = Event | Gap

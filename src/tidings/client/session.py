@@ -6,9 +6,10 @@ server's text frames (``receive``) and tells it when a connection opens, is lost
 the session answers synchronously with effects (``tidings.client.effects``) for the shell
 to carry out:
 
-* ``Deliver``/``Confirm``/``End``/``Added``: items for a subscription's queue (from its
-  channel's ``ChannelTracker``), a confirmed subscription, a subscription that is over, a
-  subscription to create for an automatically subscribed (personal) channel;
+* ``Deliver``/``Confirm``/``Recovered``/``End``/``Added``: items for a subscription's queue
+  (from its channel's ``ChannelTracker``), a confirmed subscription, a recovered one, a
+  subscription that is over, a subscription to create for an automatically subscribed
+  (personal) channel;
 * ``Connected``: the connection is up;
 * ``Resubscribe``/``SubscribeNow``/``RetrySubscribe``/``RecoverFresh``: subscribe commands
   to send, paced after a reconnect, at once, after a delay, or after an unsubscribe (the
@@ -43,6 +44,7 @@ from tidings.client.effects import (
     Failed,
     Outcome,
     Reconnect,
+    Recovered,
     RecoverFresh,
     Reply,
     Resubscribe,
@@ -52,7 +54,7 @@ from tidings.client.effects import (
     SubscribeNow,
 )
 from tidings.client.errors import AuthenticationFailed, ConnectionClosed, SubscriptionError
-from tidings.client.models import Event, Item
+from tidings.client.models import Event, Item, Recovery
 from tidings.client.policy import Action, decide
 from tidings.client.tokens import TokenProvider, TokenSource
 from tidings.client.tracker import ProtocolViolation
@@ -367,9 +369,15 @@ class Session:
             state.fallback_on = self.gen
             return [RecoverFresh(state, self.gen)]
         state.retries = 0
+        # A recovery is news only on a subscription confirmed before: a first reply is the
+        # baseline, even when it answers the recover of a position `connected` announced.
+        recovery = (Recovered(state.channel, Recovery(state.channel, tracker.offset, offset,
+                                                      epoch))
+                    if recovered is True and state.confirmed else None)
         items = tracker.subscribed(offset, epoch, recovered, since)
         state.confirmed = True
-        return [*self._deliver(state, items), Confirm(state.channel)]
+        return [*([recovery] if recovery is not None else []), *self._deliver(state, items),
+                Confirm(state.channel)]
 
     def _on_unsubscribed(self, reply_id: str | None, data: dict[str, Any]) -> list[Effect]:
         if reply_id is not None:

@@ -2,7 +2,8 @@
 
 Items are ``Event`` objects and ``Gap`` markers (see ``tidings.client.models``). Read them
 with ``async for item in subscription`` or register callbacks (``on_event`` and the
-mandatory ``on_gap``), never both.
+mandatory ``on_gap``), never both. A successful recovery is not an item: it is kept as
+``last_recovery`` and told to ``on_recovered``.
 
 Overflow: the queue holds at most ``maxsize`` items. When it is full, newly arriving
 events are dropped and the subscription remembers the range; as soon as the application
@@ -21,12 +22,12 @@ from typing import TYPE_CHECKING, TypeVar
 
 from tidings.client.effects import ChannelState
 from tidings.client.errors import SubscriptionError
-from tidings.client.models import Event, Gap, Item
+from tidings.client.models import Event, Gap, Item, Recovery
 
 if TYPE_CHECKING:
     from tidings.client.connection import Client
 
-__all__ = ["ErrorCallback", "EventCallback", "GapCallback", "Subscription"]
+__all__ = ["ErrorCallback", "EventCallback", "GapCallback", "RecoveryCallback", "Subscription"]
 
 logger = logging.getLogger("tidings.client")
 
@@ -35,6 +36,9 @@ _T = TypeVar("_T")
 EventCallback = Callable[[Event], Awaitable[None] | None]
 GapCallback = Callable[[Gap], Awaitable[None] | None]
 ErrorCallback = Callable[[BaseException], Awaitable[None] | None]
+#: Called in the client's own task when the server's answer arrives, before the replayed
+#: events are delivered: a plain function that must not block.
+RecoveryCallback = Callable[[Recovery], None]
 
 
 class Subscription:
@@ -58,6 +62,10 @@ class Subscription:
         self._error: BaseException | None = None
         self._confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._dispatcher: asyncio.Task[None] | None = None
+        #: The latest successful recovery of this subscription, None before the first.
+        self.last_recovery: Recovery | None = None
+        #: Told of each successful recovery (``Client.subscribe(on_recovered=...)``).
+        self.on_recovered: RecoveryCallback | None = None
 
     # -- application side ------------------------------------------------------------
 
@@ -173,6 +181,15 @@ class Subscription:
             self._items.append(self._overflow)
             self._last_queued = self._overflow.offset
             self._overflow = None
+
+    def recovered(self, recovery: Recovery) -> None:
+        """The server recovered this subscription (see ``Recovery``)."""
+        self.last_recovery = recovery
+        if self.on_recovered is not None:
+            try:
+                self.on_recovered(recovery)
+            except Exception:
+                logger.exception("a recovery callback failed")
 
     def confirm(self) -> None:
         if not self._confirmed.done():

@@ -18,7 +18,7 @@ from urllib.parse import unquote_plus
 from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
 from tidings.errors import Unauthorized
-from tidings.gateway import Gateway, TooManyConnections
+from tidings.gateway import Gateway, PersonalChannelUnavailable, TooManyConnections
 from tidings.protocol import CloseCode, ErrorCode
 from tidings.protocol.wire import close_frame, ping_frame
 from tidings.session import Session, error_message
@@ -116,6 +116,9 @@ class WsConnection:
         transport.write(data)
         if transport.get_write_buffer_size() > self._limit:
             self._gateway.metrics.slow_consumer_closes.inc()
+            logger.warning("closing slow consumer %s (user %s) with 1013: more than %d bytes "
+                           "queued (limits.send_buffer_bytes)", self.conn_id, self.user_id,
+                           self._limit)
             self.close(CloseCode.TRY_AGAIN_LATER, "send buffer full: client reads too slowly")
 
     def send_ping(self) -> None:
@@ -226,7 +229,12 @@ def websocket_handler(gateway: Gateway) -> Any:
     handled by coroutines that have finished before the next ``receive``: an idle
     connection then holds one suspended frame, not a stack of them (each costs every idle
     connection a few hundred bytes).
+
+    In development mode each connection's start and end is logged at info (its id, user
+    and close code, never its token); in production that would be two lines per
+    handshake, for numbers the metrics already count.
     """
+    announce = gateway.settings.dev_mode
 
     async def handle(request: web.Request) -> web.StreamResponse:
         task = asyncio.current_task()
@@ -235,6 +243,9 @@ def websocket_handler(gateway: Gateway) -> Any:
             return accepted
         peer = accepted
         ws = peer.ws
+        if announce:
+            logger.info("websocket %s connected: user %s from %s", peer.conn_id, peer.user_id,
+                        request.remote)
         try:
             while peer.close_request is None:
                 peer.receiving = True
@@ -258,6 +269,10 @@ def websocket_handler(gateway: Gateway) -> Any:
         finally:
             gateway.disconnect(peer)
         await peer.finish()
+        if announce:
+            code = peer.close_request[0] if peer.close_request is not None else ws.close_code
+            logger.info("websocket %s disconnected: user %s, close code %s", peer.conn_id,
+                        peer.user_id, int(code) if code is not None else "none")
         return ws
 
     return handle
@@ -319,6 +334,10 @@ async def _accept(request: web.Request, gateway: Gateway, task: asyncio.Task[Any
         gateway.metrics.handshakes.labels("too_many").inc()
         logger.info("connection rejected: %s", exc.message)
         return await _reject(ws, None, CloseCode.TOO_MANY, "too many connections", gateway)
+    except PersonalChannelUnavailable as exc:
+        # Logged by the gateway (rate-limited); 1013 makes the SDKs back off and retry.
+        gateway.metrics.handshakes.labels("unavailable").inc()
+        return await _reject(ws, None, CloseCode.TRY_AGAIN_LATER, exc.message, gateway)
     metrics.handshake_ok.inc()
     return peer
 

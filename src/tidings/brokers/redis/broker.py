@@ -134,9 +134,15 @@ class RedisBroker:
             presence_keep_ms=max(self._ttl_ms, node_ttl_ms * 20), ttl_ms=self._ttl_ms,
             sync_interval=sync_interval)
         self._fanout.on_reconnected = self._views.rewrite_all
+        self._fanout.on_control_up = self._link_up
+        self._fanout.on_control_down = self._link_down
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._closing = False
+        #: Whether the pub/sub link is up, and since when it is down (None: not down, or
+        #: never connected yet), so that a loss is logged once and not per retry.
+        self._link_is_up = False
+        self._down_since: float | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, **tuning: Any) -> RedisBroker:
@@ -191,6 +197,22 @@ class RedisBroker:
         self._spawn(self._watch_forever(), "redis-watch")
         if not self._fanout.connected():
             logger.warning("cannot reach Redis at %s; retrying", self._safe_url)
+            self._down_since = time.monotonic()
+
+    def _link_up(self) -> None:
+        self._link_is_up = True
+        if self._down_since is not None:
+            logger.info("connection to Redis at %s restored after %.1f s", self._safe_url,
+                        time.monotonic() - self._down_since)
+            self._down_since = None
+
+    def _link_down(self) -> None:
+        if not self._link_is_up or self._closing:
+            return
+        self._link_is_up = False
+        self._down_since = time.monotonic()
+        logger.warning("lost the connection to Redis at %s; reconnecting (/readyz fails "
+                       "until it is back)", self._safe_url)
 
     async def close(self, *, clean: bool = True) -> None:
         """Stop everything. ``clean`` also removes this node's presence and channel

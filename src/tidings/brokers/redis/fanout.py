@@ -106,6 +106,11 @@ class Fanout:
         self._closing = False
         #: Set whenever a subscriber (re)connects after the first: presence is rewritten.
         self.on_reconnected: Callable[[], None] = lambda: None
+        #: The control channel's pub/sub connection was confirmed (``on_control_up``) or
+        #: went down (``on_control_down``, once per failed attempt while it stays down):
+        #: the broker's "lost" and "restored" log lines.
+        self.on_control_up: Callable[[], None] = lambda: None
+        self.on_control_down: Callable[[], None] = lambda: None
         self._ever_connected = False
         self._changed = asyncio.Event()
 
@@ -256,6 +261,7 @@ class Fanout:
             if self._ever_connected:
                 self.on_reconnected()
             self._ever_connected = True
+            self.on_control_up()
             return
         state = self._by_pubsub.get(name)
         if state is None or state.subscriber is not subscriber:
@@ -277,11 +283,15 @@ class Fanout:
         self._changed.set()
         if self._subscribers.get(subscriber.address) is subscriber:
             del self._subscribers[subscriber.address]
+        # Read before the drops below, which forget the control channel's home.
+        was_control_home = self._control_home is subscriber
         for name in list(subscriber.channels):
             self._drop(subscriber, name)
         if self._control_home is subscriber:
             self._homeless.add(self._keys.control)
             self._control_home = None
+        if was_control_home and not self._closing:
+            self.on_control_down()
         self._rehome_soon()
 
     def _drop(self, subscriber: Subscriber, name: bytes) -> None:

@@ -304,7 +304,7 @@ class Publisher:
             epoch, offset, event_id, duplicate = reply
             event.duplicate = bool(duplicate)
             event.result = PublishResult(event.request.channel, int(offset),
-                                         event_id.decode(), epoch.decode())
+                                         event_id.decode(), epoch.decode(), event.duplicate)
 
     @staticmethod
     def _failed(events: list[_Event], reply: ResponseError) -> None:
