@@ -15,9 +15,10 @@ from redis_support import REDIS_URL, NullHandler, prefix_scope
 from tidings.brokers import PublishRequest
 from tidings.brokers.redis import RedisBroker
 from tidings.brokers.redis.link import Link, open_connection, parse_role
+from tidings.brokers.redis.publisher import Publisher, Scripts
 from tidings.brokers.redis.pubsub import Subscriber
 from tidings.brokers.redis.resp import pack_commands
-from tidings.brokers.redis.scripts import SLOTS, key_slot
+from tidings.brokers.redis.scripts import SLOTS, KeyLayout, key_slot
 from tidings.brokers.redis.topology import parse_cluster_slots
 from tidings.brokers.redis.urls import parse_url
 from tidings.errors import BrokerUnavailable
@@ -114,6 +115,21 @@ def test_pack_commands_matches_redis_py() -> None:
     assert pack_commands(commands) == expected
     with pytest.raises(TypeError):
         pack_commands([("SET", "k", True)])
+
+
+@pytest.mark.parametrize("key", [None, "k-1"])
+def test_prepacked_publish_commands_are_what_they_say(key: str | None) -> None:
+    """An event's command packed ahead (per-channel parts cached) is byte for byte the
+    packing of its argument tuple, with and without an idempotency key, twice over."""
+    publisher = Publisher(None, KeyLayout("t"), Scripts("a" * 40, "b" * 40, "c", "d"),  # type: ignore[arg-type]
+                          pubsub_command="PUBLISH", history_size=100, ttl_ms=300_000,
+                          window_ms=60_000, ack_replicas=0, timeout=1.0)
+    for _ in range(2):
+        event = publisher._event(PublishRequest("news:p", "notification", {"n": 1}, key))
+        packed = publisher._packed("a" * 40, event)
+        assert packed.packed == pack_commands([tuple(packed)])
+        assert pack_commands([packed]) == packed.packed
+        assert packed[:2] == ("EVALSHA", "a" * 40)
 
 
 # -- against the shared Redis ----------------------------------------------------------

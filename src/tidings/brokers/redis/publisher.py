@@ -36,6 +36,7 @@ from redis.exceptions import ResponseError
 from tidings.brokers.base import PublishRequest, PublishResult
 from tidings.brokers.redis.codec import split_payload
 from tidings.brokers.redis.link import Command, unavailable
+from tidings.brokers.redis.resp import Packed, bulk
 from tidings.brokers.redis.router import Router
 from tidings.brokers.redis.scripts import KeyLayout, key_slot
 from tidings.errors import BrokerUnavailable
@@ -47,6 +48,12 @@ __all__ = ["Publisher", "Scripts"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: A channel's slot, (meta, stream) keys, their RESP bytes with the key count, its
+#: pub/sub channel and that channel's RESP bytes.
+_Channel = tuple[int, tuple[str, ...], bytes, bytes, bytes]
+#: Channels whose keys are kept packed; past this the cache starts again.
+_CHANNEL_CACHE = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +73,7 @@ class _Event:
     command: tuple[Any, ...]
     head: bytes
     tail: bytes
+    packed: bytes = b""  # ``command`` as RESP bulk strings
     result: PublishResult | None = None
     error: BaseException | None = None
     duplicate: bool = False
@@ -100,6 +108,9 @@ class Publisher:
         # Candidate epochs only need to be unique: a PRNG seeded from the OS, not a
         # getrandom call per publish.
         self._random = random.Random(secrets.randbits(128))  # noqa: S311
+        self._channels: dict[str, _Channel] = {}
+        self._packed_limits = b"".join(bulk(b"%d" % value) for value in (
+            history_size, ttl_ms, window_ms))
 
     async def publish(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
         """Publish in order; see ``Broker.publish``."""
@@ -135,15 +146,40 @@ class Publisher:
             request.type, dict(request.data), id=event_id, channel=channel, offset=0,
             timestamp=wall,
         ))
-        keys = [self._keys.meta(channel), self._keys.stream(channel)]
-        if request.idempotency_key:
-            keys.append(self._keys.idempotency(channel, request.idempotency_key))
+        known = self._channels.get(channel)
+        if known is None:
+            known = self._channel(channel)
+        slot, keys, packed_keys, events, packed_events = known
         epoch = f"{self._random.getrandbits(64):016x}"
-        args = (epoch, head, tail, self._history_size, self._ttl_ms,
-                self._window_ms, self._keys.events(channel), event_id)
-        # The sha is filled in when the batch knows which script it runs.
-        command = (len(keys), *keys, *args)
-        return _Event(request, key_slot(keys[0].encode()), command, head, tail)
+        if request.idempotency_key:
+            key = self._keys.idempotency(channel, request.idempotency_key)
+            keys = (*keys, key)
+            packed_keys = b"$1\r\n3\r\n" + packed_keys[7:] + bulk(key.encode())
+        # The sha is filled in when the batch knows which script it runs; the rest of the
+        # command is packed once, here.
+        command = (len(keys), *keys, epoch, head, tail, self._history_size, self._ttl_ms,
+                   self._window_ms, events, event_id)
+        packed = b"".join((packed_keys, bulk(epoch.encode()), bulk(head), bulk(tail),
+                           self._packed_limits, packed_events, bulk(event_id.encode())))
+        return _Event(request, slot, command, head, tail, packed)
+
+    def _channel(self, channel: str) -> _Channel:
+        """A channel's slot, keys and their RESP bytes (cached, bounded)."""
+        if len(self._channels) >= _CHANNEL_CACHE:
+            self._channels.clear()  # a rare, cheap reset rather than LRU bookkeeping
+        keys = (self._keys.meta(channel), self._keys.stream(channel))
+        events = self._keys.events(channel)
+        known = (key_slot(keys[0].encode()), keys,
+                 b"$1\r\n2\r\n" + b"".join(bulk(key.encode()) for key in keys),
+                 events, bulk(events))
+        self._channels[channel] = known
+        return known
+
+    def _packed(self, sha: str, event: _Event) -> Packed:
+        """The event's ``EVALSHA sha ...`` command, packed."""
+        command = ("EVALSHA", sha, *event.command)
+        return Packed(command, b"*%d\r\n$7\r\nEVALSHA\r\n%s%s" % (
+            len(command), bulk(sha.encode()), event.packed))
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -193,8 +229,8 @@ class Publisher:
     async def _publish_at_once(self, by_slot: dict[int, list[_Event]]) -> None:
         """Append and publish in one script per event, every slot in one pass."""
         slots = list(by_slot.items())
-        groups = [(slot, [("EVALSHA", self._scripts.publish, *e.command) for e in events])
-                  for slot, events in slots]
+        sha = self._scripts.publish
+        groups = [(slot, [self._packed(sha, e) for e in events]) for slot, events in slots]
         for (_, events), replies in zip(slots, await self._router.run_many(groups),
                                         strict=True):
             if isinstance(replies, BrokerUnavailable):
@@ -207,8 +243,8 @@ class Publisher:
         """Append every slot's events, ``WAIT`` once per primary for ``wanted`` replicas,
         then commit what they have."""
         slots = list(by_slot.items())
-        groups = [(slot, [("EVALSHA", self._scripts.append, *e.command) for e in events])
-                  for slot, events in slots]
+        sha = self._scripts.append
+        groups = [(slot, [self._packed(sha, e) for e in events]) for slot, events in slots]
         results = await self._router.run_many(
             groups, suffix=("WAIT", wanted, self._wait_ms))
         appended: list[tuple[int, list[_Event]]] = []

@@ -12,7 +12,25 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["pack_commands"]
+__all__ = ["Packed", "bulk", "pack_commands"]
+
+
+class Packed(tuple[Any, ...]):
+    """A command (its arguments, as a tuple) with its RESP bytes built ahead (``packed``):
+    the publisher packs an event's arguments once, with per-channel parts cached. The
+    tuple stays for whoever must rewrite the command (``NOSCRIPT``: ``EVAL``)."""
+
+    packed: bytes
+
+    def __new__(cls, command: Sequence[Any], packed: bytes) -> Packed:
+        self = super().__new__(cls, command)
+        self.packed = packed
+        return self
+
+
+def bulk(data: bytes) -> bytes:
+    """One argument as a RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 def pack_commands(commands: Iterable[Sequence[Any]]) -> bytes:
@@ -24,6 +42,9 @@ def pack_commands(commands: Iterable[Sequence[Any]]) -> bytes:
     parts: list[bytes] = []
     append = parts.append
     for command in commands:
+        if type(command) is Packed:
+            append(command.packed)
+            continue
         append(b"*%d\r\n" % len(command))
         for arg in command:
             kind = type(arg)
