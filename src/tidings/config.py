@@ -36,6 +36,7 @@ __all__ = [
     "NamespaceSettings",
     "ServerSettings",
     "Settings",
+    "TelemetrySettings",
     "load_settings",
 ]
 
@@ -182,6 +183,17 @@ class ConsoleSettings(_Section):
     enabled: Literal["auto", "on", "off"] = "auto"
 
 
+class TelemetrySettings(_Section):
+    #: OpenTelemetry traces (the ``otel`` extra). ``auto``: on when ``OTEL_TRACES_EXPORTER``
+    #: names an exporter (or ``exporters`` is set); ``load_settings`` resolves it to ``on``
+    #: or ``off``, and ``OTEL_SDK_DISABLED=true`` always means ``off``.
+    tracing: Literal["auto", "on", "off"] = "auto"
+    #: Span exporters by their OpenTelemetry names (``otlp``, ``otlp_proto_http``,
+    #: ``otlp_proto_grpc``, ``console``). Empty: those ``OTEL_TRACES_EXPORTER`` names, else
+    #: ``otlp``; ``load_settings`` resolves ``otlp`` by ``OTEL_EXPORTER_OTLP_PROTOCOL``.
+    exporters: tuple[str, ...] = ()
+
+
 def _default_namespaces() -> dict[str, NamespaceSettings]:
     return {"default": NamespaceSettings()}
 
@@ -207,6 +219,7 @@ class Settings(BaseSettings):
     namespaces: dict[str, NamespaceSettings] = Field(default_factory=_default_namespaces)
     events: EventsSettings = EventsSettings()
     console: ConsoleSettings = ConsoleSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
     workers: int = Field(default=1, ge=1, le=256)
 
     @property
@@ -533,6 +546,9 @@ def load_settings(
     data = _deep_merge(_deep_merge(_deep_merge(defaults, file_layer), env_layer),
                        overrides or {})
     settings = _validate(data)
+    telemetry = _resolve_telemetry(settings.telemetry, env)
+    if telemetry != settings.telemetry:
+        settings = settings.model_copy(update={"telemetry": telemetry})
     if settings.server.mode == "auto":
         auth = settings.auth
         configured = bool(path or env_layer or auth.secret or auth.public_key_file
@@ -542,6 +558,43 @@ def load_settings(
             update={"server": settings.server.model_copy(update={"mode": mode})})
     _check(settings, require_auth=require_auth)
     return settings
+
+
+#: What ``otlp`` means, by OTLP protocol (the SDK's exporter entry-point names).
+_OTLP_EXPORTERS = {"http/protobuf": "otlp_proto_http", "grpc": "otlp_proto_grpc"}
+
+
+def _resolve_telemetry(telemetry: TelemetrySettings, env: Mapping[str, str]
+                       ) -> TelemetrySettings:
+    """``tracing`` as ``on`` or ``off``, with the exporters by entry-point name.
+
+    Reads the standard variables that decide whether and where to (``OTEL_SDK_DISABLED``,
+    ``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL``,
+    ``OTEL_EXPORTER_OTLP_PROTOCOL``); the SDK reads every other ``OTEL_*`` variable
+    itself. Resolved settings resolve to themselves, so that a worker, which loads its
+    settings without an environment, keeps its supervisor's decision.
+    """
+    named = tuple(name.strip().lower() for name in env.get("OTEL_TRACES_EXPORTER", "").split(",")
+                  if name.strip())
+    exporters = telemetry.exporters or tuple(name for name in named if name != "none")
+    disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    # "none" alone in OTEL_TRACES_EXPORTER asks for no exporter: nothing to trace for.
+    if disabled or telemetry.tracing == "off" or (not exporters and "none" in named) \
+            or (telemetry.tracing == "auto" and not exporters):
+        return telemetry.model_copy(update={"tracing": "off"})
+    variable = next((name for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                                       "OTEL_EXPORTER_OTLP_PROTOCOL") if env.get(name)), "")
+    # The specification's default protocol, and the exporter the otel extra installs.
+    protocol = env.get(variable, "").strip() or "http/protobuf"
+    resolved = []
+    for name in exporters or ("otlp",):
+        if name == "otlp":
+            if protocol not in _OTLP_EXPORTERS:
+                raise ConfigError(variable, 'must be "http/protobuf" or "grpc"')
+            name = _OTLP_EXPORTERS[protocol]
+        resolved.append(name)
+    return telemetry.model_copy(update={"tracing": "on",
+                                        "exporters": tuple(dict.fromkeys(resolved))})
 
 
 class _StaticSettings(Settings):

@@ -45,6 +45,7 @@ from tidings.session import (
     StartSubscribe,
     StartUnsubscribe,
 )
+from tidings.telemetry import Telemetry
 
 __all__ = [
     "Gateway",
@@ -141,10 +142,12 @@ class Gateway:
         authenticator: Authenticator,
         policy: ChannelPolicy,
         metrics: Metrics | None = None,
+        telemetry: Telemetry | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.telemetry = telemetry or Telemetry()
         self.broker = broker
         self.authenticator = authenticator
         self.policy = policy
@@ -253,13 +256,25 @@ class Gateway:
 
     # -- BrokerHandler ---------------------------------------------------------------
 
-    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes) -> None:
+    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes,
+                 trace: str | None = None) -> None:
+        if trace is not None:  # a traced publish: its delivery gets a span
+            self.telemetry.deliver(channel, offset, trace,
+                                   lambda: self._fan_out(channel, offset, payload))
+            return
         # Counted when written (hub's on_written), not here: a subscriber under setup
         # holds the frame, and one that already had the offset skips it. Timed once per
         # event, never per subscriber.
         started = time.perf_counter()
         self.hub.deliver(channel, offset, text_frame(payload))
         self._fanned_out(time.perf_counter() - started)
+
+    def _fan_out(self, channel: str, offset: int, payload: bytes) -> int:
+        """``on_event``'s work, for a traced event: the local subscriber count."""
+        started = time.perf_counter()
+        subscribers = self.hub.deliver(channel, offset, text_frame(payload))
+        self._fanned_out(time.perf_counter() - started)
+        return subscribers
 
     def on_continuity_lost(self, channel: str) -> None:
         message = text_frame(encode_message(

@@ -26,6 +26,7 @@ from tidings.console import add_client_route, add_console_routes
 from tidings.errors import ConfigError
 from tidings.gateway import Gateway
 from tidings.metrics import Metrics
+from tidings.telemetry import Telemetry, make_telemetry
 from tidings.transport import websocket_handler
 from tidings.transport.http import AppRunner
 
@@ -104,15 +105,21 @@ def build_app(
     broker: Broker | None = None,
     authorizers: Mapping[str, Authorizer] | None = None,
     metrics: Metrics | None = None,
+    telemetry: Telemetry | None = None,
 ) -> tuple[web.Application, Gateway]:
     """The aiohttp application serving the WebSocket path, the server API and probes.
 
     ``metrics``: the worker's shared-mode metrics under ``--workers``; default, its own.
+    ``telemetry``: default, ``make_telemetry(settings)``, closed with the application
+    (one given is the caller's to close).
     """
+    owned = telemetry is None
+    telemetry = make_telemetry(settings) if telemetry is None else telemetry
     gateway = Gateway(
         settings,
         broker=broker or make_broker(settings),
         metrics=metrics,
+        telemetry=telemetry,
         authenticator=Authenticator(
             settings.auth,
             dev_mode=settings.dev_mode,
@@ -129,8 +136,9 @@ def build_app(
     # connection. API routes carry their own JSON error handling (api.http.json_errors).
     app.router.add_get(settings.server.path, websocket_handler(gateway))
     app.router.add_route("*", settings.server.path, method_not_allowed)
-    add_api_routes(app, gateway, ApiService(settings, gateway.broker, gateway.metrics),
-                   settings.api.keys)
+    add_api_routes(app, gateway,
+                   ApiService(settings, gateway.broker, gateway.metrics, telemetry),
+                   settings.api.keys, telemetry)
     add_client_route(app)
     if settings.console_enabled:
         dev_key = settings.api.keys[0] if settings.dev_mode and settings.api.keys else None
@@ -142,6 +150,8 @@ def build_app(
 
     async def stop(_: web.Application) -> None:
         await gateway.close()
+        if owned:
+            await telemetry.close()
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)
@@ -209,11 +219,14 @@ async def running(
     authorizers: Mapping[str, Authorizer] | None = None,
     reuse_port: bool = False,
     metrics: Metrics | None = None,
+    telemetry: Telemetry | None = None,
 ) -> AsyncIterator[RunningServer]:
-    """Serve until the block exits, then drain: readiness fails, clients get 1001."""
+    """Serve until the block exits, then drain: readiness fails, clients get 1001.
+
+    ``telemetry`` as in ``build_app``."""
     context = _ssl_context(settings)
     app, gateway = build_app(settings, broker=broker, authorizers=authorizers,
-                             metrics=metrics)
+                             metrics=metrics, telemetry=telemetry)
     # Access lines are logged at info: below that level, skip the per-request logger.
     quiet = settings.logging.level in ("warning", "error")
 

@@ -14,6 +14,7 @@ from tidings.api.service import ApiService
 from tidings.errors import TidingsError, Unauthorized
 from tidings.gateway import Gateway
 from tidings.protocol.wire import dumps, loads
+from tidings.telemetry import Telemetry
 
 __all__ = [
     "add_api_routes",
@@ -157,20 +158,22 @@ class _Api:
 
 
 def add_api_routes(app: web.Application, gateway: Gateway, service: ApiService,
-                   keys: tuple[str, ...]) -> None:
-    """Register the server API, health, readiness and metrics routes."""
+                   keys: tuple[str, ...], telemetry: Telemetry | None = None) -> None:
+    """Register the server API, health, readiness and metrics routes; ``telemetry``
+    traces the server API's (``/api/...``), not the probes' nor the scrapes'."""
     api = _Api(gateway, service, keys)
+    tracer = telemetry or Telemetry()
     posts = {"/api/publish": api.publish, "/api/batch": api.batch,
              "/api/disconnect": api.disconnect}
     gets = {"/api/channels": api.channels, "/api/channels/{channel}/history": api.history,
             "/api/channels/{channel}/presence": api.presence, "/healthz": api.healthz,
             "/readyz": api.readyz, "/metrics": api.metrics}
-    for path, handler in posts.items():
-        app.router.add_post(path, json_errors(handler))
-        app.router.add_route("*", path, method_not_allowed)
-    for path, handler in gets.items():
-        app.router.add_get(path, json_errors(handler))
-        app.router.add_route("*", path, method_not_allowed)
+    for routes, add in ((posts, app.router.add_post), (gets, app.router.add_get)):
+        for path, handler in routes.items():
+            guarded = json_errors(handler)
+            add(path, tracer.api_route(path, guarded) if path.startswith("/api/")
+                else guarded)
+            app.router.add_route("*", path, method_not_allowed)
 
 
 def add_not_found_route(app: web.Application) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from tidings.errors import InvalidRequest
 from tidings.events import validate_event
 from tidings.metrics import Metrics
 from tidings.protocol.names import parse_channel
+from tidings.telemetry import Publish, Telemetry
 
 __all__ = ["ApiService"]
 
@@ -46,10 +48,15 @@ class ApiService:
     same idempotency key.
     """
 
-    def __init__(self, settings: Settings, broker: Broker, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, broker: Broker, metrics: Metrics,
+                 telemetry: Telemetry | None = None) -> None:
         self._settings = settings
         self._broker = broker
         self._metrics = metrics
+        # Bound once: with tracing off a publish calls the broker directly.
+        self._publish_events: Publish = broker.publish
+        if telemetry is not None and telemetry.enabled:
+            self._publish_events = functools.partial(telemetry.publish, broker.publish)
 
     def _requests(self, body: Any, where: str = "") -> list[PublishRequest]:
         if not isinstance(body, dict):
@@ -83,7 +90,7 @@ class ApiService:
 
     async def _publish(self, requests: Sequence[PublishRequest], started: float
                        ) -> dict[str, Any]:
-        results = await self._broker.publish(requests)
+        results = await self._publish_events(requests)
         # tidings_publish_seconds: from the request (``started``) to the acknowledgement.
         self._metrics.publish_acknowledged(time.perf_counter() - started)
         for request in requests:

@@ -267,7 +267,7 @@ def _one_broker(ctx: Context, plan: PublishPlan, broker: Broker,
     began = time.monotonic()
     with _broker(ctx, broker) as infra, start_server(
             KINDS["tidings"], ctx.pinning, ctx.credentials, send_buffer=ctx.send_buffer,
-            broker=infra.url) as server:
+            broker=infra.url, env=ctx.server_env) as server:
         results = {mode: _phase(ctx, plan, server.http_url, infra, server.pid, mode)
                    for mode in _MODES}
         # Warnings and errors the node logged (the bench runs it at level warning).

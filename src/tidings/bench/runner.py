@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import importlib.util
 import json
 import signal
 import statistics
@@ -19,6 +21,7 @@ from typing import Any
 from tidings import __version__
 from tidings.bench import publishing, scenarios
 from tidings.bench.generator import BuildError, build_generator
+from tidings.bench.otlpsink import Sink, otlp_sink
 from tidings.bench.scenarios import Context, RunError
 from tidings.bench.servers import (
     Credentials,
@@ -110,6 +113,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--publish-brokers", type=publishing.broker_names,
                         help=f"brokers of the publish scenario, from {','.join(publishing.BROKERS)}"
                              f" (default: all; --quick {','.join(publishing.QUICK_BROKERS)})")
+    parser.add_argument("--otel", action="store_true",
+                        help="trace the Tidings servers (OpenTelemetry, the otel extra), "
+                             "exporting over OTLP/HTTP to a discarding receiver here; "
+                             "without it their OTEL_* variables are removed")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--quiet-wait", type=float,
                         help="before each run, wait up to this many seconds for the machine "
@@ -404,7 +411,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   send_buffer=args.send_buffer, batch=args.batch, publishers=args.publishers)
     figures: list[Figure] = []
     skipped: dict[str, str] = dict(plan.skipped_kinds)
+    sink: Sink | None = None
 
+    with contextlib.ExitStack() as stack:
+        if getattr(args, "otel", False):
+            if importlib.util.find_spec("opentelemetry.sdk") is None:
+                raise SystemExit("tidings bench: --otel needs the otel extra "
+                                 "(pip install 'tidings[otel]')")
+            sink = stack.enter_context(otlp_sink())
+            ctx.server_env = sink.env()
+            _progress(f"tidings bench: tracing on, spans exported to {sink.endpoint}")
+        _run_figures(plan, args, ctx, figures, skipped, nofile, work)
+
+    report = _report(plan, pinning, figures, skipped, started)
+    if sink is not None:
+        report["otel"] = sink.summary()
+    output = Path(args.output)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(render_table(report))
+    print(f"\nresults written to {output}")
+    return report
+
+
+def _run_figures(plan: Plan, args: argparse.Namespace, ctx: Context, figures: list[Figure],
+                 skipped: dict[str, str], nofile: int, work: Path) -> None:
+    """Every figure of ``plan``, into ``figures`` (and why some were not, ``skipped``)."""
     try:
         if "fanout" in plan.scenarios:
             for n in plan.subscribers:
@@ -452,13 +483,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for path in work.iterdir():
             path.unlink()
         work.rmdir()
-
-    report = _report(plan, pinning, figures, skipped, started)
-    output = Path(args.output)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print(render_table(report))
-    print(f"\nresults written to {output}")
-    return report
 
 
 def _ratio(figure: Figure, name: str) -> float | None:

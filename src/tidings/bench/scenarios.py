@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,8 @@ class Context:
     publishers: int = 4
     concurrency: int = 100
     setup_timeout: float = 180.0
+    #: More environment for every server under test (``--otel``: its ``OTEL_*``).
+    server_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def cores(self) -> list[int | None]:
@@ -69,6 +71,13 @@ class Context:
         if best is None:
             raise RunError(f"no token file for {count} connections")
         return self.tokens[best]
+
+
+def _server(ctx: Context, kind: ServerKind, broker: str | None = None
+            ) -> contextlib.AbstractContextManager[Server]:
+    """``kind`` started for a run of ``ctx`` (on ``broker``, when given)."""
+    return start_server(kind, ctx.pinning, ctx.credentials, send_buffer=ctx.send_buffer,
+                        broker=broker, env=ctx.server_env)
 
 
 def _generator(ctx: Context, server: Server, kind: ServerKind, conns: int, *,
@@ -194,7 +203,7 @@ def _warm_events(ctx: Context, subscribers: int) -> int:
 def fanout(ctx: Context, kind: ServerKind, subscribers: int, *, seconds: float,
            events: int | None, max_events: int = 200_000) -> dict[str, Any]:
     """Deliveries per second: bursts of ``batch`` events per request, as fast as accepted."""
-    with start_server(kind, ctx.pinning, ctx.credentials, send_buffer=ctx.send_buffer) as server:
+    with _server(ctx, kind) as server:
         gen = _generator(ctx, server, kind, subscribers, subscribe=True,
                          sample_every=max(1, subscribers // 100))
         try:
@@ -230,7 +239,7 @@ def fanout(ctx: Context, kind: ServerKind, subscribers: int, *, seconds: float,
 def latency(ctx: Context, kind: ServerKind, subscribers: int, rate: float, *,
             seconds: float, warmup: float = 1.0) -> dict[str, Any]:
     """Publish-to-receipt latency at a fixed rate, one event per request."""
-    with start_server(kind, ctx.pinning, ctx.credentials, send_buffer=ctx.send_buffer) as server:
+    with _server(ctx, kind) as server:
         gen = _generator(ctx, server, kind, subscribers, subscribe=True, sample_every=1)
         try:
             _connect_all(gen, server, subscribers)
@@ -287,7 +296,7 @@ def _settled_rss(pid: int, limit: float = 15.0) -> int:
 def idle_memory(ctx: Context, kind: ServerKind, connections: int, *,
                 warm: int = 200) -> dict[str, Any]:
     """Server RSS growth per idle authenticated connection (warm-up connections excluded)."""
-    with start_server(kind, ctx.pinning, ctx.credentials, send_buffer=ctx.send_buffer) as server:
+    with _server(ctx, kind) as server:
         warm_gen = _generator(ctx, server, kind, warm, subscribe=False, sample_every=0)
         gen: Generator | None = None
         try:
@@ -323,7 +332,7 @@ def idle_memory(ctx: Context, kind: ServerKind, connections: int, *,
 def handshakes(ctx: Context, kind: ServerKind, count: int, *,
                concurrency: int) -> dict[str, Any]:
     """Connections per second completed to the server's ``connected`` message."""
-    with start_server(kind, ctx.pinning, ctx.credentials, send_buffer=ctx.send_buffer) as server:
+    with _server(ctx, kind) as server:
         # A few connections first, so that imports and caches are warm.
         warm_gen = _generator(ctx, server, kind, 50, subscribe=False, sample_every=0)
         gen: Generator | None = None
@@ -366,10 +375,8 @@ def _redis_cluster_run(ctx: Context, kind: ServerKind, subscribers: int, body: A
         else:
             redis_proc, url = stack.enter_context(start_redis(ctx.pinning))
             broker_pids = (redis_proc.pid,)
-        node_a = stack.enter_context(start_server(kind, ctx.pinning, ctx.credentials,
-                                                  send_buffer=ctx.send_buffer, broker=url))
-        node_b = stack.enter_context(start_server(kind, ctx.pinning, ctx.credentials,
-                                                  send_buffer=ctx.send_buffer, broker=url))
+        node_a = stack.enter_context(_server(ctx, kind, url))
+        node_b = stack.enter_context(_server(ctx, kind, url))
         gen = Generator(ctx.exe, port=[node_a.port, node_b.port], mode=kind.gen_mode,
                         conns=subscribers, tokens=ctx.tokens_for(subscribers),
                         path=kind.ws_path, channel=CHANNEL, subscribe=True,

@@ -10,7 +10,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,9 +76,15 @@ def available_kinds(names: Sequence[str]) -> tuple[list[ServerKind], dict[str, s
     return kinds, skipped
 
 
-def server_env(credentials: Credentials, *, send_buffer: int) -> dict[str, str]:
-    """The environment of a server under test: production mode, generous limits."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TIDINGS_")}
+def server_env(credentials: Credentials, *, send_buffer: int,
+               extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a server under test: production mode, generous limits, and
+    ``extra``. Inherited ``OTEL_*`` variables are kept only with ``extra`` (``--otel``,
+    whose exporter variables win), so that e.g. a sampler can be set for a traced run;
+    without it, the server does not trace."""
+    prefixes = ("TIDINGS_",) if extra else ("TIDINGS_", "OTEL_")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
+    env.update(extra or {})
     env.update({
         "TIDINGS_SERVER__MODE": "production",
         "TIDINGS_AUTH__SECRET": credentials.secret,
@@ -111,10 +117,13 @@ class Server:
 
 @contextmanager
 def start_server(kind: ServerKind, pinning: Pinning, credentials: Credentials, *,
-                 send_buffer: int, broker: str | None = None) -> Iterator[Server]:
-    """Start ``kind`` pinned to the server CPU; stop it (by PID) when the block ends."""
+                 send_buffer: int, broker: str | None = None,
+                 env: Mapping[str, str] | None = None) -> Iterator[Server]:
+    """Start ``kind`` pinned to the server CPU, ``env`` added to its environment; stop it
+    (by PID) when the block ends."""
     proc = Proc(kind.argv(broker), cpu=pinning.server_cpu, pinning=pinning,
-                env=server_env(credentials, send_buffer=send_buffer), name=kind.name)
+                env=server_env(credentials, send_buffer=send_buffer, extra=env),
+                name=kind.name)
     try:
         port = 0
         while not port:

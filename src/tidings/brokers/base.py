@@ -33,12 +33,18 @@ class StreamPosition(NamedTuple):
 
 
 class PublishRequest(NamedTuple):
-    """One event to publish to one channel; the caller has validated it."""
+    """One event to publish to one channel; the caller has validated it.
+
+    ``trace``: the W3C ``traceparent`` of the span that publishes it (``tidings.telemetry``),
+    or None. Opaque to brokers, which hand it to ``BrokerHandler.on_event`` with the event
+    where they can (never to clients); it never contains ``:``.
+    """
 
     channel: str
     type: str
     data: Mapping[str, Any]
     idempotency_key: str | None = None
+    trace: str | None = None
 
 
 class PublishResult(NamedTuple):
@@ -76,12 +82,15 @@ class HistoryPage:
 class BrokerHandler(Protocol):
     """The node side of a broker: where events arrive and node-local views come from."""
 
-    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes) -> None:
+    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes,
+                 trace: str | None = None) -> None:
         """Deliver one event of a channel this node subscribed to.
 
         Guarantee: per channel, calls arrive in strictly increasing offset order with no
         gap and no duplicate, for as long as the broker can vouch for continuity.
-        Must not block or raise.
+        ``trace``: the publish's ``PublishRequest.trace``, passed (by keyword) only when
+        there is one and it reached this node with the event; events read from history
+        have none. Must not block or raise.
         """
 
     def on_continuity_lost(self, channel: str) -> None:

@@ -45,8 +45,9 @@ class MemoryBroker:
     """``Broker`` for a single node; see ``tidings.brokers.base.Broker`` for guarantees.
 
     Delivery is synchronous: ``on_event`` runs inside ``publish`` before it returns, in
-    offset order. A stream is forgotten (its epoch with it) after ``history_ttl`` seconds
-    without a publish, unless this node still has subscribers to it.
+    offset order, with the request's ``trace`` when it has one. A stream is forgotten
+    (its epoch with it) after ``history_ttl`` seconds without a publish, unless this node
+    still has subscribers to it.
     """
 
     def __init__(
@@ -151,7 +152,11 @@ class MemoryBroker:
             if len(self._idempotency) > MAX_IDEMPOTENCY_KEYS:
                 self._idempotency.popitem(last=False)
         if self._handler is not None and request.channel in self._subscribed:
-            self._handler.on_event(request.channel, stream.offset, stream.epoch, payload)
+            if request.trace is None:
+                self._handler.on_event(request.channel, stream.offset, stream.epoch, payload)
+            else:
+                self._handler.on_event(request.channel, stream.offset, stream.epoch, payload,
+                                       trace=request.trace)
         return result
 
     async def subscribe(self, channel: str) -> None:

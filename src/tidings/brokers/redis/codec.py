@@ -4,6 +4,11 @@ The layout is described in ``tidings.brokers.redis.scripts``:
 
 * an event message on a channel's pub/sub channel is ``<epoch>:<offset>:<payload>``,
   where the payload is the event's wire message (JSON) as the publish script stored it;
+  a traced publish (``PublishRequest.trace``) sends ``<epoch>:<offset>;<trace>:<payload>``
+  instead, with its W3C ``traceparent`` after the offset. Untraced messages are as they
+  always were, so nodes that send no trace and nodes that read none interoperate. A node
+  of an earlier version ignores a traced message as malformed (a gap, filled from history
+  once an untraced message reveals it): turn tracing on once every node reads them;
 * a control message is JSON ``{"node": ..., "user": ..., "reason": ...}``.
 
 The publish script splices the offset it assigns into a payload encoded with offset 0;
@@ -45,11 +50,14 @@ class EventMessage:
     epoch: str
     offset: int
     payload: bytes
+    #: The publish's ``traceparent``, when it was traced.
+    trace: str | None = None
 
 
-def encode_event(epoch: str, offset: int, payload: bytes) -> bytes:
-    """The pub/sub message of one event (what the publish script sends)."""
-    return f"{epoch}:{offset}:".encode() + payload
+def encode_event(epoch: str, offset: int, payload: bytes, trace: str | None = None) -> bytes:
+    """The pub/sub message of one event (what the publish and commit scripts send)."""
+    mark = f"{offset};{trace}" if trace else str(offset)
+    return f"{epoch}:{mark}:".encode() + payload
 
 
 def decode_event(data: bytes) -> EventMessage | None:
@@ -58,6 +66,17 @@ def decode_event(data: bytes) -> EventMessage | None:
         epoch, offset, payload = data.split(b":", 2)
         return EventMessage(epoch.decode(), int(offset), payload)
     except ValueError:  # also UnicodeDecodeError
+        # Only a traced message (or a malformed one) pays for the second look.
+        return _decode_traced(data)
+
+
+def _decode_traced(data: bytes) -> EventMessage | None:
+    """``<epoch>:<offset>;<trace>:<payload>``, or None when ``data`` is not that either."""
+    try:
+        epoch, mark, payload = data.split(b":", 2)
+        offset, trace = mark.split(b";", 1)
+        return EventMessage(epoch.decode(), int(offset), payload, trace.decode("ascii") or None)
+    except ValueError:
         return None
 
 

@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 
 from tidings.brokers.base import BrokerHandler, HistoryPage, StreamPosition
 from tidings.brokers.continuity import Continuity, Deliver, Lost, Output, Status
-from tidings.brokers.redis.codec import decode_event
+from tidings.brokers.redis.codec import EventMessage, decode_event
 from tidings.brokers.redis.link import Address
 from tidings.brokers.redis.pubsub import Subscriber
 from tidings.brokers.redis.scripts import KeyLayout, key_slot
@@ -252,8 +252,13 @@ class Fanout:
         if message is None:
             logger.warning("ignored a malformed event message")
             return
-        self._carry_out(state, state.tracker.receive(message.epoch, message.offset,
-                                                     message.payload))
+        outputs = state.tracker.receive(message.epoch, message.offset, message.payload)
+        if message.trace is None:
+            self._carry_out(state, outputs)
+        else:
+            # Only a message delivered as it arrives keeps its trace: one held for a
+            # repair, or read from history, goes without (history stores none).
+            self._carry_out(state, outputs, traced=message)
 
     def on_confirmed(self, subscriber: Subscriber, name: bytes) -> None:
         self._changed.set()
@@ -383,21 +388,31 @@ class Fanout:
 
     # -- continuity ------------------------------------------------------------------
 
-    def _carry_out(self, state: _Channel, outputs: list[Output]) -> None:
-        """Carry out the tracker's decisions, in order."""
+    def _carry_out(self, state: _Channel, outputs: list[Output],
+                   traced: EventMessage | None = None) -> None:
+        """Carry out the tracker's decisions, in order; the delivery of ``traced`` (the
+        message just received, when it carries a trace) gets its trace."""
         for output in outputs:
             if isinstance(output, Deliver):
-                self._deliver(state, output)
+                if traced is not None and output.offset == traced.offset \
+                        and output.epoch == traced.epoch:
+                    self._deliver(state, output, traced.trace)
+                else:
+                    self._deliver(state, output)
             elif isinstance(output, Lost):
                 self._lost(state)
             elif state.repair is None:
                 state.repair = self._spawn(self._repair(state), "redis-repair")
 
-    def _deliver(self, state: _Channel, event: Deliver) -> None:
+    def _deliver(self, state: _Channel, event: Deliver, trace: str | None = None) -> None:
         if self.handler is None:
             return
         try:
-            self.handler.on_event(state.name, event.offset, event.epoch, event.payload)
+            if trace is None:
+                self.handler.on_event(state.name, event.offset, event.epoch, event.payload)
+            else:
+                self.handler.on_event(state.name, event.offset, event.epoch, event.payload,
+                                      trace=trace)
         except Exception:
             logger.exception("on_event failed for a channel")
 

@@ -157,10 +157,15 @@ class Publisher:
             packed_keys = b"$1\r\n3\r\n" + packed_keys[7:] + bulk(key.encode())
         # The sha is filled in when the batch knows which script it runs; the rest of the
         # command is packed once, here.
-        command = (len(keys), *keys, epoch, head, tail, self._history_size, self._ttl_ms,
-                   self._window_ms, events, event_id)
+        command: tuple[Any, ...] = (len(keys), *keys, epoch, head, tail, self._history_size,
+                                    self._ttl_ms, self._window_ms, events, event_id)
         packed = b"".join((packed_keys, bulk(epoch.encode()), bulk(head), bulk(tail),
                            self._packed_limits, packed_events, bulk(event_id.encode())))
+        if request.trace is not None:
+            # The publish script puts it into the pub/sub message (the append script
+            # ignores it: the commit script gets it again).
+            command += (request.trace,)
+            packed += bulk(request.trace.encode())
         return _Event(request, slot, command, head, tail, packed)
 
     def _channel(self, channel: str) -> _Channel:
@@ -208,9 +213,14 @@ class Publisher:
                 count = wanted[slot]
                 if count is not None:
                     by_wanted.setdefault(count, {})[slot] = events
-            await asyncio.gather(*(self._publish_at_once(group) if count == 0
-                                   else self._publish_waited(group, count)
-                                   for count, group in by_wanted.items()))
+            calls = [self._publish_at_once(group) if count == 0
+                     else self._publish_waited(group, count)
+                     for count, group in by_wanted.items()]
+            # Usually one kind of slot: awaited here, not in a task of gather's own.
+            if len(calls) == 1:
+                await calls[0]
+            elif calls:
+                await asyncio.gather(*calls)
         except BaseException as exc:
             for pending in batch:
                 for event in pending.events:
@@ -302,15 +312,16 @@ class Publisher:
     def _commit_command(self, channel: str, appended: list[_Event]) -> Command:
         results = [e.result for e in appended if e.result is not None]
         latest = max(results, key=lambda r: r.offset)
-        pairs: list[Any] = []
+        triples: list[Any] = []
         for event in appended:
             # A duplicate's payload is not this call's: the script reads it from history.
             if event.result is not None and not event.duplicate:
                 offset = event.result.offset
-                pairs += [offset, event.head + str(offset).encode() + event.tail]
+                triples += [offset, event.head + str(offset).encode() + event.tail,
+                            event.request.trace or ""]
         return ("EVALSHA", self._scripts.commit, 2, self._keys.meta(channel),
                 self._keys.stream(channel), latest.epoch, latest.offset,
-                self._pubsub_command, self._keys.events(channel), *pairs)
+                self._pubsub_command, self._keys.events(channel), *triples)
 
     def _wanted_now(self, slot: int) -> int | None:
         """How many replicas must have the slot's events before they are shown (None:

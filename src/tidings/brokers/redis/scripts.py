@@ -10,6 +10,7 @@ script can touch them atomically. Channel names cannot contain braces (protocol 
     <prefix>:{<channel>}:idem:<key>   string "<epoch>\\n<offset>\\n<event id>", PX window
     <prefix>:{<channel>}:presence     hash: node id -> JSON {user: connections}
     <prefix>:{<channel>}              pub/sub channel: "<epoch>:<offset>:<payload>"
+                                      (traced: "<epoch>:<offset>;<traceparent>:<payload>")
     <prefix>:node:<node id>           string: JSON {channel: subscribers}, PX node ttl
     <prefix>:nodes                    set of node ids (pruned by readers)
     <prefix>:control                  pub/sub channel: node-to-node commands
@@ -89,7 +90,7 @@ class KeyLayout:
 # The shared head of the two appending scripts: idempotency check, epoch creation, offset.
 # KEYS: meta, stream[, idempotency record]
 # ARGV: candidate epoch, payload head, payload tail, history size, ttl ms,
-#       idempotency window ms, pub/sub channel, event id
+#       idempotency window ms, pub/sub channel, event id[, traceparent]
 # The first write is the one that may fail under maxmemory (Redis refuses the first write
 # of a script when out of memory and lets a script that already wrote finish), so a
 # refused publish leaves nothing behind.
@@ -128,13 +129,18 @@ def publish_script(command: str) -> str:
     ``command``: ``PUBLISH`` (one primary) or ``SPUBLISH`` (cluster: the pub/sub channel
     is in the slot of the channel's keys). Returns {epoch, offset, event id, duplicate}.
     A meta hash that has a ``committed`` field (written by nodes that wait for replicas)
-    gets it raised: what is published live is committed.
+    gets it raised: what is published live is committed. A ninth argument, the publish's
+    ``traceparent``, goes into the pub/sub message (not into history).
     """
     return _APPEND + f"""
 if meta[2] then
   redis.call('HSET', KEYS[1], 'committed', o)
 end
-redis.call('{command}', ARGV[7], epoch .. ':' .. o .. ':' .. payload)
+local mark = o
+if ARGV[9] then
+  mark = o .. ';' .. ARGV[9]
+end
+redis.call('{command}', ARGV[7], epoch .. ':' .. mark .. ':' .. payload)
 return {{epoch, o, ARGV[8], 0}}
 """
 
@@ -154,8 +160,8 @@ return {epoch, o, ARGV[8], 0}
 #: and raise ``committed``. Idempotent; a changed epoch commits nothing.
 #: KEYS: meta, stream
 #: ARGV: epoch, offset to commit up to, pub/sub command, pub/sub channel, then
-#:       (offset, payload) pairs of events the caller appended (in increasing order);
-#:       events not among them are read from the stream.
+#:       (offset, payload, traceparent or "") triples of events the caller appended (in
+#:       increasing order); events not among them are read from the stream (untraced).
 #: Returns the committed offset (-1: the epoch changed).
 COMMIT_SCRIPT = """
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'committed', 'offset')
@@ -168,8 +174,13 @@ if upto <= committed then
   return committed
 end
 local given = {}
-for i = 5, #ARGV, 2 do
-  given[tonumber(ARGV[i])] = ARGV[i + 1]
+local marks = {}
+for i = 5, #ARGV, 3 do
+  local o = tonumber(ARGV[i])
+  given[o] = ARGV[i + 1]
+  if ARGV[i + 2] ~= '' then
+    marks[o] = o .. ';' .. ARGV[i + 2]
+  end
 end
 local stored = {}
 local first = committed + 1
@@ -182,7 +193,7 @@ end
 for o = first, upto do
   local payload = given[o] or stored[o]
   if payload then
-    redis.call(ARGV[3], ARGV[4], ARGV[1] .. ':' .. o .. ':' .. payload)
+    redis.call(ARGV[3], ARGV[4], ARGV[1] .. ':' .. (marks[o] or o) .. ':' .. payload)
   end
 end
 redis.call('HSET', KEYS[1], 'committed', upto)
