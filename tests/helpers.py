@@ -193,3 +193,16 @@ async def ws_bare(server: RunningServer, tok: str | None, **kwargs: Any
     url = server.ws_url + (f"?token={tok}" if tok is not None else "")
     async with aiohttp.ClientSession() as session, session.ws_connect(url, **kwargs) as ws:
         yield ws
+
+
+async def line_starting(stream: asyncio.StreamReader, starts: str, timeout: float = 20) -> str:
+    """The next line of a subprocess's output that starts with ``starts`` (stripped);
+    fails when the output ends first or after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            raw = await stream.readline()
+            if not raw:
+                raise AssertionError(f"output ended before a line starting {starts!r}")
+            line = raw.decode().strip()
+            if line.startswith(starts):
+                return line

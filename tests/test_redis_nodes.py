@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from helpers import API_KEY, SECRET, api, connect, publish, token
+from helpers import API_KEY, SECRET, api, connect, line_starting, publish, token
 from redis_support import REDIS_URL, Follower, eventually, prefix_scope, redis_node
 
 NEWS = ("news:*", "room:*")
@@ -153,17 +153,6 @@ async def test_make_broker_selects_redis_from_the_url(redis_prefix: str) -> None
 # -- workers ----------------------------------------------------------------------------
 
 
-async def _line(stream: asyncio.StreamReader, starts: str, timeout: float = 20) -> str:
-    async with asyncio.timeout(timeout):
-        while True:
-            raw = await stream.readline()
-            if not raw:
-                raise AssertionError(f"output ended before a line starting {starts!r}")
-            line = raw.decode().strip()
-            if line.startswith(starts):
-                return line
-
-
 def _alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
     try:
@@ -201,7 +190,7 @@ def _write_config(tmp_path: Path, prefix: str) -> Path:
 async def _worker_pids(stdout: asyncio.StreamReader) -> dict[str, int]:
     pids = {}
     for _ in range(2):
-        line = await _line(stdout, "tidings: worker")
+        line = await line_starting(stdout, "tidings: worker")
         pids[line.split()[2]] = int(line.rsplit(" ", 1)[1].rstrip(")"))
     return pids
 
@@ -214,7 +203,7 @@ async def test_workers_share_a_port_restart_and_drain(redis_prefix: str,
     assert proc.stdout is not None
     try:
         pids = await _worker_pids(proc.stdout)
-        url = (await _line(proc.stdout, "tidings: listening on")).split()[3]
+        url = (await line_starting(proc.stdout, "tidings: listening on")).split()[3]
         assert len(set(pids.values())) == 2
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{url}/readyz") as response:
@@ -227,7 +216,7 @@ async def test_workers_share_a_port_restart_and_drain(redis_prefix: str,
 
         victim = pids["1"]
         os.kill(victim, signal.SIGKILL)
-        line = await _line(proc.stdout, "tidings: worker 1 ready")
+        line = await line_starting(proc.stdout, "tidings: worker 1 ready")
         replacement = int(line.rsplit(" ", 1)[1].rstrip(")"))
         assert replacement != victim
         async with aiohttp.ClientSession() as http, http.get(f"{url}/readyz") as response:
@@ -249,7 +238,7 @@ async def test_workers_stop_when_the_supervisor_is_killed(redis_prefix: str,
     assert proc.stdout is not None
     try:
         pids = await _worker_pids(proc.stdout)
-        await _line(proc.stdout, "tidings: listening on")
+        await line_starting(proc.stdout, "tidings: listening on")
         proc.kill()
         await proc.wait()
 

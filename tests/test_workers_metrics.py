@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import API_KEY, SECRET, TIMEOUT, token
+from helpers import API_KEY, SECRET, TIMEOUT, line_starting, token
 from redis_support import REDIS_URL, eventually, prefix_scope
 from tidings import __version__
 
@@ -35,17 +35,6 @@ SCRAPES = 8
 async def redis_prefix() -> AsyncIterator[str]:
     async with prefix_scope() as prefix:
         yield prefix
-
-
-async def _line(stream: asyncio.StreamReader, starts: str, timeout: float = 20) -> str:
-    async with asyncio.timeout(timeout):
-        while True:
-            raw = await stream.readline()
-            if not raw:
-                raise AssertionError(f"output ended before a line starting {starts!r}")
-            line = raw.decode().strip()
-            if line.startswith(starts):
-                return line
 
 
 def _alive(pid: int) -> bool:
@@ -104,9 +93,9 @@ async def _start(prefix: str, tmp: Path) -> tuple[asyncio.subprocess.Process, di
     try:
         pids = {}
         for _ in range(2):
-            line = await _line(proc.stdout, "tidings: worker")
+            line = await line_starting(proc.stdout, "tidings: worker")
             pids[line.split()[2]] = int(line.rsplit(" ", 1)[1].rstrip(")"))
-        url = (await _line(proc.stdout, "tidings: listening on")).split()[3]
+        url = (await line_starting(proc.stdout, "tidings: listening on")).split()[3]
     except BaseException:
         proc.kill()
         await proc.wait()
@@ -176,7 +165,7 @@ async def test_every_scrape_describes_the_whole_server(redis_prefix: str,
         await eventually(closed, timeout=10)
 
         os.kill(pids["1"], signal.SIGKILL)
-        replacement = int((await _line(proc.stdout, "tidings: worker 1 ready"))
+        replacement = int((await line_starting(proc.stdout, "tidings: worker 1 ready"))
                           .rsplit(" ", 1)[1].rstrip(")"))
         assert replacement != pids["1"]
         scrapes = await _scrapes(url)
