@@ -864,6 +864,37 @@ async def test_begin_drain_closes_everyone_with_1001(gateway: Gateway) -> None:
     assert gauge(gateway, "tidings_subscriptions") == 0
 
 
+async def test_a_failing_session_is_closed_1011_and_the_sweep_goes_on(
+        make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture) -> None:
+    """A session whose tick raises is closed with 1011 and logged; the sweeper lives on,
+    so the other peers are still pinged and then closed for their silence (4408)."""
+    gateway = await make_gateway({"server": {"heartbeat_interval": 0.05,
+                                             "heartbeat_timeout": 0.05}})
+    broken = await connect_peer(gateway, "user-1")
+    other = await connect_peer(gateway, "user-2")
+
+    class Failing:
+        """The session, except that its tick raises."""
+
+        def __init__(self, session: object) -> None:
+            self._session = session
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._session, name)
+
+        def tick(self, now: float) -> list[object]:
+            raise RuntimeError("a bug in one session")
+
+    broken.session = Failing(broken.session)
+    code, _ = await asyncio.wait_for(broken.closed, WAIT)
+    assert code == 1011
+    await asyncio.wait_for(other.pinged, WAIT)
+    code, reason = await asyncio.wait_for(other.closed, WAIT)
+    assert code == 4408 and "heartbeat" in reason
+    assert any("heartbeat or expiry check failed" in r.getMessage() for r in caplog.records)
+    assert gateway._sweeper is not None and not gateway._sweeper.done()
+
+
 async def test_sweeper_pings_then_closes_a_silent_peer_with_4408(
         make_gateway: MakeGateway) -> None:
     """With a tiny heartbeat a silent peer is pinged and then closed with 4408, while a

@@ -9,7 +9,6 @@ heartbeats and token expiry, and drains connections on shutdown.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -238,21 +237,44 @@ class Gateway:
         for task in (self._sweeper, self._health):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:
+                    # Logged here, and the broker, authenticator and policy still close.
+                    logger.exception("background task %s had failed", task.get_name())
         await self.node_subscriptions.settle()
         await self.broker.close()
         await self.authenticator.close()
         await self.policy.close()
 
     async def _sweep_forever(self, period: float) -> None:
+        """Heartbeats, timeouts and token expiry for every connection, every ``period``.
+
+        This loop must outlive any fault of ours: if it ended, no connection on the node
+        would be pinged, timed out or closed at token expiry again. One session whose
+        tick (or what it asks for) raises is closed with 1011 and the others go on; a
+        fault of the sweep itself is logged and the next sweep runs.
+        """
         while True:
             await asyncio.sleep(period)
-            now = self.clock()
-            for peer in self.hub.connections():
+            try:
+                self.sweep(self.clock())
+            except Exception:
+                logger.exception("connection sweep failed; sweeping again in %ss", period)
+
+    def sweep(self, now: float) -> None:
+        """One sweep at ``now``; see ``_sweep_forever``."""
+        for peer in self.hub.connections():
+            try:
                 effects = peer.session.tick(now)
                 if effects:
                     self._apply_sync(peer, effects)
+            except Exception:
+                logger.exception("a connection's heartbeat or expiry check failed; "
+                                 "closing it")
+                peer.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     # -- BrokerHandler ---------------------------------------------------------------
 
