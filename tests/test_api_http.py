@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -776,4 +777,38 @@ async def test_readiness_fails_when_broker_is_not_ready() -> None:
         status, _, answer = await call(server, "GET", "/readyz", key=None)
         assert status == 503, answer
         broker.is_ready = True
+        assert (await call(server, "GET", "/readyz", key=None))[0] == 200
+
+
+
+async def test_readiness_fails_while_a_critical_loop_is_down() -> None:
+    """/readyz answers 503 while a critical background loop has failed and waits for
+    its restart, and 200 again once it runs."""
+    async with serve() as server:
+        supervisor = server.gateway.supervisor
+        release = asyncio.Event()
+        running = asyncio.Event()
+        waiting = asyncio.Event()
+
+        async def held_restart(delay: float) -> None:
+            waiting.set()
+            await release.wait()
+
+        supervisor._sleep = held_restart
+        runs = 0
+
+        async def loop() -> None:
+            nonlocal runs
+            runs += 1
+            if runs == 1:
+                raise RuntimeError("a bug in a background loop")
+            running.set()
+            await asyncio.Event().wait()
+
+        supervisor.spawn("probe", loop, critical=True)
+        await asyncio.wait_for(waiting.wait(), 5)
+        status, _, answer = await call(server, "GET", "/readyz", key=None)
+        assert status == 503 and answer == {"status": "background loop down"}, answer
+        release.set()
+        await asyncio.wait_for(running.wait(), 5)
         assert (await call(server, "GET", "/readyz", key=None))[0] == 200

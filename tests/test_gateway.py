@@ -892,7 +892,7 @@ async def test_a_failing_session_is_closed_1011_and_the_sweep_goes_on(
     code, reason = await asyncio.wait_for(other.closed, WAIT)
     assert code == 4408 and "heartbeat" in reason
     assert any("heartbeat or expiry check failed" in r.getMessage() for r in caplog.records)
-    assert gateway._sweeper is not None and not gateway._sweeper.done()
+    assert gateway.supervisor.healthy
 
 
 async def test_sweeper_pings_then_closes_a_silent_peer_with_4408(

@@ -44,6 +44,7 @@ from tidings.session import (
     StartSubscribe,
     StartUnsubscribe,
 )
+from tidings.supervisor import Supervisor
 from tidings.telemetry import Telemetry
 
 __all__ = [
@@ -162,8 +163,9 @@ class Gateway:
         # conn_id -> peer whose personal channel is held (auth.personal_channel_hold).
         self._personal_holds: Deadlines[str, Peer] = Deadlines(
             settings.auth.personal_channel_hold, self._send_personal)
-        self._sweeper: asyncio.Task[None] | None = None
-        self._health: asyncio.Task[None] | None = None
+        #: The background loops (sweep: critical; health checks); ``healthy`` is part
+        #: of readiness.
+        self.supervisor = Supervisor()
         self._idle = asyncio.Event()
         self._idle.set()
         # Read at scrape time: a Gauge.inc per handshake costs more than the handshake's
@@ -188,9 +190,10 @@ class Gateway:
         await self.broker.start(self)
         server = self.settings.server
         period = max(0.01, min(1.0, server.heartbeat_interval / 4, server.heartbeat_timeout / 4))
-        self._sweeper = asyncio.create_task(self._sweep_forever(period), name="gateway-sweep")
+        self.supervisor.spawn("gateway-sweep", lambda: self._sweep_forever(period),
+                              critical=True)
         await self.check_broker()
-        self._health = asyncio.create_task(self._health_forever(), name="gateway-health")
+        self.supervisor.spawn("gateway-health", self._health_forever)
 
     async def check_broker(self) -> bool:
         """Whether the broker answers now (within ``broker.timeout``), as ``/readyz`` and
@@ -234,16 +237,8 @@ class Gateway:
 
     async def close(self) -> None:
         self._personal_holds.close()
-        for task in (self._sweeper, self._health):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
-                except Exception:
-                    # Logged here, and the broker, authenticator and policy still close.
-                    logger.exception("background task %s had failed", task.get_name())
+        # Logs whatever a loop raised; the broker, authenticator and policy still close.
+        await self.supervisor.close()
         await self.node_subscriptions.settle()
         await self.broker.close()
         await self.authenticator.close()

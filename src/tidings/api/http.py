@@ -144,6 +144,9 @@ class _Api:
     async def readyz(self, request: web.Request) -> web.Response:
         if self._gateway.draining:
             return json_response({"status": "draining"}, 503)
+        if not self._gateway.supervisor.healthy:
+            # The heartbeat/expiry sweep is down until its restart: take no new clients.
+            return json_response({"status": "background loop down"}, 503)
         if not await self._gateway.check_broker():
             return json_response({"status": "broker unavailable"}, 503)
         return json_response({"status": "ready"})
