@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
 
 from helpers import API_KEY, SECRET, TIMEOUT, connect, make_settings, publish, serve, token
-from redis_support import FAST, REDIS_URL, broker_settings, client_scope, prefix_scope
+from redis_support import FAST, REDIS_URL, NullHandler, broker_settings, client_scope, prefix_scope
 from tidings.bench.otlpsink import otlp_sink
 from tidings.bench.servers import Credentials, server_env
 from tidings.brokers.base import PublishRequest
@@ -166,7 +166,7 @@ async def test_batch_publish_span_lists_channels_types_and_offsets(traced: Trace
     delivered event has its own ``deliver`` span linked to it."""
     broker = MemoryBroker()
 
-    class Handler:
+    class Handler(NullHandler):
         def __init__(self) -> None:
             self.traces: list[str | None] = []
 
@@ -174,14 +174,6 @@ async def test_batch_publish_span_lists_channels_types_and_offsets(traced: Trace
                      trace: str | None = None) -> None:
             self.traces.append(trace)
             traced.tracing.deliver(channel, offset, trace or "", lambda: 3)
-
-        def on_continuity_lost(self, channel: str) -> None: ...
-        def on_disconnect_user(self, user_id: str, reason: str) -> None: ...
-        def local_channels(self) -> dict[str, int]:
-            return {}
-
-        def local_presence(self, channel: str) -> dict[str, int]:
-            return {}
 
     handler = Handler()
     await broker.start(handler)

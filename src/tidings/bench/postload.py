@@ -34,6 +34,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from tidings.bench.system import run_fast
+
 __all__ = ["build_requests", "main"]
 
 _encoder = msgspec.json.Encoder()
@@ -220,13 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 1 <= args.concurrency <= 1024 or not 1 <= args.channels <= 10_000:
         parser.error("--concurrency must be 1-1024 and --channels 1-10000")
-    try:
-        import uvloop
-    except ImportError:
-        result = asyncio.run(_run(args))
-    else:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            result = runner.run(_run(args))
+    result = run_fast(_run(args))
     _print(result)
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from tidings.bench.system import run_fast
+
 __all__ = ["event_data", "main"]
 
 _encoder = msgspec.json.Encoder()
@@ -143,13 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=0.0)
     parser.add_argument("--timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
-    try:
-        import uvloop
-    except ImportError:
-        result = asyncio.run(_run(args))
-    else:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            result = runner.run(_run(args))
+    result = run_fast(_run(args))
     sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
     sys.stdout.flush()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import platform
@@ -12,11 +13,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 __all__ = [
     "CpuSample",
@@ -28,8 +29,11 @@ __all__ = [
     "machine_info",
     "raise_nofile",
     "rss_bytes",
+    "run_fast",
     "wait_quiet",
 ]
+
+T = TypeVar("T")
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -298,3 +302,14 @@ def machine_info(pinning: Pinning) -> dict[str, Any]:
         "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         "libraries": versions,
     }
+
+
+def run_fast(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when it is installed (the bench's load processes must cost
+    the machine as little as they can), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
