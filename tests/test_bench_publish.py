@@ -19,6 +19,7 @@ import pytest
 from redis_support import unavailable
 from tidings.bench.cluster import redis_command, start_cluster
 from tidings.bench.postload import build_requests
+from tidings.bench.servers import start_redis
 from tidings.bench.system import Pinning
 
 needs_cc = pytest.mark.skipif(
@@ -142,3 +143,21 @@ def test_cluster_forms_and_every_process_is_stopped() -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+@pytest.mark.timeout(30)
+def test_redis_servers_can_run_on_the_load_cpu() -> None:
+    """--redis-cpu load: start_redis and start_cluster put their redis-servers on the CPU
+    they are given instead of the node's."""
+    _needs_redis_server()
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        unavailable("needs two CPUs to tell the server CPU from the load CPU")
+    pinning = Pinning("sched_setaffinity", cpus[0], cpus[1])
+    with start_redis(pinning, cpus[1]) as (proc, _):
+        assert os.sched_getaffinity(proc.pid) == {cpus[1]}
+    with start_cluster(pinning, 1, 0, cpu=cpus[1]) as cluster:
+        assert {frozenset(os.sched_getaffinity(pid)) for pid in cluster.pids} == {
+            frozenset({cpus[1]})}
+    with start_redis(pinning) as (proc, _):
+        assert os.sched_getaffinity(proc.pid) == {cpus[0]}

@@ -221,11 +221,11 @@ def _formed(nodes: list[ClusterNode]) -> str:
 
 
 @contextlib.contextmanager
-def start_cluster(pinning: Pinning, primaries: int = 3,
-                  replicas: int = 0) -> Iterator[Cluster]:
+def start_cluster(pinning: Pinning, primaries: int = 3, replicas: int = 0, *,
+                  cpu: int | None = None) -> Iterator[Cluster]:
     """A private Redis Cluster of ``primaries`` shards with ``replicas`` replicas each,
-    on the server CPU; ready (``cluster_state:ok`` everywhere) when the block starts, and
-    stopped (every process by PID) and removed when it ends.
+    on ``cpu`` (default: the server CPU); ready (``cluster_state:ok`` everywhere) when the
+    block starts, and stopped (every process by PID) and removed when it ends.
 
     Raises ``RuntimeError`` when ``redis-server`` is missing, a node exits, or the cluster
     is not formed within ``WAIT_TIMEOUT`` seconds.
@@ -245,7 +245,8 @@ def start_cluster(pinning: Pinning, primaries: int = 3,
     try:
         for node in nodes:
             node.directory.mkdir()
-            node.proc = Proc([binary, *_options(node)], cpu=pinning.server_cpu,
+            node.proc = Proc([binary, *_options(node)],
+                             cpu=pinning.server_cpu if cpu is None else cpu,
                              pinning=pinning, name=f"redis-server:{node.port}")
         deadline = time.monotonic() + WAIT_TIMEOUT
 

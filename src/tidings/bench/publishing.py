@@ -97,6 +97,10 @@ class PublishPlan:
     quiet_wait: float = 0.0
     max_foreign: float = 20.0
     attempts: int = 1
+    #: Where the redis-servers run: "server" (sharing the node's CPU: Redis's own cost
+    #: counts against the node, the conservative reading) or "load" (with the load
+    #: process, as in production, where Redis has machines of its own).
+    redis_cpu: str = "server"
 
 
 def broker_names(text: str) -> list[str]:
@@ -119,7 +123,8 @@ def plan_from_args(args: argparse.Namespace, *, runs: int, quiet_wait: float,
                                                          else tuple(BROKERS)),
                        runs=runs, seconds=seconds, warmup=min(1.0, seconds / 2),
                        quiet_wait=quiet_wait, max_foreign=max_foreign,
-                       attempts=1 if quick else attempts)
+                       attempts=1 if quick else attempts,
+                       redis_cpu=getattr(args, "redis_cpu", None) or "server")
 
 
 @dataclass(slots=True)
@@ -166,15 +171,16 @@ class _Infra:
 
 
 @contextlib.contextmanager
-def _broker(ctx: Context, broker: Broker) -> Iterator[_Infra]:
+def _broker(ctx: Context, broker: Broker, plan: PublishPlan) -> Iterator[_Infra]:
+    cpu = ctx.pinning.load_cpu if plan.redis_cpu == "load" else ctx.pinning.server_cpu
     if broker.name == "memory":
         yield _Infra(None)
     elif broker.shards == 0:
         began = time.monotonic()
-        with start_redis(ctx.pinning) as (proc, url):
+        with start_redis(ctx.pinning, cpu) as (proc, url):
             yield _Infra(url, (proc.pid,), (), round(time.monotonic() - began, 2))
     else:
-        with start_cluster(ctx.pinning, broker.shards, broker.replicas) as cluster:
+        with start_cluster(ctx.pinning, broker.shards, broker.replicas, cpu=cpu) as cluster:
             yield _Infra(cluster.url, tuple(n.pid for n in cluster.primaries),
                          tuple(n.pid for n in cluster.replicas), cluster.startup_seconds)
 
@@ -265,7 +271,7 @@ def _one_broker(ctx: Context, plan: PublishPlan, broker: Broker,
                 progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """Start the broker and one Tidings node on it; run both phases; stop everything."""
     began = time.monotonic()
-    with _broker(ctx, broker) as infra, start_server(
+    with _broker(ctx, broker, plan) as infra, start_server(
             KINDS["tidings"], ctx.pinning, ctx.credentials, send_buffer=ctx.send_buffer,
             broker=infra.url, env=ctx.server_env) as server:
         results = {mode: _phase(ctx, plan, server.http_url, infra, server.pid, mode)
@@ -292,8 +298,10 @@ def _one_broker(ctx: Context, plan: PublishPlan, broker: Broker,
 def _rows(plan: PublishPlan, brokers: Sequence[Broker]) -> dict[tuple[str, ...], Row]:
     """Every row, in table order, keyed by (kind, mode, broker[, part])."""
     rows: dict[tuple[str, ...], Row] = {}
-    place = ("the Tidings node and every redis-server on the server CPU, the load process "
-             "(postload) on the load CPU; one node per broker, fresh for every run")
+    where = ("every redis-server on the load CPU with the load process (postload)"
+             if plan.redis_cpu == "load" else
+             "every redis-server on the server CPU, the load process (postload) on the load CPU")
+    place = f"the Tidings node on the server CPU, {where}; one node per broker, fresh for every run"
     wait = ("cluster 3x1 WAIT: 3 shards with one replica each and broker.ack_replicas auto: "
             "every pipeline waits (WAIT) for one replica")
     note = ("Redis CPU rows: redis-server CPU time (utime+stime) per acknowledged event; "

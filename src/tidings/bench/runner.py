@@ -113,6 +113,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--publish-brokers", type=publishing.broker_names,
                         help=f"brokers of the publish scenario, from {','.join(publishing.BROKERS)}"
                              f" (default: all; --quick {','.join(publishing.QUICK_BROKERS)})")
+    parser.add_argument("--redis-cpu", choices=("server", "load"), default="server",
+                        help="where the publish scenario's redis-servers run: on the server "
+                             "CPU with the node (default; Redis's cost counts against the "
+                             "node) or on the load CPU (Redis on machines of its own, as in "
+                             "production)")
     parser.add_argument("--otel", action="store_true",
                         help="trace the Tidings servers (OpenTelemetry, the otel extra), "
                              "exporting over OTLP/HTTP to a discarding receiver here; "

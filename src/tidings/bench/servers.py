@@ -161,13 +161,15 @@ def _free_port() -> int:
 
 
 @contextmanager
-def start_redis(pinning: Pinning) -> Iterator[tuple[Proc, str]]:
-    """A private, empty redis-server (no persistence) on the server CPU; yields its URL."""
+def start_redis(pinning: Pinning, cpu: int | None = None) -> Iterator[tuple[Proc, str]]:
+    """A private, empty redis-server (no persistence) on ``cpu`` (default: the server
+    CPU); yields its URL."""
     port = _free_port()
     argv = [shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1",
             "--port", str(port), "--save", "", "--appendonly", "no", "--daemonize", "no",
             "--loglevel", "warning"]
-    proc = Proc(argv, cpu=pinning.server_cpu, pinning=pinning, name="redis-server")
+    proc = Proc(argv, cpu=pinning.server_cpu if cpu is None else cpu, pinning=pinning,
+                name="redis-server")
     try:
         deadline = time.monotonic() + 10
         while True:
