@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import pytest
 from fakes import FakeClock
 from tidings.brokers import PublishRequest, PublishResult
 from tidings.brokers.memory import MemoryBroker
+from tidings.supervisor import Supervisor
 
 TTL = 60.0
 WINDOW = 30.0
@@ -369,3 +371,31 @@ async def test_views_are_empty_without_a_handler(clock: FakeClock) -> None:
     assert await broker.channels("") == {}
     assert await broker.presence("news:a") == {}
     await broker.disconnect_user("alice", "")
+
+
+async def test_sweep_survives_a_failing_expire(
+        clock: FakeClock, handler: RecordingHandler, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An expire() that raises is logged and the sweep runs again, so idle streams are
+    still forgotten afterwards (the sweeper is supervised, not a bare task)."""
+    broker = make_broker(clock, sweep_interval=0.001,
+                         supervisor=Supervisor(delays=(0.001, 0.001)))
+    calls = 0
+    swept_again = asyncio.Event()
+    real_expire = broker.expire
+
+    def flaky_expire() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        real_expire()
+        swept_again.set()
+
+    monkeypatch.setattr(broker, "expire", flaky_expire)
+    await broker.start(handler)
+    try:
+        await asyncio.wait_for(swept_again.wait(), 5)
+    finally:
+        await broker.close()
+    assert any("memory-broker-sweep failed" in r.getMessage() for r in caplog.records)

@@ -424,3 +424,29 @@ async def test_ready_and_close_leave_no_tasks(redis_prefix: str) -> None:
         await b.publish([note("news:c")])
     left = [t for t in asyncio.all_tasks() - before if not t.done()]
     assert left == []
+
+
+async def test_a_failed_sync_loop_is_logged_and_restarted(
+        redis_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The presence/channel-count sync loop is supervised: when a round raises, the
+    failure is logged and the loop runs again instead of ending silently."""
+    instance = RedisBroker(REDIS_URL, prefix=redis_prefix, timeout=1.0, **FAST)
+    real_sync = instance._views.sync_forever
+    runs = 0
+    restarted = asyncio.Event()
+
+    async def flaky_sync() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            raise RuntimeError("boom")
+        restarted.set()
+        await real_sync()
+
+    instance._views.sync_forever = flaky_sync  # type: ignore[method-assign]
+    await instance.start(Recorder())
+    try:
+        await asyncio.wait_for(restarted.wait(), 5)
+    finally:
+        await instance.close()
+    assert any("redis-sync failed" in r.getMessage() for r in caplog.records)

@@ -104,3 +104,27 @@ async def test_close_cancels_everything_and_raises_nothing(
     assert any("stubborn failed while closing" in r.getMessage() for r in caplog.records)
     with pytest.raises(RuntimeError):
         supervisor.spawn("late", stubborn)
+
+
+async def test_one_shot_tasks_are_held_logged_and_collected(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """start runs a coroutine once, holds it until it ends, logs its failure, and close
+    cancels and collects the ones still running; starting after close is refused."""
+    supervisor = Supervisor()
+
+    async def fails() -> None:
+        raise ValueError("release failed")
+
+    failing = supervisor.start("release:x", fails())
+    with caplog.at_level(logging.ERROR):
+        await asyncio.gather(failing, return_exceptions=True)
+        await asyncio.sleep(0)  # the done callback runs on the next turn
+    assert any("release:x failed" in r.getMessage() for r in caplog.records)
+    assert supervisor.tasks == frozenset()
+    forever = supervisor.start("repair", asyncio.Event().wait())
+    assert supervisor.tasks == {forever}
+    await supervisor.close()
+    assert forever.cancelled()
+    late = fails()
+    with pytest.raises(RuntimeError):
+        supervisor.start("late", late)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from tidings.brokers.base import Broker
 from tidings.errors import TidingsError
 from tidings.outages import OutageLog
+from tidings.supervisor import Supervisor
 
 __all__ = ["NodeSubscriptions"]
 
@@ -82,7 +83,8 @@ class NodeSubscriptions:
         self._outages = outages or OutageLog(logger)
         self._channels: set[str] = set()
         self._locks = _KeyedLocks()
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Holds the releases in flight and logs one that fails.
+        self._supervisor = Supervisor()
 
     async def ensure(self, channel: str) -> None:
         """Subscribe the node to ``channel`` unless it is already; raises broker errors."""
@@ -99,9 +101,7 @@ class NodeSubscriptions:
 
     def release_soon(self, channel: str) -> None:
         """Unsubscribe the node from ``channel`` in the background if nobody came back."""
-        task = asyncio.create_task(self._release(channel), name=f"release:{channel}")
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
+        self._supervisor.start(f"release:{channel}", self._release(channel))
 
     async def _release(self, channel: str) -> None:
         await self._locks.acquire(channel)
@@ -115,12 +115,8 @@ class NodeSubscriptions:
         finally:
             self._locks.release(channel)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("releasing a channel failed", exc_info=task.exception())
-
     async def settle(self) -> None:
         """Wait for the releases in flight (at shutdown, and in tests)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        tasks = self._supervisor.tasks
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -5,6 +5,10 @@ A loop that must never stop (the gateway's heartbeat and expiry sweep) is *criti
 while it is down between a failure and its restart, ``healthy`` is False, so readiness
 fails and a load balancer stops sending new connections to a node that would not ping
 or expire them. A loop that ends without an error is done and not restarted.
+
+Short background jobs (a channel release, a repair) are *tasks* (``start``): run once,
+their references kept until they end, a failure logged, and cancelled and collected by
+``close`` like the loops.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Supervisor:
         self._delays = delays
         self._sleep = sleep
         self._loops: list[_Loop] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
     @property
@@ -57,6 +62,30 @@ class Supervisor:
         loop = _Loop(name, factory, critical)
         self._loops.append(loop)
         loop.task = asyncio.get_running_loop().create_task(self._run(loop), name=name)
+
+    def start(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` once as a task, held until it ends; a failure is logged (the
+        returned task may also be awaited, e.g. to settle what is in flight)."""
+        if self._closed:
+            coro.close()
+            raise RuntimeError("the supervisor is closed")
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    @property
+    def tasks(self) -> frozenset[asyncio.Task[Any]]:
+        """The one-shot tasks still running."""
+        return frozenset(self._tasks)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            logger.error("background task %s failed", task.get_name(), exc_info=exc)
 
     async def _run(self, loop: _Loop) -> None:
         low, high = self._delays
@@ -83,13 +112,17 @@ class Supervisor:
         """Cancel every loop and wait for each; nothing they raise escapes (it is
         logged), so the caller's later close steps always run."""
         self._closed = True
-        tasks = [loop.task for loop in self._loops if loop.task is not None]
-        for task in tasks:
+        loops = [loop.task for loop in self._loops if loop.task is not None]
+        shots = list(self._tasks)
+        for task in (*loops, *shots):
             task.cancel()
-        for task in tasks:
+        for task in loops:
             try:
                 await task
             except asyncio.CancelledError:
                 pass
             except Exception:
                 logger.exception("background loop %s failed while closing", task.get_name())
+        # One-shot tasks log their own failures (``_task_done``); only collect them here.
+        if shots:
+            await asyncio.gather(*shots, return_exceptions=True)

@@ -7,7 +7,6 @@ epoch, so a client that recovers after a restart learns ``recovered: false``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import secrets
 import time
@@ -25,6 +24,7 @@ from tidings.brokers.base import (
 )
 from tidings.events import new_event_id
 from tidings.protocol.wire import encode_message
+from tidings.supervisor import Supervisor
 
 __all__ = ["MemoryBroker"]
 
@@ -58,6 +58,8 @@ class MemoryBroker:
         idempotency_window: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        sweep_interval: float | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._history_size = history_size
         self._history_ttl = history_ttl
@@ -73,24 +75,25 @@ class MemoryBroker:
         # Epochs must differ between processes and streams, not be secret: seeded once
         # from the OS, then cheap (a stream is created on every new personal channel).
         self._epochs = random.Random(secrets.randbits(64))  # noqa: S311
-        self._sweeper: asyncio.Task[None] | None = None
+        # A quarter of the ttl keeps expiry within 25 % of it, within bounds that keep
+        # the sweep cheap (idle nodes) and timely (short ttls in development).
+        self._sweep_interval = (min(30.0, max(0.5, history_ttl / 4)) if sweep_interval is None
+                                else sweep_interval)
+        # Owns the sweep: a failed expire() is logged and the sweep restarted, so history
+        # and idempotency records keep being bounded by time.
+        self._supervisor = supervisor or Supervisor()
 
     async def start(self, handler: BrokerHandler) -> None:
         self._handler = handler
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="memory-broker-sweep")
+        self._supervisor.spawn("memory-broker-sweep", self._sweep_forever)
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        await self._supervisor.close()
         self._handler = None
 
     async def _sweep_forever(self) -> None:
-        interval = min(30.0, max(0.5, self._history_ttl / 4))
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self._sweep_interval)
             self.expire()
 
     def expire(self) -> None:

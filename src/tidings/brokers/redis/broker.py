@@ -54,6 +54,7 @@ from tidings.brokers.redis.urls import parse_url
 from tidings.brokers.redis.views import Views
 from tidings.config import Settings
 from tidings.errors import BrokerUnavailable
+from tidings.supervisor import Supervisor
 
 __all__ = ["RedisBroker"]
 
@@ -136,7 +137,9 @@ class RedisBroker:
         self._fanout.on_reconnected = self._views.rewrite_all
         self._fanout.on_control_up = self._link_up
         self._fanout.on_control_down = self._link_down
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Owns the sync and watch loops (restarted with backoff after a failure) and the
+        # one-shot tasks (repairs, re-homing, closing pub/sub connections).
+        self._supervisor = Supervisor()
         self._started = False
         self._closing = False
         #: Whether the pub/sub link is up, and since when it is down (None: not down, or
@@ -193,8 +196,8 @@ class RedisBroker:
             logger.warning("cannot read the Redis topology at %s (%s); retrying",
                            self._safe_url, type(exc).__name__)
         await self._fanout.start()
-        self._spawn(self._views.sync_forever(), "redis-sync")
-        self._spawn(self._watch_forever(), "redis-watch")
+        self._supervisor.spawn("redis-sync", self._views.sync_forever)
+        self._supervisor.spawn("redis-watch", self._watch_forever)
         if not self._fanout.connected():
             logger.warning("cannot reach Redis at %s; retrying", self._safe_url)
             self._down_since = time.monotonic()
@@ -221,11 +224,11 @@ class RedisBroker:
             return
         self._closing = True
         self._views.closing = True
-        tasks = list(self._tasks) + self._fanout.repairs()
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=self._timeout)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._supervisor.close()
+        except TimeoutError:
+            logger.warning("redis broker tasks did not stop within %g s", self._timeout)
         await self._fanout.close()
         if clean and self._started:
             try:
@@ -238,16 +241,8 @@ class RedisBroker:
         self._handler = None
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task: asyncio.Task[None] = self._supervisor.start(name, coro)
         return task
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("redis broker task %s failed", task.get_name(),
-                         exc_info=task.exception())
 
     async def _watch_forever(self) -> None:
         """Read the topology now and then: a Sentinel failover or a slot move that no
