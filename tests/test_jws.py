@@ -155,9 +155,9 @@ def test_parse_header_needs_a_json_object() -> None:
     """The header is the first segment's JSON object; anything else is malformed."""
     header = b64(b'{"alg":"HS256"}')
     assert parse_header(f"{header}.e30.c2ln") == {"alg": "HS256"}
-    for header in (b"[]", b'"HS256"', b"null"):
+    for raw in (b"[]", b'"HS256"', b"null"):
         with pytest.raises(MalformedToken):
-            parse_header(f"{b64(header)}.e30.c2ln")
+            parse_header(f"{b64(raw)}.e30.c2ln")
 
 
 _JSON_VALUES = st.recursive(

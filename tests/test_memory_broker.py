@@ -29,7 +29,8 @@ class RecordingHandler:
     channels: dict[str, int] = field(default_factory=dict)
     presence: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes) -> None:
+    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes,
+                 trace: str | None = None) -> None:
         self.events.append((channel, offset, epoch, json.loads(payload)))
 
     def on_continuity_lost(self, channel: str) -> None:

@@ -43,7 +43,8 @@ class Recorder:
         self.users: dict[str, dict[str, int]] = {}
         self._changed = asyncio.Event()
 
-    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes) -> None:
+    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes,
+                 trace: str | None = None) -> None:
         self.events.append((channel, offset, epoch, payload))
         self._changed.set()
 

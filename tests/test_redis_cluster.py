@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,7 +82,7 @@ class Scenario:
         await self._stack.__aenter__()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, *exc: Any) -> None:
         for follower in self.followers:
             await follower.stop()
         for producer in self.producers:
@@ -115,6 +117,10 @@ class Scenario:
             await follower.until(caught_up, timeout=30)
             follower.check_delivery(acked)
             assert follower.not_recovered == 0, "an acknowledged event was reported lost"
+
+
+def _has_events(follower: Follower) -> bool:
+    return bool(follower.events)
 
 
 @contextlib.asynccontextmanager
@@ -235,7 +241,7 @@ async def test_cluster_events_are_shown_only_once_a_replica_has_them(
             assert status == 200, answer
             event_id = answer["results"][0]["id"]
             for follower in run.followers:
-                await follower.until(lambda f=follower: bool(f.events))
+                await follower.until(partial(_has_events, follower))
                 assert follower.ids == [event_id]
             status, history = await api(
                 b, "GET", f"/api/channels/{channel}/history?since=0&limit=10")
@@ -285,7 +291,7 @@ async def test_auto_ack_follows_a_replica_that_joins_later(tmp_path: Path) -> No
             return result
 
         later = await eventually(acknowledged, timeout=10)
-        assert later.offset > first.offset
+        assert later is not None and later.offset > first.offset
         # Gone for good (as far as the primary knows): still waited for, never skipped.
         replica.stop()
 

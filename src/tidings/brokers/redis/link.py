@@ -95,7 +95,7 @@ async def open_connection(target: Target, address: Address, *, timeout: float,  
                            reads_block=reads_block)
     try:
         async with asyncio.timeout(timeout):
-            await conn.connect()  # type: ignore[no-untyped-call]
+            await conn.connect()
     except BaseException:
         await conn.disconnect(nowait=True)
         raise

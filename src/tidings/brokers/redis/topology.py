@@ -103,7 +103,7 @@ class SentinelTopology(Topology):
         kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
                                   "username": target.username, "password": target.password,
                                   "protocol": 2}
-        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        self._sentinel = Sentinel(
             list(target.hosts), sentinel_kwargs=kwargs)
         self._service = target.service or ""
 
