@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -167,3 +169,19 @@ async def test_unusable_certificate_is_config_error(tmp_path: Path,
         async with serve({"server": {"tls_cert": str(junk), "tls_key": str(tls_files[1])}}):
             pass
     assert raised.value.key.startswith("server.tls_")
+
+
+async def test_a_stalled_tls_handshake_is_cut_at_the_handshake_timeout(
+        tls_files: tuple[Path, Path]) -> None:
+    """A client that opens a TCP connection to the TLS port and never sends its
+    ClientHello is disconnected after server.handshake_timeout, not asyncio's 60 s."""
+    settings = _tls(tls_files)
+    settings["server"]["handshake_timeout"] = 0.5
+    async with serve(settings) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            # EOF (or a reset) well before the pytest timeout; asyncio's default is 60 s.
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+        finally:
+            writer.close()

@@ -28,7 +28,7 @@ from tidings.gateway import Gateway
 from tidings.metrics import Metrics
 from tidings.telemetry import Telemetry, make_telemetry
 from tidings.transport import websocket_handler
-from tidings.transport.http import AppRunner
+from tidings.transport.http import AppRunner, TCPSite
 
 __all__ = [
     "DevCredentials",
@@ -253,14 +253,16 @@ async def running(
         if public is not runner:
             await public.setup()
             stack.push_async_callback(public.cleanup)
-        site = web.TCPSite(public, server_settings.host, server_settings.port,
-                           ssl_context=context, reuse_port=reuse_port or None)
+        handshake = server_settings.handshake_timeout
+        site = TCPSite(public, server_settings.host, server_settings.port,
+                       ssl_context=context, reuse_port=reuse_port or None,
+                       handshake_timeout=handshake)
         await site.start()
         internal_port: int | None = None
         if public is not runner:
-            internal = web.TCPSite(runner, server_settings.internal_host,
-                                   server_settings.internal_port, ssl_context=context,
-                                   reuse_port=reuse_port or None)
+            internal = TCPSite(runner, server_settings.internal_host,
+                               server_settings.internal_port, ssl_context=context,
+                               reuse_port=reuse_port or None, handshake_timeout=handshake)
             await internal.start()
             internal_port = int(runner.addresses[0][1])
         port = public.addresses[0][1]

@@ -24,7 +24,7 @@ from aiohttp.http_exceptions import (
     LineTooLong,
 )
 
-__all__ = ["AppRunner", "HttpProtocol", "HttpServer"]
+__all__ = ["AppRunner", "HttpProtocol", "HttpServer", "TCPSite"]
 
 logger = logging.getLogger("tidings.server")
 
@@ -170,3 +170,35 @@ class AppRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         base = await super()._make_server()
         return HttpServer(base, self._head_timeout, self._on_head_timeout)
+
+
+class TCPSite(web.TCPSite):
+    """aiohttp's TCP site with a deadline on the TLS handshake.
+
+    asyncio's default gives a client 60 s to finish the handshake, and the request-head
+    deadline only starts once it is done (the HTTP protocol sees no bytes before), so a
+    client that opens TLS connections and stalls would hold each one for a minute.
+    ``handshake_timeout`` (``server.handshake_timeout``) bounds the handshake as well.
+    """
+
+    def __init__(self, runner: web.BaseRunner, host: str | None, port: int | None, *,
+                 handshake_timeout: float, **options: Any) -> None:
+        super().__init__(runner, host, port, **options)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        # Mirrors web.TCPSite.start, adding ssl_handshake_timeout (aiohttp has no option).
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        if server is None:
+            raise RuntimeError("the runner is not set up")
+        loop = asyncio.get_running_loop()
+        # asyncio refuses a handshake timeout without TLS.
+        handshake = self._handshake_timeout if self._ssl_context is not None else None
+        listening = await loop.create_server(
+            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
+            ssl_handshake_timeout=handshake)
+        self._server = listening
+        sockets = listening.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
