@@ -372,6 +372,18 @@ def test_token_without_secret() -> None:
     assert_config_error(run_cli("token", "--sub", "alice"), "auth.secret")
 
 
+def test_token_refuses_a_secret_the_server_would_refuse() -> None:
+    """A production secret shorter than 32 bytes exits 2 naming auth.secret (the server
+    would not start with it), without echoing the secret; in development mode it signs."""
+    result = run_cli("token", "--sub", "alice", env={"TIDINGS_AUTH__SECRET": "short-secret"})
+    assert_config_error(result, "auth.secret")
+    assert "short-secret" not in result.stderr + result.stdout
+    result = run_cli("token", "--sub", "alice", env={"TIDINGS_AUTH__SECRET": "short-secret",
+                                                     "TIDINGS_SERVER__MODE": "development"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().count(".") == 2
+
+
 @pytest.mark.parametrize("ttl", ["ten", "10x", "-5", "", "1e999", "nan"])
 def test_token_bad_ttl(ttl: str) -> None:
     """An unparsable --ttl exits 2 naming --ttl."""

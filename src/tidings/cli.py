@@ -314,6 +314,11 @@ def _token(args: argparse.Namespace) -> None:
         settings = _settings(args.config, require_auth=False)
         secret = settings.auth.secret
         algorithm = next((a for a in settings.auth.algorithms if a.startswith("HS")), None)
+        from tidings.config import MIN_HMAC_SECRET_BYTES
+        if secret and not settings.dev_mode and len(secret.encode()) < MIN_HMAC_SECRET_BYTES:
+            # The server refuses to start with it; a token signed with it is no use.
+            _fail(2, f"configuration error: auth.secret: must be at least "
+                     f"{MIN_HMAC_SECRET_BYTES} bytes outside development mode")
     if not secret:
         state = read_state()
         if state is None:
