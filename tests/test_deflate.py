@@ -12,6 +12,7 @@ from typing import Any
 from fakes import FakeConn
 from helpers import connect, publish, serve, token
 from raw_ws import OP_TEXT, RawClient, frame_bytes
+from tidings.bench.deflate import measure
 from tidings.hub import Hub
 from tidings.protocol.deflate import (
     MIN_DEFLATE_BYTES,
@@ -278,3 +279,12 @@ async def test_deflate_off_or_declined_offer_means_no_extension() -> None:
             assert plain.ws.compress == 0
             await plain.send("ping", id="x")
             assert (await asyncio.wait_for(plain.recv(), 5))["type"] == "pong"
+
+
+def test_deflate_bench_reports_both_modes() -> None:
+    """The bench's short run reports every delivery in both modes, negotiated only
+    when on, and fewer bytes on the wire with deflate."""
+    off, on = measure(3, 20)
+    assert (off.deflate, off.negotiated, on.deflate, on.negotiated) == (False, 0, True, 3)
+    assert off.deliveries == on.deliveries == 60
+    assert on.wire_bytes < off.wire_bytes
