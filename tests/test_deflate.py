@@ -254,6 +254,30 @@ async def test_inflated_size_limit_is_exact() -> None:
         assert code == 1009 and frames == []
 
 
+async def test_errors_are_compressed_too() -> None:
+    """An ``error`` reply and the ``unauthorized`` error of a refused token reach a
+    deflate client compressed."""
+    async with serve(ON) as server:
+        raw = await _raw_deflate(server, token("reader", NEWS))
+        try:
+            compressed, hello = await _raw_message(raw)
+            assert hello["type"] == "connected" and compressed
+            await raw.send_raw(_compressed_client_frame(json.dumps(
+                {"type": "subscribe", "id": "bad", "data": {"channel": "no such"}}).encode()))
+            compressed, error = await _raw_message(raw)
+            assert error["type"] == "error" and compressed, error
+        finally:
+            raw.close()
+        raw = await _raw_deflate(server, "not-a-token")
+        try:
+            compressed, error = await _raw_message(raw)
+            assert error["type"] == "error" and compressed, error
+            _, code = await raw.until_close()
+            assert code == 4401
+        finally:
+            raw.close()
+
+
 async def test_deflate_off_or_declined_offer_means_no_extension() -> None:
     """With the key off (the default) an offer is ignored and RSV1 from the client is a
     protocol error; with it on, an offer the server cannot honour is declined."""
