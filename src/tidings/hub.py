@@ -40,8 +40,8 @@ class Outbound(Protocol):
         """
 
     def send_encoded(self, data: bytes) -> None:
-        """Like ``send``, for frames already encoded for this connection: compressed
-        by the hub when ``deflate`` is true, so they are written as they are."""
+        """Like ``send``, for frames already encoded for this connection (compressed
+        when ``deflate`` is true, plain otherwise): written as they are."""
 
 
 C = TypeVar("C", bound=Outbound)
@@ -285,7 +285,8 @@ class Hub(Generic[C]):
                                              else b"".join(packed))
                         conn.send_encoded(packed_joined)
                     else:
-                        conn.send(joined)
+                        # Plain frames are this connection's encoding: no second look.
+                        conn.send_encoded(joined)
                     whole += 1
                 else:
                     indices = [i for i, (o, _) in enumerate(frames) if o > sub.after]
@@ -297,7 +298,7 @@ class Hub(Generic[C]):
                                 packed = [self._compress(f) for _, f in frames]
                             conn.send_encoded(b"".join(packed[i] for i in indices))
                         else:
-                            conn.send(b"".join(part))
+                            conn.send_encoded(b"".join(part))
                         if written is not None:
                             written(part, 1)
             if whole and written is not None:
