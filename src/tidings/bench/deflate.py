@@ -114,6 +114,7 @@ async def _subscribe(port: int, tok: str, offer: bool) -> _Subscriber:
     command = json.dumps({"type": "subscribe", "id": "s", "data": {"channel": CHANNEL}})
     writer.write(_client_frame(command.encode()))
     await sub.frame()  # subscribed
+    sub.bytes = 0  # count the deliveries only
     return sub
 
 
