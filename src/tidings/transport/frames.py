@@ -104,9 +104,10 @@ class MaskCheckingResponse(web.WebSocketResponse):
     """aiohttp's server WebSocket with ``MaskCheckingReader`` as its frame reader.
 
     With ``compress=True`` permessage-deflate is negotiated by ``negotiate`` (both
-    directions without context takeover) instead of aiohttp, which would accept any
-    window size and keep the client's context; ``compress`` is then true only for a
-    connection that negotiated it. Inflating client messages is aiohttp's reader's,
+    directions without context takeover) instead of aiohttp, whose negotiation would
+    let each client choose the server's window size, which rules out one compressed
+    frame shared by all; ``compress`` is then true only for a connection that
+    negotiated it. Inflating client messages is aiohttp's reader's,
     which inflates at most ``max_msg_size + 1`` bytes and fails with 1009 past
     ``max_msg_size`` (checked by tests/test_deflate.py on the pinned aiohttp).
     """
