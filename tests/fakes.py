@@ -73,10 +73,14 @@ class FakeConn:
     """The hub's view of a connection: records each ``send`` as one write.
 
     ``on_send`` runs after a write is recorded (to close or unsubscribe mid-flush).
+    ``deflate`` stands for a negotiated permessage-deflate; ``send_encoded`` writes are
+    recorded in ``writes`` too.
     """
 
     def __init__(self, conn_id: str, user_id: str = "user-1",
-                 on_send: Callable[[FakeConn, bytes], None] | None = None) -> None:
+                 on_send: Callable[[FakeConn, bytes], None] | None = None,
+                 deflate: bool = False) -> None:
+        self.deflate = deflate
         self._conn_id = conn_id
         self._user_id = user_id
         self.writes: list[bytes] = []
@@ -94,6 +98,9 @@ class FakeConn:
         self.writes.append(data)
         if self.on_send is not None:
             self.on_send(self, data)
+
+    def send_encoded(self, data: bytes) -> None:
+        self.send(data)
 
     def __repr__(self) -> str:
         return f"FakeConn({self._conn_id!r})"

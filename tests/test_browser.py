@@ -267,3 +267,21 @@ async def test_plain_page_iterates_events_and_refreshes_its_token(page: Page) ->
         expires = await page.evaluate("window.client.expiresAt.getTime() - Date.now()")
         assert expires > 3000_000
         await _leave(page)
+
+
+async def test_console_negotiates_deflate_and_shows_events(page: Page) -> None:
+    """With ``server.permessage_deflate`` on, Chromium negotiates the extension by itself
+    and the console shows a compressed event."""
+    async with serve({**CONSOLE, "server": {"permessage_deflate": True}}) as server:
+        await _open_console(page, server.http_url, token("alice", ("demo:*",)),
+                            "channels=demo:lobby")
+        await _wait_live(page, "demo:lobby")
+        peers = list(server.gateway.hub.connections())
+        assert peers and all(getattr(peer, "deflate", False) for peer in peers)
+        content = "compressed " * 40
+        await publish(server, "demo:lobby", "chat_message",
+                      {"conversation_id": "lobby", "sender_id": "bob", "content": content})
+        await _wait_event(page, "demo:lobby", 1)
+        row = page.locator('tr.event[data-channel="demo:lobby"][data-offset="1"]')
+        assert content.strip() in (await row.locator("td.data").text_content() or "")
+        await _leave(page)

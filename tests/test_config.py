@@ -616,6 +616,8 @@ def test_settings_built_directly_with_auto_are_production() -> None:
         ("[server]\nport = 8106.0\n", "server.port", "must be an integer"),
         ('[auth]\npersonal_channel = "yes"\n', "auth.personal_channel", "must be true or false"),
         ("[auth]\npersonal_channel = 1\n", "auth.personal_channel", "must be true or false"),
+        ('[server]\npermessage_deflate = "on"\n', "server.permessage_deflate",
+         "must be true or false"),
         ('[server]\nallowed_origins = "https://a"\n', "server.allowed_origins",
          "must be a list of strings"),
         ("[api]\nkeys = [1, 2]\n", "api.keys", "must be a list of strings"),

@@ -64,6 +64,8 @@ class ServerSettings(_Section):
     heartbeat_interval: float = Field(default=25, gt=0)
     heartbeat_timeout: float = Field(default=10, gt=0)
     handshake_timeout: float = Field(default=10, gt=0)
+    #: Offer-driven permessage-deflate (RFC 7692), without context takeover.
+    permessage_deflate: bool = False
     shutdown_timeout: float = Field(default=10, gt=0)
     #: Seconds between failing readiness and closing connections on shutdown, so that a
     #: load balancer stops routing new clients here first.

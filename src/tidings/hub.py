@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from tidings.protocol.deflate import deflate_frame
+
 __all__ = ["Hub", "Outbound", "Subscriber"]
 
 
@@ -25,12 +27,21 @@ class Outbound(Protocol):
     @property
     def user_id(self) -> str: ...
 
+    @property
+    def deflate(self) -> bool:
+        """Whether the connection negotiated permessage-deflate; constant once connected."""
+
     def send(self, data: bytes) -> None:
-        """Queue bytes for the socket without blocking.
+        """Queue plain (uncompressed) frames for the socket without blocking; a
+        connection with ``deflate`` compresses them itself.
 
         When the connection's bounded buffer overflows, the connection closes itself
         with 1013; the call still returns normally.
         """
+
+    def send_encoded(self, data: bytes) -> None:
+        """Like ``send``, for frames already encoded for this connection (compressed
+        when ``deflate`` is true, plain otherwise): written as they are."""
 
 
 C = TypeVar("C", bound=Outbound)
@@ -63,6 +74,10 @@ class _Channel(Generic[C]):
 class Hub(Generic[C]):
     """Who is connected and subscribed here, and the fan-out of pre-encoded frames.
 
+    Fan-out to connections with ``deflate`` writes compressed frames made by
+    ``compress`` (default ``deflate_frame``): at most once per frame and flush, only when
+    such a subscriber gets it, and shared by all of them.
+
     Guarantee: frames of a channel reach each direct subscriber in the order they were
     delivered, at the end of the current loop tick, as one write per subscriber.
     ``pending_limit`` bounds the frames held for a subscriber under setup; past it the
@@ -82,7 +97,9 @@ class Hub(Generic[C]):
         pending_limit: int = 10_000,
         on_pending_overflow: Callable[[C], None] | None = None,
         on_written: Callable[[Sequence[bytes], int], None] | None = None,
+        compress: Callable[[bytes], bytes] = deflate_frame,
     ) -> None:
+        self._compress = compress
         self._loop = loop
         self._connections: dict[str, C] = {}
         # Lists: most users hold one connection, where a dict costs ~170 bytes more.
@@ -250,19 +267,38 @@ class Hub(Generic[C]):
             first, last = frames[0][0], frames[-1][0]
             joined = frames[0][1] if len(frames) == 1 else b"".join(f for _, f in frames)
             whole = 0
+            # Compressed forms, made on first need and shared by the deflate subscribers.
+            packed: list[bytes] | None = None
+            packed_joined: bytes | None = None
             # Copy: a write may close a connection, which unsubscribes it.
             for sub in list(entry.subscribers.values()):
+                conn = sub.conn
                 if sub.pending is not None:
                     self._hold(sub, sub.pending, frames)
                 elif sub.after < first:
                     sub.after = last
-                    sub.conn.send(joined)
+                    if conn.deflate:
+                        if packed_joined is None:
+                            if packed is None:
+                                packed = [self._compress(f) for _, f in frames]
+                            packed_joined = (packed[0] if len(packed) == 1
+                                             else b"".join(packed))
+                        conn.send_encoded(packed_joined)
+                    else:
+                        # Plain frames are this connection's encoding: no second look.
+                        conn.send_encoded(joined)
                     whole += 1
                 else:
-                    part = [f for o, f in frames if o > sub.after]
-                    if part:
+                    indices = [i for i, (o, _) in enumerate(frames) if o > sub.after]
+                    if indices:
                         sub.after = last
-                        sub.conn.send(b"".join(part))
+                        part = [frames[i][1] for i in indices]
+                        if conn.deflate:
+                            if packed is None:
+                                packed = [self._compress(f) for _, f in frames]
+                            conn.send_encoded(b"".join(packed[i] for i in indices))
+                        else:
+                            conn.send_encoded(b"".join(part))
                         if written is not None:
                             written(part, 1)
             if whole and written is not None:

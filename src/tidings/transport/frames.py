@@ -8,9 +8,12 @@ why pyproject.toml takes aiohttp minor versions only once the tests pass on them
 
 from __future__ import annotations
 
-from aiohttp import WebSocketError, WSCloseCode, web
+from aiohttp import WebSocketError, WSCloseCode, hdrs, web
 from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 from aiohttp.http_websocket import WebSocketWriter
+from multidict import CIMultiDict
+
+from tidings.protocol.deflate import negotiate
 
 __all__ = ["MaskCheckingReader", "MaskCheckingResponse"]
 
@@ -98,7 +101,28 @@ class MaskCheckingReader(WebSocketReader):
 
 
 class MaskCheckingResponse(web.WebSocketResponse):
-    """aiohttp's server WebSocket with ``MaskCheckingReader`` as its frame reader."""
+    """aiohttp's server WebSocket with ``MaskCheckingReader`` as its frame reader.
+
+    With ``compress=True`` permessage-deflate is negotiated by ``negotiate`` (both
+    directions without context takeover) instead of aiohttp, whose negotiation would
+    let each client choose the server's window size, which rules out one compressed
+    frame shared by all; ``compress`` is then true only for a connection that
+    negotiated it. Inflating client messages is aiohttp's reader's,
+    which inflates at most ``max_msg_size + 1`` bytes and fails with 1009 past
+    ``max_msg_size`` (checked by tests/test_deflate.py on the pinned aiohttp).
+    """
+
+    def _handshake(self, request: web.BaseRequest
+                   ) -> tuple[CIMultiDict[str], str | None, int, bool]:
+        enabled, self._compress = self._compress, False
+        headers, protocol, _, _ = super()._handshake(request)
+        self._compress = enabled
+        accepted = negotiate(request.headers.get(hdrs.SEC_WEBSOCKET_EXTENSIONS)
+                             ) if enabled else None
+        if accepted is None:
+            return headers, protocol, 0, False
+        headers[hdrs.SEC_WEBSOCKET_EXTENSIONS] = accepted
+        return headers, protocol, 15, True
 
     def _post_start(self, request: web.BaseRequest, protocol: str | None,
                     writer: WebSocketWriter) -> None:

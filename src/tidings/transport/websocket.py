@@ -17,9 +17,11 @@ from urllib.parse import unquote_plus
 
 from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
+from tidings.config import LimitsSettings
 from tidings.errors import Unauthorized
 from tidings.gateway import Gateway, PersonalChannelUnavailable, TooManyConnections
 from tidings.protocol import CloseCode, ErrorCode
+from tidings.protocol.deflate import deflate_frames
 from tidings.protocol.wire import close_frame, ping_frame
 from tidings.session import Session, error_message
 from tidings.transport.frames import MaskCheckingResponse
@@ -84,7 +86,7 @@ class WsConnection:
     """
 
     __slots__ = ("_closing", "_gateway", "_handler", "_limit", "_transport",
-                 "close_request", "receiving", "session", "ws")
+                 "close_request", "deflate", "receiving", "session", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport,
                  session: Session, gateway: Gateway,
@@ -98,6 +100,8 @@ class WsConnection:
         self._handler = handler
         self.close_request: tuple[CloseCode, str] | None = None
         self.receiving = False
+        #: permessage-deflate negotiated: data frames go out compressed (RSV1).
+        self.deflate = bool(ws.compress)
 
     @property
     def conn_id(self) -> str:
@@ -108,6 +112,11 @@ class WsConnection:
         return self.session.identity.user_id
 
     def send(self, data: bytes) -> None:
+        """Write plain frames, compressed first if this connection negotiated deflate."""
+        self.send_encoded(deflate_frames(data) if self.deflate else data)
+
+    def send_encoded(self, data: bytes) -> None:
+        """Write frames as they are (already compressed if ``deflate``)."""
         if self._closing:
             return
         transport = self._transport
@@ -122,7 +131,7 @@ class WsConnection:
             self.close(CloseCode.TRY_AGAIN_LATER, "send buffer full: client reads too slowly")
 
     def send_ping(self) -> None:
-        self.send(ping_frame())
+        self.send_encoded(ping_frame())
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Request a close: nothing more is sent but the close frame, which ``finish``
@@ -294,7 +303,8 @@ async def _accept(request: web.Request, gateway: Gateway, task: asyncio.Task[Any
     if request.headers.get("Sec-WebSocket-Version") != WS_VERSION:
         return _upgrade_required()
     ws = MaskCheckingResponse(
-        compress=False,
+        # Negotiated by MaskCheckingResponse itself (protocol.deflate.negotiate).
+        compress=server.permessage_deflate,
         autoping=False,
         autoclose=True,
         # aiohttp refuses a message of max_msg_size bytes or more; the limit allows
@@ -342,12 +352,23 @@ async def _accept(request: web.Request, gateway: Gateway, task: asyncio.Task[Any
     return peer
 
 
+def _inflated_too_big(text: str, limits: LimitsSettings) -> bool:
+    """An inflated message of exactly ``max_message_bytes + 1`` bytes: aiohttp refuses
+    an inflated message only past its ``max_msg_size`` (the limit + 1), a plain one at it."""
+    limit = limits.max_message_bytes
+    # A str has at most as many characters as UTF-8 bytes, at least a quarter as many.
+    return len(text) * 4 > limit and len(text.encode()) > limit
+
+
 async def _on_message(msg: WSMessage, peer: WsConnection, gateway: Gateway) -> bool:
     """Handle one message from the client; False when the connection is over."""
     session = peer.session
     clock = gateway.clock
     kind = msg.type
     if kind is WSMsgType.TEXT:
+        if peer.deflate and _inflated_too_big(msg.data, gateway.settings.limits):
+            peer.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
+            return False
         effects = session.receive_text(msg.data, clock())
         if effects:
             await gateway.handle(peer, effects)
