@@ -948,7 +948,7 @@ async def test_close_releases_the_http_session(
     settings = AuthSettings(algorithms=("ES256",), jwks_url=jwks_endpoint.url)
     auth = Authenticator(settings, clock=Clock())
     await auth.authenticate(signed(ec_key, "ES256", "e1"))
-    session = auth._session
+    session = auth._jwks.session
     assert session is not None and not session.closed
     await auth.close()
     assert session.closed
