@@ -461,5 +461,3 @@ def _check(settings: Settings, *, require_auth: bool = True) -> None:
     for name, ns in settings.namespaces.items():
         if ns.rule == "webhook" and not ns.url.startswith(("http://", "https://")):
             raise ConfigError(f"namespaces.{name}.url", "a webhook rule needs an http(s) URL")
-    if settings.server.heartbeat_timeout <= 0:
-        raise ConfigError("server.heartbeat_timeout", "must be positive")

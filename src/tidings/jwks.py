@@ -13,13 +13,13 @@ import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from tidings.errors import InvalidRequest, Unauthorized
+from tidings.logs import redact_url
 from tidings.protocol.wire import loads
 
 __all__ = [
@@ -119,7 +119,7 @@ class JwksKeys:
             self._holdoff_until = self._clock() + JWKS_REFETCH_INTERVAL
             reason = str(exc) if isinstance(exc, _FetchError) else type(exc).__name__
             _log.warning(
-                "JWKS fetch from %s failed (%s); %s", _redact_url(url), reason,
+                "JWKS fetch from %s failed (%s); %s", redact_url(url), reason,
                 "keeping the cached keys" if self._jwks else "no keys available",
             )
         finally:
@@ -196,12 +196,3 @@ def _parse_jwk(item: Any) -> _Jwk | None:
         return None  # private keys have no business in a published JWKS
     kid, alg = item.get("kid"), item.get("alg")
     return _Jwk(kid if isinstance(kid, str) else None, alg if isinstance(alg, str) else None, key)
-
-
-def _redact_url(url: str) -> str:
-    """``url`` without credentials, query string or fragment, for log lines."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
