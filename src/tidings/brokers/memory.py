@@ -30,6 +30,11 @@ __all__ = ["MemoryBroker"]
 
 #: Idempotency records kept at most; the oldest are dropped first.
 MAX_IDEMPOTENCY_KEYS = 100_000
+#: Bounds of the history sweep's period (a quarter of the history TTL): often enough that
+#: expired events do not linger long past their TTL, rarely enough that a tiny TTL (tests)
+#: does not make the sweep a busy loop, and at least every 30 s for a long one.
+SWEEP_MIN_INTERVAL = 0.5
+SWEEP_MAX_INTERVAL = 30.0
 
 
 @dataclass(slots=True)
@@ -88,7 +93,7 @@ class MemoryBroker:
         self._handler = None
 
     async def _sweep_forever(self) -> None:
-        interval = min(30.0, max(0.5, self._history_ttl / 4))
+        interval = min(SWEEP_MAX_INTERVAL, max(SWEEP_MIN_INTERVAL, self._history_ttl / 4))
         while True:
             await asyncio.sleep(interval)
             self.expire()
