@@ -785,7 +785,7 @@ async def test_hanging_injected_fetch_is_bounded(ec_key: ec.EllipticCurvePrivate
 async def test_fetch_failure_keeps_cached_keys_and_logs_safely(
     ec_key: ec.EllipticCurvePrivateKey, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A failed refetch keeps the cached set; the warning omits credentials and query."""
+    """A failed refetch keeps the cached set; the warning masks the password and omits the query."""
     url = "https://user:pw@idp.example/jwks?api_key=hunter2#frag"
     fetch = StubFetch({"keys": [public_jwk(ec_key, "e1")]})
     clock = Clock()
@@ -799,7 +799,7 @@ async def test_fetch_failure_keeps_cached_keys_and_logs_safely(
     assert len(fetch.calls) == 2
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 1
-    assert "https://idp.example/jwks" in warnings[0]
+    assert "https://user:***@idp.example/jwks failed" in warnings[0]  # as every logged URL
     assert all(word not in warnings[0] for word in ("hunter2", "api_key", "pw@", "frag"))
     clock.now += JWKS_REFETCH_INTERVAL  # after a failure, the next try waits the interval
     await rejected(auth, signed(new_ec_key(), "ES256", "e3"), "unknown signing key")
@@ -948,7 +948,7 @@ async def test_close_releases_the_http_session(
     settings = AuthSettings(algorithms=("ES256",), jwks_url=jwks_endpoint.url)
     auth = Authenticator(settings, clock=Clock())
     await auth.authenticate(signed(ec_key, "ES256", "e1"))
-    session = auth._session
+    session = auth._jwks.session
     assert session is not None and not session.closed
     await auth.close()
     assert session.closed

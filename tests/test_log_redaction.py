@@ -14,7 +14,9 @@ import pytest
 from aiohttp import web
 
 from helpers import API_KEY, SECRET, TIMEOUT, api, connect, serve, token, ws_until_close
-from tidings.logs import Redactor, configure_logging
+from tidings import jwks
+from tidings.brokers.redis import urls
+from tidings.logs import Redactor, configure_logging, redact_url
 from tidings.server import RunningServer
 
 #: Claim value inside the good tokens: the decoded claims must not be logged either.
@@ -277,3 +279,17 @@ async def test_unparsable_requests_log_one_line_without_their_bytes() -> None:
     for marker in ("RAWMETHODMARK", "LONGLINEMARK", "LONGHEADERMARK", "HEADERMARK", "qqqq",
                    "hhhh"):
         assert marker not in text, f"{marker} leaked into the logs"
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("https://u:pw@keys.example/jwks.json?tenant=t-secret#frag", "https://u:***@keys.example/jwks.json"),
+    ("redis+cluster://u:a/b,c:d@h1:1,h2:2", "redis+cluster://u:***@h1:1,h2:2"),
+    ("redis+sentinel://:p?w#d@s1:26380,s2/mymaster?db=4", "redis+sentinel://:***@s1:26380,s2/mymaster"),
+    ("redis://user@h:6379/0", "redis://user@h:6379/0"),
+    ("http://[::1", "http://[::1"),
+])
+def test_one_url_redactor_masks_passwords_and_drops_queries(url: str, expected: str) -> None:
+    """The single URL redactor, used for JWKS and broker URLs alike, masks the password and
+    drops the query string and fragment, also for URLs that do not parse."""
+    assert getattr(jwks, "redact_url") is urls.redact_url is redact_url  # noqa: B009
+    assert redact_url(url) == expected

@@ -9,26 +9,29 @@ contains the token, any part of it, or the secret.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 import types
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple, TypeAlias
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, NamedTuple
 
-import aiohttp
 import jwt
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.exceptions import InvalidSubjectError
 
 from tidings.config import AuthSettings
-from tidings.errors import ConfigError, InvalidRequest, Unauthorized
+from tidings.errors import ConfigError, Unauthorized
+from tidings.jwks import (
+    JWKS_REFETCH_INTERVAL,
+    PUBLIC_KEY_TYPES,
+    FetchJwks,
+    JwksKeys,
+    PublicKey,
+    fits,
+)
 from tidings.jws import (
     HmacKey,
     MalformedToken,
@@ -39,7 +42,6 @@ from tidings.jws import (
     parse_header,
 )
 from tidings.minting import HMAC_ALGORITHMS, mint_token, parse_duration
-from tidings.protocol.wire import loads
 
 __all__ = [
     "JWKS_REFETCH_INTERVAL", "MAX_TOKEN_BYTES", "Authenticator", "Identity", "mint_token",
@@ -50,17 +52,9 @@ _log = logging.getLogger(__name__)
 
 #: Longer tokens are refused before any decoding work is spent on them.
 MAX_TOKEN_BYTES = 8192
-#: Minimum seconds between JWKS refetches caused by unknown key ids (or by a failed fetch).
-JWKS_REFETCH_INTERVAL = 30.0
 _MAX_SUB_CHARS = 256
 _HMAC_ALGORITHMS = HMAC_ALGORITHMS
 
-_PublicKey: TypeAlias = (
-    rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
-)
-_PUBLIC_KEY_TYPES = (
-    rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey,
-)
 
 # Most specific first (InvalidSignatureError is a DecodeError); the rest is "malformed token".
 # No time-claim errors: PyJWT's time checks are off (see Authenticator._decode).
@@ -93,19 +87,6 @@ class Identity(NamedTuple):
     claims: Mapping[str, Any] = _NO_CLAIMS
 
 
-@dataclass(frozen=True, slots=True)
-class _Jwk:
-    """One usable verification key of a JWKS."""
-
-    kid: str | None
-    alg: str | None
-    key: _PublicKey
-
-
-class _FetchError(Exception):
-    """A JWKS fetch problem whose message is safe to log (no URL, no body)."""
-
-
 class Authenticator:
     """Verifies tokens against the configured algorithms and keys.
 
@@ -125,7 +106,7 @@ class Authenticator:
         *,
         dev_mode: bool = False,
         clock: Callable[[], float] = time.time,
-        fetch_jwks: Callable[[str, float], Awaitable[Mapping[str, Any]]] | None = None,
+        fetch_jwks: FetchJwks | None = None,
         keep_claims: bool = True,
     ) -> None:
         self.dev_mode = dev_mode
@@ -139,14 +120,11 @@ class Authenticator:
         self._leeway = settings.leeway
         self._channels_claim = settings.channels_claim
         self._clock = clock
-        self._fetch = fetch_jwks if fetch_jwks is not None else self._default_fetch
         self._pem = _load_pem(settings) if settings.public_key_file else None
         if settings.jwks_url and not settings.jwks_url.startswith(("http://", "https://")):
             raise ConfigError("auth.jwks_url", "must be an http(s) URL")
-        self._jwks: tuple[_Jwk, ...] | None = None
-        self._holdoff_until = -math.inf
-        self._inflight: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._jwks = JwksKeys(settings.jwks_url, settings.jwks_timeout, clock=clock,
+                              fetch=fetch_jwks)
         self._headers: dict[str, Mapping[str, Any]] = {}
 
     async def authenticate(self, token: str | None) -> Identity:
@@ -157,7 +135,7 @@ class Authenticator:
         header, alg, kid = self._precheck(token)
         key = self._key_now(alg, kid)
         if key is None:
-            key = await self._jwks_key(alg, kid)
+            key = await self._jwks.key(alg, kid)
         return self._verify(token or "", header, alg, key)
 
     def verify_now(self, token: str | None) -> Identity | None:
@@ -210,21 +188,16 @@ class Authenticator:
         return header
 
     def _verify(self, token: str, header: Mapping[str, Any], alg: str,
-                key: str | _PublicKey) -> Identity:
+                key: str | PublicKey) -> Identity:
         if alg in _HMAC_ALGORITHMS and self._hmac_fast and not _HEADER_EXTENSIONS & header.keys():
             return self._identity(self._decode_hmac(token, alg))
         return self._identity(self._decode(token, key, alg))
 
     async def close(self) -> None:
         """Stop a JWKS fetch in flight and close the HTTP session this object created."""
-        if (task := self._inflight) is not None:
-            task.cancel()
-            await asyncio.wait({task})
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._jwks.close()
 
-    def _key_now(self, alg: str, kid: str | None) -> str | _PublicKey | None:
+    def _key_now(self, alg: str, kid: str | None) -> str | PublicKey | None:
         """The verification key for ``alg``: the secret, the PEM key or a cached JWKS key;
         None when the JWKS must be (re)fetched first.
 
@@ -236,70 +209,14 @@ class Authenticator:
                 raise Unauthorized("token cannot be verified")
             return self._settings.secret
         jwks_url = self._settings.jwks_url
-        if self._pem is not None and (kid is None or not jwks_url) and _fits(alg, self._pem):
+        if self._pem is not None and (kid is None or not jwks_url) and fits(alg, self._pem):
             return self._pem
         if jwks_url:
-            return _select(self._jwks, alg, kid) if self._jwks is not None else None
+            return self._jwks.cached(alg, kid)
         raise Unauthorized("unknown signing key")
 
-    async def _jwks_key(self, alg: str, kid: str | None) -> _PublicKey:
-        """A JWKS key for ``alg``/``kid`` that ``_key_now`` did not find in the cached set:
-        refetch the set when allowed, or wait for the fetch in flight."""
-        if self._inflight is None:
-            now = self._clock()
-            if now < self._holdoff_until:
-                raise Unauthorized("unknown signing key")
-            if self._jwks is not None:
-                # Key ids come from unauthenticated input: bound the refetches they can cause.
-                self._holdoff_until = now + JWKS_REFETCH_INTERVAL
-            self._inflight = asyncio.create_task(self._refresh())
-        # Shielded: a waiter that goes away must not cancel the fetch the others share.
-        await asyncio.shield(self._inflight)
-        found = _select(self._jwks or (), alg, kid)
-        if found is None:
-            raise Unauthorized("unknown signing key")
-        return found
 
-    async def _refresh(self) -> None:
-        """Fetch and parse the JWKS; on failure keep the cached set and log a warning."""
-        url, timeout = self._settings.jwks_url, self._settings.jwks_timeout
-        try:
-            # Also bounds an injected fetcher that ignores its timeout argument.
-            async with asyncio.timeout(timeout):
-                document = await self._fetch(url, timeout)
-            self._jwks = _parse_jwks(document)
-        except Exception as exc:  # any failure: the cached keys stay valid
-            self._holdoff_until = self._clock() + JWKS_REFETCH_INTERVAL
-            reason = str(exc) if isinstance(exc, _FetchError) else type(exc).__name__
-            _log.warning(
-                "JWKS fetch from %s failed (%s); %s", _redact_url(url), reason,
-                "keeping the cached keys" if self._jwks else "no keys available",
-            )
-        finally:
-            self._inflight = None
-
-    # The timeout is part of the fetch_jwks contract (an aiohttp.ClientTimeout here).
-    async def _default_fetch(self, url: str, timeout: float) -> Mapping[str, Any]:  # noqa: ASYNC109
-        """GET ``url`` and return its JSON object, on one lazily created session."""
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
-        client_timeout = aiohttp.ClientTimeout(total=timeout)
-        async with self._session.get(url, timeout=client_timeout) as response:
-            if response.status != 200:
-                # Not raise_for_status(): its message carries the URL, query string included.
-                raise _FetchError(f"HTTP status {response.status}")
-            body = await response.read()
-        try:
-            # Not response.json(): json.loads recurses per nesting level, and a deep
-            # document would surface as RecursionError rather than as a bad reply.
-            document = loads(body)
-        except InvalidRequest as exc:
-            raise _FetchError(f"the response is not usable JSON: {exc.message}") from None
-        if not isinstance(document, Mapping):
-            raise _FetchError("the response is not a JSON object")
-        return document
-
-    def _decode(self, token: str, key: str | _PublicKey, alg: str) -> dict[str, Any]:
+    def _decode(self, token: str, key: str | PublicKey, alg: str) -> dict[str, Any]:
         """Signature, required claims, issuer and audience checks by PyJWT.
 
         The payload and signature segments first pass the checks the HS* fast path
@@ -413,58 +330,7 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _fits(alg: str, key: _PublicKey) -> bool:
-    """Whether ``key`` can verify ``alg`` signatures: key type, and the curve for ES*."""
-    if alg.startswith(("RS", "PS")):
-        return isinstance(key, rsa.RSAPublicKey)
-    if alg == "EdDSA":
-        return isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
-    curve = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}.get(alg)
-    return curve is not None and isinstance(key, ec.EllipticCurvePublicKey) and isinstance(
-        key.curve, curve
-    )
-
-
-def _select(keys: Sequence[_Jwk], alg: str, kid: str | None) -> _PublicKey | None:
-    """The key for ``kid``; without a kid, the only key that fits ``alg``, if exactly one."""
-    fitting = [jwk for jwk in keys if jwk.alg in (None, alg) and _fits(alg, jwk.key)]
-    if kid is None:
-        return fitting[0].key if len(fitting) == 1 else None
-    return next((jwk.key for jwk in fitting if jwk.kid == kid), None)
-
-
-def _parse_jwks(document: Mapping[str, Any]) -> tuple[_Jwk, ...]:
-    """The usable signature-verification keys of a JWKS document; ``_FetchError`` if none."""
-    raw = document.get("keys") if isinstance(document, Mapping) else None
-    if not isinstance(raw, list):
-        raise _FetchError("the JWKS has no keys list")
-    keys = tuple(jwk for jwk in map(_parse_jwk, raw) if jwk is not None)
-    if not keys:
-        raise _FetchError("the JWKS has no usable signature keys")
-    return keys
-
-
-def _parse_jwk(item: Any) -> _Jwk | None:
-    """One JWKS member as a public verification key, or None when it cannot be one."""
-    # Symmetric keys never come from a URL; encryption keys never verify signatures.
-    if not isinstance(item, dict) or item.get("kty") == "oct" or item.get("use", "sig") != "sig":
-        return None
-    ops = item.get("key_ops")
-    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
-        return None
-    try:
-        # PyJWK infers no algorithm for Ed448; EdDSA covers both Edwards curves.
-        algorithm = "EdDSA" if item.get("kty") == "OKP" and "alg" not in item else None
-        key = jwt.PyJWK(item, algorithm).key
-    except Exception:  # untrusted remote data: any parsing failure only skips this key
-        return None
-    if not isinstance(key, _PUBLIC_KEY_TYPES):
-        return None  # private keys have no business in a published JWKS
-    kid, alg = item.get("kid"), item.get("alg")
-    return _Jwk(kid if isinstance(kid, str) else None, alg if isinstance(alg, str) else None, key)
-
-
-def _load_pem(settings: AuthSettings) -> _PublicKey:
+def _load_pem(settings: AuthSettings) -> PublicKey:
     """The public key (or certificate's key) in ``auth.public_key_file``; else ``ConfigError``."""
     key_name = "auth.public_key_file"
     try:
@@ -478,18 +344,9 @@ def _load_pem(settings: AuthSettings) -> _PublicKey:
             key = load_pem_public_key(data)
     except Exception:  # ValueError, UnsupportedAlgorithm, TypeError for private keys...
         raise ConfigError(key_name, "not a PEM public key or certificate") from None
-    if not isinstance(key, _PUBLIC_KEY_TYPES):
+    if not isinstance(key, PUBLIC_KEY_TYPES):
         raise ConfigError(key_name, "unsupported key type (use RSA, EC P-256/384/521 or Ed25519)")
     asymmetric = [alg for alg in settings.algorithms if alg not in _HMAC_ALGORITHMS]
-    if asymmetric and not any(_fits(alg, key) for alg in asymmetric):
+    if asymmetric and not any(fits(alg, key) for alg in asymmetric):
         raise ConfigError(key_name, f"the key fits none of auth.algorithms {asymmetric}")
     return key
-
-
-def _redact_url(url: str) -> str:
-    """``url`` without credentials, query string or fragment, for log lines."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))

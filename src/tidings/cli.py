@@ -33,6 +33,9 @@ __all__ = ["main"]
 
 DEV_USER = "dev-user"
 DEFAULT_URL = "http://127.0.0.1:8000"
+#: Seconds ``tidings publish`` waits on the server (connect, then each read): an operator at
+#: a terminal sees a dead or unreachable URL as an error instead of a hang.
+PUBLISH_TIMEOUT = 10.0
 
 #: Help lines of the sub-commands whose parsers live in their own modules; those modules
 #: are imported only to run (or explain) their command, so the lines are repeated here.
@@ -393,7 +396,7 @@ def _post(base: str, path: str, key: str, body: Any) -> tuple[int, str]:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         _fail(2, f"--url: must be an http:// or https:// URL, not {base}")
     connection = (HTTPSConnection if parts.scheme == "https" else HTTPConnection)(
-        parts.hostname, port, timeout=10)
+        parts.hostname, port, timeout=PUBLISH_TIMEOUT)
     try:
         connection.request("POST", parts.path.rstrip("/") + path,
                            body=json.dumps(body).encode(),

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 from urllib.parse import unquote_plus
 
-__all__ = ["Redactor", "configure_logging"]
+__all__ = ["Redactor", "configure_logging", "redact_url"]
 
 #: A ``name=value`` pair as in a query string. The value ends where the server's own
 #: query parsing (``transport.websocket.token_from_request``) ends it: at ``&`` or ``#``,
@@ -56,6 +56,24 @@ _PATTERNS = (
     # percent-encoded (``%2E`` for the dots, as a client may send ``%74oken=...``).
     (re.compile(r"eyJ[A-Za-z0-9_%-]{6,}(?:(?:\.|%2[Ee])[A-Za-z0-9_%-]*){0,2}"), "[redacted-jwt]"),
 )
+
+
+def redact_url(url: str) -> str:
+    """``url`` for a log line: the password masked (``user:***@``), the query string and
+    fragment dropped (they may carry keys); works on any string, parsable or not.
+
+    The one URL redactor of the project (JWKS URLs, broker URLs): the userinfo ends at the
+    last ``@``, because a password may hold ``/``, ``?``, ``#``, ``,`` or ``:``.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, address = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        userinfo = f"{user}:***@" if colon else f"{user}@"
+    address = re.split(r"[?#]", address, maxsplit=1)[0]
+    return f"{scheme}{sep}{userinfo}{address}"
 
 
 class Redactor:

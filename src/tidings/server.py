@@ -296,12 +296,3 @@ def _log_listening(server: RunningServer) -> None:
                 server.http_url, settings.server.path, internal,
                 "development" if settings.dev_mode else "production",
                 redact_url(settings.broker.url))
-
-
-async def serve_until(stop: asyncio.Event, settings: Settings,
-                      on_ready: object = None) -> None:
-    """Run a server until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT)."""
-    async with running(settings) as server:
-        if callable(on_ready):
-            on_ready(server)
-        await stop.wait()

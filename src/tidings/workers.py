@@ -46,6 +46,12 @@ logger = logging.getLogger(__name__)
 
 #: A worker that ran at least this long before dying is restarted after the first delay.
 STABLE_AFTER = 10.0
+#: Seconds beyond the workers' own drain and shutdown budget before stragglers are killed:
+#: room for a process to flush its last lines and exit after its server has closed.
+STOP_MARGIN = 5.0
+#: Seconds the keeper tasks get to notice their killed workers and end, after which they
+#: are cancelled: a SIGKILLed process is reaped at once, so this only bounds a stuck wait.
+REAP_TIMEOUT = 5.0
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -137,7 +143,7 @@ class _Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
         server = self._settings.server
-        limit = server.shutdown_timeout + server.drain_delay + 5
+        limit = server.shutdown_timeout + server.drain_delay + STOP_MARGIN
         _, pending = await asyncio.wait(slots, timeout=limit)
         for proc in list(self._procs.values()):
             if proc.returncode is None:
@@ -145,7 +151,7 @@ class _Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
         if pending:
-            await asyncio.wait(pending, timeout=5)
+            await asyncio.wait(pending, timeout=REAP_TIMEOUT)
         for task in slots:
             if not task.done():
                 task.cancel()

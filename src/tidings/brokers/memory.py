@@ -30,6 +30,11 @@ __all__ = ["MemoryBroker"]
 
 #: Idempotency records kept at most; the oldest are dropped first.
 MAX_IDEMPOTENCY_KEYS = 100_000
+#: Bounds of the history sweep's period (a quarter of the history TTL): often enough that
+#: expired events do not linger long past their TTL, rarely enough that a tiny TTL (tests)
+#: does not make the sweep a busy loop, and at least every 30 s for a long one.
+SWEEP_MIN_INTERVAL = 0.5
+SWEEP_MAX_INTERVAL = 30.0
 
 
 @dataclass(slots=True)
@@ -77,8 +82,9 @@ class MemoryBroker:
         self._epochs = random.Random(secrets.randbits(64))  # noqa: S311
         # A quarter of the ttl keeps expiry within 25 % of it, within bounds that keep
         # the sweep cheap (idle nodes) and timely (short ttls in development).
-        self._sweep_interval = (min(30.0, max(0.5, history_ttl / 4)) if sweep_interval is None
-                                else sweep_interval)
+        if sweep_interval is None:
+            sweep_interval = min(SWEEP_MAX_INTERVAL, max(SWEEP_MIN_INTERVAL, history_ttl / 4))
+        self._sweep_interval = sweep_interval
         # Owns the sweep: a failed expire() is logged and the sweep restarted, so history
         # and idempotency records keep being bounded by time.
         self._supervisor = supervisor or Supervisor()

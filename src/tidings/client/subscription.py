@@ -18,16 +18,16 @@ import inspect
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 from tidings.client.effects import ChannelState
 from tidings.client.errors import SubscriptionError
 from tidings.client.models import Event, Gap, Item, Recovery
 
-if TYPE_CHECKING:
-    from tidings.client.connection import Client
-
-__all__ = ["ErrorCallback", "EventCallback", "GapCallback", "RecoveryCallback", "Subscription"]
+__all__ = [
+    "ErrorCallback", "EventCallback", "GapCallback", "RecoveryCallback", "Subscription",
+    "Unsubscriber",
+]
 
 logger = logging.getLogger("tidings.client")
 
@@ -41,10 +41,22 @@ ErrorCallback = Callable[[BaseException], Awaitable[None] | None]
 RecoveryCallback = Callable[[Recovery], None]
 
 
+class Unsubscriber(Protocol):
+    """What a subscription needs of its client (``tidings.client.connection.Client``).
+
+    Declared here so that this module does not import the client's (which imports this
+    one): the subscription only ever asks to be unsubscribed.
+    """
+
+    async def unsubscribe(self, channel: str) -> None:
+        """Stop receiving ``channel``; its subscription ends after the queued items."""
+        ...
+
+
 class Subscription:
     """One channel's stream of events and gaps; created by ``Client.subscribe``."""
 
-    def __init__(self, client: Client, channel: str, *, maxsize: int,
+    def __init__(self, client: Unsubscriber, channel: str, *, maxsize: int,
                  channel_state: ChannelState | None = None) -> None:
         if maxsize < 1:
             raise ValueError("queue size must be at least 1")

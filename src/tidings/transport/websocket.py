@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 #: ``limits.send_buffer_bytes`` cap, the write that passed it and the close frame) after
 #: being closed with 1013.
 CLOSE_TIMEOUT = 5.0
+#: Extra seconds the whole close gets over ``CLOSE_TIMEOUT``: the inner wait for the
+#: client's close frame expires first, and writing the close frame and EOF before it
+#: still has a bound of its own.
+_CLOSE_BEHIND_QUEUE_MARGIN = 1.0
 
 #: The only protocol version the server speaks: RFC 6455. Drafts 7 and 8, which aiohttp
 #: would accept, are answered 426 like any other version (RFC 6455 section 4.4).
@@ -159,7 +163,7 @@ class WsConnection:
         code, reason = self.close_request
         transport = self._transport
         try:
-            async with asyncio.timeout(CLOSE_TIMEOUT + 1):
+            async with asyncio.timeout(CLOSE_TIMEOUT + _CLOSE_BEHIND_QUEUE_MARGIN):
                 if code is CloseCode.TRY_AGAIN_LATER and transport.can_write_eof():
                     await self._close_behind_queue(code, reason)
                 else:

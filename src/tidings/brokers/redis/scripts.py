@@ -59,7 +59,6 @@ class KeyLayout:
         self.prefix = prefix
         self.nodes = f"{prefix}:nodes"
         self.control = f"{prefix}:control".encode()
-        self._events_head = f"{prefix}:{{".encode()
 
     def meta(self, channel: str) -> str:
         return f"{self.prefix}:{{{channel}}}:meta"
@@ -76,12 +75,6 @@ class KeyLayout:
     def events(self, channel: str) -> bytes:
         """The pub/sub channel carrying ``channel``'s events."""
         return f"{self.prefix}:{{{channel}}}".encode()
-
-    def channel_of(self, events: bytes) -> str | None:
-        """The Tidings channel of a pub/sub channel name, or None if it is not one."""
-        if events.startswith(self._events_head) and events.endswith(b"}"):
-            return events[len(self._events_head):-1].decode()
-        return None
 
     def node(self, node_id: str) -> str:
         return f"{self.prefix}:node:{node_id}"

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+# Re-exported: the one URL redactor lives with the log redaction.
+from tidings.logs import redact_url
+
 __all__ = ["Mode", "Target", "is_redis_url", "parse_url", "redact_url", "scheme_of"]
 
 Mode = Literal["single", "cluster", "sentinel"]
@@ -131,19 +134,6 @@ def parse_url(url: str) -> Target:
     if mode == "cluster" and db != 0:
         raise ValueError("Redis Cluster has only database 0")
     return Target(mode, hosts, None, tls, username, password, db, service, safe, tls_options)
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password, for log lines (also when it does not parse)."""
-    scheme = scheme_of(url)
-    rest = url.split("://", 1)[1] if "://" in url else url
-    if "@" not in rest:
-        return url
-    userinfo, after = rest.rsplit("@", 1)
-    user, colon, _ = userinfo.partition(":")
-    if not colon:
-        return url
-    return f"{scheme}://{user}:***@{after}" if scheme else f"{user}:***@{after}"
 
 
 def _safe(scheme: str, authority: str, tail: str, username: str | None,

@@ -37,6 +37,10 @@ __all__ = ["Views"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a presence sync waits after a write before the next round: a burst of
+#: (un)subscriptions then makes one write, not one each, at little added lag.
+_SYNC_DEBOUNCE = 0.05
+
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
@@ -163,7 +167,7 @@ class Views:
             for name in needed:
                 due[name] = now
             # Debounce: a burst of (un)subscriptions makes one write, not one each.
-            await asyncio.sleep(min(0.05, self._sync_interval))
+            await asyncio.sleep(min(_SYNC_DEBOUNCE, self._sync_interval))
 
     async def _sync_once(self, *, force_node: bool, recheck: bool, rewrite: bool,
                          touch: bool) -> None:
