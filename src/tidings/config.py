@@ -37,6 +37,8 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "TelemetrySettings",
+    "WebhookEvent",
+    "WebhooksSettings",
     "load_settings",
 ]
 
@@ -171,6 +173,28 @@ class NamespaceSettings(_Section):
     url: str = ""
     timeout: float = Field(default=2.0, gt=0)
     cache_ttl: float = Field(default=30, ge=0)
+    #: Subscribers get ``join``/``leave`` messages for users (``tidings.presence_events``).
+    presence_events: bool = False
+    #: Seconds a user's leave waits for them to come back (anywhere in the cluster).
+    presence_ttl: float = Field(default=5.0, gt=0)
+
+
+#: The presence webhooks ``[webhooks] events`` may name.
+WebhookEvent = Literal["channel_occupied", "channel_vacated", "user_joined", "user_left"]
+
+
+class WebhooksSettings(_Section):
+    #: Empty: no presence webhooks.
+    url: str = ""
+    #: Signs each POST (HMAC-SHA256); never logged.
+    secret: str = Field(default="", repr=False)
+    events: tuple[WebhookEvent, ...] = ("channel_occupied", "channel_vacated",
+                                        "user_joined", "user_left")
+    queue_size: int = Field(default=10_000, gt=0)
+    timeout: float = Field(default=5.0, gt=0)
+    max_attempts: int = Field(default=8, gt=0)
+    retry_delay: float = Field(default=0.5, gt=0)
+    max_retry_delay: float = Field(default=60.0, gt=0)
 
 
 class EventsSettings(_Section):
@@ -220,6 +244,7 @@ class Settings(BaseSettings):
     events: EventsSettings = EventsSettings()
     console: ConsoleSettings = ConsoleSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    webhooks: WebhooksSettings = WebhooksSettings()
     workers: int = Field(default=1, ge=1, le=256)
 
     @property
@@ -302,6 +327,9 @@ def _describe(annotation: Any) -> str:
         values = [json.dumps(value) for value in get_args(annotation)]
         return values[0] if len(values) == 1 else f"one of {', '.join(values)}"
     if origin is tuple:
+        item = get_args(annotation)[0]
+        if get_origin(item) is Literal:
+            return f"a list of {', '.join(json.dumps(v) for v in get_args(item))}"
         return "a list of strings"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     return names.get(annotation, "a table")
@@ -325,7 +353,10 @@ def _matches(annotation: Any, value: Any) -> bool:
         return isinstance(value, str)
     origin = get_origin(annotation)
     if origin is tuple:
-        return isinstance(value, list | tuple) and all(isinstance(item, str) for item in value)
+        item = get_args(annotation)[0]
+        return isinstance(value, list | tuple) and all(
+            _matches(item, element) if get_origin(item) is Literal else isinstance(element, str)
+            for element in value)
     if origin is Literal:
         return any(type(value) is type(choice) and value == choice
                    for choice in get_args(annotation))
@@ -647,5 +678,10 @@ def _check(settings: Settings, *, require_auth: bool = True) -> None:
     for name, ns in settings.namespaces.items():
         if ns.rule == "webhook" and not ns.url.startswith(("http://", "https://")):
             raise ConfigError(f"namespaces.{name}.url", "a webhook rule needs an http(s) URL")
+    hooks = settings.webhooks
+    if hooks.url and not hooks.url.startswith(("http://", "https://")):
+        raise ConfigError("webhooks.url", "must be an http(s) URL")
+    if hooks.url and not hooks.secret:
+        raise ConfigError("webhooks.secret", "required with webhooks.url")
     if settings.server.heartbeat_timeout <= 0:
         raise ConfigError("server.heartbeat_timeout", "must be positive")

@@ -1,0 +1,107 @@
+"""Presence events across nodes joined by Redis: one join/leave per transition, crashes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from helpers import Client, connect, publish, token
+from redis_support import REDIS_URL, prefix_scope, redis_node
+from tidings.brokers.redis import RedisBroker
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    async with prefix_scope() as prefix:
+        yield prefix
+
+
+def _presence(ttl: float) -> dict[str, Any]:
+    return {"namespaces": {
+        "default": {"rule": "public"},
+        "room": {"rule": "public", "presence_events": True, "presence_ttl": ttl},
+    }}
+
+
+async def _until(client: Client, kind: str, **data: Any) -> list[dict[str, Any]]:
+    """Messages up to and including the first of type ``kind`` with ``data``."""
+    seen = []
+    while True:
+        message = await client.recv()
+        seen.append(message)
+        if message["type"] == kind and all(message["data"].get(k) == v
+                                           for k, v in data.items()):
+            return seen
+
+
+def _about(messages: list[dict[str, Any]], kind: str, user: str) -> int:
+    return sum(1 for m in messages if m["type"] == kind and m["data"].get("user_id") == user)
+
+
+async def test_one_join_and_one_leave_per_transition_across_nodes(redis_prefix: str) -> None:
+    """A user on two nodes joins and leaves once for watchers on either node."""
+    overrides = _presence(0.3)
+    async with redis_node(REDIS_URL, redis_prefix, overrides=overrides,
+                          presence_interval=0.05) as a, \
+            redis_node(REDIS_URL, redis_prefix, overrides=overrides,
+                       presence_interval=0.05) as b, \
+            connect(a, token("w1")) as w1, connect(b, token("w2")) as w2:
+        for watcher in (w1, w2):
+            await watcher.subscribe("room:p")
+        async with connect(a, token("bob")) as bob_a, connect(b, token("bob")) as bob_b:
+            await bob_a.subscribe("room:p")
+            await bob_b.subscribe("room:p")
+            for server in (a, b):
+                await server.gateway.presence_events.settled()
+            await publish(a, "room:p", data={"message": "joined", "level": "info"})
+            for watcher in (w1, w2):
+                seen = await _until(watcher, "notification", message="joined")
+                assert _about(seen, "join", "bob") == 1, seen
+        leaves = [await _until(watcher, "leave", user_id="bob") for watcher in (w1, w2)]
+        await publish(b, "room:p", data={"message": "left", "level": "info"})
+        for watcher, seen in zip((w1, w2), leaves, strict=True):
+            seen += await _until(watcher, "notification", message="left")
+            assert _about(seen, "leave", "bob") == 1, seen
+            assert _about(seen, "join", "bob") == 0, seen
+            assert all("offset" not in m for m in seen if m["type"] in ("join", "leave"))
+
+
+async def test_crashed_nodes_users_leave_after_the_ttl(redis_prefix: str) -> None:
+    """Users of a node that stops without cleanup leave once the ttl has passed."""
+    overrides = _presence(0.4)
+    async with redis_node(REDIS_URL, redis_prefix, overrides=overrides,
+                          presence_interval=0.05) as a, \
+            redis_node(REDIS_URL, redis_prefix, overrides=overrides,
+                       presence_interval=0.05) as b, \
+            connect(a, token("w1")) as w1, connect(b, token("bob")) as bob:
+        await w1.subscribe("room:c")
+        await bob.subscribe("room:c")
+        await _until(w1, "join", user_id="bob")
+        broker = b.gateway.broker
+        assert isinstance(broker, RedisBroker)
+        await broker.close(clean=False)  # as if node b crashed: no depart, no refresh
+        seen = await _until(w1, "leave", user_id="bob")
+        assert _about(seen, "join", "bob") == 0
+
+
+async def test_reconnect_to_another_node_within_ttl_is_silent(redis_prefix: str) -> None:
+    """A user who moves from one node to another within the ttl causes no message."""
+    overrides = _presence(30)
+    async with redis_node(REDIS_URL, redis_prefix, overrides=overrides,
+                          presence_interval=0.05) as a, \
+            redis_node(REDIS_URL, redis_prefix, overrides=overrides,
+                       presence_interval=0.05) as b, \
+            connect(a, token("w1")) as w1:
+        await w1.subscribe("room:m")
+        async with connect(a, token("bob")) as bob:
+            await bob.subscribe("room:m")
+            await _until(w1, "join", user_id="bob")
+        await a.gateway.presence_events.settled()
+        async with connect(b, token("bob")) as bob:
+            await bob.subscribe("room:m")
+            await b.gateway.presence_events.settled()
+            await publish(a, "room:m", data={"message": "back", "level": "info"})
+            seen = await _until(w1, "notification", message="back")
+            assert _about(seen, "leave", "bob") == 0 and _about(seen, "join", "bob") == 0
