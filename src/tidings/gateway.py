@@ -48,6 +48,7 @@ from tidings.session import (
 )
 from tidings.supervisor import Supervisor
 from tidings.telemetry import Telemetry
+from tidings.webhooks import WebhookSender
 
 __all__ = [
     "Gateway",
@@ -166,6 +167,12 @@ class Gateway:
                                               outages=self.outages)
         #: Called with each presence transition this node observed (webhooks).
         self.on_presence_changes: list[Callable[[PresenceChange], None]] = []
+        self.webhooks: WebhookSender | None = None
+        if settings.webhooks.url:
+            dropped = self.metrics.webhooks_dropped
+            self.webhooks = WebhookSender(
+                settings.webhooks, on_drop=lambda reason: dropped.labels(reason).inc())
+            self.on_presence_changes.append(self.webhooks.submit)
         # conn_id -> peer whose personal channel is held (auth.personal_channel_hold).
         self._personal_holds: Deadlines[str, Peer] = Deadlines(
             settings.auth.personal_channel_hold, self._send_personal)
@@ -201,6 +208,8 @@ class Gateway:
         await self.check_broker()
         self.supervisor.spawn("gateway-health", self._health_forever)
         self.supervisor.spawn("presence-events", self.presence_events.run)
+        if self.webhooks is not None:
+            self.supervisor.spawn("presence-webhooks", self.webhooks.run)
 
     async def check_broker(self) -> bool:
         """Whether the broker answers now (within ``broker.timeout``), as ``/readyz`` and
@@ -246,6 +255,8 @@ class Gateway:
         self._personal_holds.close()
         # Logs whatever a loop raised; the broker, authenticator and policy still close.
         await self.supervisor.close()
+        if self.webhooks is not None:
+            await self.webhooks.close()
         await self.node_subscriptions.settle()
         await self.broker.close()
         await self.authenticator.close()
