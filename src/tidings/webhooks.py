@@ -179,7 +179,7 @@ class WebhookSender:
         self._on_drop("attempts")
 
     async def _aiohttp_post(self, url: str, body: bytes, headers: Mapping[str, str],
-                            timeout: float) -> int:
+                            timeout: float) -> int:  # noqa: ASYNC109 (the Post protocol)
         if self._session is None:
             self._session = aiohttp.ClientSession()
         async with asyncio.timeout(timeout), self._session.post(
