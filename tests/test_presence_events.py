@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from helpers import Client, api, connect, publish, serve, token
 from tidings.brokers.presence_table import PresenceTable, idempotency_key
+from tidings.client import Presence
+from tidings.client import connect as client_connect
 
 
 def _presence(ttl: float) -> dict[str, Any]:
@@ -114,3 +117,25 @@ async def test_presence_types_cannot_be_published() -> None:
         status, answer = await api(server, "POST", "/api/publish", {
             "channel": "room:a", "type": "join", "data": {"user_id": "x"}})
         assert status == 400, answer
+
+
+async def test_python_sdk_surfaces_joins_and_leaves() -> None:
+    """``Client.subscribe(on_presence=...)`` gets a ``Presence`` per join and leave."""
+    seen: asyncio.Queue[Presence] = asyncio.Queue()
+    async with serve(_presence(0.2)) as server, client_connect(
+            server.ws_url, token=token("alice")) as client:
+        sub = await client.subscribe("room:sdk", on_presence=seen.put_nowait)
+        async with connect(server, token("bob")) as bob:
+            await bob.subscribe("room:sdk")
+            got = [await _next_presence(seen)]
+            while got[-1].user_id != "bob":
+                got.append(await _next_presence(seen))
+        leave = await _next_presence(seen)
+        assert got[-1] == Presence("room:sdk", "join", "bob")
+        assert leave == Presence("room:sdk", "leave", "bob")
+        assert sub.qsize() == 0  # presence is not an item of the event stream
+
+
+async def _next_presence(queue: asyncio.Queue[Presence]) -> Presence:
+    async with asyncio.timeout(5):
+        return await queue.get()
