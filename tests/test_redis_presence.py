@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 
 from helpers import Client, connect, publish, token
 from redis_support import REDIS_URL, prefix_scope, redis_node
+from test_webhooks import SECRET, receiver
 from tidings.brokers.redis import RedisBroker
 
 
@@ -105,3 +107,27 @@ async def test_reconnect_to_another_node_within_ttl_is_silent(redis_prefix: str)
             await publish(a, "room:m", data={"message": "back", "level": "info"})
             seen = await _until(w1, "notification", message="back")
             assert _about(seen, "leave", "bob") == 0 and _about(seen, "join", "bob") == 0
+
+
+async def test_each_transition_is_posted_by_one_node(redis_prefix: str) -> None:
+    """With webhooks on both nodes, a user on both is posted once per event, crash included."""
+    async with receiver() as hooks:
+        overrides = {**_presence(0.3), "webhooks": {"url": hooks.url, "secret": SECRET,
+                                                    "retry_delay": 0.01}}
+        async with redis_node(REDIS_URL, redis_prefix, overrides=overrides,
+                              presence_interval=0.05) as a, \
+                redis_node(REDIS_URL, redis_prefix, overrides=overrides,
+                           presence_interval=0.05) as b:
+            async with connect(a, token("bob")) as bob_a, connect(b, token("bob")) as bob_b:
+                await bob_a.subscribe("room:h")
+                await bob_b.subscribe("room:h")
+                names = [(await hooks.next())[1]["event"] for _ in range(2)]
+                assert names == ["channel_occupied", "user_joined"]
+                broker = b.gateway.broker
+                assert isinstance(broker, RedisBroker)
+                await broker.close(clean=False)  # b's lease lapses; a still holds bob
+            names = [(await hooks.next())[1]["event"] for _ in range(2)]
+            assert names == ["user_left", "channel_vacated"]
+            bodies = [json.loads(body) for _, body in hooks.requests]
+            assert [body["event"] for body in bodies] == [
+                "channel_occupied", "user_joined", "user_left", "channel_vacated"]
