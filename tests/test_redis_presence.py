@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import Client, connect, publish, token
-from redis_support import REDIS_URL, prefix_scope, redis_node
+from helpers import Client, api, connect, publish, token
+from redis_engines import cluster_scope
+from redis_support import REDIS_URL, eventually, prefix_scope, redis_node
 from test_webhooks import SECRET, receiver
 from tidings.brokers.redis import RedisBroker
 
@@ -131,3 +133,39 @@ async def test_each_transition_is_posted_by_one_node(redis_prefix: str) -> None:
             bodies = [json.loads(body) for _, body in hooks.requests]
             assert [body["event"] for body in bodies] == [
                 "channel_occupied", "user_joined", "user_left", "channel_vacated"]
+
+
+async def test_presence_on_redis_cluster(tmp_path: Path, redis_prefix: str) -> None:
+    """On Redis Cluster (sharded pub/sub), joins and a crashed node's leaves cross nodes."""
+    overrides = {**_presence(0.4), "broker": {"timeout": 0.5}}
+    async with cluster_scope(tmp_path) as cluster, \
+            redis_node(cluster.url, redis_prefix, overrides=overrides,
+                       presence_interval=0.05) as a, \
+            redis_node(cluster.url, redis_prefix, overrides=overrides,
+                       presence_interval=0.05) as b:
+        for server in (a, b):
+            await eventually(lambda s=server: _ready(s), timeout=20)  # type: ignore[misc]
+        async with connect(a, token("w1")) as w1, connect(b, token("bob")) as bob:
+            names = {"room:x1", "room:x2", "room:x3"}
+            for name in sorted(names):
+                await w1.send("subscribe", {"channel": name}, id=name)
+            for name in sorted(names):
+                await _until(w1, "subscribed", channel=name)  # in order, before bob's
+            for name in sorted(names):
+                await bob.send("subscribe", {"channel": name}, id=name)
+            joined = set()
+            while joined != names:
+                joined.add((await _until(w1, "join", user_id="bob"))[-1]["channel"])
+            broker = b.gateway.broker
+            assert isinstance(broker, RedisBroker)
+            await broker.close(clean=False)
+            left = set()
+            while len(left) < 3:
+                message = (await _until(w1, "leave", user_id="bob"))[-1]
+                left.add(message["channel"])
+            assert left == names
+
+
+async def _ready(server: Any) -> bool:
+    status, _ = await api(server, "GET", "/readyz", key=None)
+    return status == 200
