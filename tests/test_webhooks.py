@@ -122,7 +122,8 @@ async def test_server_posts_signed_events_and_retries_a_500(
 
 
 def test_webhooks_config_is_strict() -> None:
-    """A URL needs a secret; unknown keys and unknown event names are refused."""
+    """A URL needs a secret; unknown keys, event names and badly typed presence keys
+    are refused; the secret is not in the settings' repr."""
     base = {"server": {"mode": "development"}}
     for bad, key in (({"url": "http://h/x"}, "webhooks.secret"),
                      ({"url": "ftp://h/x", "secret": "s"}, "webhooks.url"),
@@ -131,6 +132,13 @@ def test_webhooks_config_is_strict() -> None:
         with pytest.raises(ConfigError) as info:
             load_settings(None, {**base, "webhooks": bad}, environ={})
         assert key in str(info.value)
+    for namespace, key in (({"presence_events": "yes"}, "presence_events"),
+                           ({"presence_ttl": 0}, "presence_ttl"),
+                           ({"presence": True}, "presence")):
+        with pytest.raises(ConfigError) as info:
+            load_settings(None, {**base, "namespaces": {"room": namespace}}, environ={})
+        assert f"namespaces.room.{key}" in str(info.value)
+    assert SECRET not in repr(WebhooksSettings(url="http://h/x", secret=SECRET))
 
 
 async def test_client_errors_are_not_retried_and_drops_are_counted() -> None:
