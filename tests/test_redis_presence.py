@@ -169,3 +169,29 @@ async def test_presence_on_redis_cluster(tmp_path: Path, redis_prefix: str) -> N
 async def _ready(server: Any) -> bool:
     status, _ = await api(server, "GET", "/readyz", key=None)
     return status == 200
+
+
+async def test_two_survivors_sweep_a_crashed_nodes_leave_once(redis_prefix: str) -> None:
+    """Both surviving nodes sweep the crashed node's channel; each watcher gets one leave."""
+    overrides = _presence(0.3)
+    async with redis_node(REDIS_URL, redis_prefix, overrides=overrides,
+                          presence_interval=0.02) as a, \
+            redis_node(REDIS_URL, redis_prefix, overrides=overrides,
+                       presence_interval=0.02) as b, \
+            redis_node(REDIS_URL, redis_prefix, overrides=overrides,
+                       presence_interval=0.02) as c, \
+            connect(a, token("w1")) as w1, connect(b, token("w2")) as w2, \
+            connect(c, token("bob")) as bob:
+        for watcher in (w1, w2):
+            await watcher.subscribe("room:s")
+        await bob.subscribe("room:s")
+        for watcher in (w1, w2):
+            await _until(watcher, "join", user_id="bob")
+        broker = c.gateway.broker
+        assert isinstance(broker, RedisBroker)
+        await broker.close(clean=False)
+        seen = [await _until(watcher, "leave", user_id="bob") for watcher in (w1, w2)]
+        await publish(a, "room:s", data={"message": "after", "level": "info"})
+        for watcher, messages in zip((w1, w2), seen, strict=True):
+            messages += await _until(watcher, "notification", message="after")
+            assert _about(messages, "leave", "bob") == 1, messages
