@@ -27,6 +27,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from helpers import Client, api, make_settings, serve
+from tidings.brokers.presence_table import PresenceChange
 from tidings.brokers.redis import RedisBroker
 from tidings.server import RunningServer
 
@@ -389,3 +390,6 @@ class NullHandler:
 
     def local_presence(self, channel: str) -> dict[str, int]:
         return {}
+
+    def on_presence(self, channel: str, payload: bytes) -> None: ...
+    def on_presence_change(self, change: PresenceChange) -> None: ...

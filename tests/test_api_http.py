@@ -227,7 +227,7 @@ async def test_custom_type_is_published_and_delivered() -> None:
 
 @pytest.mark.parametrize("kind", [
     "connected", "subscribe", "subscribed", "unsubscribe", "unsubscribed",
-    "ping", "pong", "refresh", "refreshed", "error",
+    "ping", "pong", "refresh", "refreshed", "error", "join", "leave",
 ])
 async def test_reserved_type_is_rejected(kind: str) -> None:
     """Every command and reply name is reserved and cannot be published."""

@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from browsers import ARTIFACTS, chromium
-from helpers import API_KEY, publish, serve, token
+from helpers import API_KEY, connect, publish, serve, token
 from tidings.config import load_settings
 from tidings.console import client_script
 from tidings.server import prepare_dev, running
@@ -360,5 +360,29 @@ async def test_disconnect_then_connect_shows_the_recovery(browser: Browser,
         ARTIFACTS.mkdir(exist_ok=True)
         await page.screenshot(path=str(ARTIFACTS / f"console-recovery-{viewport[0]}.png"),
                               full_page=True, animations="disabled")
+        await page.context.close()
+    assert failures == []
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_console_shows_joins_and_leaves(browser: Browser) -> None:
+    """Another user's join and leave in a presence namespace show as markers."""
+    failures: list[str] = []
+    settings = {**DEV, "namespaces": {"room": {"rule": "public", "presence_events": True,
+                                               "presence_ttl": 0.2}}}
+    async with serve(settings) as server:
+        tok = token("alice")
+        page = await _console(browser, (1280, 800), f"{server.http_url}/console#token={tok}"
+                                                    "&channels=room:lobby", failures)
+        await _wait_live(page, "room:lobby")
+        async with connect(server, token("bob")) as bob:
+            await bob.subscribe("room:lobby")
+            joined = page.locator('tr.marker[data-kind="join"][data-channel="room:lobby"]',
+                                  has_text="bob")
+            await joined.wait_for(state="attached")
+        left = page.locator('tr.marker[data-kind="leave"][data-channel="room:lobby"]',
+                            has_text="bob")
+        await left.wait_for(state="attached")
+        assert await page.locator('tr.event[data-channel="room:lobby"]').count() == 0
         await page.context.close()
     assert failures == []

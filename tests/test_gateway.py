@@ -104,6 +104,12 @@ class WrappedBroker:
     async def presence(self, channel: str) -> dict[str, int]:
         return await self.inner.presence(channel)
 
+    async def presence_arrive(self, channel: str, user_id: str, ttl: float) -> None:
+        await self.inner.presence_arrive(channel, user_id, ttl)
+
+    async def presence_depart(self, channel: str, user_id: str, ttl: float) -> None:
+        await self.inner.presence_depart(channel, user_id, ttl)
+
     async def disconnect_user(self, user_id: str, reason: str) -> None:
         await self.inner.disconnect_user(user_id, reason)
 

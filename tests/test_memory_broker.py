@@ -13,6 +13,7 @@ import pytest
 from fakes import FakeClock
 from tidings.brokers import PublishRequest, PublishResult
 from tidings.brokers.memory import MemoryBroker
+from tidings.brokers.presence_table import PresenceChange
 from tidings.supervisor import Supervisor
 
 TTL = 60.0
@@ -44,6 +45,12 @@ class RecordingHandler:
 
     def local_presence(self, channel: str) -> Mapping[str, int]:
         return self.presence.get(channel, {})
+
+    def on_presence(self, channel: str, payload: bytes) -> None:
+        pass
+
+    def on_presence_change(self, change: PresenceChange) -> None:
+        pass
 
 
 @pytest.fixture

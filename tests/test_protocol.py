@@ -42,10 +42,11 @@ from tidings.protocol import (
 from tidings.protocol.wire import MAX_ID_LENGTH, close_frame, ping_frame
 
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
-#: Every command and reply name of protocol sections 1, 5 and 6.
+#: Every command and reply name of protocol sections 1, 5 and 6, and the presence
+#: messages (docs/protocol.md "Presence events").
 PROTOCOL_NAMES = {
     "connected", "subscribe", "subscribed", "unsubscribe", "unsubscribed",
-    "ping", "pong", "refresh", "refreshed", "error",
+    "ping", "pong", "refresh", "refreshed", "error", "join", "leave",
 }
 
 

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from redis_support import FAST, REDIS_URL, client_scope, eventually, free_port, prefix_scope
 from tidings.brokers.base import PublishRequest
+from tidings.brokers.presence_table import PresenceChange
 from tidings.brokers.redis import RedisBroker, redact_url
 from tidings.errors import BrokerUnavailable
 from tidings.protocol.wire import encode_message
@@ -61,6 +62,12 @@ class Recorder:
 
     def local_presence(self, channel: str) -> Mapping[str, int]:
         return dict(self.users.get(channel, {}))
+
+    def on_presence(self, channel: str, payload: bytes) -> None:
+        pass
+
+    def on_presence_change(self, change: PresenceChange) -> None:
+        pass
 
     def offsets(self, channel: str) -> list[int]:
         return [offset for name, offset, _, _ in self.events if name == channel]

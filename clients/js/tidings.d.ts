@@ -175,8 +175,20 @@ export declare class TidingsError extends Error {
   reason?: string;
 }
 
+/**
+ * A user joined or left a channel whose namespace has presence events. Ephemeral: no
+ * offset, not in history, not replayed by recovery; after a reconnect reload presence.
+ */
+export interface PresenceNotice {
+  kind: "join" | "leave";
+  channel: string;
+  userId: string;
+}
+
 interface SubscriptionEvents<T> {
   event: TidingsEvent<T>;
+  join: PresenceNotice;
+  leave: PresenceNotice;
   recovery: RecoveryNotice;
   subscribed: SubscribedInfo;
   unsubscribed: SubscriptionEnd;
@@ -210,6 +222,7 @@ interface ClientEvents {
   state: StateChange;
   connected: ConnectedInfo;
   event: TidingsEvent;
+  presence: PresenceNotice;
   recovery: RecoveryNotice;
   subscribed: SubscribedInfo;
   unsubscribed: ServerUnsubscribe;

@@ -1036,6 +1036,10 @@ export class TidingsClient extends Emitter {
       case "error":
         this._onError(message, entry);
         return;
+      case "join":
+      case "leave":
+        this._onPresence(message);
+        return;
       default:
         if (typeof message.channel === "string" && Number.isInteger(message.offset)) {
           const sub = this._subs.get(message.channel);
@@ -1043,6 +1047,20 @@ export class TidingsClient extends Emitter {
           for (const event of sub._tracker.onEvent(message)) this._deliver(sub, event);
         }
     }
+  }
+
+  /**
+   * A user joined or left a channel with presence events: not an event (no offset, not
+   * recovered), emitted as `join`/`leave` on the subscription and `presence` here.
+   */
+  _onPresence(message) {
+    const userId = message.data?.user_id;
+    if (typeof message.channel !== "string" || typeof userId !== "string") return;
+    const sub = this._subs.get(message.channel);
+    if (!sub || !sub.active) return;
+    const presence = { kind: message.type, channel: message.channel, userId };
+    sub._emit(message.type, presence);
+    this._emit("presence", presence);
   }
 
   _onConnected(message) {

@@ -238,7 +238,7 @@ def _serve(args: argparse.Namespace) -> None:
     if args.workers is not None:
         overrides["workers"] = args.workers
     settings, dev = prepare_dev(_settings(args.config, overrides))
-    secrets = [settings.auth.secret, *settings.api.keys]
+    secrets = [settings.auth.secret, *settings.api.keys, settings.webhooks.secret]
     if dev is not None:
         if settings.logging.format == "auto":
             # Development mode is read by a person, also through a pipe (make run | tee).

@@ -38,6 +38,8 @@ from tidings.settings import (
     ServerSettings,
     Settings,
     TelemetrySettings,
+    WebhookEvent,
+    WebhooksSettings,
 )
 
 __all__ = [
@@ -53,6 +55,8 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "TelemetrySettings",
+    "WebhookEvent",
+    "WebhooksSettings",
     "load_settings",
 ]
 
@@ -116,6 +120,9 @@ def _describe(annotation: Any) -> str:
         values = [json.dumps(value) for value in get_args(annotation)]
         return values[0] if len(values) == 1 else f"one of {', '.join(values)}"
     if origin is tuple:
+        item = get_args(annotation)[0]
+        if get_origin(item) is Literal:
+            return f"a list of {', '.join(json.dumps(v) for v in get_args(item))}"
         return "a list of strings"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     return names.get(annotation, "a table")
@@ -139,7 +146,10 @@ def _matches(annotation: Any, value: Any) -> bool:
         return isinstance(value, str)
     origin = get_origin(annotation)
     if origin is tuple:
-        return isinstance(value, list | tuple) and all(isinstance(item, str) for item in value)
+        item = get_args(annotation)[0]
+        return isinstance(value, list | tuple) and all(
+            _matches(item, element) if get_origin(item) is Literal else isinstance(element, str)
+            for element in value)
     if origin is Literal:
         return any(type(value) is type(choice) and value == choice
                    for choice in get_args(annotation))
@@ -461,3 +471,8 @@ def _check(settings: Settings, *, require_auth: bool = True) -> None:
     for name, ns in settings.namespaces.items():
         if ns.rule == "webhook" and not ns.url.startswith(("http://", "https://")):
             raise ConfigError(f"namespaces.{name}.url", "a webhook rule needs an http(s) URL")
+    hooks = settings.webhooks
+    if hooks.url and not hooks.url.startswith(("http://", "https://")):
+        raise ConfigError("webhooks.url", "must be an http(s) URL")
+    if hooks.url and not hooks.secret:
+        raise ConfigError("webhooks.secret", "required with webhooks.url")

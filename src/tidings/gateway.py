@@ -17,6 +17,7 @@ from typing import Protocol
 
 from tidings.auth import Authenticator, Identity
 from tidings.brokers.base import Broker, HistoryPage
+from tidings.brokers.presence_table import PresenceChange
 from tidings.channels import ChannelPolicy
 from tidings.config import Settings
 from tidings.deadlines import Deadlines
@@ -31,6 +32,7 @@ from tidings.hub import Hub, Outbound, Subscriber
 from tidings.metrics import Metrics
 from tidings.nodesubs import NodeSubscriptions
 from tidings.outages import OutageLog
+from tidings.presence_events import PresenceEvents
 from tidings.protocol import CloseCode, Recover, Subscribe, encode_message, personal_channel
 from tidings.protocol.wire import text_frame
 from tidings.recovery import Replay, history_since, recover_live, recover_new
@@ -46,6 +48,7 @@ from tidings.session import (
 )
 from tidings.supervisor import Supervisor
 from tidings.telemetry import Telemetry
+from tidings.webhooks import WebhookSender
 
 __all__ = [
     "Gateway",
@@ -160,6 +163,16 @@ class Gateway:
         self.outages = OutageLog(logger)
         self.node_subscriptions = NodeSubscriptions(broker, self.hub.has_channel,
                                                     outages=self.outages)
+        self.presence_events = PresenceEvents(broker, settings.namespaces,
+                                              outages=self.outages)
+        #: Called with each presence transition this node observed (webhooks).
+        self.on_presence_changes: list[Callable[[PresenceChange], None]] = []
+        self.webhooks: WebhookSender | None = None
+        if settings.webhooks.url:
+            dropped = self.metrics.webhooks_dropped
+            self.webhooks = WebhookSender(
+                settings.webhooks, on_drop=lambda reason: dropped.labels(reason).inc())
+            self.on_presence_changes.append(self.webhooks.submit)
         # conn_id -> peer whose personal channel is held (auth.personal_channel_hold).
         self._personal_holds: Deadlines[str, Peer] = Deadlines(
             settings.auth.personal_channel_hold, self._send_personal)
@@ -194,6 +207,9 @@ class Gateway:
                               critical=True)
         await self.check_broker()
         self.supervisor.spawn("gateway-health", self._health_forever)
+        self.supervisor.spawn("presence-events", self.presence_events.run)
+        if self.webhooks is not None:
+            self.supervisor.spawn("presence-webhooks", self.webhooks.run)
 
     async def check_broker(self) -> bool:
         """Whether the broker answers now (within ``broker.timeout``), as ``/readyz`` and
@@ -239,6 +255,8 @@ class Gateway:
         self._personal_holds.close()
         # Logs whatever a loop raised; the broker, authenticator and policy still close.
         await self.supervisor.close()
+        if self.webhooks is not None:
+            await self.webhooks.close()
         await self.node_subscriptions.settle()
         await self.broker.close()
         await self.authenticator.close()
@@ -305,6 +323,16 @@ class Gateway:
     def on_disconnect_user(self, user_id: str, reason: str) -> None:
         for peer in self.hub.connections_of(user_id):
             peer.close(CloseCode.FORBIDDEN, reason or "disconnected by the application")
+
+    def on_presence(self, channel: str, payload: bytes) -> None:
+        self.hub.deliver_now(channel, text_frame(payload))
+
+    def on_presence_change(self, change: PresenceChange) -> None:
+        for listener in self.on_presence_changes:
+            try:
+                listener(change)
+            except Exception:
+                logger.exception("a presence change listener failed")
 
     def local_channels(self) -> dict[str, int]:
         return dict(self.hub.channel_counts())
@@ -412,6 +440,8 @@ class Gateway:
             self.node_subscriptions.release_soon(channel)
         if was_known:
             self._subscription_count -= count
+            for channel in peer.session.subscriptions:
+                self.presence_events.closed(channel, peer.user_id)
         self._counts_changed()
         if not self.hub.connection_count():
             self._idle.set()
@@ -513,6 +543,7 @@ class Gateway:
         session.subscribed(channel, personal=channel == personal_channel(
             session.identity.user_id))
         self._subscription_count += 1
+        self.presence_events.opened(channel, session.identity.user_id)
         self._counts_changed()
         self._send_held(peer, sub, position.offset)
         if replay.since is not None:
@@ -608,6 +639,7 @@ class Gateway:
         if was_subscribed:
             self._subscription_count -= 1
             self._counts_changed()
+            self.presence_events.closed(channel, peer.user_id)
         if self.hub.unsubscribe(peer, channel):
             self.node_subscriptions.release_soon(channel)
 

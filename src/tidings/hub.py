@@ -255,6 +255,24 @@ class Hub(Generic[C]):
             loop.call_soon(self.flush)
         return len(entry.subscribers)
 
+    def deliver_now(self, channel: str, frame: bytes) -> int:
+        """Write a frame without an offset (presence) to every live local subscriber of
+        ``channel`` now, after the frames this tick already collected (so that it keeps
+        its place among them); subscribers under setup do not get it. Returns the
+        number of writes."""
+        entry = self._channels.get(channel)
+        if entry is None:
+            return 0
+        if entry.frames:
+            self.flush()
+        written = 0
+        # Copy: a write may close a connection, which unsubscribes it.
+        for sub in list(entry.subscribers.values()):
+            if sub.pending is None:
+                sub.conn.send(frame)
+                written += 1
+        return written
+
     def flush(self) -> None:
         """Write every channel's collected frames, joined, once per subscriber."""
         self._flush_scheduled = False

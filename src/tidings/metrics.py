@@ -128,6 +128,9 @@ class Metrics:
         )
         self._errors = Counter("tidings_errors", "Error messages sent", ["code"], registry=r)
         self._closes = Counter("tidings_closes", "Connections closed", ["code"], registry=r)
+        self.webhooks_dropped = Counter(
+            "tidings_webhooks_dropped", "Presence webhook events dropped (queue_full, "
+            "attempts: retries exhausted, rejected: a 4xx answer)", ["reason"], registry=r)
         self.slow_consumer_closes = Counter(
             "tidings_slow_consumer_closes", "Connections closed for reading too slowly", registry=r
         )

@@ -28,6 +28,8 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "TelemetrySettings",
+    "WebhookEvent",
+    "WebhooksSettings",
 ]
 
 
@@ -159,6 +161,28 @@ class NamespaceSettings(_Section):
     url: str = ""
     timeout: float = Field(default=2.0, gt=0)
     cache_ttl: float = Field(default=30, ge=0)
+    #: Subscribers get ``join``/``leave`` messages for users (``tidings.presence_events``).
+    presence_events: bool = False
+    #: Seconds a user's leave waits for them to come back (anywhere in the cluster).
+    presence_ttl: float = Field(default=5.0, gt=0)
+
+
+#: The presence webhooks ``[webhooks] events`` may name.
+WebhookEvent = Literal["channel_occupied", "channel_vacated", "user_joined", "user_left"]
+
+
+class WebhooksSettings(_Section):
+    #: Empty: no presence webhooks.
+    url: str = ""
+    #: Signs each POST (HMAC-SHA256); never logged.
+    secret: str = Field(default="", repr=False)
+    events: tuple[WebhookEvent, ...] = ("channel_occupied", "channel_vacated",
+                                        "user_joined", "user_left")
+    queue_size: int = Field(default=10_000, gt=0)
+    timeout: float = Field(default=5.0, gt=0)
+    max_attempts: int = Field(default=8, gt=0)
+    retry_delay: float = Field(default=0.5, gt=0)
+    max_retry_delay: float = Field(default=60.0, gt=0)
 
 
 class EventsSettings(_Section):
@@ -208,6 +232,7 @@ class Settings(BaseSettings):
     events: EventsSettings = EventsSettings()
     console: ConsoleSettings = ConsoleSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    webhooks: WebhooksSettings = WebhooksSettings()
     workers: int = Field(default=1, ge=1, le=256)
 
     @property

@@ -681,3 +681,29 @@ describe("close", () => {
     assert.deepEqual(env.clock.pending(), []);
   });
 });
+
+describe("presence", () => {
+  test("join and leave are emitted on the subscription, outside the event stream", async () => {
+    const env = setup();
+    const ws = await connected(env);
+    const sub = env.client.subscribe("room:a");
+    const seen = [];
+    const events = [];
+    sub.on("join", (p) => seen.push(["join", p.userId, p.channel]));
+    sub.on("leave", (p) => seen.push(["leave", p.userId, p.channel]));
+    sub.on("event", (e) => events.push(e.offset));
+    env.client.on("presence", (p) => seen.push(["client", p.kind, p.userId]));
+    ws.replySubscribed("room:a", 0, "e1");
+    const stamp = "2026-01-01T00:00:00.000Z";
+    ws.receive({ type: "join", channel: "room:a", timestamp: stamp, data: { user_id: "bob" } });
+    ws.receive({ type: "leave", channel: "room:a", timestamp: stamp, data: { user_id: "bob" } });
+    ws.receive({ type: "join", channel: "room:other", timestamp: stamp, data: { user_id: "x" } });
+    ws.receive({ type: "join", channel: "room:a", timestamp: stamp, data: {} });
+    ws.event("room:a", 1);
+    assert.deepEqual(seen, [["join", "bob", "room:a"], ["client", "join", "bob"],
+      ["leave", "bob", "room:a"], ["client", "leave", "bob"]]);
+    assert.deepEqual(events, [1]);
+    assert.equal(sub.offset, 1);
+    env.client.close();
+  });
+});

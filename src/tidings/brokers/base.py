@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from tidings.brokers.presence_table import PresenceChange
 
 # The small records made per event or per handshake are named tuples: as immutable as a
 # frozen dataclass, and several times cheaper to build.
@@ -100,6 +103,16 @@ class BrokerHandler(Protocol):
     def on_disconnect_user(self, user_id: str, reason: str) -> None:
         """Close every local connection of ``user_id`` (4403)."""
 
+    def on_presence(self, channel: str, payload: bytes) -> None:
+        """Deliver one ``join``/``leave`` message (no offset, not in history) to the
+        local subscribers of ``channel``. Exactly one call per transition reaches each
+        node that serves the channel. Must not block or raise."""
+
+    def on_presence_change(self, change: PresenceChange) -> None:
+        """A presence transition that this node's broker observed: exactly one node in
+        the cluster gets each (the one whose call or sweep made it), for webhooks.
+        Must not block or raise."""
+
     def local_channels(self) -> Mapping[str, int]:
         """Channels with local subscribers, and how many."""
 
@@ -146,6 +159,17 @@ class Broker(Protocol):
 
     async def disconnect_user(self, user_id: str, reason: str) -> None:
         """Ask every node to close ``user_id``'s connections."""
+
+    async def presence_arrive(self, channel: str, user_id: str, ttl: float) -> None:
+        """This node's first connection of ``user_id`` subscribed ``channel`` (whose
+        namespace has presence events): a cluster-wide ``join`` when the user was not
+        present, nothing when they come back before their pending leave (``ttl``).
+        Raises ``BrokerUnavailable``; the broker keeps trying to register it."""
+
+    async def presence_depart(self, channel: str, user_id: str, ttl: float) -> None:
+        """This node's last connection of ``user_id`` in ``channel`` went away: a
+        ``leave`` follows ``ttl`` seconds later unless the user comes back anywhere.
+        Raises ``BrokerUnavailable``."""
 
     async def ready(self) -> bool:
         """True when the backing store is reachable."""

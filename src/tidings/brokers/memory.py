@@ -22,6 +22,7 @@ from tidings.brokers.base import (
     StoredEvent,
     StreamPosition,
 )
+from tidings.brokers.presence_table import PresenceChange, PresenceTable, presence_payload
 from tidings.events import new_event_id
 from tidings.protocol.wire import encode_message
 from tidings.supervisor import Supervisor
@@ -88,6 +89,9 @@ class MemoryBroker:
         # Owns the sweep: a failed expire() is logged and the sweep restarted, so history
         # and idempotency records keep being bounded by time.
         self._supervisor = supervisor or Supervisor()
+        self._presence = PresenceTable(f"{secrets.randbits(64):016x}")
+        #: The one timer for the earliest pending leave (a handle, not a task).
+        self._leave_timer: asyncio.TimerHandle | None = None
 
     async def start(self, handler: BrokerHandler) -> None:
         self._handler = handler
@@ -95,6 +99,9 @@ class MemoryBroker:
 
     async def close(self) -> None:
         await self._supervisor.close()
+        if self._leave_timer is not None:
+            self._leave_timer.cancel()
+            self._leave_timer = None
         self._handler = None
 
     async def _sweep_forever(self) -> None:
@@ -202,6 +209,40 @@ class MemoryBroker:
     async def disconnect_user(self, user_id: str, reason: str) -> None:
         if self._handler is not None:
             self._handler.on_disconnect_user(user_id, reason)
+
+    async def presence_arrive(self, channel: str, user_id: str, ttl: float) -> None:
+        self._emit(self._presence.arrive(channel, user_id))
+
+    async def presence_depart(self, channel: str, user_id: str, ttl: float) -> None:
+        self._presence.depart(channel, user_id, self._clock() + ttl)
+        self._arm_leaves()
+
+    def expire_presence(self) -> None:
+        """Report the pending leaves that are due (the timer calls it)."""
+        self._leave_timer = None
+        self._emit(self._presence.expire(self._clock()))
+        self._arm_leaves()
+
+    def _arm_leaves(self) -> None:
+        deadline = self._presence.next_deadline()
+        if self._leave_timer is not None:
+            self._leave_timer.cancel()
+            self._leave_timer = None
+        if deadline is not None and self._handler is not None:
+            # `clock` may be injected: the delay, not the deadline, goes to the loop.
+            delay = max(0.0, deadline - self._clock())
+            self._leave_timer = asyncio.get_running_loop().call_later(
+                delay, self.expire_presence)
+
+    def _emit(self, changes: list[PresenceChange]) -> None:
+        handler = self._handler
+        if handler is None:
+            return
+        for change in changes:
+            if change.channel in self._subscribed:
+                handler.on_presence(change.channel,
+                                    presence_payload(change, self._wall_clock()))
+            handler.on_presence_change(change)
 
     async def ready(self) -> bool:
         return True

@@ -31,7 +31,16 @@ from tidings.client.errors import (
     NotConnected,
     SubscriptionError,
 )
-from tidings.client.models import Event, Gap, GapReason, Item, Recovery, State, StateChange
+from tidings.client.models import (
+    Event,
+    Gap,
+    GapReason,
+    Item,
+    Presence,
+    Recovery,
+    State,
+    StateChange,
+)
 from tidings.client.policy import Action, Decision, decide
 from tidings.client.subscription import Subscription
 from tidings.client.tracker import ChannelTracker, ProtocolViolation
@@ -53,6 +62,7 @@ __all__ = [
     "GapReason",
     "Item",
     "NotConnected",
+    "Presence",
     "ProtocolViolation",
     "Recovery",
     "State",

@@ -30,6 +30,7 @@ from tidings.client.effects import (
     Deliver,
     End,
     Outcome,
+    PresenceSeen,
     Recovered,
     Stop,
 )
@@ -47,6 +48,7 @@ from tidings.client.subscription import (
     ErrorCallback,
     EventCallback,
     GapCallback,
+    PresenceCallback,
     RecoveryCallback,
     Subscription,
 )
@@ -293,6 +295,7 @@ class Client:
         on_gap: GapCallback | None = None,
         on_error: ErrorCallback | None = None,
         on_recovered: RecoveryCallback | None = None,
+        on_presence: PresenceCallback | None = None,
         queue_size: int | None = None,
     ) -> Subscription:
         """Subscribe and wait for the server's confirmation; return the subscription.
@@ -302,8 +305,10 @@ class Client:
         function, is told of each later successful recovery (``Recovery``: after a
         reconnect, how many events were missed and are replayed). Subscribing again to a
         channel returns the same subscription. While disconnected, this waits for the next
-        connection. Raises ``SubscriptionError`` when the server refuses; if the wait is
-        cancelled the subscription stays requested (``unsubscribe`` to drop it).
+        connection. ``on_presence``, a plain function, gets each ``Presence`` (a user's
+        join or leave, in namespaces with presence events). Raises ``SubscriptionError``
+        when the server refuses; if the wait is cancelled the subscription stays
+        requested (``unsubscribe`` to drop it).
         """
         if not is_valid_channel(channel):
             raise ValueError(f"invalid channel name: {channel!r}")
@@ -324,6 +329,8 @@ class Client:
                     await link.send_subscribe(sub.channel_state, core.gen)
         if on_recovered is not None:
             sub.on_recovered = on_recovered
+        if on_presence is not None:
+            sub.on_presence = on_presence
         await sub.wait_confirmed()
         if on_event is not None and on_gap is not None:
             sub.start_callbacks(on_event, on_gap, on_error)
@@ -410,6 +417,8 @@ class Client:
             self._subs[effect.channel].confirm()
         elif isinstance(effect, Recovered):
             self._subs[effect.channel].recovered(effect.recovery)
+        elif isinstance(effect, PresenceSeen):
+            self._subs[effect.channel].presence(effect.presence)
         elif isinstance(effect, End):
             self._subs.pop(effect.channel).finish(effect.error)
         elif isinstance(effect, Added):

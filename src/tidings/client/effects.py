@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tidings.client.errors import ClientError, ConnectionClosed
-from tidings.client.models import Item, Recovery
+from tidings.client.models import Item, Presence, Recovery
 from tidings.client.tracker import ChannelTracker
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "Failed",
     "LinkEffect",
     "Outcome",
+    "PresenceSeen",
     "Reconnect",
     "RecoverFresh",
     "Recovered",
@@ -80,6 +81,14 @@ class Confirm:
     """The server confirmed the subscription of ``channel``."""
 
     channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceSeen:
+    """A ``join``/``leave`` of ``channel`` arrived: tell its subscription."""
+
+    channel: str
+    presence: Presence
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +184,7 @@ class Failed:
 
 
 #: What the application sees: its subscriptions' items and ends, and the connection state.
-AppEffect = Deliver | Confirm | Recovered | End | Added | Connected
+AppEffect = Deliver | Confirm | Recovered | PresenceSeen | End | Added | Connected
 #: Work on the current connection: commands to send, replies to hand over.
 LinkEffect = (Resubscribe | SubscribeNow | RetrySubscribe | RecoverFresh | StartRefresh | Reply
               | Failed)

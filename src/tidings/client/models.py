@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-__all__ = ["Event", "Gap", "GapReason", "Item", "Recovery", "State", "StateChange"]
+__all__ = ["Event", "Gap", "GapReason", "Item", "Presence", "Recovery", "State", "StateChange"]
 
 
 class State(enum.Enum):
@@ -101,6 +101,21 @@ class Gap:
     last_epoch: str | None
     offset: int
     epoch: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """A user joined or left a channel whose namespace has presence events.
+
+    Ephemeral: not an event (no offset, not in history, not recovered). After a reconnect
+    fetch the presence query (``GET /api/channels/{channel}/presence``, via your backend)
+    to resynchronise.
+    """
+
+    channel: str
+    #: ``join`` or ``leave``.
+    kind: str
+    user_id: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,7 @@ from tidings.client.effects import (
     End,
     Failed,
     Outcome,
+    PresenceSeen,
     Reconnect,
     Recovered,
     RecoverFresh,
@@ -54,7 +55,7 @@ from tidings.client.effects import (
     SubscribeNow,
 )
 from tidings.client.errors import AuthenticationFailed, ConnectionClosed, SubscriptionError
-from tidings.client.models import Event, Item, Recovery
+from tidings.client.models import Event, Item, Presence, Recovery
 from tidings.client.policy import Action, decide
 from tidings.client.tokens import TokenProvider, TokenSource
 from tidings.client.tracker import ProtocolViolation
@@ -296,7 +297,17 @@ class Session:
             return self._on_error(reply_id, data)
         if "channel" in message and "offset" in message:
             return self._on_event(message)
+        if kind in ("join", "leave"):
+            return self._on_presence(kind, message.get("channel"), data.get("user_id"))
         return []
+
+    def _on_presence(self, kind: str, channel: Any, user_id: Any) -> list[Effect]:
+        if not isinstance(channel, str) or not isinstance(user_id, str):
+            return []
+        state = self.channels.get(channel)
+        if state is None:
+            return []
+        return [PresenceSeen(channel, Presence(channel, kind, user_id))]
 
     def server_error(self, code: str, message: str) -> None:
         """An ``error`` no command waits for (a 4401 close will carry an ``unauthorized``

@@ -22,11 +22,11 @@ from typing import Protocol, TypeVar
 
 from tidings.client.effects import ChannelState
 from tidings.client.errors import SubscriptionError
-from tidings.client.models import Event, Gap, Item, Recovery
+from tidings.client.models import Event, Gap, Item, Presence, Recovery
 
 __all__ = [
-    "ErrorCallback", "EventCallback", "GapCallback", "RecoveryCallback", "Subscription",
-    "Unsubscriber",
+    "ErrorCallback", "EventCallback", "GapCallback", "PresenceCallback", "RecoveryCallback",
+    "Subscription", "Unsubscriber",
 ]
 
 logger = logging.getLogger("tidings.client")
@@ -39,6 +39,9 @@ ErrorCallback = Callable[[BaseException], Awaitable[None] | None]
 #: Called in the client's own task when the server's answer arrives, before the replayed
 #: events are delivered: a plain function that must not block.
 RecoveryCallback = Callable[[Recovery], None]
+#: Called in the client's own task for each ``join``/``leave``: a plain function that
+#: must not block.
+PresenceCallback = Callable[[Presence], None]
 
 
 class Unsubscriber(Protocol):
@@ -78,6 +81,8 @@ class Subscription:
         self.last_recovery: Recovery | None = None
         #: Told of each successful recovery (``Client.subscribe(on_recovered=...)``).
         self.on_recovered: RecoveryCallback | None = None
+        #: Told of each join and leave (``Client.subscribe(on_presence=...)``).
+        self.on_presence: PresenceCallback | None = None
 
     # -- application side ------------------------------------------------------------
 
@@ -202,6 +207,14 @@ class Subscription:
                 self.on_recovered(recovery)
             except Exception:
                 logger.exception("a recovery callback failed")
+
+    def presence(self, presence: Presence) -> None:
+        """A user joined or left the channel (see ``Presence``)."""
+        if self.on_presence is not None:
+            try:
+                self.on_presence(presence)
+            except Exception:
+                logger.exception("a presence callback failed")
 
     def confirm(self) -> None:
         if not self._confirmed.done():

@@ -31,6 +31,9 @@ RESERVED_TYPES = frozenset(
         "refresh",
         "refreshed",
         "error",
+        # Presence messages (no offset, not in history): see protocol "Presence events".
+        "join",
+        "leave",
     }
 )
 

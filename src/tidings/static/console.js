@@ -305,6 +305,10 @@ function start() {
     addMarker("connected", "connected", `as ${info.userId} (${info.connectionId})`);
   }));
   current.on("event", mine((event) => { addEvent(event); scheduleSubs(); }));
+  // Presence (namespaces with presence_events): ephemeral, shown as markers, no offset.
+  current.on("presence", mine((p) => {
+    addMarker(p.kind, p.kind === "join" ? "joined" : "left", `${p.channel}: ${p.userId}`, p.channel);
+  }));
   current.on("recovery", mine((notice) => {
     if (notice.recovered) {
       const missed = notice.missed === 0 ? "nothing missed"

@@ -39,6 +39,8 @@ from tidings.brokers.base import (
 from tidings.brokers.redis.codec import decode_control
 from tidings.brokers.redis.fanout import Fanout
 from tidings.brokers.redis.link import Address, open_connection, unavailable
+from tidings.brokers.redis.presence import SCRIPTS as PRESENCE_SCRIPTS
+from tidings.brokers.redis.presence import PresenceLedger
 from tidings.brokers.redis.publisher import Publisher, Scripts
 from tidings.brokers.redis.router import Router
 from tidings.brokers.redis.scripts import (
@@ -78,6 +80,8 @@ class RedisBroker:
     ``ping_interval``: how often pub/sub connections and the topology are checked.
     ``reconnect_delay``: (first, largest) delay between reconnection attempts.
     ``buffer_limit``: events held per channel while a gap is being filled.
+    ``presence_interval``: the longest pause between two sweeps of due presence leaves
+    (``tidings.brokers.redis.presence``).
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class RedisBroker:
         reconnect_delay: tuple[float, float] = (0.1, 5.0),
         buffer_limit: int = 10_000,
         node_id: str | None = None,
+        presence_interval: float = 1.0,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._target = parse_url(url)
@@ -113,7 +118,8 @@ class RedisBroker:
                  "commit": COMMIT_SCRIPT, "read": READ_SCRIPT}
         self._scripts = Scripts(**{name: _sha(text) for name, text in texts.items()})
         self._router = Router(self._topology, self._open_command, timeout=timeout,
-                              scripts={_sha(text): text for text in texts.values()})
+                              scripts={**{_sha(text): text for text in texts.values()},
+                                       **PRESENCE_SCRIPTS})
         self._publisher = Publisher(
             self._router, self._keys, self._scripts, pubsub_command=pubsub_command,
             history_size=history_size, ttl_ms=self._ttl_ms,
@@ -134,6 +140,10 @@ class RedisBroker:
             # Presence hashes outlive their last write by this much (rewritten before).
             presence_keep_ms=max(self._ttl_ms, node_ttl_ms * 20), ttl_ms=self._ttl_ms,
             sync_interval=sync_interval)
+        self._presence = PresenceLedger(
+            self._router, self._keys, self.node_id, pubsub_command=pubsub_command,
+            handler=lambda: self._handler, new_generation=lambda: secrets.token_hex(8),
+            interval=presence_interval, wall_clock=wall_clock)
         self._fanout.on_reconnected = self._views.rewrite_all
         self._fanout.on_control_up = self._link_up
         self._fanout.on_control_down = self._link_down
@@ -198,6 +208,7 @@ class RedisBroker:
         await self._fanout.start()
         self._supervisor.spawn("redis-sync", self._views.sync_forever)
         self._supervisor.spawn("redis-watch", self._watch_forever)
+        self._supervisor.spawn("redis-presence", self._presence.sweep_forever)
         if not self._fanout.connected():
             logger.warning("cannot reach Redis at %s; retrying", self._safe_url)
             self._down_since = time.monotonic()
@@ -231,6 +242,10 @@ class RedisBroker:
             logger.warning("redis broker tasks did not stop within %g s", self._timeout)
         await self._fanout.close()
         if clean and self._started:
+            try:
+                await self._presence.depart_all()
+            except BrokerUnavailable as exc:
+                logger.warning("could not unregister this node's presence: %s", exc)
             try:
                 await self._views.remove_node_entries()
             except BrokerUnavailable as exc:
@@ -331,6 +346,12 @@ class RedisBroker:
 
     async def presence(self, channel: str) -> dict[str, int]:
         return await self._views.presence(channel)
+
+    async def presence_arrive(self, channel: str, user_id: str, ttl: float) -> None:
+        await self._presence.arrive(channel, user_id, ttl)
+
+    async def presence_depart(self, channel: str, user_id: str, ttl: float) -> None:
+        await self._presence.depart(channel, user_id, ttl)
 
     # -- diagnostics -----------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from tidings.brokers.base import BrokerHandler, HistoryPage, StreamPosition
 from tidings.brokers.continuity import Continuity, Deliver, Lost, Output, Status
 from tidings.brokers.redis.codec import EventMessage, decode_event
 from tidings.brokers.redis.link import Address
+from tidings.brokers.redis.presence import PRESENCE_MARK
 from tidings.brokers.redis.pubsub import Subscriber
 from tidings.brokers.redis.scripts import KeyLayout, key_slot
 from tidings.brokers.redis.topology import Topology
@@ -247,6 +248,14 @@ class Fanout:
             return
         state = self._by_pubsub.get(name)
         if state is None:
+            return
+        if data.startswith(PRESENCE_MARK):
+            # Presence: no offset, outside continuity tracking (protocol: ephemeral).
+            if self.handler is not None:
+                try:
+                    self.handler.on_presence(state.name, data[len(PRESENCE_MARK):])
+                except Exception:
+                    logger.exception("on_presence failed for a channel")
             return
         message = decode_event(data)
         if message is None:
