@@ -40,6 +40,7 @@ from tidings.brokers.redis.codec import decode_control
 from tidings.brokers.redis.fanout import Fanout
 from tidings.brokers.redis.link import Address, open_connection, unavailable
 from tidings.brokers.redis.publisher import Publisher, Scripts
+from tidings.brokers.redis.relay import Relay, is_relay
 from tidings.brokers.redis.router import Router
 from tidings.brokers.redis.scripts import (
     APPEND_SCRIPT,
@@ -133,6 +134,9 @@ class RedisBroker:
             # Presence hashes outlive their last write by this much (rewritten before).
             presence_keep_ms=max(self._ttl_ms, node_ttl_ms * 20), ttl_ms=self._ttl_ms,
             sync_interval=sync_interval)
+        #: Node-to-node requests with answers (``NodeRelay``), over the control channel.
+        self.relay = Relay(self.node_id, self._views.publish_control, self._spawn,
+                           timeout=max(5.0, 2 * timeout))
         self._fanout.on_reconnected = self._views.rewrite_all
         self._fanout.on_control_up = self._link_up
         self._fanout.on_control_down = self._link_down
@@ -319,6 +323,9 @@ class RedisBroker:
         self._views.changed()
 
     def _on_control(self, data: bytes) -> None:
+        if is_relay(data):
+            self.relay.on_message(data)
+            return
         message = decode_control(data)
         if message is None:
             logger.warning("ignored a malformed control message")
