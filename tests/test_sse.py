@@ -12,10 +12,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from tests.helpers import TIMEOUT, api, make_settings, publish, serve
-from tests.helpers import token as _token
-from tests.redis_support import REDIS_URL, eventually, prefix_scope, redis_node
 
+from helpers import TIMEOUT, api, make_settings, publish, serve
+from helpers import token as _token
+from redis_support import REDIS_URL, eventually, prefix_scope, redis_node
 from tidings.errors import ConfigError
 from tidings.server import RunningServer
 
