@@ -345,3 +345,15 @@ async def test_sse_path_is_configurable_and_can_be_off() -> None:
         assert (await SseStream(response).next())["data"]["type"] == "connected"
     with pytest.raises(ConfigError):
         make_settings({"server": {"sse_path": "events"}})
+
+
+async def test_more_channels_than_the_limit_is_400() -> None:
+    """``channel`` parameters and resume-token channels together are bounded by
+    ``limits.max_subscriptions`` (plus the personal channel): 400 JSON past it."""
+    async with serve({"limits": {"max_subscriptions": 1}}) as server, \
+            aiohttp.ClientSession() as session, session.get(
+                server.http_url + "/sse", params=[("token", token("u1")),
+                                                  ("channel", "news:a"), ("channel", "news:b")]
+            ) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "invalid_request"

@@ -625,6 +625,8 @@ export class TidingsClient extends Emitter {
       throw new TypeError("tidings: no WebSocket implementation; pass options.WebSocket");
     }
     if (typeof this._WebSocket !== "function") this._useSse = true;
+    /** "websocket" | "sse": the transport of the current (or next) connection attempt. */
+    this.transport = this._useSse ? "sse" : "websocket";
     this._provider = typeof options.tokenProvider === "function" ? options.tokenProvider : null;
     this._token = options.token || null;
     this._needToken = false;

@@ -231,6 +231,8 @@ def sse_handler(gateway: Gateway, node: str | None) -> Any:
         try:
             positions = decode_token(last_id or "", max_channels)
             channels = _query_channels(request, limits.max_subscriptions)
+            if len(positions.keys() | set(channels)) > max_channels:
+                raise InvalidRequest(f"too many channels (at most {max_channels})")
         except BadResumeToken as exc:
             return json_error(400, "invalid_request", str(exc), cors)
         except InvalidRequest as exc:
