@@ -15,6 +15,7 @@ import pytest_asyncio
 from browsers import ARTIFACTS, chromium
 from fault_proxy_js import fault_proxy
 from helpers import API_KEY, api, publish, serve, token
+from tidings.protocol import CloseCode
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser, Page
@@ -284,4 +285,34 @@ async def test_console_negotiates_deflate_and_shows_events(page: Page) -> None:
         await _wait_event(page, "demo:lobby", 1)
         row = page.locator('tr.event[data-channel="demo:lobby"][data-offset="1"]')
         assert content.strip() in (await row.locator("td.data").text_content() or "")
+
+
+async def test_tidings_js_falls_back_to_sse_when_websockets_are_blocked(page: Page) -> None:
+    """With WebSocket blocked in the page, tidings.js connects over SSE by itself: events
+    arrive, subscribe goes by POST, and after the stream ends the missed events recover."""
+    async with serve(CONSOLE) as server:
+        tok = token("alice", ("demo:*",))
+        await page.set_content(f"""<!doctype html><meta charset="utf-8">
+            <script>window.WebSocket = function () {{ throw new Error("blocked"); }};</script>
+            <script type="module">
+              import {{ connect }} from "{server.http_url}/client/tidings.js";
+              window.seen = [];
+              const client = window.client = connect("{server.ws_url}",
+                {{ token: "{tok}", initialDelay: 50, maxDelay: 200 }});
+              const sub = client.subscribe("demo:sse");
+              for await (const item of sub) window.seen.push([item.kind, item.offset]);
+            </script>""")
+        await page.wait_for_function(
+            "window.client && window.client.subscription('demo:sse')?.state === 'subscribed'")
+        assert await page.evaluate("window.client.transport") == "sse"
+        await _publish_many(server, "demo:sse", 2)
+        await page.wait_for_function("window.seen.length === 2")
+        first = await page.evaluate("window.client.connectionId")
+        peer = server.gateway.hub.peer(first)
+        assert peer is not None
+        peer.close(CloseCode.GOING_AWAY, "test: stream ended")
+        await _publish_many(server, "demo:sse", 3)  # missed while reconnecting
+        await page.wait_for_function("window.seen.length === 5")
+        assert await page.evaluate("window.seen") == [["event", n] for n in range(1, 6)]
+        assert await page.evaluate("window.client.connectionId") != first
         await _leave(page)

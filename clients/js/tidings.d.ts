@@ -10,6 +10,7 @@ export declare const DEFAULTS: Readonly<{
   slowFloor: number;
   heartbeatTimeout: number;
   connectTimeout: number;
+  ssePath: string;
 }>;
 
 /** Close codes of the protocol and what they mean. */
@@ -55,6 +56,15 @@ export interface ClientOptions {
   connectTimeout?: number;
   /** WebSocket implementation (default: `globalThis.WebSocket`; in Node < 22 pass `ws`). */
   WebSocket?: new (url: string) => WebSocket;
+  /** "auto" (default): fall back to Server-Sent Events when the WebSocket cannot
+   * connect; true: SSE only; false: never. */
+  sse?: "auto" | boolean;
+  /** The server's `server.sse_path` (default "/sse"). */
+  ssePath?: string;
+  /** EventSource implementation for SSE (default: `globalThis.EventSource`). */
+  EventSource?: new (url: string) => EventSource;
+  /** fetch implementation for SSE commands (default: `globalThis.fetch`). */
+  fetch?: typeof fetch;
   /** Where `online` events come from (default: `window` in a browser). */
   onlineTarget?: EventTarget | null;
   /** Random source for the jitter (default `Math.random`). */
@@ -229,6 +239,8 @@ interface ClientEvents {
   error: TidingsError;
   /** Every message from the server, as parsed JSON. */
   message: Record<string, unknown>;
+  /** The client switched to Server-Sent Events (options.sse "auto"). */
+  transport: "sse";
 }
 
 export declare class TidingsClient {
@@ -236,6 +248,8 @@ export declare class TidingsClient {
   readonly url: string;
   readonly state: ConnectionState;
   readonly connectionId: string | null;
+  /** The transport of the current connection attempt. */
+  readonly transport: "websocket" | "sse";
   readonly userId: string | null;
   readonly expiresAt: Date | null;
   /**
@@ -281,6 +295,8 @@ export declare function backoffDelay(
 ): number;
 export declare function refreshDelay(remainingMs: number): number;
 export declare function socketUrl(url: string, token?: string | null): string;
+/** The SSE endpoint of the server of `url`, with `token` set. */
+export declare function sseUrl(url: string, token?: string | null, path?: string): string;
 
 export declare class Backoff {
   constructor(options?: Partial<typeof DEFAULTS>, random?: () => number);
@@ -308,4 +324,13 @@ export declare class ChannelTracker {
   };
   onEvent<E extends { offset: number }>(event: E): E[];
   onDisconnect(): void;
+}
+
+/** The SSE transport behind the WebSocket interface the client uses (internal). */
+export declare class SseSocket {
+  constructor(url: string, token: string,
+    options?: { EventSource?: new (url: string) => EventSource; fetch?: typeof fetch });
+  readyState: number;
+  send(text: string): void;
+  close(code?: number, reason?: string): void;
 }

@@ -20,6 +20,7 @@ export const DEFAULTS = Object.freeze({
   slowFloor: 5000,
   heartbeatTimeout: 10000,
   connectTimeout: 10000,
+  ssePath: "/sse",
 });
 
 /** What each close code means (protocol section 7), for logs and user interfaces. */
@@ -327,6 +328,89 @@ export function socketUrl(url, token) {
   return parsed.toString();
 }
 
+/** The SSE URL of the server of `url` (a WebSocket or http URL), with `token` set. */
+export function sseUrl(url, token, path = "/sse") {
+  const base = typeof location !== "undefined" ? location.href : undefined;
+  const parsed = new URL(url, base);
+  if (parsed.protocol === "ws:") parsed.protocol = "http:";
+  else if (parsed.protocol === "wss:") parsed.protocol = "https:";
+  parsed.pathname = path;
+  parsed.search = "";
+  if (token) parsed.searchParams.set("token", token);
+  return parsed.toString();
+}
+
+/**
+ * The Server-Sent Events transport behind the part of the WebSocket interface the
+ * client uses (`readyState`, `send`, `close`, `onmessage`, `onclose`): every SSE
+ * message is a text message, the `close` event is the close code, and `send` POSTs the
+ * command to `<path>/commands` with the session id from `connected` and the current
+ * token. The EventSource's own reconnection is turned off (closed on the first error):
+ * the client reconnects with its backoff and recovers as over the WebSocket.
+ */
+export class SseSocket {
+  constructor(url, token, { EventSource = globalThis.EventSource, fetch = globalThis.fetch } = {}) {
+    this.readyState = 0;
+    this.onmessage = null;
+    this.onclose = null;
+    this.onerror = null;
+    this._token = token;
+    this._session = null;
+    this._fetch = fetch;
+    const parsed = new URL(url);
+    this._commands = `${parsed.origin}${parsed.pathname}/commands`;
+    const source = (this._source = new EventSource(url));
+    source.onopen = () => {
+      if (this.readyState === 0) this.readyState = 1;
+    };
+    source.onmessage = (message) => {
+      if (this._session === null && message.data.startsWith('{"type":"connected"')) {
+        try {
+          this._session = JSON.parse(message.data).data.connection_id;
+        } catch {
+          // not for us to judge: the client reports the protocol violation
+        }
+      }
+      this.onmessage?.({ data: message.data });
+    };
+    source.addEventListener("close", (message) => {
+      let ended = {};
+      try {
+        ended = JSON.parse(message.data);
+      } catch {
+        // a close event without a body: connection lost
+      }
+      this._end(ended.code || 1006, ended.reason || "");
+    });
+    source.onerror = () => this._end(1006, "event stream failed");
+  }
+
+  send(text) {
+    if (this.readyState !== 1 || this._session === null) throw new Error("tidings: SSE not open");
+    const command = JSON.parse(text);
+    if (command.type === "refresh" && command.data?.token) this._token = command.data.token;
+    this._fetch(this._commands, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Authorization: `Bearer ${this._token}` },
+      body: JSON.stringify({ session: this._session, command }),
+    }).then((response) => {
+      // Refused (session gone, wrong token, busy): this stream is no good any more.
+      if (!response.ok) this._end(1006, `command refused (HTTP ${response.status})`);
+    }, () => this._end(1006, "command failed"));
+  }
+
+  close(code = 1000, reason = "") {
+    this._end(code, reason);
+  }
+
+  _end(code, reason) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this._source.close();
+    this.onclose?.({ code, reason });
+  }
+}
+
 function defaultUrl() {
   if (typeof location === "undefined") throw new TypeError("tidings: a WebSocket URL is required");
   return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/ws`;
@@ -529,9 +613,20 @@ export class TidingsClient extends Emitter {
     this._clock = options.clock ?? systemClock;
     this._random = options.random ?? Math.random;
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
-    if (typeof this._WebSocket !== "function") {
+    this._EventSource = options.EventSource ?? globalThis.EventSource;
+    this._fetch = options.fetch ?? globalThis.fetch?.bind(globalThis);
+    // options.sse: "auto" (default) falls back to SSE when the WebSocket cannot connect;
+    // true uses SSE only; false never.
+    const sse = options.sse ?? "auto";
+    const sseAvailable = typeof this._EventSource === "function" && typeof this._fetch === "function";
+    this._sseAllowed = sse !== false && sseAvailable;
+    this._useSse = sse === true && sseAvailable;
+    if (typeof this._WebSocket !== "function" && !this._sseAllowed) {
       throw new TypeError("tidings: no WebSocket implementation; pass options.WebSocket");
     }
+    if (typeof this._WebSocket !== "function") this._useSse = true;
+    /** "websocket" | "sse": the transport of the current (or next) connection attempt. */
+    this.transport = this._useSse ? "sse" : "websocket";
     this._provider = typeof options.tokenProvider === "function" ? options.tokenProvider : null;
     this._token = options.token || null;
     this._needToken = false;
@@ -715,22 +810,49 @@ export class TidingsClient extends Emitter {
     }
     if (gen !== this._gen || this._closed) return;
     let ws;
+    let opened = false;
+    // A WebSocket that never opened (blocked, refused, timed out) makes the client
+    // fall back to SSE from the next attempt on (options.sse "auto").
+    const fallBack = () => {
+      if (!opened && !this._useSse && this._sseAllowed) {
+        this._useSse = true;
+        this._emit("transport", "sse");
+      }
+    };
     try {
-      ws = new this._WebSocket(socketUrl(this.url, token));
+      ws = this._useSse
+        ? new SseSocket(sseUrl(this.url, token, this.options.ssePath), token,
+          { EventSource: this._EventSource, fetch: this._fetch })
+        : new this._WebSocket(socketUrl(this.url, token));
     } catch (error) {
+      if (!this._useSse && this._sseAllowed) {
+        fallBack();
+        this._setState("disconnected", { code: 1006, reason: String(error), action: "reconnect",
+          delay: 0, willReconnect: true });
+        this._connectNow();
+        return;
+      }
       this._finish(1006, String(error), new TidingsError("bad_url", `tidings: ${error.message}`));
       return;
     }
     this._ws = ws;
+    this.transport = this._useSse ? "sse" : "websocket";
+    ws.onopen = () => {
+      opened = true;
+    };
     ws.onmessage = (message) => {
       if (gen === this._gen) this._onMessage(message.data);
     };
     ws.onclose = (event) => {
-      if (gen === this._gen) this._lost(gen, event.code || 1006, event.reason || "");
+      if (gen !== this._gen) return;
+      fallBack();
+      this._lost(gen, event.code || 1006, event.reason || "");
     };
     ws.onerror = noop;
-    this._timer("connect", () => this._lost(gen, 1006, "handshake timed out", { drop: true }),
-      this.options.connectTimeout);
+    this._timer("connect", () => {
+      fallBack();
+      this._lost(gen, 1006, "handshake timed out", { drop: true });
+    }, this.options.connectTimeout);
   }
 
   async _currentToken() {

@@ -351,11 +351,12 @@ class Gateway:
         use ``authenticate``); raises ``Unauthorized``."""
         return self.authenticator.verify_now(token)
 
-    def new_session(self, identity: Identity) -> Session:
+    def new_session(self, identity: Identity, conn_id: str | None = None) -> Session:
+        """A session for ``identity``; ``conn_id`` defaults to ``new_connection_id()``."""
         limits, interval, timeout, leeway = self._session_settings
         return Session(
             identity,
-            conn_id=new_connection_id(),
+            conn_id=conn_id or new_connection_id(),
             limits=limits,
             heartbeat_interval=interval,
             heartbeat_timeout=timeout,

@@ -16,8 +16,9 @@ from aiohttp import web
 from aiohttp.log import access_logger
 
 from tidings.api import ApiService, add_api_routes, add_not_found_route, method_not_allowed
+from tidings.api.http import json_errors
 from tidings.auth import Authenticator
-from tidings.brokers.base import Broker
+from tidings.brokers.base import Broker, NodeRelay
 from tidings.brokers.memory import MemoryBroker
 from tidings.brokers.redis.urls import is_redis_url, redact_url
 from tidings.channels import Authorizer, ChannelPolicy
@@ -29,10 +30,13 @@ from tidings.metrics import Metrics
 from tidings.telemetry import Telemetry, make_telemetry
 from tidings.transport import websocket_handler
 from tidings.transport.http import AppRunner, TCPSite
+from tidings.transport.sse import sse_handler
+from tidings.transport.sse_commands import SseCommands
 
 __all__ = [
     "DevCredentials",
     "RunningServer",
+    "add_sse_routes",
     "build_app",
     "make_broker",
     "prepare_dev",
@@ -136,6 +140,7 @@ def build_app(
     # connection. API routes carry their own JSON error handling (api.http.json_errors).
     app.router.add_get(settings.server.path, websocket_handler(gateway))
     app.router.add_route("*", settings.server.path, method_not_allowed)
+    add_sse_routes(app, gateway, serve_relay=True)
     add_api_routes(app, gateway,
                    ApiService(settings, gateway.broker, gateway.metrics, telemetry),
                    settings.api.keys, telemetry)
@@ -158,12 +163,31 @@ def build_app(
     return app, gateway
 
 
+def add_sse_routes(app: web.Application, gateway: Gateway, *, serve_relay: bool) -> None:
+    """The SSE stream and its commands (unless ``server.sse_path`` is empty); with
+    ``serve_relay`` this app's handler also answers commands relayed by other nodes."""
+    path = gateway.settings.server.sse_path
+    if not path:
+        return
+    relay = getattr(gateway.broker, "relay", None)
+    relay = relay if isinstance(relay, NodeRelay) else None
+    commands = SseCommands(gateway, relay)
+    if serve_relay and relay is not None:
+        relay.serve(commands.answer)
+    app.router.add_get(path, sse_handler(gateway, relay.node_id if relay else None))
+    app.router.add_route("*", path, method_not_allowed)
+    app.router.add_post(path + "/commands", json_errors(commands.post))
+    app.router.add_route("OPTIONS", path + "/commands", commands.preflight)
+    app.router.add_route("*", path + "/commands", method_not_allowed)
+
+
 def _public_app(settings: Settings, gateway: Gateway) -> web.Application:
     """The public listener's application when ``server.internal_port`` is set: the
     WebSocket path and the browser client only (every other path answers 404)."""
     app = web.Application(client_max_size=settings.api.max_body_bytes)
     app.router.add_get(settings.server.path, websocket_handler(gateway))
     app.router.add_route("*", settings.server.path, method_not_allowed)
+    add_sse_routes(app, gateway, serve_relay=False)
     add_client_route(app)
     add_not_found_route(app)
     return app

@@ -46,6 +46,8 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     path: str = "/ws"
+    #: The SSE fallback transport's path (commands at ``<sse_path>/commands``); "" is off.
+    sse_path: str = "/sse"
     allowed_origins: tuple[str, ...] = ()
     tls_cert: str = ""
     tls_key: str = ""
@@ -71,6 +73,13 @@ class ServerSettings(_Section):
     def _path(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError("must start with '/'")
+        return value
+
+    @field_validator("sse_path")
+    @classmethod
+    def _sse_path(cls, value: str) -> str:
+        if value and (not value.startswith("/") or value.endswith("/")):
+            raise ValueError("must be empty or start with '/' and not end with '/'")
         return value
 
 

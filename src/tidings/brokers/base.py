@@ -7,9 +7,9 @@ delivers into a ``BrokerHandler``, which belongs to the node.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from tidings.brokers.presence_table import PresenceChange
@@ -21,6 +21,7 @@ __all__ = [
     "Broker",
     "BrokerHandler",
     "HistoryPage",
+    "NodeRelay",
     "PublishRequest",
     "PublishResult",
     "StoredEvent",
@@ -173,3 +174,26 @@ class Broker(Protocol):
 
     async def ready(self) -> bool:
         """True when the backing store is reachable."""
+
+
+@runtime_checkable
+class NodeRelay(Protocol):
+    """Requests from one node to another, each answered (a broker's ``relay``, when its
+    nodes can reach each other: the Redis broker's; the memory broker has none).
+
+    Bodies and answers are JSON objects. Guarantees: ``request`` returns the answer of
+    ``node``'s handler (set with ``serve``), or raises ``BrokerUnavailable`` when none
+    came within the relay's timeout (node gone, Redis away, too many requests in
+    flight); requests and their answers are bounded in number on both sides.
+    """
+
+    @property
+    def node_id(self) -> str:
+        """This node's id, as other nodes address it."""
+
+    def serve(self, handler: Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
+              ) -> None:
+        """Answer requests addressed to this node with ``handler`` (which must not raise)."""
+
+    async def request(self, node: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Send ``body`` to ``node`` and return its answer."""

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from types import TracebackType
-from typing import Any, TypedDict, Unpack, assert_never
+from typing import Any, Literal, TypedDict, Unpack, assert_never
 
 import aiohttp
 
@@ -44,6 +44,7 @@ from tidings.client.errors import (
 from tidings.client.link import Link, describe, handshake
 from tidings.client.models import State, StateChange
 from tidings.client.session import Session
+from tidings.client.sse import SseRefused, SseSocket, sse_url
 from tidings.client.subscription import (
     ErrorCallback,
     EventCallback,
@@ -75,6 +76,8 @@ class ClientOptions(TypedDict, total=False):
     refresh_margin: float
     queue_size: int
     token_in_query: bool
+    transport: Literal["websocket", "sse"]
+    sse_path: str
     headers: Mapping[str, str] | None
     on_state: StateListener | None
     session: aiohttp.ClientSession | None
@@ -104,6 +107,9 @@ class Client:
     * ``queue_size`` (1000): default bound of each subscription's queue.
     * ``token_in_query`` (False): send the token as ``?token=`` instead of an
       ``Authorization: Bearer`` header; ``headers``: extra handshake headers.
+    * ``transport`` ("websocket"): "sse" reads events from the Server-Sent Events
+      endpoint (``sse_path``, default "/sse", on the server of ``url``) and sends
+      commands as POSTs; everything else, recovery included, works the same.
     * ``on_state``: a listener for ``StateChange``; ``session``: an aiohttp session to use.
     * ``resubscribe_burst`` (50) / ``resubscribe_rate`` (25/s): pacing of the subscribe
       commands sent after a reconnect, to stay under the server's command rate limit.
@@ -127,6 +133,8 @@ class Client:
         refresh_margin: float = 30.0,
         queue_size: int = 1000,
         token_in_query: bool = False,
+        transport: Literal["websocket", "sse"] = "websocket",
+        sse_path: str = "/sse",
         headers: Mapping[str, str] | None = None,
         on_state: StateListener | None = None,
         session: aiohttp.ClientSession | None = None,
@@ -152,6 +160,9 @@ class Client:
         self._command_timeout = command_timeout
         self._queue_size = queue_size
         self._token_in_query = token_in_query
+        if transport not in ("websocket", "sse"):
+            raise ValueError("transport must be 'websocket' or 'sse'")
+        self._sse_url = sse_url(url, sse_path) if transport == "sse" else None
         self._headers = dict(headers or {})
         self._listeners: list[StateListener] = [on_state] if on_state is not None else []
         self._http = session
@@ -389,6 +400,8 @@ class Client:
                                  token_in_query=self._token_in_query)
         if self._http is None:  # pragma: no cover - set by start()
             raise RuntimeError("the client was not started")
+        if self._sse_url is not None:
+            return await self._attempt_sse(self._http, self._sse_url, token)
         try:
             async with asyncio.timeout(self._connect_timeout):
                 ws = await self._http.ws_connect(
@@ -407,6 +420,26 @@ class Client:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self._close_timeout):
                     await ws.close()
+
+    async def _attempt_sse(self, http: aiohttp.ClientSession, url: str, token: str
+                           ) -> Outcome:
+        """``_attempt`` over Server-Sent Events (``tidings.client.sse``)."""
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                stream = await SseSocket.connect(http, url, token, self._headers)
+        except SseRefused as exc:
+            return Outcome(exc.code, exc.message, False)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return Outcome(None, f"cannot connect: {describe(exc)}", False)
+        link = self._link = Link(stream, self._core,  # type: ignore[arg-type]
+                                 on_effect=self._apply, command_timeout=self._command_timeout,
+                                 sleep=self._sleep)
+        try:
+            return await link.serve()
+        finally:
+            self._link = None
+            link.lost()
+            await stream.close()
 
     def _apply(self, effect: AppEffect) -> None:
         """Carry out what the session decided for the subscriptions and the state (the

@@ -42,6 +42,7 @@ from tidings.brokers.redis.link import Address, open_connection, unavailable
 from tidings.brokers.redis.presence import SCRIPTS as PRESENCE_SCRIPTS
 from tidings.brokers.redis.presence import PresenceLedger
 from tidings.brokers.redis.publisher import Publisher, Scripts
+from tidings.brokers.redis.relay import Relay, is_relay
 from tidings.brokers.redis.router import Router
 from tidings.brokers.redis.scripts import (
     APPEND_SCRIPT,
@@ -144,6 +145,9 @@ class RedisBroker:
             self._router, self._keys, self.node_id, pubsub_command=pubsub_command,
             handler=lambda: self._handler, new_generation=lambda: secrets.token_hex(8),
             interval=presence_interval, wall_clock=wall_clock)
+        #: Node-to-node requests with answers (``NodeRelay``), over the control channel.
+        self.relay = Relay(self.node_id, self._views.publish_control, self._spawn,
+                           timeout=max(5.0, 2 * timeout))
         self._fanout.on_reconnected = self._views.rewrite_all
         self._fanout.on_control_up = self._link_up
         self._fanout.on_control_down = self._link_down
@@ -329,6 +333,9 @@ class RedisBroker:
         self._views.changed()
 
     def _on_control(self, data: bytes) -> None:
+        if is_relay(data):
+            self.relay.on_message(data)
+            return
         message = decode_control(data)
         if message is None:
             logger.warning("ignored a malformed control message")

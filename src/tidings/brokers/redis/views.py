@@ -103,6 +103,11 @@ class Views:
         await self._run([(self._keys.control, (self._pubsub_command, self._keys.control,
                                                message))], retry=False)
 
+    async def publish_control(self, message: str) -> None:
+        """Send one message to every node's control subscription (relay messages)."""
+        await self._run([(self._keys.control, (self._pubsub_command, self._keys.control,
+                                               message))], retry=False)
+
     async def channels(self, prefix: str) -> dict[str, int]:
         (members,) = await self._run([(self._keys.nodes, ("SMEMBERS", self._keys.nodes))])
         others = sorted(n for n in map(_text, members) if n != self._node_id)
