@@ -15,14 +15,8 @@ See docs/client-python.md.
 from __future__ import annotations
 
 from tidings.client.backoff import Backoff
-from tidings.client.connection import (
-    Client,
-    ClientOptions,
-    Connecting,
-    StateListener,
-    TokenProvider,
-    connect,
-)
+from tidings.client.connecting import Connecting, connect
+from tidings.client.connection import Client, ClientOptions, StateListener, TokenProvider
 from tidings.client.errors import (
     AuthenticationFailed,
     ClientError,

@@ -15,9 +15,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, Literal, TypedDict, Unpack, assert_never
+from typing import Literal, assert_never
 
 import aiohttp
 
@@ -43,6 +43,7 @@ from tidings.client.errors import (
 )
 from tidings.client.link import Link, describe, handshake
 from tidings.client.models import State, StateChange
+from tidings.client.options import ClientOptions, StateListener
 from tidings.client.session import Session
 from tidings.client.sse import SseRefused, SseSocket, sse_url
 from tidings.client.subscription import (
@@ -56,38 +57,9 @@ from tidings.client.subscription import (
 from tidings.client.tokens import TokenProvider
 from tidings.protocol import is_valid_channel
 
-__all__ = ["Client", "ClientOptions", "Connecting", "StateListener", "TokenProvider", "connect"]
+__all__ = ["Client", "ClientOptions", "StateListener", "TokenProvider"]
 
 logger = logging.getLogger("tidings.client")
-
-StateListener = Callable[[StateChange], None]
-
-
-class ClientOptions(TypedDict, total=False):
-    """Keyword options of ``connect`` and ``Client`` (see ``Client``)."""
-
-    token: str | None
-    token_provider: TokenProvider | None
-    backoff: Backoff | None
-    liveness_timeout: float
-    connect_timeout: float
-    close_timeout: float
-    command_timeout: float
-    refresh_margin: float
-    queue_size: int
-    token_in_query: bool
-    transport: Literal["websocket", "sse"]
-    sse_path: str
-    headers: Mapping[str, str] | None
-    on_state: StateListener | None
-    session: aiohttp.ClientSession | None
-    resubscribe_burst: int
-    resubscribe_rate: float
-    max_auth_failures: int
-    clock: Callable[[], float]
-    wall_clock: Callable[[], float]
-    sleep: Callable[[float], Awaitable[None]]
-
 
 class Client:
     """A Tidings connection that reconnects and recovers on its own.
@@ -506,26 +478,3 @@ class Client:
                 listener(change)
             except Exception:
                 logger.exception("a state listener failed")
-
-
-class Connecting:
-    """What ``connect`` returns: ``async with connect(...) as client`` or
-    ``client = await connect(...)`` (then ``await client.close()``)."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-
-    def __await__(self) -> Generator[Any, None, Client]:
-        return self.client.start().__await__()
-
-    async def __aenter__(self) -> Client:
-        return await self.client.start()
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        await self.client.close()
-
-
-def connect(url: str, **options: Unpack[ClientOptions]) -> Connecting:
-    """Connect to a Tidings server at ``url`` (``ws://host:port/ws``); see ``Client``."""
-    return Connecting(Client(url, **options))
