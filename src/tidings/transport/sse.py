@@ -32,6 +32,7 @@ from tidings.protocol import CloseCode, Recover, Subscribe, parse_channel
 from tidings.session import Effect, Session, StartSubscribe
 from tidings.transport.sse_format import (
     BadResumeToken,
+    ParseCache,
     SseEncoder,
     close_event,
     decode_token,
@@ -83,14 +84,15 @@ class SsePeer:
     __slots__ = ("_buffered", "_closing", "_gateway", "_limit", "_transport", "close_request",
                  "commands", "done", "encoder", "queued", "session")
 
-    def __init__(self, session: Session, gateway: Gateway) -> None:
+    def __init__(self, session: Session, gateway: Gateway,
+                 cache: ParseCache | None = None) -> None:
         self.session = session
         self._gateway = gateway
         self._limit = gateway.settings.limits.send_buffer_bytes
         self._transport: asyncio.Transport | None = None
         self._buffered: list[bytes] | None = []
         self._closing = False
-        self.encoder = SseEncoder()
+        self.encoder = SseEncoder(cache)
         self.close_request: tuple[CloseCode, str] | None = None
         #: Set once the stream is to end (a close requested, or the socket gone).
         self.done = asyncio.Event()
@@ -227,6 +229,8 @@ def sse_handler(gateway: Gateway, node: str | None) -> Any:
     settings = gateway.settings
     server, limits = settings.server, settings.limits
     max_channels = limits.max_subscriptions + 1  # the personal channel does not count
+    # One parse per fan-out flush, shared by this server's SSE connections.
+    cache = ParseCache()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if gateway.draining:
@@ -258,7 +262,7 @@ def sse_handler(gateway: Gateway, node: str | None) -> Any:
             return json_error(503, "unavailable", "try again later", cors)
         conn_id = new_connection_id()
         session = gateway.new_session(identity, f"{conn_id}.{node}" if node else conn_id)
-        peer = SsePeer(session, gateway)
+        peer = SsePeer(session, gateway, cache)
         try:
             await gateway.connect(peer)
         except TooManyConnections as exc:

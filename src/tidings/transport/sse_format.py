@@ -25,6 +25,7 @@ from tidings.protocol import is_valid_channel
 __all__ = [
     "MAX_TOKEN_CHARS",
     "BadResumeToken",
+    "ParseCache",
     "SseEncoder",
     "close_event",
     "decode_token",
@@ -119,23 +120,31 @@ class _Message(NamedTuple):
     control: dict[str, Any] | None
 
 
+class ParseCache:
+    """The parse of the last frames encoded, shared by the SSE connections of one
+    server (one entry: fan-out hands the same joined bytes object to every subscriber
+    of a channel in one flush). Holding the object keeps its id from being reused
+    while the entry stands."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self) -> None:
+        self.entry: tuple[bytes, list[_Message]] | None = None
+
+
 class SseEncoder:
     """One connection's positions, and its frames as SSE events.
 
     ``encode`` is called with whatever the gateway or hub would write to a WebSocket.
-    Fan-out hands the same joined bytes object to every subscriber of a channel in one
-    flush: the parse of those frames is cached on that object's identity (one entry,
-    shared by all SSE connections), so each further connection only updates its
-    positions and writes its own ``id:`` lines.
+    The parse of those frames is looked up in ``cache`` by the bytes object's identity,
+    so each further connection of a fan-out only updates its positions and writes its
+    own ``id:`` lines.
     """
 
-    __slots__ = ("_positions", "_token")
+    __slots__ = ("_cache", "_positions", "_token")
 
-    # One entry, shared: (the bytes object, its parse). Holding the object keeps its id
-    # from being reused while the entry stands.
-    _cache: tuple[bytes, list[_Message]] | None = None
-
-    def __init__(self) -> None:
+    def __init__(self, cache: ParseCache | None = None) -> None:
+        self._cache = cache or ParseCache()
         self._positions: dict[str, tuple[int, str]] = {}
         self._token: str | None = None
 
@@ -158,12 +167,12 @@ class SseEncoder:
 
     def encode(self, data: bytes) -> bytes:
         """The SSE events for the frames in ``data``."""
-        cached = SseEncoder._cache
+        cached = self._cache.entry
         if cached is not None and cached[0] is data:
             messages = cached[1]
         else:
             messages = [_parse(payload) for payload in frame_payloads(data)]
-            SseEncoder._cache = (data, messages)
+            self._cache.entry = (data, messages)
         parts: list[bytes] = []
         for message in messages:
             if message.channel is not None:
