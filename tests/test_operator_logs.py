@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -18,25 +18,11 @@ from helpers import TIMEOUT, Client, api, serve, token
 from redis_support import (
     REDIS_URL,
     RedisServer,
-    prefix_scope,
     redis_node,
-    server_scope,
 )
 from test_ws_hardening import SLOW, _overflow, raw_client
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def redis_servers(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
-    with server_scope(tmp_path) as make:
-        yield make
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    async with prefix_scope() as prefix:
-        yield prefix
 
 
 def _messages(lines: list[dict[str, object]], start: str) -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from redis_support import FAST, REDIS_URL, client_scope, eventually, free_port, prefix_scope
+from redis_support import FAST, REDIS_URL, client_scope, eventually, free_port
 from tidings.brokers.base import PublishRequest
 from tidings.brokers.presence_table import PresenceChange
 from tidings.brokers.redis import RedisBroker, redact_url
@@ -19,12 +19,6 @@ from tidings.errors import BrokerUnavailable
 from tidings.protocol.wire import encode_message
 
 NOTE = {"message": "hi", "level": "info"}
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    async with prefix_scope() as prefix:
-        yield prefix
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ from redis_support import (
     NullHandler,
     Producer,
     eventually,
-    prefix_scope,
     redis_node,
 )
 from tidings.brokers import PublishRequest, PublishResult
@@ -41,12 +40,6 @@ pytestmark = pytest.mark.timeout(150)
 TOK = token("reader", ("news:*",))
 #: Redis calls time out fast so that publishes answer 503 quickly during a failover.
 NODE = {"broker": {"timeout": 0.5}}
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    async with prefix_scope() as prefix:
-        yield prefix
 
 
 def channel_on(cluster_slots: set[int], avoid: set[int] | None = None) -> str:

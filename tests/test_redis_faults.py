@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
-
-import pytest
+from collections.abc import Callable
 
 from helpers import api, connect, token
 from redis_support import (
@@ -22,9 +19,7 @@ from redis_support import (
     Producer,
     RedisServer,
     eventually,
-    prefix_scope,
     redis_node,
-    server_scope,
 )
 from tidings.server import RunningServer
 
@@ -32,18 +27,6 @@ CHANNEL = "news:fault"
 TOK = token("reader", ("news:*",))
 #: Node settings: Redis calls time out fast so that publishes answer 503 quickly.
 NODE = {"broker": {"timeout": 0.3}}
-
-
-@pytest.fixture
-def redis_servers(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
-    with server_scope(tmp_path) as make:
-        yield make
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    async with prefix_scope() as prefix:
-        yield prefix
 
 
 async def _ready(server: RunningServer) -> int:

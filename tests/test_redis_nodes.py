@@ -7,23 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from helpers import API_KEY, SECRET, api, connect, line_starting, publish, token
-from redis_support import REDIS_URL, Follower, eventually, prefix_scope, redis_node
+from redis_support import REDIS_URL, Follower, eventually, redis_node
 
 NEWS = ("news:*", "room:*")
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    async with prefix_scope() as prefix:
-        yield prefix
 
 
 async def test_events_cross_nodes_once_and_in_order(redis_prefix: str) -> None:

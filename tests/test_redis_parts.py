@@ -4,14 +4,13 @@ link and the committed-offset scripts (pure ones first, then against the shared 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from redis.crc import key_slot as redis_key_slot
 from redis.exceptions import ResponseError
 
-from redis_support import REDIS_URL, NullHandler, prefix_scope
+from redis_support import REDIS_URL, NullHandler
 from tidings.brokers import PublishRequest
 from tidings.brokers.redis import RedisBroker
 from tidings.brokers.redis.link import Link, open_connection, parse_role
@@ -133,12 +132,6 @@ def test_prepacked_publish_commands_are_what_they_say(key: str | None) -> None:
 
 
 # -- against the shared Redis ----------------------------------------------------------
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    async with prefix_scope() as prefix:
-        yield prefix
 
 
 async def _link(timeout: float = 1.0) -> Link:

@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from helpers import Client, api, connect, publish, token
 from redis_engines import cluster_scope
-from redis_support import REDIS_URL, eventually, prefix_scope, redis_node
+from redis_support import REDIS_URL, eventually, redis_node
 from test_webhooks import SECRET, receiver
 from tidings.brokers.redis import RedisBroker
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    async with prefix_scope() as prefix:
-        yield prefix
 
 
 def _presence(ttl: float) -> dict[str, Any]:

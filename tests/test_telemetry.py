@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanContext, SpanKind
 
 from helpers import API_KEY, SECRET, TIMEOUT, connect, make_settings, publish, serve, token
-from redis_support import FAST, REDIS_URL, NullHandler, broker_settings, client_scope, prefix_scope
+from redis_support import FAST, REDIS_URL, NullHandler, broker_settings, client_scope
 from tidings.bench.otlpsink import otlp_sink
 from tidings.bench.servers import Credentials, server_env
 from tidings.brokers.base import PublishRequest
@@ -65,12 +65,6 @@ def traced() -> Iterator[Traced]:
     node = Traced()
     yield node
     node.provider.shutdown()
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    async with prefix_scope() as prefix:
-        yield prefix
 
 
 def _values(spans: Sequence[ReadableSpan]) -> list[str]:

@@ -11,7 +11,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import API_KEY, SECRET, TIMEOUT, line_starting, token
-from redis_support import REDIS_URL, eventually, prefix_scope
+from redis_support import REDIS_URL, eventually
 from tidings import __version__
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -29,12 +29,6 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 
 #: Scrapes per check, each on a fresh TCP connection (so each may reach either worker).
 SCRAPES = 8
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    async with prefix_scope() as prefix:
-        yield prefix
 
 
 def _alive(pid: int) -> bool:
