@@ -165,14 +165,12 @@ class Gateway:
                                                     outages=self.outages)
         self.presence_events = PresenceEvents(broker, settings.namespaces,
                                               outages=self.outages)
-        #: Called with each presence transition this node observed (webhooks).
-        self.on_presence_changes: list[Callable[[PresenceChange], None]] = []
+        #: Told of each presence transition this node observed (``[webhooks]``).
         self.webhooks: WebhookSender | None = None
         if settings.webhooks.url:
             dropped = self.metrics.webhooks_dropped
             self.webhooks = WebhookSender(
                 settings.webhooks, on_drop=lambda reason: dropped.labels(reason).inc())
-            self.on_presence_changes.append(self.webhooks.submit)
         # conn_id -> peer whose personal channel is held (auth.personal_channel_hold).
         self._personal_holds: Deadlines[str, Peer] = Deadlines(
             settings.auth.personal_channel_hold, self._send_personal)
@@ -328,11 +326,13 @@ class Gateway:
         self.hub.deliver_now(channel, text_frame(payload))
 
     def on_presence_change(self, change: PresenceChange) -> None:
-        for listener in self.on_presence_changes:
-            try:
-                listener(change)
-            except Exception:
-                logger.exception("a presence change listener failed")
+        if self.webhooks is None:
+            return
+        try:
+            self.webhooks.submit(change)
+        except Exception:
+            # The broker's delivery must go on (BrokerHandler: must not raise).
+            logger.exception("queueing a presence webhook failed")
 
     def local_channels(self) -> dict[str, int]:
         return dict(self.hub.channel_counts())
