@@ -511,6 +511,15 @@ async def _read_stream_until(stream: asyncio.StreamReader, needle: str) -> list[
                 return lines
 
 
+def _readme_commands() -> list[str]:
+    """The README's ``.venv/bin/tidings ...`` lines, without ``.venv/bin/tidings`` and the
+    trailing comment."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    prefix = "    .venv/bin/tidings "
+    return [line.removeprefix(prefix).split("  #", 1)[0].strip()
+            for line in readme.splitlines() if line.startswith(prefix)]
+
+
 def _home_env(tmp_path: Path) -> dict[str, str]:
     """No runtime directory and no XDG state home: the state file goes under $HOME."""
     home = tmp_path / "home"
@@ -531,6 +540,10 @@ async def test_cli_works_against_the_dev_server_with_nothing_exported(tmp_path: 
         assert "token --sub alice --channel 'news:*'" in banner
         assert "listen --sub alice news:a" in banner
         assert "publish news:a notification" in banner
+        # The README's quick start shows the banner's command lines, word for word.
+        shown = [line.strip().split("tidings ", 1)[1] for line in served.stdout
+                 if line.strip().split(" ", 1)[0].endswith("tidings")]
+        assert sorted(_readme_commands()) == sorted(shown), served.stdout
         assert state.stat().st_mode & 0o777 == 0o600
         assert state.parent.stat().st_mode & 0o777 == 0o700
         assert api_key in state.read_text()
