@@ -492,6 +492,48 @@ async def test_listen_prints_events_and_recovers(
             await process.wait()
 
 
+#: A connect-time hold of the personal channel far longer than any wait of these tests: a
+#: client that waited for it would time out instead of seeing the event.
+LONG_HOLD = {"auth": {"personal_channel_hold": 30}}
+
+
+async def test_client_gets_personal_events_without_waiting_for_the_hold() -> None:
+    """An event published to the personal channel right after the client connects arrives
+    at once: the client's first command ends the connect-time hold (the README promises
+    the client libraries never wait for it)."""
+    async with serve(LONG_HOLD) as server:
+        client = await open_client(server)
+        try:
+            sub = await client.subscribe("user:u1")
+            sent = await publish(server, "user:u1")
+            item = await next_item(sub)
+            assert isinstance(item, Event) and item.id == sent["id"]
+        finally:
+            await client.close()
+
+
+async def test_listen_gets_personal_events_without_waiting_for_the_hold() -> None:
+    """``tidings listen`` prints a personal event published as soon as it has subscribed,
+    without waiting out the connect-time hold."""
+    async with serve(LONG_HOLD) as server:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tidings.client.listen", "--token", token("u1"),
+            "--url", server.ws_url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert process.stdout is not None and process.stderr is not None
+        try:
+            await read_until(process.stderr, "subscribed to user:u1")
+            sent = await publish(server, "user:u1")
+            line = json.loads(await read_line(process.stdout))
+            assert (line["channel"], line["id"]) == ("user:u1", sent["id"])
+            process.terminate()
+            assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
 async def test_listen_exits_1_when_stopped_for_good() -> None:
     """``tidings listen`` with a rejected token prints the reason and exits with status 1."""
     async with serve() as server:

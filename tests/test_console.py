@@ -365,6 +365,26 @@ async def test_disconnect_then_connect_shows_the_recovery(browser: Browser,
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_console_shows_personal_events_without_waiting_for_the_hold(
+        browser: Browser) -> None:
+    """With a connect-time hold of the personal channel far longer than the test waits,
+    an event published to it as soon as the console is connected still shows: tidings.js
+    sends its first command at once (the README promises the console never waits)."""
+    failures: list[str] = []
+    async with serve({**DEV, "auth": {"personal_channel_hold": 30}}) as server:
+        tok = token("alice", ("demo:*",))
+        page = await _console(browser, (1280, 800), f"{server.http_url}/console#token={tok}",
+                              failures)
+        sent = await publish(server, "user:alice", "notification",
+                             {"message": "right away", "level": "info"})
+        row = page.locator('tr.event[data-channel="user:alice"][data-offset="1"]')
+        await row.wait_for(state="attached")
+        assert "right away" in (await row.text_content() or ""), sent
+        await page.context.close()
+    assert failures == []
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_console_shows_joins_and_leaves(browser: Browser) -> None:
     """Another user's join and leave in a presence namespace show as markers."""
     failures: list[str] = []
