@@ -68,6 +68,14 @@ class ServerSettings(_Section):
     internal_port: int | None = Field(default=None, ge=0, le=65535)
     internal_host: str = "127.0.0.1"
 
+    @field_validator("host", "internal_host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        # An empty host would bind every interface: that must be asked for by name.
+        if not value.strip():
+            raise ValueError("must not be empty (0.0.0.0 listens on every interface)")
+        return value
+
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
