@@ -635,7 +635,8 @@ def test_settings_built_directly_with_auto_are_production() -> None:
         ("limits = 5\n", "limits", "must be a table"),
         ('workers = "2"\n', "workers", "must be an integer"),
         ("[server]\nport = 70000\n", "server.port", "must be at most 65535"),
-        ("[history]\nttl = 0\n", "history.ttl", "must be more than 0"),
+        ("[history]\nttl = 0\n", "history.ttl", "must be more than 0 ("),
+        ("[auth]\nalgorithms = []\n", "auth.algorithms", "must name at least one of"),
     ],
 )
 def test_file_values_must_have_their_documented_types(

@@ -113,8 +113,10 @@ class AuthSettings(_Section):
             "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384",
             "PS512", "ES256", "ES384", "ES512", "EdDSA",
         }
+        if not value:
+            raise ValueError(f"must name at least one of {sorted(allowed)}")
         bad = [alg for alg in value if alg not in allowed]
-        if bad or not value:
+        if bad:
             raise ValueError(f"unsupported algorithm(s) {bad}; choose from {sorted(allowed)}")
         return value
 
