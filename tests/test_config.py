@@ -635,7 +635,8 @@ def test_settings_built_directly_with_auto_are_production() -> None:
         ("limits = 5\n", "limits", "must be a table"),
         ('workers = "2"\n', "workers", "must be an integer"),
         ("[server]\nport = 70000\n", "server.port", "must be at most 65535"),
-        ("[history]\nttl = 0\n", "history.ttl", "must be more than 0"),
+        ("[history]\nttl = 0\n", "history.ttl", "must be more than 0 ("),
+        ("[auth]\nalgorithms = []\n", "auth.algorithms", "must name at least one of"),
     ],
 )
 def test_file_values_must_have_their_documented_types(
@@ -719,3 +720,19 @@ def test_environment_numbers_and_union_values() -> None:
     assert settings.server.heartbeat_interval == 7.0
     assert settings.broker.ack_replicas == 2
     assert layers(environ={"TIDINGS_BROKER__ACK_REPLICAS": "auto"}).broker.ack_replicas == "auto"
+
+
+@pytest.mark.parametrize(("source", "key"), [
+    ({"TIDINGS_SERVER__HOST": ""}, "server.host"),
+    ({"TIDINGS_SERVER__HOST": " "}, "server.host"),
+    ({"TIDINGS_SERVER__INTERNAL_HOST": ""}, "server.internal_host"),
+])
+def test_an_empty_host_is_an_error_not_every_interface(source: dict[str, str],
+                                                       key: str) -> None:
+    """An empty host (an unset variable in a compose file) would listen on every
+    interface; it is an error naming the key and the way to ask for that."""
+    error = error_of(environ=source, require_auth=False)
+    assert error.key == key
+    assert "0.0.0.0" in error.reason
+    with pytest.raises(ConfigError, match=r"server\.host"):
+        load_settings(overrides={"server": {"host": ""}}, environ={}, require_auth=False)

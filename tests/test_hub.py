@@ -377,3 +377,35 @@ async def test_a_send_that_delivers_again_is_flushed_on_the_next_tick() -> None:
     await next_tick()
     await next_tick()
     assert offsets(a) == [[1], [2]]
+
+
+async def test_fan_out_is_timed_from_delivery_to_the_write_once_per_event() -> None:
+    """on_fanned_out gets, per delivered event, the time from deliver until its frame was
+    written to every subscriber at the end of the tick (slow writes included); nothing
+    for a channel without subscribers, and a held subscriber is not waited for."""
+    now = [0.0]
+
+    def slow_write(conn: FakeConn, data: bytes) -> None:
+        now[0] += 1.0  # each write into a transport takes one second of the fake clock
+
+    a = FakeConn("a", on_send=slow_write)
+    b = FakeConn("b", on_send=slow_write)
+    held = FakeConn("held", on_send=slow_write)
+    observed: list[float] = []
+    hub = make_hub(a, b, held, on_fanned_out=observed.append, clock=lambda: now[0])
+    hub.subscribe(a, "news:a", hold=False)
+    hub.subscribe(b, "news:a", hold=False)
+    hub.subscribe(b, "news:b", hold=False)
+    hub.subscribe(held, "news:c", hold=True)
+    hub.deliver("news:a", 1, frame(1))
+    now[0] = 0.5
+    hub.deliver("news:a", 2, frame(2))
+    hub.deliver("news:b", 1, frame(1, "news:b"))
+    hub.deliver("news:c", 1, frame(1, "news:c"))
+    hub.deliver("news:none", 1, frame(1, "news:none"))
+    assert observed == []  # nothing is written before the end of the tick
+    await next_tick()
+    # Three writes (a and b for news:a, b for news:b): the flush ends at 3.5.
+    assert now[0] == 3.5
+    assert observed == [3.5, 3.0, 3.0, 3.0]
+    assert held.writes == []

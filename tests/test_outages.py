@@ -58,3 +58,13 @@ def test_kinds_remembered_are_bounded(caplog: pytest.LogCaptureFixture) -> None:
     assert len(log._kinds) == MAX_KINDS
     log.warn("kind 0", "r")
     assert lines(caplog).count("kind 0: r") == 2
+
+
+def test_lines_at_another_level(caplog: pytest.LogCaptureFixture) -> None:
+    """With ``level`` the lines are written at that level, rate-limited alike."""
+    caplog.set_level("INFO", logger=LOGGER.name)
+    log = OutageLog(LOGGER, 10.0, clock=FakeClock(), level=logging.INFO)
+    for _ in range(3):
+        log.warn("continuity lost for a channel", "telling its subscribers")
+    assert lines(caplog) == ["continuity lost for a channel: telling its subscribers"]
+    assert [r.levelname for r in caplog.records] == ["INFO"]

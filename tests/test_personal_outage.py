@@ -1,5 +1,6 @@
 """A connection while Redis is unreachable: refused with 1013 (never accepted without its
-personal channel), logged as one rate-limited line, and the SDK gets in once Redis is back.
+personal channel), logged as one rate-limited line, and the SDK gets in once Redis is back;
+server API requests failing meanwhile are logged the same way.
 
 Every test runs its own redis-server on a free port and pauses it with SIGSTOP.
 """
@@ -132,3 +133,38 @@ async def test_python_client_backs_off_on_1013_and_gets_in_when_redis_returns(
     finally:
         redis.resume()
         await client.close()
+
+
+async def test_server_api_failures_during_an_outage_are_one_rate_limited_line_per_route(
+        redis: EngineNode, node: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
+    """While Redis is paused every publish and history read answers 503, and each route
+    logs one warning line without traceback, named by its pattern (no channel); the next
+    interval's line counts the requests left out."""
+    now = [0.0]
+    node.gateway.outages = OutageLog(logging.getLogger("tidings.gateway"),
+                                     clock=lambda: now[0])
+    caplog.set_level("WARNING")
+    body = {"channel": "news:a", "type": "notification",
+            "data": {"message": "m", "level": "info"}}
+    redis.pause()
+    try:
+        for _ in range(4):
+            status, answer = await api(node, "POST", "/api/publish", body)
+            assert status == 503 and answer["error"]["code"] == "broker_unavailable"
+        for channel in ("news:a", "news:b"):
+            status, _ = await api(node, "GET", f"/api/channels/{channel}/history")
+            assert status == 503
+        now[0] = 60.0  # the next interval
+        status, _ = await api(node, "POST", "/api/publish", body)
+        assert status == 503
+    finally:
+        redis.resume()
+    lines = [r for r in caplog.records if "failed" in r.getMessage()
+             and "/api/" in r.getMessage()]
+    messages = [r.getMessage() for r in lines]
+    assert [m.split(":", 1)[0] for m in messages] == [
+        "POST /api/publish failed", "GET /api/channels/{channel}/history failed",
+        "POST /api/publish failed"], messages
+    assert "(3 more since the previous such line, not logged)" in messages[2]
+    assert all(r.levelname == "WARNING" and r.exc_info is None for r in lines)
+    assert not any("news:" in m for m in messages)

@@ -309,6 +309,28 @@ async def test_changed_epoch_reports_continuity_lost(redis_prefix: str,
         assert seen.events[-1][1:3] == (1, new.epoch)
 
 
+async def test_channels_lost_together_are_one_log_line(
+        redis_prefix: str, redis_client: aioredis.Redis,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Channels whose history is lost at once (Redis emptied) are each reported to the
+    handler, and logged as one rate-limited line, not one per channel."""
+    caplog.set_level("INFO", logger="tidings.brokers.redis.fanout")
+    channels = ["news:x1", "news:x2", "news:x3"]
+    async with broker(redis_prefix) as (pub, _), broker(redis_prefix) as (sub, seen):
+        for channel in channels:
+            await sub.subscribe(channel)
+            await pub.publish([note(channel)])
+        await seen.until(lambda: len(seen.events) == len(channels))
+        for channel in channels:
+            await redis_client.delete(f"{redis_prefix}:{{{channel}}}:meta",
+                                      f"{redis_prefix}:{{{channel}}}:stream")
+            await pub.publish([note(channel)])
+        await seen.until(lambda: sorted(seen.lost) == channels)
+    lines = [r for r in caplog.records if "continuity lost" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].levelname == "INFO" and lines[0].exc_info is None
+
+
 async def test_duplicate_messages_are_dropped(redis_prefix: str,
                                               redis_client: aioredis.Redis) -> None:
     """A message repeated on pub/sub is delivered once."""

@@ -301,7 +301,11 @@ def _reason(error: Mapping[str, Any]) -> str:
               "less_than_equal": ("le", "at most"), "less_than": ("lt", "less than")}
     if kind in bounds:
         name, words = bounds[kind]
-        return f"must be {words} {context[name]}"
+        bound = context[name]
+        # A float key's bound reads 0.0 in pydantic's context; the docs write 0.
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
+        return f"must be {words} {bound}"
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "value_error" and "error" in context:

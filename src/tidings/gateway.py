@@ -158,7 +158,8 @@ class Gateway:
         self.clock = clock
         self.wall_clock = wall_clock
         self.hub: Hub[Peer] = Hub(on_pending_overflow=self._pending_overflow,
-                                  on_written=self._count_frames)
+                                  on_written=self._count_frames,
+                                  on_fanned_out=self.metrics.fanned_out)
         self.draining = False
         self.outages = OutageLog(logger)
         self.node_subscriptions = NodeSubscriptions(broker, self.hub.has_channel,
@@ -186,7 +187,6 @@ class Gateway:
         # between workers.
         self._counts_changed = self.metrics.bind_counts(self.hub.connection_count,
                                                         lambda: self._subscription_count)
-        self._fanned_out = self.metrics.fanned_out
         # Settings read on every handshake, looked up once.
         server, auth = settings.server, settings.auth
         self._session_settings = (settings.limits, server.heartbeat_interval,
@@ -296,18 +296,13 @@ class Gateway:
                                    lambda: self._fan_out(channel, offset, payload))
             return
         # Counted when written (hub's on_written), not here: a subscriber under setup
-        # holds the frame, and one that already had the offset skips it. Timed once per
-        # event, never per subscriber.
-        started = time.perf_counter()
+        # holds the frame, and one that already had the offset skips it. The hub times
+        # the fan-out too (tidings_fanout_seconds), up to the write at the end of the tick.
         self.hub.deliver(channel, offset, text_frame(payload))
-        self._fanned_out(time.perf_counter() - started)
 
     def _fan_out(self, channel: str, offset: int, payload: bytes) -> int:
         """``on_event``'s work, for a traced event: the local subscriber count."""
-        started = time.perf_counter()
-        subscribers = self.hub.deliver(channel, offset, text_frame(payload))
-        self._fanned_out(time.perf_counter() - started)
-        return subscribers
+        return self.hub.deliver(channel, offset, text_frame(payload))
 
     def on_continuity_lost(self, channel: str) -> None:
         message = text_frame(encode_message(

@@ -9,6 +9,7 @@ no task, queue or ``await`` per subscriber.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -88,6 +89,11 @@ class Hub(Generic[C]):
     for the subscribers that got the whole tick, once per subscriber that got part of
     it). Frames held for a subscriber under setup, or skipped as already sent, are not
     reported; held frames are reported by whoever writes what ``release`` returns.
+
+    ``on_fanned_out(seconds)`` is called once per delivered event (never per subscriber),
+    at the end of the flush that wrote it: ``seconds`` on ``clock`` from ``deliver`` until
+    its frame was handed to every direct subscriber's transport. Frames held for a
+    subscriber under setup go out later and are not part of it.
     """
 
     def __init__(
@@ -98,8 +104,14 @@ class Hub(Generic[C]):
         on_pending_overflow: Callable[[C], None] | None = None,
         on_written: Callable[[Sequence[bytes], int], None] | None = None,
         compress: Callable[[bytes], bytes] = deflate_frame,
+        on_fanned_out: Callable[[float], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._compress = compress
+        self._on_fanned_out = on_fanned_out
+        self._clock = clock
+        # When each event delivered since the last flush arrived (with on_fanned_out).
+        self._arrivals: list[float] = []
         self._loop = loop
         self._connections: dict[str, C] = {}
         # Lists: most users hold one connection, where a dict costs ~170 bytes more.
@@ -244,6 +256,8 @@ class Hub(Generic[C]):
         entry = self._channels.get(channel)
         if entry is None:
             return 0
+        if self._on_fanned_out is not None:
+            self._arrivals.append(self._clock())
         frames = entry.frames
         if frames is None:
             entry.frames = frames = []
@@ -277,6 +291,7 @@ class Hub(Generic[C]):
         """Write every channel's collected frames, joined, once per subscriber."""
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
+        arrivals, self._arrivals = self._arrivals, []
         written = self._on_written
         for entry in dirty:
             frames, entry.frames = entry.frames, None
@@ -321,6 +336,13 @@ class Hub(Generic[C]):
                             written(part, 1)
             if whole and written is not None:
                 written([f for _, f in frames], whole)
+        fanned_out = self._on_fanned_out
+        if arrivals and fanned_out is not None:
+            # One clock reading for the whole flush: the loop does nothing else meanwhile,
+            # so an event's frame is out by then, and reading per channel would cost more.
+            done = self._clock()
+            for arrived in arrivals:
+                fanned_out(done - arrived)
 
     def _hold(self, sub: Subscriber[C], pending: list[tuple[int, bytes]],
               frames: list[tuple[int, bytes]]) -> None:

@@ -107,7 +107,8 @@ class Metrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
             GCCollector(registry=r)
-        self.connections = Gauge("tidings_connections", "Open WebSocket connections",
+        self.connections = Gauge("tidings_connections",
+                                 "Open client connections (WebSocket and SSE)",
                                  registry=r, multiprocess_mode="livesum")
         self.subscriptions = Gauge(
             "tidings_subscriptions", "Active channel subscriptions on this server", registry=r,

@@ -1,4 +1,5 @@
-"""Log lines about expected outages: one warning line each, rate-limited per kind.
+"""Log lines about expected outages: one line each (a warning unless told otherwise),
+rate-limited per kind.
 
 A broker outage is an expected event in a deployment, not a bug: it deserves one line
 with the reason, not a traceback per connection. During an outage the same failure
@@ -21,9 +22,9 @@ MAX_KINDS = 64
 
 
 class OutageLog:
-    """Rate-limited warnings: ``warn(kind, reason)`` logs ``"<kind>: <reason>"`` unless a
-    line of the same ``kind`` was logged less than ``interval`` seconds ago; the next line
-    logged for that kind counts the ones left out.
+    """Rate-limited lines: ``warn(kind, reason)`` logs ``"<kind>: <reason>"`` at ``level``
+    unless a line of the same ``kind`` was logged less than ``interval`` seconds ago; the
+    next line logged for that kind counts the ones left out.
 
     ``kind`` must come from a fixed set (it is a dictionary key) and neither it nor
     ``reason`` may hold secrets: reasons are the messages of ``TidingsError`` instances,
@@ -31,8 +32,10 @@ class OutageLog:
     """
 
     def __init__(self, logger: logging.Logger, interval: float = INTERVAL, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 level: int = logging.WARNING) -> None:
         self._logger = logger
+        self._level = level
         self._interval = interval
         self._clock = clock
         # kind -> (when its last line was logged, lines suppressed since)
@@ -49,7 +52,8 @@ class OutageLog:
             self._kinds.pop(next(iter(self._kinds)))
         self._kinds[kind] = (now, 0)
         if suppressed:
-            self._logger.warning("%s: %s (%d more since the previous such line, not logged)",
-                                 kind, reason, suppressed)
+            self._logger.log(self._level,
+                             "%s: %s (%d more since the previous such line, not logged)",
+                             kind, reason, suppressed)
         else:
-            self._logger.warning("%s: %s", kind, reason)
+            self._logger.log(self._level, "%s: %s", kind, reason)

@@ -176,7 +176,9 @@ def add_sse_routes(app: web.Application, gateway: Gateway, *, serve_relay: bool)
         relay.serve(commands.answer)
     app.router.add_get(path, sse_handler(gateway, relay.node_id if relay else None))
     app.router.add_route("*", path, method_not_allowed)
-    app.router.add_post(path + "/commands", json_errors(commands.post))
+    app.router.add_post(path + "/commands",
+                        json_errors(commands.post, lambda kind, reason:
+                                    gateway.outages.warn(kind, reason)))
     app.router.add_route("OPTIONS", path + "/commands", commands.preflight)
     app.router.add_route("*", path + "/commands", method_not_allowed)
 

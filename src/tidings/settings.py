@@ -68,6 +68,14 @@ class ServerSettings(_Section):
     internal_port: int | None = Field(default=None, ge=0, le=65535)
     internal_host: str = "127.0.0.1"
 
+    @field_validator("host", "internal_host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        # An empty host would bind every interface: that must be asked for by name.
+        if not value.strip():
+            raise ValueError("must not be empty (0.0.0.0 listens on every interface)")
+        return value
+
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
@@ -105,8 +113,10 @@ class AuthSettings(_Section):
             "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384",
             "PS512", "ES256", "ES384", "ES512", "EdDSA",
         }
+        if not value:
+            raise ValueError(f"must name at least one of {sorted(allowed)}")
         bad = [alg for alg in value if alg not in allowed]
-        if bad or not value:
+        if bad:
             raise ValueError(f"unsupported algorithm(s) {bad}; choose from {sorted(allowed)}")
         return value
 

@@ -49,9 +49,17 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return json_response({"error": {"code": code, "message": message}}, status)
 
 
-def json_errors(handler: Handler) -> Handler:
+#: ``warn(kind, reason)``: a rate-limited warning (``Gateway.outages``).
+Warn = Callable[[str, str], None]
+
+
+def json_errors(handler: Handler, warn: Warn | None = None) -> Handler:
     """Wrap a route handler: every failure as ``{"error": {"code", "message"}}`` with a
     fitting status.
+
+    A server-side failure (5xx: the broker away) is logged through ``warn`` as one line
+    per route and interval, since during an outage every request fails alike; without
+    ``warn``, one line per request.
 
     A per-route wrapper rather than an aiohttp middleware: a middleware would wrap the
     WebSocket handler too, and its suspended frames would cost every idle connection
@@ -63,7 +71,7 @@ def json_errors(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except TidingsError as exc:
-            return _tidings_error(request, exc)
+            return _tidings_error(request, exc, warn)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -85,9 +93,16 @@ async def method_not_allowed(request: web.Request) -> web.StreamResponse:
     return _error(405, "method_not_allowed", "Method Not Allowed")
 
 
-def _tidings_error(request: web.Request, exc: TidingsError) -> web.Response:
+def _tidings_error(request: web.Request, exc: TidingsError, warn: Warn | None
+                   ) -> web.Response:
     if exc.http_status >= 500:
-        logger.warning("%s %s failed: %s", request.method, request.path, exc.message)
+        if warn is None:
+            logger.warning("%s %s failed: %s", request.method, request.path, exc.message)
+        else:
+            # The route's pattern, not the path: kinds are a fixed set (no channel names).
+            resource = request.match_info.route.resource
+            path = resource.canonical if resource is not None else request.path
+            warn(f"{request.method} {path} failed", exc.message)
     return _error(exc.http_status, exc.code, exc.message)
 
 
@@ -166,6 +181,10 @@ def add_api_routes(app: web.Application, gateway: Gateway, service: ApiService,
     traces the server API's (``/api/...``), not the probes' nor the scrapes'."""
     api = _Api(gateway, service, keys)
     tracer = telemetry or Telemetry()
+
+    def warn(kind: str, reason: str) -> None:
+        gateway.outages.warn(kind, reason)
+
     posts = {"/api/publish": api.publish, "/api/batch": api.batch,
              "/api/disconnect": api.disconnect}
     gets = {"/api/channels": api.channels, "/api/channels/{channel}/history": api.history,
@@ -173,7 +192,7 @@ def add_api_routes(app: web.Application, gateway: Gateway, service: ApiService,
             "/readyz": api.readyz, "/metrics": api.metrics}
     for routes, add in ((posts, app.router.add_post), (gets, app.router.add_get)):
         for path, handler in routes.items():
-            guarded = json_errors(handler)
+            guarded = json_errors(handler, warn)
             add(path, tracer.api_route(path, guarded) if path.startswith("/api/")
                 else guarded)
             app.router.add_route("*", path, method_not_allowed)

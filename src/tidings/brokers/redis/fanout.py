@@ -38,6 +38,7 @@ from tidings.brokers.redis.pubsub import Subscriber
 from tidings.brokers.redis.scripts import KeyLayout, key_slot
 from tidings.brokers.redis.topology import Topology
 from tidings.errors import BrokerUnavailable
+from tidings.outages import OutageLog
 
 __all__ = ["Fanout"]
 
@@ -98,6 +99,8 @@ class Fanout:
         self._history_chunk = history_chunk
         self.handler: BrokerHandler | None = None
         self.channels: dict[str, _Channel] = {}
+        # Redis restarted empty loses every channel at once: one line, not one per channel.
+        self._lost_log = OutageLog(logger, level=logging.INFO)
         self._by_pubsub: dict[bytes, _Channel] = {}
         self._subscribers: dict[Address, Subscriber] = {}
         self._homeless: set[bytes] = set()
@@ -426,7 +429,8 @@ class Fanout:
             logger.exception("on_event failed for a channel")
 
     def _lost(self, state: _Channel) -> None:
-        logger.info("continuity lost for a channel; telling its subscribers to resubscribe")
+        self._lost_log.warn("continuity lost for a channel",
+                            "telling its subscribers to resubscribe")
         if self.handler is None:
             return
         try:
