@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fakes import FakeClock, command, connect_peer, next_tick
+from fakes import FakeClock, FakePeer, command, connect_peer, next_tick
 from helpers import make_settings, token
 from tidings.api.service import ApiService
 from tidings.auth import Authenticator, Identity
@@ -870,12 +870,19 @@ async def test_begin_drain_closes_everyone_with_1001(gateway: Gateway) -> None:
     assert gauge(gateway, "tidings_subscriptions") == 0
 
 
+# The sweeps below are driven by hand on a FakeClock: the gateway's own sweep loop runs
+# too, but at that fake time it finds nothing due, so every ping and close happens
+# exactly at the explicit ``sweep(now)`` the test makes (the real loop is proven over
+# real sockets in test_ws_lifecycle.py).
+HEARTBEAT = {"server": {"heartbeat_interval": 25, "heartbeat_timeout": 10}}
+
+
 async def test_a_failing_session_is_closed_1011_and_the_sweep_goes_on(
         make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture) -> None:
-    """A session whose tick raises is closed with 1011 and logged; the sweeper lives on,
-    so the other peers are still pinged and then closed for their silence (4408)."""
-    gateway = await make_gateway({"server": {"heartbeat_interval": 0.05,
-                                             "heartbeat_timeout": 0.05}})
+    """A session whose tick raises is closed with 1011 and logged; the sweep goes on to
+    the other peers, which are still pinged and then closed for their silence (4408)."""
+    clock = FakeClock()
+    gateway = await make_gateway(HEARTBEAT, clock=clock)
     broken = await connect_peer(gateway, "user-1")
     other = await connect_peer(gateway, "user-2")
 
@@ -892,10 +899,13 @@ async def test_a_failing_session_is_closed_1011_and_the_sweep_goes_on(
             raise RuntimeError("a bug in one session")
 
     broken.session = Failing(broken.session)
-    code, _ = await asyncio.wait_for(broken.closed, WAIT)
-    assert code == 1011
-    await asyncio.wait_for(other.pinged, WAIT)
-    code, reason = await asyncio.wait_for(other.closed, WAIT)
+    clock.advance(25)
+    gateway.sweep(clock())
+    assert broken.closes == [(1011, "internal error")]
+    assert other.pings == 1 and other.closes == []
+    clock.advance(10)
+    gateway.sweep(clock())
+    code, reason = other.closes[0]
     assert code == 4408 and "heartbeat" in reason
     assert any("heartbeat or expiry check failed" in r.getMessage() for r in caplog.records)
     assert gateway.supervisor.healthy
@@ -903,26 +913,55 @@ async def test_a_failing_session_is_closed_1011_and_the_sweep_goes_on(
 
 async def test_sweeper_pings_then_closes_a_silent_peer_with_4408(
         make_gateway: MakeGateway) -> None:
-    """With a tiny heartbeat a silent peer is pinged and then closed with 4408, while a
-    peer that answers pings stays open."""
-    gateway = await make_gateway({"server": {"heartbeat_interval": 0.05,
-                                             "heartbeat_timeout": 0.05}})
+    """A silent peer is pinged one interval after connect and closed with 4408 one
+    timeout after that ping, while a peer that answers pings stays open."""
+    clock = FakeClock()
+    gateway = await make_gateway(HEARTBEAT, clock=clock)
     silent = await connect_peer(gateway, "user-1")
     lively = await connect_peer(gateway, "user-2")
-    answer = lively.send_ping
-
-    def pong() -> None:
-        answer()
-        lively.session.saw_frame(gateway.clock())
-
-    lively.send_ping = pong  # type: ignore[method-assign]
-    await asyncio.wait_for(silent.pinged, WAIT)
+    clock.advance(24.9)
+    gateway.sweep(clock())
+    assert silent.pings == 0 and lively.pings == 0
+    clock.advance(0.1)
+    gateway.sweep(clock())
+    assert silent.pings == 1 and lively.pings == 1
+    lively.session.saw_frame(clock())  # its pong
+    clock.advance(9.9)
+    gateway.sweep(clock())
     assert silent.closes == []
-    code, reason = await asyncio.wait_for(silent.closed, WAIT)
+    clock.advance(0.1)
+    gateway.sweep(clock())
+    code, reason = silent.closes[0]
     assert code == 4408 and "heartbeat" in reason
     assert silent.pings == 1
-    assert lively.pings >= 1
     assert lively.closes == []
+    for _ in range(4):  # answering every ping keeps it open interval after interval
+        clock.advance(25)
+        gateway.sweep(clock())
+        lively.session.saw_frame(clock())
+    assert lively.pings >= 4
+    assert lively.closes == []
+
+
+async def test_sweep_closes_at_token_expiry_with_4401(make_gateway: MakeGateway) -> None:
+    """The sweep closes a connection with ``unauthorized`` then 4401 once its token's
+    expiry (plus leeway) has passed on the clock, not a moment before."""
+    clock = FakeClock()
+    gateway = await make_gateway({**HEARTBEAT, "auth": {"leeway": 5}}, clock=clock)
+    identity = Identity("user-1", gateway.wall_clock() + 60, ())
+    peer = FakePeer(gateway.new_session(identity))
+    await gateway.connect(peer)
+    peer.take()
+    clock.advance(64)
+    gateway.sweep(clock())
+    assert peer.closes == []
+    clock.advance(1.5)
+    gateway.sweep(clock())
+    messages = peer.take()
+    assert [m["type"] for m in messages] == ["error"]
+    assert messages[0]["data"]["code"] == "unauthorized"
+    assert "expired" in messages[0]["data"]["message"]
+    assert peer.closes and peer.closes[0][0] == 4401
 
 
 # -- refresh and metrics ------------------------------------------------------------

@@ -29,6 +29,7 @@ class RecordingHandler:
     disconnects: list[tuple[str, str]] = field(default_factory=list)
     channels: dict[str, int] = field(default_factory=dict)
     presence: dict[str, dict[str, int]] = field(default_factory=dict)
+    changes: list[PresenceChange] = field(default_factory=list)
 
     def on_event(self, channel: str, offset: int, epoch: str, payload: bytes,
                  trace: str | None = None) -> None:
@@ -50,7 +51,7 @@ class RecordingHandler:
         pass
 
     def on_presence_change(self, change: PresenceChange) -> None:
-        pass
+        self.changes.append(change)
 
 
 @pytest.fixture
@@ -317,6 +318,29 @@ async def test_a_subscribed_stream_does_not_expire(broker: MemoryBroker,
     clock.advance(1)
     broker.expire()
     assert (await broker.position("news:a")).epoch != first.epoch
+
+
+async def test_a_departure_becomes_a_leave_once_its_ttl_has_passed(
+        broker: MemoryBroker, handler: RecordingHandler, clock: FakeClock) -> None:
+    """A departed user leaves when ``ttl`` has passed on the clock, not before, and one
+    who comes back within the ttl never leaves (the expiry is called by hand here; the
+    broker's own timer waits the real ttl, far longer than this test)."""
+    await broker.presence_arrive("room:a", "alice", TTL)
+    await broker.presence_arrive("room:a", "bob", TTL)
+    assert [(c.user_id, c.kind) for c in handler.changes] == [("alice", "join"),
+                                                               ("bob", "join")]
+    await broker.presence_depart("room:a", "alice", TTL)
+    await broker.presence_depart("room:a", "bob", TTL)
+    clock.advance(TTL - 1)
+    broker.expire_presence()
+    assert len(handler.changes) == 2
+    await broker.presence_arrive("room:a", "bob", TTL)  # back within the ttl
+    clock.advance(1)
+    broker.expire_presence()
+    assert [(c.user_id, c.kind) for c in handler.changes[2:]] == [("alice", "leave")]
+    clock.advance(TTL * 10)
+    broker.expire_presence()
+    assert len(handler.changes) == 3
 
 
 # -- delivery and node views ----------------------------------------------------------
