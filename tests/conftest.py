@@ -1,5 +1,5 @@
-"""Test configuration: make ``tests/helpers.py`` importable; the Redis fixtures that
-many modules share."""
+"""Test configuration: make ``tests/helpers.py`` importable; the per-test time limit
+scaled by ``TIDINGS_TEST_TIMEOUT_SCALE``; the Redis fixtures that many modules share."""
 
 from __future__ import annotations
 
@@ -12,8 +12,44 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+try:
+    from timeouts import TIMEOUT_SCALE
+except ValueError as exc:  # a bad TIDINGS_TEST_TIMEOUT_SCALE: one line, no traceback
+    raise pytest.UsageError(str(exc)) from None
+
 if TYPE_CHECKING:
     from redis_support import RedisServer
+
+
+def _scaled_timeout(item: pytest.Item) -> pytest.MarkDecorator | None:
+    """The item's pytest-timeout limit (its marker, else ``--timeout`` or the ini value)
+    times TIMEOUT_SCALE, as a marker; None when there is no limit to scale."""
+    marker = item.get_closest_marker("timeout")
+    kwargs: dict[str, object] = {}
+    base: object = None
+    if marker is not None:
+        kwargs = dict(marker.kwargs)
+        base = marker.args[0] if marker.args else kwargs.pop("timeout", None)
+    if base is None:
+        base = item.config.getoption("timeout", None) or item.config.getini("timeout")
+    try:
+        seconds = float(base)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    if seconds <= 0:  # 0 switches the limit off; scaling keeps it off
+        return None
+    return pytest.mark.timeout(seconds * TIMEOUT_SCALE, **kwargs)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """One scale for every bound: the per-test limit grows with the waits inside it."""
+    if TIMEOUT_SCALE == 1:
+        return
+    for item in items:
+        scaled = _scaled_timeout(item)
+        if scaled is not None:
+            # In front of the item's own markers: get_closest_marker finds it first.
+            item.add_marker(scaled, append=False)
 
 
 @pytest.fixture

@@ -806,9 +806,9 @@ async def test_readiness_fails_while_a_critical_loop_is_down() -> None:
             await asyncio.Event().wait()
 
         supervisor.spawn("probe", loop, critical=True)
-        await asyncio.wait_for(waiting.wait(), 5)
+        await asyncio.wait_for(waiting.wait(), TIMEOUT)
         status, _, answer = await call(server, "GET", "/readyz", key=None)
         assert status == 503 and answer == {"status": "background loop down"}, answer
         release.set()
-        await asyncio.wait_for(running.wait(), 5)
+        await asyncio.wait_for(running.wait(), TIMEOUT)
         assert (await call(server, "GET", "/readyz", key=None))[0] == 200

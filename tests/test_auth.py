@@ -33,6 +33,7 @@ from tidings.auth import (
 )
 from tidings.config import AuthSettings
 from tidings.errors import ConfigError, Unauthorized
+from timeouts import TIMEOUT
 
 SECRET = "tidings-test-secret-7f3a9c0d-51be-4e0a-9d77-c2b8e1f04a6d-0123456789abcdef"
 NOW = 1_700_000_000.0
@@ -726,9 +727,9 @@ async def test_concurrent_authentications_share_one_fetch(
     auth = make_auth(algorithms=("ES256",), jwks_url=jwks_endpoint.url)
     token = signed(ec_key, "ES256", "e1")
     tasks = [asyncio.create_task(auth.authenticate(token)) for _ in range(25)]
-    await asyncio.wait_for(jwks_endpoint.entered.wait(), timeout=10)
+    await asyncio.wait_for(jwks_endpoint.entered.wait(), timeout=TIMEOUT)
     jwks_endpoint.release.set()
-    identities = await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
+    identities = await asyncio.wait_for(asyncio.gather(*tasks), timeout=TIMEOUT)
     assert {identity.user_id for identity in identities} == {"user-1"}
     assert jwks_endpoint.hits == 1
 
@@ -748,7 +749,7 @@ async def test_concurrent_refetches_share_one_fetch(ec_key: ec.EllipticCurvePriv
     tasks = [asyncio.create_task(auth.authenticate(token)) for _ in range(10)]
     # The fetch task was created by the first waiter, so once it runs every waiter has
     # reached the shared fetch.
-    await asyncio.wait_for(fetch.entered.wait(), timeout=10)
+    await asyncio.wait_for(fetch.entered.wait(), timeout=TIMEOUT)
     tasks[0].cancel()
     fetch.gate.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -766,7 +767,7 @@ async def test_jwks_fetch_timeout_is_unauthorized(
     auth = make_auth(algorithms=("ES256",), jwks_url=jwks_endpoint.url, jwks_timeout=0.2)
     token = signed(ec_key, "ES256", "e1")
     with pytest.raises(Unauthorized, match="unknown signing key"):
-        await asyncio.wait_for(auth.authenticate(token), timeout=10)
+        await asyncio.wait_for(auth.authenticate(token), timeout=TIMEOUT)
 
 
 async def test_hanging_injected_fetch_is_bounded(ec_key: ec.EllipticCurvePrivateKey) -> None:
@@ -778,7 +779,7 @@ async def test_hanging_injected_fetch_is_bounded(ec_key: ec.EllipticCurvePrivate
     )
     auth = Authenticator(settings, fetch_jwks=fetch)
     with pytest.raises(Unauthorized, match="unknown signing key"):
-        await asyncio.wait_for(auth.authenticate(signed(ec_key, "ES256", "e1")), timeout=10)
+        await asyncio.wait_for(auth.authenticate(signed(ec_key, "ES256", "e1")), timeout=TIMEOUT)
     assert fetch.calls == [("https://idp.example/jwks", 0.1)]
 
 

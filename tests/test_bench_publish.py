@@ -21,6 +21,7 @@ from tidings.bench.cluster import redis_command, start_cluster
 from tidings.bench.postload import build_requests
 from tidings.bench.servers import start_redis
 from tidings.bench.system import Pinning
+from timeouts import scaled
 
 needs_cc = pytest.mark.skipif(
     shutil.which(os.environ.get("CC", "gcc")) is None and shutil.which("cc") is None,
@@ -36,7 +37,7 @@ def _needs_redis_server() -> None:
         unavailable("redis-server is not installed (the bench starts its own)")
 
 
-def _bench(tmp_path: Path, *options: str, timeout: float = 25) -> dict[str, Any]:
+def _bench(tmp_path: Path, *options: str, timeout: float = scaled(25)) -> dict[str, Any]:
     """Run the bench with ``options``; return its JSON report (stdout checked too)."""
     output = tmp_path / "bench.json"
     proc = subprocess.Popen([*COMMAND, *options, "--output", str(output)],
@@ -47,7 +48,7 @@ def _bench(tmp_path: Path, *options: str, timeout: float = 25) -> dict[str, Any]
         if proc.poll() is None:
             # SIGTERM lets the bench stop every process it started.
             proc.send_signal(signal.SIGTERM)
-            proc.communicate(timeout=15)
+            proc.communicate(timeout=scaled(15))
     assert proc.returncode == 0, stderr
     assert "publish 1/req x32, memory" in stdout, stdout
     report: dict[str, Any] = json.loads(output.read_text())

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from timeouts import scaled
+
 pytestmark = pytest.mark.skipif(
     shutil.which(os.environ.get("CC", "gcc")) is None and shutil.which("cc") is None,
     reason="the bench's load generator is compiled with a C compiler",
@@ -29,12 +31,12 @@ def test_bench_runs_a_tiny_fanout_and_writes_json(tmp_path: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        stdout, stderr = proc.communicate(timeout=45)
+        stdout, stderr = proc.communicate(timeout=scaled(45))
     finally:
         if proc.poll() is None:
             # SIGTERM lets the bench stop the server and generator it started.
             proc.send_signal(signal.SIGTERM)
-            proc.communicate(timeout=15)
+            proc.communicate(timeout=scaled(15))
     assert proc.returncode == 0, stderr
     assert "fan-out 20 subs" in stdout
     report = json.loads(output.read_text())

@@ -14,13 +14,13 @@ import pytest_asyncio
 
 from browsers import ARTIFACTS, chromium
 from fault_proxy_js import fault_proxy
-from helpers import API_KEY, api, publish, serve, token
+from helpers import API_KEY, api, publish, scaled, serve, token
 from tidings.protocol import CloseCode
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser, Page
 
-WAIT_MS = 8000
+WAIT_MS = int(scaled(8.0) * 1000)
 CONSOLE = {"console": {"enabled": "on"}}
 #: Small backoff (ms) passed to the console so that reconnections in tests are quick.
 FAST = "delay=50&maxDelay=200"

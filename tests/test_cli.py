@@ -21,10 +21,11 @@ import jwt
 import pytest
 
 from helpers import API_KEY, SECRET, TIMEOUT, api, serve
+from timeouts import scaled
 
 CLI = [sys.executable, "-m", "tidings.cli"]
 #: Seconds a subprocess may take to start, answer or stop.
-PROCESS_TIMEOUT = 8.0
+PROCESS_TIMEOUT = scaled(8.0)
 
 
 @pytest.fixture(autouse=True)

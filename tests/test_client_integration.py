@@ -32,6 +32,7 @@ from tidings.client import connect as client_connect
 from tidings.protocol import encode_message
 from tidings.protocol.wire import text_frame
 from tidings.server import RunningServer
+from timeouts import scaled
 
 CHANNELS = ("news:*", "room:*")
 
@@ -263,7 +264,7 @@ async def test_token_is_refreshed_before_it_expires() -> None:
     async with serve(overrides) as server:
         client = await open_client(server, token=None, token_provider=provider,
                                    on_state=recorder)
-        await asyncio.wait_for(past_first.wait(), 6)
+        await asyncio.wait_for(past_first.wait(), scaled(6))
         assert await client.ping() > 0
         assert recorder.states() == ["connecting", "connected"]
         assert client.expires_at is not None and client.expires_at > expiries[0]
@@ -372,7 +373,7 @@ async def test_stalled_connection_is_detected_and_replaced(
     sub = await client.subscribe("news:a")
     proxy.stall()
     await publish(server, "news:a")
-    lost = await recorder.wait("disconnected", timeout=3)
+    lost = await recorder.wait("disconnected")
     assert lost.code is None and "no frame received for 0.5 s" in lost.reason
     proxy.resume()
     await recorder.wait("connected", 2)

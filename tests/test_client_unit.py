@@ -25,6 +25,7 @@ from tidings.client import (
 from tidings.client.errors import AuthenticationFailed, SubscriptionError
 from tidings.client.models import Item
 from tidings.client.tokens import TokenSource, parse_expiry
+from timeouts import TIMEOUT
 
 
 def ev(offset: int, channel: str = "news:a") -> Event:
@@ -434,7 +435,7 @@ async def test_waiting_reader_is_woken() -> None:
     reader = asyncio.create_task(sub.__anext__())
     await asyncio.sleep(0)
     sub.push([ev(1)])
-    assert await asyncio.wait_for(reader, 1) == ev(1)
+    assert await asyncio.wait_for(reader, TIMEOUT) == ev(1)
 
 
 async def test_callbacks_get_items_in_order_and_survive_errors() -> None:
@@ -453,7 +454,7 @@ async def test_callbacks_get_items_in_order_and_survive_errors() -> None:
     sub.start_callbacks(on_event, seen.append)
     gap = Gap("news:a", "recovery_failed", 1, "e1", 2, "e1")
     sub.push([ev(1), gap, ev(3)])
-    await asyncio.wait_for(done.wait(), 1)
+    await asyncio.wait_for(done.wait(), TIMEOUT)
     assert seen == [ev(1), gap, ev(3)]
     await sub.stop_callbacks()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tidings.protocol.codes import CloseCode, ReconnectAdvice
+from timeouts import scaled
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "clients" / "js" / "tidings.js"
@@ -39,7 +40,7 @@ def _js_view() -> dict[str, dict[str, str] | list[int]]:
     codes = [str(int(code)) for code in CloseCode] + [str(code) for code in EXTRA_CODES]
     done = subprocess.run([node, "--input-type=module", "-e", _SCRIPT, "--",
                            CLIENT.as_uri(), *codes],
-                          capture_output=True, text=True, timeout=30, check=True)
+                          capture_output=True, text=True, timeout=scaled(30), check=True)
     view: dict[str, dict[str, str] | list[int]] = json.loads(done.stdout)
     return view
 

@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from browsers import ARTIFACTS, chromium
-from helpers import API_KEY, connect, publish, serve, token
+from helpers import API_KEY, connect, publish, scaled, serve, token
 from tidings.config import load_settings
 from tidings.console import client_script
 from tidings.server import prepare_dev, running
@@ -26,7 +26,7 @@ STATIC = REPO / "src" / "tidings" / "static"
 CONSOLE_ON = {"console": {"enabled": "on"}}
 #: What a newcomer runs (`make run`): development mode, the publish form pre-filled.
 DEV = {"server": {"mode": "development"}}
-WAIT_MS = 8000
+WAIT_MS = int(scaled(8.0) * 1000)
 #: Desktop and phone (an iPhone 12-15 is 390 px wide).
 VIEWPORTS = [pytest.param((1280, 800), id="1280"), pytest.param((390, 844), id="390")]
 

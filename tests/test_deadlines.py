@@ -8,8 +8,7 @@ import pytest
 
 from fakes import next_tick
 from tidings.deadlines import Deadlines
-
-TIMEOUT = 5.0
+from timeouts import TIMEOUT
 
 
 class Recorder:

@@ -21,6 +21,7 @@ from tidings.protocol.deflate import (
     negotiate,
 )
 from tidings.protocol.wire import ping_frame, text_frame
+from timeouts import TIMEOUT
 
 NEWS = ("news:*",)
 ON = {"server": {"permessage_deflate": True}}
@@ -302,7 +303,7 @@ async def test_deflate_off_or_declined_offer_means_no_extension() -> None:
         async with connect(server, token("reader", NEWS)) as plain:
             assert plain.ws.compress == 0
             await plain.send("ping", id="x")
-            assert (await asyncio.wait_for(plain.recv(), 5))["type"] == "pong"
+            assert (await asyncio.wait_for(plain.recv(), TIMEOUT))["type"] == "pong"
 
 
 def test_deflate_bench_reports_both_modes() -> None:

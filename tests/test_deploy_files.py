@@ -28,6 +28,7 @@ from deploy_support import REPO, free_port, until
 from helpers import API_KEY, SECRET
 from tidings.config import ServerSettings, Settings, _setting_path, load_settings
 from tidings.errors import ConfigError
+from timeouts import scaled
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -165,7 +166,7 @@ async def test_the_dockerfile_install_steps_make_a_working_tidings(tmp_path: Pat
     venv = tmp_path / "opt-tidings"
     # Dependencies come from this virtualenv (a .pth in the new one), not the network:
     # the venv is made first so that the script's own `python -m venv` keeps the .pth.
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=scaled(60))
     site = next(venv.glob("lib/python*/site-packages"))
     (site / "_test_deps.pth").write_text(f"{_filtered_site_packages(tmp_path)}\n")
     env = {**os.environ, "PYTHON": sys.executable, "PIP_NO_DEPS": "1",
@@ -173,12 +174,12 @@ async def test_the_dockerfile_install_steps_make_a_working_tidings(tmp_path: Pat
     env.pop("PYTHONPATH", None)
     installed = subprocess.run(
         ["sh", str(REPO / "deploy" / "docker" / "install.sh"), str(source), str(venv)],
-        env=env, capture_output=True, text=True, timeout=90, check=False)
+        env=env, capture_output=True, text=True, timeout=scaled(90), check=False)
     assert installed.returncode == 0, installed.stdout + installed.stderr
     assert installed.stdout.strip().endswith("tidings 0.1.0")
     where = subprocess.run([str(venv / "bin" / "python"), "-c",
                             "import tidings; print(tidings.__file__)"],
-                           capture_output=True, text=True, timeout=30, check=True)
+                           capture_output=True, text=True, timeout=scaled(30), check=True)
     assert where.stdout.startswith(str(site)), where.stdout
 
     port, internal = free_port(), free_port()
@@ -210,7 +211,7 @@ async def test_the_dockerfile_install_steps_make_a_working_tidings(tmp_path: Pat
     finally:
         if proc.returncode is None:
             proc.terminate()
-            await asyncio.wait_for(proc.wait(), 15)
+            await asyncio.wait_for(proc.wait(), scaled(15))
 
 
 # -- settings named by the deployment files ------------------------------------------------
@@ -329,13 +330,13 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     unit = tmp_path / "tidings.service"
     unit.write_text(UNIT.read_text().replace("/opt/tidings/bin/tidings", tidings))
     result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
-                            timeout=30, check=False)
+                            timeout=scaled(30), check=False)
     assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), \
         result.stdout + result.stderr
     broken = tmp_path / "broken.service"
     broken.write_text(unit.read_text().replace("ProtectSystem=strict", "ProtectSystm=strict"))
     result = subprocess.run([analyze, "verify", str(broken)], capture_output=True, text=True,
-                            timeout=30, check=False)
+                            timeout=scaled(30), check=False)
     assert "ProtectSystm" in result.stdout + result.stderr
 
 

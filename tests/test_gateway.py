@@ -34,8 +34,9 @@ from tidings.gateway import (
     _frame_event_type,
 )
 from tidings.protocol import encode_message, text_frame
+from timeouts import TIMEOUT
 
-WAIT = 5.0
+WAIT = TIMEOUT
 NAMESPACES = {"default": {"rule": "claims"}, "news": {"rule": "public"},
               "vault": {"rule": "deny"}}
 

@@ -14,6 +14,7 @@ from helpers import API_KEY, SECRET, connect, make_settings, serve, token
 from tidings.config import load_settings
 from tidings.errors import ConfigError
 from tidings.server import RunningServer, running
+from timeouts import TIMEOUT
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -88,12 +89,12 @@ async def test_internal_readiness_fails_during_the_drain() -> None:
     try:
         async with connect(server, token("u1")) as client:
             stopping = asyncio.create_task(stack.aclose())
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(TIMEOUT):
                 while (await _request(server.api_url + "/readyz"))[0] != 503:
                     await asyncio.sleep(0.02)
             assert not client.ws.closed  # still open: drain_delay has not passed yet
             assert await client.expect_close() == 1001
-        await asyncio.wait_for(stopping, 10)
+        await asyncio.wait_for(stopping, TIMEOUT)
     finally:
         if stopping is None:
             await stack.aclose()

@@ -15,6 +15,7 @@ from tidings.brokers import PublishRequest, PublishResult
 from tidings.brokers.memory import MemoryBroker
 from tidings.brokers.presence_table import PresenceChange
 from tidings.supervisor import Supervisor
+from timeouts import TIMEOUT
 
 TTL = 60.0
 WINDOW = 30.0
@@ -427,7 +428,7 @@ async def test_sweep_survives_a_failing_expire(
     monkeypatch.setattr(broker, "expire", flaky_expire)
     await broker.start(handler)
     try:
-        await asyncio.wait_for(swept_again.wait(), 5)
+        await asyncio.wait_for(swept_again.wait(), TIMEOUT)
     finally:
         await broker.close()
     assert any("memory-broker-sweep failed" in r.getMessage() for r in caplog.records)

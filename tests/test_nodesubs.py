@@ -6,8 +6,7 @@ import asyncio
 
 from fakes import next_tick
 from tidings.nodesubs import NodeSubscriptions, _KeyedLocks
-
-TIMEOUT = 5.0
+from timeouts import TIMEOUT
 
 
 class GatedBroker:

@@ -23,6 +23,7 @@ from redis_support import eventually, redis_node
 from tidings.client import Backoff, Client, Event
 from tidings.outages import OutageLog
 from tidings.server import RunningServer
+from timeouts import scaled
 
 #: Redis calls give up fast, so that a refused handshake takes a fraction of a second.
 NODE = {"broker": {"timeout": 0.3}}
@@ -98,7 +99,7 @@ async def test_connect_is_refused_with_1013_while_redis_is_paused(
     async def opens() -> bool:
         return await _handshake(node) == ("connected", ["user:u1"])
 
-    await eventually(opens, timeout=15)
+    await eventually(opens, timeout=scaled(15))
     async with connect(node, TOK) as client:
         result = await publish(node, "user:u1")
         event = await client.recv()
@@ -116,11 +117,11 @@ async def test_python_client_backs_off_on_1013_and_gets_in_when_redis_returns(
                     backoff=Backoff(initial=0.05, cap=0.2, random=lambda: 0.5))
     try:
         await client.start(wait=False)
-        refused = await recorder.wait("disconnected", timeout=10)
+        refused = await recorder.wait("disconnected")
         assert refused.code == 1013
         assert recorder.count("connected") == 0
         redis.resume()
-        await recorder.wait("connected", timeout=20)
+        await recorder.wait("connected", timeout=scaled(20))
         assert client.automatic_channels == {"user:u1"}
         personal = await client.subscribe("user:u1")
         status, body = await api(node, "POST", "/api/publish", {

@@ -9,6 +9,7 @@ from helpers import Client, api, connect, publish, serve, token
 from tidings.brokers.presence_table import PresenceTable, idempotency_key
 from tidings.client import Presence
 from tidings.client import connect as client_connect
+from timeouts import TIMEOUT
 
 
 def _presence(ttl: float) -> dict[str, Any]:
@@ -137,5 +138,5 @@ async def test_python_sdk_surfaces_joins_and_leaves() -> None:
 
 
 async def _next_presence(queue: asyncio.Queue[Presence]) -> Presence:
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(TIMEOUT):
         return await queue.get()

@@ -109,7 +109,7 @@ async def haproxy(tmp_path: Path, upstream: int) -> AsyncIterator[tuple[int, Pat
     path = tmp_path / "haproxy.cfg"
     path.write_text(config)
     check = subprocess.run([binary, "-c", "-f", str(path)], capture_output=True, text=True,
-                           timeout=10, check=False)
+                           timeout=TIMEOUT, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
     with _process([binary, "-db", "-f", str(path)], tmp_path / "haproxy.log"):
         await wait_for_port(port)
@@ -196,7 +196,7 @@ async def test_drain_reaches_the_client_through_the_proxy(proxy: Proxy,
             ws_client(base, token("drained-user", ("news:*",))) as client:
         await client.subscribe(CHANNEL)
         tidings.proc.send_signal(signal.SIGTERM)
-        assert await client.expect_close(timeout=10) == 1001
+        assert await client.expect_close() == 1001
         assert await tidings.terminate() == 0
 
 

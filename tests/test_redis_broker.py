@@ -17,6 +17,7 @@ from tidings.brokers.presence_table import PresenceChange
 from tidings.brokers.redis import RedisBroker, redact_url
 from tidings.errors import BrokerUnavailable
 from tidings.protocol.wire import encode_message
+from timeouts import TIMEOUT
 
 NOTE = {"message": "hi", "level": "info"}
 
@@ -66,7 +67,7 @@ class Recorder:
     def offsets(self, channel: str) -> list[int]:
         return [offset for name, offset, _, _ in self.events if name == channel]
 
-    async def until(self, check: Callable[[], bool], timeout: float = 5.0) -> None:
+    async def until(self, check: Callable[[], bool], timeout: float = TIMEOUT) -> None:
         """Wait until ``check()`` holds after some delivery."""
         async with asyncio.timeout(timeout):
             while not check():
@@ -384,7 +385,7 @@ async def test_presence_and_channels_across_nodes(redis_prefix: str) -> None:
         async def crashed_gone() -> bool:
             return await a.presence("room:1") == {"u1": 2}
 
-        await eventually(crashed_gone, timeout=3)
+        await eventually(crashed_gone)
         assert await a.channels("") == {"room:1": 2}
 
 
@@ -448,7 +449,7 @@ async def test_a_failed_sync_loop_is_logged_and_restarted(
     instance._views.sync_forever = flaky_sync  # type: ignore[method-assign]
     await instance.start(Recorder())
     try:
-        await asyncio.wait_for(restarted.wait(), 5)
+        await asyncio.wait_for(restarted.wait(), TIMEOUT)
     finally:
         await instance.close()
     assert any("redis-sync failed" in r.getMessage() for r in caplog.records)

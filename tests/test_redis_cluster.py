@@ -34,6 +34,7 @@ from tidings.brokers.redis import RedisBroker
 from tidings.brokers.redis.scripts import key_slot
 from tidings.errors import BrokerUnavailable
 from tidings.server import RunningServer
+from timeouts import TIMEOUT, scaled
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -99,7 +100,7 @@ class Scenario:
         """Wait for the producers, then check every follower got every acknowledged
         event of its channel once, in order, with no loss reported."""
         for producer in self.producers:
-            await asyncio.wait_for(producer.task, 90)
+            await asyncio.wait_for(producer.task, scaled(90))
             producer.check_offsets()
         for follower in self.followers:
             acked = next(p for p in self.producers if p.channel == follower.channel).ids
@@ -107,7 +108,7 @@ class Scenario:
             def caught_up(f: Follower = follower, a: list[str] = acked) -> bool:
                 return set(a) <= set(f.ids) or f.not_recovered > 0
 
-            await follower.until(caught_up, timeout=30)
+            await follower.until(caught_up, timeout=scaled(30))
             follower.check_delivery(acked)
             assert follower.not_recovered == 0, "an acknowledged event was reported lost"
 
@@ -120,8 +121,8 @@ def _has_events(follower: Follower) -> bool:
 async def two_nodes(url: str, prefix: str) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
     async with redis_node(url, prefix, overrides=NODE) as a, \
             redis_node(url, prefix, overrides=NODE) as b:
-        await eventually(lambda: _ready(a), timeout=20)
-        await eventually(lambda: _ready(b), timeout=20)
+        await eventually(lambda: _ready(a), timeout=scaled(20))
+        await eventually(lambda: _ready(b), timeout=scaled(20))
         yield a, b
 
 
@@ -198,7 +199,7 @@ async def test_cluster_shard_paused_past_the_node_timeout(tmp_path: Path,
             await producer.until_acked(20)
             primary.pause()
             try:
-                await eventually(lambda: _primary_now(cluster, replica.port), timeout=30)
+                await eventually(lambda: _primary_now(cluster, replica.port), timeout=scaled(30))
             finally:
                 primary.resume()
             await cluster.wait_ok()
@@ -260,13 +261,13 @@ async def test_auto_ack_follows_a_replica_that_joins_later(tmp_path: Path) -> No
             role = await primary.ask("ROLE")
             return len(role[2]) == 1
 
-        await eventually(replica_online, timeout=20)
+        await eventually(replica_online, timeout=scaled(20))
 
         async def counted() -> bool:
             [link] = broker._router.links()
             return link.replicas_seen == 1
 
-        await eventually(counted, timeout=10)
+        await eventually(counted, timeout=TIMEOUT)
         replica.pause()
         try:
             with pytest.raises(BrokerUnavailable, match="replicas"):
@@ -283,7 +284,7 @@ async def test_auto_ack_follows_a_replica_that_joins_later(tmp_path: Path) -> No
                 return None
             return result
 
-        later = await eventually(acknowledged, timeout=10)
+        later = await eventually(acknowledged, timeout=TIMEOUT)
         assert later is not None and later.offset > first.offset
         # Gone for good (as far as the primary knows): still waited for, never skipped.
         replica.stop()
@@ -292,7 +293,7 @@ async def test_auto_ack_follows_a_replica_that_joins_later(tmp_path: Path) -> No
             [link] = broker._router.links()
             return link.role is not None and link.role.replicas == 0
 
-        await eventually(seen_gone, timeout=10)
+        await eventually(seen_gone, timeout=TIMEOUT)
         with pytest.raises(BrokerUnavailable, match="replicas"):
             await broker.publish([request])
     finally:

@@ -22,6 +22,7 @@ from redis_support import (
     redis_node,
 )
 from tidings.server import RunningServer
+from timeouts import TIMEOUT, scaled
 
 CHANNEL = "news:fault"
 TOK = token("reader", ("news:*",))
@@ -34,7 +35,7 @@ async def _ready(server: RunningServer) -> int:
     return status
 
 
-async def _readyz_is(server: RunningServer, expected: int, timeout: float = 5) -> None:
+async def _readyz_is(server: RunningServer, expected: int, timeout: float = TIMEOUT) -> None:
     async def check() -> bool:
         return await _ready(server) == expected
 
@@ -63,7 +64,7 @@ async def test_sigstop_for_two_seconds(redis_servers: Callable[..., RedisServer]
         finally:
             redis.resume()
         await _readyz_is(sub_node, 200)
-        await asyncio.wait_for(producer.task, 15)
+        await asyncio.wait_for(producer.task, scaled(15))
         assert producer.unavailable > 0, "the freeze was not noticed by the publisher"
         producer.check_offsets()
         await follower.until(
@@ -93,7 +94,7 @@ async def test_kill_and_restart_with_aof(redis_servers: Callable[..., RedisServe
         await producer.until_unavailable()
         await redis.start()
         await _readyz_is(sub_node, 200)
-        await asyncio.wait_for(producer.task, 15)
+        await asyncio.wait_for(producer.task, scaled(15))
         assert producer.unavailable > 0
         producer.check_offsets()
         status, history = await api(sub_node, "GET",
@@ -122,7 +123,7 @@ async def test_restart_without_persistence_changes_the_epoch(
         old_epoch = reply["data"]["epoch"]
         follower.start()
         producer = Producer(pub_node, 5)
-        await asyncio.wait_for(producer.task, 10)
+        await asyncio.wait_for(producer.task, TIMEOUT)
         await follower.until(lambda: len(follower.events) == 5)
         redis.kill()
         await _readyz_is(sub_node, 503)
@@ -132,7 +133,7 @@ async def test_restart_without_persistence_changes_the_epoch(
         assert follower.told_to_resubscribe == 1
         assert follower.epoch != old_epoch
         after = Producer(pub_node, 3)
-        await asyncio.wait_for(after.task, 10)
+        await asyncio.wait_for(after.task, TIMEOUT)
         after.check_offsets()  # the new epoch starts again at 1
         await follower.until(lambda: len(follower.events) == 8)
         assert [e["offset"] for e in follower.events] == [1, 2, 3, 4, 5, 1, 2, 3]

@@ -14,6 +14,7 @@ import aiohttp
 
 from helpers import API_KEY, SECRET, api, connect, line_starting, publish, token
 from redis_support import REDIS_URL, Follower, eventually, redis_node
+from timeouts import scaled
 
 NEWS = ("news:*", "room:*")
 
@@ -215,7 +216,7 @@ async def test_workers_share_a_port_restart_and_drain(redis_prefix: str,
             assert response.status == 200
 
         proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        assert await asyncio.wait_for(proc.wait(), scaled(15)) == 0
         assert not _alive(replacement) and not _alive(pids["2"])
     finally:
         if proc.returncode is None:
@@ -237,7 +238,7 @@ async def test_workers_stop_when_the_supervisor_is_killed(redis_prefix: str,
         async def all_gone() -> bool:
             return not any(_alive(pid) for pid in pids.values())
 
-        await eventually(all_gone, timeout=10)
+        await eventually(all_gone)
     finally:
         if proc.returncode is None:
             proc.kill()

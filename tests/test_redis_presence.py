@@ -11,6 +11,7 @@ from redis_engines import cluster_scope
 from redis_support import REDIS_URL, eventually, redis_node
 from test_webhooks import SECRET, receiver
 from tidings.brokers.redis import RedisBroker
+from timeouts import scaled
 
 
 def _presence(ttl: float) -> dict[str, Any]:
@@ -135,7 +136,7 @@ async def test_presence_on_redis_cluster(tmp_path: Path, redis_prefix: str) -> N
             redis_node(cluster.url, redis_prefix, overrides=overrides,
                        presence_interval=0.05) as b:
         for server in (a, b):
-            await eventually(lambda s=server: _ready(s), timeout=20)  # type: ignore[misc]
+            await eventually(lambda s=server: _ready(s), timeout=scaled(20))  # type: ignore[misc]
         async with connect(a, token("w1")) as w1, connect(b, token("bob")) as bob:
             names = {"room:x1", "room:x2", "room:x3"}
             for name in sorted(names):

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tidings.brokers.redis.urls import parse_url, redact_url
+from timeouts import scaled
 
 
 def test_single_primary_url() -> None:
@@ -91,5 +92,5 @@ def test_configuration_checks_urls_without_importing_redis() -> None:
     code = ("import sys; import tidings.config as c, tidings.brokers.redis.urls; "
             "print('redis' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=30)
+                         check=True, timeout=scaled(30))
     assert out.stdout.strip() == "False"

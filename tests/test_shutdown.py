@@ -8,6 +8,7 @@ import aiohttp
 
 from helpers import connect, make_settings, token, ws_assert_open
 from tidings.server import RunningServer, running
+from timeouts import TIMEOUT
 
 
 async def test_readiness_fails_before_clients_are_closed() -> None:
@@ -23,7 +24,7 @@ async def test_readiness_fails_before_clients_are_closed() -> None:
             await stop.wait()
 
     task = asyncio.create_task(run())
-    server = await asyncio.wait_for(started, 5)
+    server = await asyncio.wait_for(started, TIMEOUT)
     async with aiohttp.ClientSession() as http, connect(server, token("u")) as client:
         async with http.get(server.http_url + "/readyz") as response:
             assert response.status == 200
@@ -36,4 +37,4 @@ async def test_readiness_fails_before_clients_are_closed() -> None:
             raise AssertionError("readiness never failed during the drain")
         await ws_assert_open(client)
         assert await client.expect_close() == 1001
-    await asyncio.wait_for(task, 10)
+    await asyncio.wait_for(task, TIMEOUT)

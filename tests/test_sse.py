@@ -19,6 +19,7 @@ from redis_support import REDIS_URL, eventually, prefix_scope, redis_node
 from tidings.errors import ConfigError
 from tidings.server import RunningServer
 from tidings.transport.sse import SsePeer
+from timeouts import scaled
 
 
 class SseStream:
@@ -271,7 +272,7 @@ async def test_slow_consumer_ends_the_stream() -> None:
             if peer.close_request is not None:
                 break
         assert peer.close_request is not None
-        assert (await stream.closed(timeout=20))["code"] == 1013
+        assert (await stream.closed(timeout=scaled(20)))["code"] == 1013
 
 
 async def test_token_expiry_closes_4401() -> None:

@@ -8,10 +8,11 @@ import logging
 import pytest
 
 from tidings.supervisor import Supervisor
+from timeouts import TIMEOUT
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = pytest.mark.timeout(30)
 
-WAIT = 5.0
+WAIT = TIMEOUT
 
 
 class Gate:

@@ -35,6 +35,7 @@ from tidings.errors import ConfigError
 from tidings.protocol.wire import encode_message
 from tidings.server import running
 from tidings.telemetry import Telemetry, Tracing, make_telemetry
+from timeouts import scaled
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -395,7 +396,7 @@ def test_tracing_off_never_imports_opentelemetry(extra: dict[str, str]) -> None:
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("OTEL_", "TIDINGS_"))}
     done = subprocess.run([sys.executable, "-c", _NO_OTEL], env={**env, **extra},
-                          capture_output=True, text=True, timeout=20, check=False)
+                          capture_output=True, text=True, timeout=scaled(20), check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "off []", done.stdout
 

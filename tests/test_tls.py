@@ -182,6 +182,6 @@ async def test_a_stalled_tls_handshake_is_cut_at_the_handshake_timeout(
         try:
             # EOF (or a reset) well before the pytest timeout; asyncio's default is 60 s.
             with contextlib.suppress(ConnectionResetError):
-                assert await asyncio.wait_for(reader.read(), 10) == b""
+                assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
         finally:
             writer.close()

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from helpers import API_KEY, SECRET, TIMEOUT, line_starting, token
 from redis_support import REDIS_URL, eventually
 from tidings import __version__
+from timeouts import scaled
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -156,7 +157,7 @@ async def test_every_scrape_describes_the_whole_server(redis_prefix: str,
         async def closed() -> bool:
             return (await _scrape(url))[("tidings_connections", ())] == 0
 
-        await eventually(closed, timeout=10)
+        await eventually(closed)
 
         os.kill(pids["1"], signal.SIGKILL)
         replacement = int((await line_starting(proc.stdout, "tidings: worker 1 ready"))
@@ -170,7 +171,7 @@ async def test_every_scrape_describes_the_whole_server(redis_prefix: str,
         assert _values(scrapes, ("tidings_connections", ())) == [0] * SCRAPES
 
         proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        assert await asyncio.wait_for(proc.wait(), scaled(15)) == 0
         assert list(tmp.glob("tidings-metrics-*")) == []
     finally:
         if proc.returncode is None:
@@ -194,7 +195,7 @@ async def test_workers_remove_the_metrics_directory_when_the_supervisor_is_kille
             gone = not any(_alive(pid) for pid in pids.values())
             return gone and not list(tmp.glob("tidings-metrics-*"))
 
-        await eventually(cleaned, timeout=15)
+        await eventually(cleaned, timeout=scaled(15))
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -439,7 +439,7 @@ async def test_handshake_timeout_closes_with_try_again_later() -> None:
             rs_token = base64.urlsafe_b64encode(b'{"alg":"RS256","kid":"k1"}').rstrip(b"=")
             fake = rs_token.decode() + ".eyJzdWIiOiJ1In0.c2ln"
             async with ws_bare(server, fake) as ws:
-                msg = await ws.receive(timeout=5)
+                msg = await ws.receive(timeout=TIMEOUT)
                 assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1013
             status, _ = await api(server, "GET", "/healthz", key=None)
             assert status == 200
