@@ -1,17 +1,15 @@
-"""Test configuration: make ``tests/helpers.py`` importable; the per-test time limit
-scaled by ``TIDINGS_TEST_TIMEOUT_SCALE``; the Redis fixtures that many modules share."""
+"""Test configuration: the per-test time limit scaled by ``TIDINGS_TEST_TIMEOUT_SCALE``;
+the Redis fixtures that many modules share."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
+# tests/ is on sys.path through pytest's ``pythonpath`` setting (pyproject.toml).
 try:
     from timeouts import TIMEOUT_SCALE
 except ValueError as exc:  # a bad TIDINGS_TEST_TIMEOUT_SCALE: one line, no traceback

@@ -23,6 +23,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from paths import DATA
 from tidings.auth import (
     JWKS_REFETCH_INTERVAL,
     MAX_TOKEN_BYTES,
@@ -37,7 +38,7 @@ from timeouts import TIMEOUT
 
 SECRET = "tidings-test-secret-7f3a9c0d-51be-4e0a-9d77-c2b8e1f04a6d-0123456789abcdef"
 NOW = 1_700_000_000.0
-WYCHEPROOF_FILE = Path(__file__).resolve().parent / "data" / "wycheproof_jws_subset.json"
+WYCHEPROOF_FILE = DATA / "wycheproof_jws_subset.json"
 WYCHEPROOF = json.loads(WYCHEPROOF_FILE.read_text())
 MISSING = object()
 #: Every reason the module may give: fixed texts, so none can carry token or secret bytes.

@@ -10,12 +10,12 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
 from fault_proxy import FaultProxy, StateRecorder
 from helpers import TIMEOUT, api, connect, publish, serve, token
+from paths import SRC
 from tidings.client import (
     AuthenticationFailed,
     Backoff,
@@ -456,7 +456,7 @@ async def test_listen_prints_events_and_recovers(
     recovers without duplicates, says how many missed events each recovery brought, and
     exits 0 on SIGTERM."""
     server, proxy = proxied
-    src = str(Path(__file__).parent.parent / "src")
+    src = str(SRC)
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tidings.client.listen", "--token", token("u1", CHANNELS),

@@ -10,14 +10,14 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
+from paths import REPO
 from tidings.protocol.codes import CloseCode, ReconnectAdvice
 from timeouts import scaled
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 CLIENT = ROOT / "clients" / "js" / "tidings.js"
 DOCS = ROOT / "docs" / "client-js.md"
 #: Codes a browser reports itself (never sent by the server) and codes nobody defines.

@@ -7,7 +7,6 @@ import json
 import re
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -16,11 +15,11 @@ import pytest_asyncio
 
 from browsers import ARTIFACTS, chromium
 from helpers import API_KEY, connect, publish, scaled, serve, token
+from paths import REPO
 from tidings.config import load_settings
 from tidings.console import client_script
 from tidings.server import prepare_dev, running
 
-REPO = Path(__file__).resolve().parent.parent
 CLIENT_SOURCE = REPO / "clients" / "js" / "tidings.js"
 STATIC = REPO / "src" / "tidings" / "static"
 CONSOLE_ON = {"console": {"enabled": "on"}}

@@ -10,7 +10,7 @@ import ast
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parent.parent / "src"
+from paths import SRC
 
 
 def module_files(root: Path) -> dict[str, Path]:
