@@ -1,5 +1,6 @@
-"""Test configuration: the per-test time limit scaled by ``TIDINGS_TEST_TIMEOUT_SCALE``;
-the Redis fixtures that many modules share."""
+"""Test configuration: each test marked with its rung (the folder it is in, see
+tests/README.md); the per-test time limit scaled by ``TIDINGS_TEST_TIMEOUT_SCALE``; the
+Redis fixtures that many modules share."""
 
 from __future__ import annotations
 
@@ -39,15 +40,38 @@ def _scaled_timeout(item: pytest.Item) -> pytest.MarkDecorator | None:
     return pytest.mark.timeout(seconds * TIMEOUT_SCALE, **kwargs)
 
 
+#: The rungs of the ladder, cheapest first: a folder of tests/ and a marker each.
+RUNGS = ("unit", "inprocess", "server", "redis", "browser")
+#: Fixtures that need Redis: a test using one is marked ``redis`` on any rung.
+REDIS_FIXTURES = frozenset({"redis_prefix", "redis_servers"})
+TESTS = Path(__file__).resolve().parent
+
+
+def _rung(item: pytest.Item) -> str | None:
+    """The rung folder ``item``'s module is in, or None outside them."""
+    try:
+        parts = item.path.resolve().relative_to(TESTS).parts
+    except ValueError:
+        return None
+    return parts[0] if len(parts) > 1 and parts[0] in RUNGS else None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """One scale for every bound: the per-test limit grows with the waits inside it."""
-    if TIMEOUT_SCALE == 1:
-        return
+    """Marks every test with its rung, so ``pytest -m unit`` runs the unit rung; scales
+    the per-test limit with the waits inside it (one scale for every bound)."""
     for item in items:
-        scaled = _scaled_timeout(item)
-        if scaled is not None:
-            # In front of the item's own markers: get_closest_marker finds it first.
-            item.add_marker(scaled, append=False)
+        rung = _rung(item)
+        if rung is not None:
+            item.add_marker(rung)
+        # Test functions have fixturenames; other kinds of item do not.
+        fixtures = getattr(item, "fixturenames", ())
+        if rung != "redis" and REDIS_FIXTURES.intersection(fixtures):
+            item.add_marker("redis")
+        if TIMEOUT_SCALE != 1:
+            scaled = _scaled_timeout(item)
+            if scaled is not None:
+                # In front of the item's own markers: get_closest_marker finds it first.
+                item.add_marker(scaled, append=False)
 
 
 @pytest.fixture
