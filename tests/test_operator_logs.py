@@ -15,12 +15,13 @@ import pytest
 
 from deploy_support import config_text, free_port, tidings_process, until
 from helpers import TIMEOUT, Client, api, serve, token
+from raw_ws import raw_client
 from redis_support import (
     REDIS_URL,
     RedisServer,
     redis_node,
 )
-from test_ws_hardening import SLOW, _overflow, raw_client
+from slow_consumer import SLOW, overflow
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -85,7 +86,7 @@ async def test_slow_consumer_close_is_logged(caplog: pytest.LogCaptureFixture) -
             server, token("slowpoke", ("bulk:*",)), rcvbuf=4096) as slow:
         await slow.send({"type": "subscribe", "id": "s", "data": {"channel": "bulk:feed"}})
         assert (await slow.recv())["type"] == "subscribed"
-        await _overflow(server, "bulk:feed")
+        await overflow(server, "bulk:feed")
         _, code = await slow.until_close()
         assert code == 1013
     lines = [r for r in caplog.records if "slow consumer" in r.getMessage()]

@@ -9,9 +9,9 @@ from typing import Any
 from helpers import Client, api, connect, publish, token
 from redis_engines import cluster_scope
 from redis_support import REDIS_URL, eventually, redis_node
-from test_webhooks import SECRET, receiver
 from tidings.brokers.redis import RedisBroker
 from timeouts import scaled
+from webhook_receiver import SECRET, receiver
 
 
 def _presence(ttl: float) -> dict[str, Any]:

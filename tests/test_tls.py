@@ -4,58 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
-import json
 import ssl
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from helpers import API_KEY, TIMEOUT, connect, make_settings, serve, token
+from helpers import TIMEOUT, connect, make_settings, serve, token
 from tidings.errors import ConfigError
-from tidings.server import RunningServer
-
-
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 (IP SAN) and its private key, as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))
-    return cert_path, key_path
+from tls_support import https_api, self_signed
 
 
 @pytest.fixture
 def tls_files(tmp_path: Path) -> tuple[Path, Path]:
-    return _self_signed(tmp_path)
+    return self_signed(tmp_path)
 
 
 @pytest.fixture
@@ -70,15 +33,6 @@ def _tls(files: tuple[Path, Path]) -> dict[str, Any]:
     return {"server": {"tls_cert": str(files[0]), "tls_key": str(files[1])}}
 
 
-async def _https(server: RunningServer, context: ssl.SSLContext, method: str, path: str,
-                 body: Any = None) -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session, \
-            session.request(method, server.http_url + path, json=body, headers=headers,
-                            ssl=context) as response:
-        return response.status, json.loads(await response.text())
-
-
 async def test_wss_connect_subscribe_and_receive(tls_files: tuple[Path, Path],
                                                  client_context: ssl.SSLContext) -> None:
     """Over wss:// a client is welcomed, subscribes and gets an event published over https."""
@@ -89,7 +43,7 @@ async def test_wss_connect_subscribe_and_receive(tls_files: tuple[Path, Path],
         async with connect(server, token("u1", ("news:*",)), ssl=client_context) as client:
             reply = await client.subscribe("news:tls")
             assert reply["type"] == "subscribed"
-            status, answer = await _https(server, client_context, "POST", "/api/publish", {
+            status, answer = await https_api(server, client_context, "POST", "/api/publish", {
                 "channel": "news:tls", "type": "notification",
                 "data": {"message": "secure", "level": "success"}})
             assert status == 200, answer
@@ -98,7 +52,7 @@ async def test_wss_connect_subscribe_and_receive(tls_files: tuple[Path, Path],
             assert event["channel"] == "news:tls"
             assert event["data"] == {"message": "secure", "level": "success"}
             assert event["id"] == answer["results"][0]["id"]
-        status, answer = await _https(server, client_context, "GET", "/healthz")
+        status, answer = await https_api(server, client_context, "GET", "/healthz")
         assert status == 200, answer
 
 

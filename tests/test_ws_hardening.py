@@ -15,7 +15,7 @@ import logging
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import pytest
 from aiohttp._websocket.reader import WebSocketDataQueue
 from aiohttp.base_protocol import BaseProtocol
 
-from helpers import TIMEOUT, api, serve, token, ws_checked
+from helpers import TIMEOUT, serve, token, ws_checked
 from raw_ws import (
     OP_CLOSE,
     OP_CONTINUATION,
@@ -32,13 +32,15 @@ from raw_ws import (
     OP_TEXT,
     RawClient,
     frame_bytes,
+    raw_client,
     upgrade_request,
 )
-from test_tls import _https, _self_signed
+from slow_consumer import CAP, ONE_WRITE, SLOW, metric, overflow
 from tidings.server import RunningServer
 from tidings.transport import websocket
 from tidings.transport.frames import MaskCheckingReader
 from tidings.transport.websocket import WsConnection
+from tls_support import self_signed
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -96,56 +98,8 @@ class TlsRawClient(RawClient):
         self.writer.close()
 
 
-@contextlib.asynccontextmanager
-async def raw_client(server: RunningServer, tok: str, **kwargs: Any
-                     ) -> AsyncIterator[RawClient]:
-    """A raw client whose ``connected`` message has been read."""
-    client = await RawClient.open(server, tok, **kwargs)
-    try:
-        assert (await client.recv())["type"] == "connected"
-        yield client
-    finally:
-        client.close()
-
-
-def _metric(server: RunningServer, name: str, labels: Mapping[str, str] | None = None
-            ) -> float:
-    value = server.gateway.metrics.registry.get_sample_value(name, dict(labels or {}))
-    return value or 0.0
-
-
 def _closes(server: RunningServer, code: int) -> float:
-    return _metric(server, "tidings_closes_total", {"code": str(code)})
-
-
-def _slow_closes(server: RunningServer) -> float:
-    return _metric(server, "tidings_slow_consumer_closes_total")
-
-
-#: Events per publish in ``_overflow``, and an upper bound on the bytes of one server
-#: write of them (the hub joins a tick's frames into one write): 1 KB of data plus the
-#: envelope per event.
-BATCH = 8
-ONE_WRITE = BATCH * 1200
-
-
-async def _overflow(server: RunningServer, channel: str,
-                    context: ssl.SSLContext | None = None) -> int:
-    """Publish 1 KB events to ``channel`` until a subscriber is closed as too slow;
-    return how many were published (over https with ``context``)."""
-    event = {"channel": channel, "type": "blob", "data": {"blob": "x" * 1000}}
-    body = {"events": [event] * BATCH}
-    published = 0
-    for _ in range(4000):
-        if context is None:
-            status, answer = await api(server, "POST", "/api/batch", body)
-        else:
-            status, answer = await _https(server, context, "POST", "/api/batch", body)
-        assert status == 200, answer
-        published += BATCH
-        if _slow_closes(server) >= 1:
-            return published
-    raise AssertionError("the reader was never closed as too slow")
+    return metric(server, "tidings_closes_total", {"code": str(code)})
 
 
 def _record_finish(monkeypatch: pytest.MonkeyPatch
@@ -173,10 +127,6 @@ def _record_finish(monkeypatch: pytest.MonkeyPatch
 
 # -- 1. a reader too slow reads close 1013 ------------------------------------------------
 
-CAP = 16384
-SLOW = {"limits": {"send_buffer_bytes": CAP}}
-
-
 async def test_slow_reader_reads_every_queued_event_then_close_1013() -> None:
     """A subscriber that stopped reading until the send-buffer cap was passed, and then
     reads again, gets a gap-free prefix of the channel followed by close 1013, and the
@@ -186,7 +136,7 @@ async def test_slow_reader_reads_every_queued_event_then_close_1013() -> None:
     ) as slow:
         await slow.send({"type": "subscribe", "id": "s", "data": {"channel": "bulk:feed"}})
         assert (await slow.recv())["type"] == "subscribed"
-        published = await _overflow(server, "bulk:feed")
+        published = await overflow(server, "bulk:feed")
         frames, code = await slow.until_close()
         assert code == 1013
         assert all(opcode == OP_TEXT for opcode, _ in frames)
@@ -205,7 +155,7 @@ async def test_slow_reader_over_tls_reads_every_queued_event_then_close_1013(
     """Over TLS, where the server cannot half-close, a subscriber that fell behind and
     reads again also gets a gap-free prefix of the channel and then close 1013, and the
     connection ends once it answers the close."""
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     context = ssl.create_default_context(cafile=str(cert))
     settings = {**SLOW, "server": {"tls_cert": str(cert), "tls_key": str(key)}}
     async with serve(settings) as server:
@@ -215,7 +165,7 @@ async def test_slow_reader_over_tls_reads_every_queued_event_then_close_1013(
             await slow.send({"type": "subscribe", "id": "s",
                              "data": {"channel": "bulk:feed"}})
             assert (await slow.recv())["type"] == "subscribed"
-            await _overflow(server, "bulk:feed", context)
+            await overflow(server, "bulk:feed", context)
             frames, code = await slow.until_close()
             assert code == 1013
             offsets = [ws_checked(payload.decode())["offset"] for _, payload in frames]
@@ -240,7 +190,7 @@ async def test_reader_that_never_reads_again_is_dropped_after_close_timeout(
     ) as stuck:
         await stuck.send({"type": "subscribe", "id": "s", "data": {"channel": "bulk:feed"}})
         assert (await stuck.recv())["type"] == "subscribed"
-        await _overflow(server, "bulk:feed")
+        await overflow(server, "bulk:feed")
         await asyncio.wait_for(done.wait(), TIMEOUT)
         # The closing handshake began on an open socket (its close frame goes behind the
         # queued events, not away with them), and memory stayed within the cap ...
