@@ -48,12 +48,20 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _rung(item: pytest.Item) -> str | None:
-    """The rung folder ``item``'s module is in, or None outside them."""
+    """The rung folder ``item``'s module is in; None for a test outside tests/.
+
+    A test module in tests/ but in no rung's folder is refused: it would run in no rung
+    (``make test`` runs the rungs by marker), so it must not go unnoticed.
+    """
     try:
         parts = item.path.resolve().relative_to(TESTS).parts
     except ValueError:
         return None
-    return parts[0] if len(parts) > 1 and parts[0] in RUNGS else None
+    if len(parts) > 1 and parts[0] in RUNGS:
+        return parts[0]
+    raise pytest.UsageError(
+        f"{item.path}: a test module belongs in one of the rung folders tests/"
+        f"{{{','.join(RUNGS)}}}/ (see tests/README.md)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

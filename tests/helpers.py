@@ -150,7 +150,7 @@ async def publish(server: RunningServer, channel: str, kind: str = "notification
     return result
 
 
-# -- WebSocket protocol helpers (tests/test_ws_*.py) --------------------------------------
+# -- WebSocket protocol helpers (tests/server/test_ws_*.py) ------------------------------
 
 
 def _has_null(value: Any) -> bool:

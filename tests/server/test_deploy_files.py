@@ -127,7 +127,7 @@ def test_dockerignore_keeps_what_the_image_copies_and_drops_the_rest() -> None:
         assert needed in context, needed
     assert not any("__pycache__" in p or ".egg-info" in p for p in context)
     patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()]
-    for left_out in (".venv/bin/python", "tests/test_cli.py", ".git/HEAD",
+    for left_out in (".venv/bin/python", "tests/server/test_cli.py", ".git/HEAD",
                      "src/tidings/__pycache__/cli.cpython-311.pyc"):
         assert _ignored(left_out, patterns), left_out
 
