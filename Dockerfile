@@ -13,7 +13,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
 COPY deploy/docker/install.sh /usr/local/bin/tidings-install
-# The same script tests/test_deploy_files.py runs: keep the install steps in it.
+# The same script tests/server/test_deploy_files.py runs: keep the install steps in it.
 RUN sh /usr/local/bin/tidings-install /src /opt/tidings
 
 # -- runtime: the virtual environment only, run as an unprivileged user ------------------

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from helpers import API_KEY, SECRET
+from timeouts import TIMEOUT, scaled
 
 __all__ = ["REPO", "TidingsProcess", "config_text", "free_port", "json_lines",
            "require_binary", "tidings_process", "until", "wait_for_port"]
@@ -27,7 +28,7 @@ __all__ = ["REPO", "TidingsProcess", "config_text", "free_port", "json_lines",
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "tidings.cli"]
 #: Seconds a process may take to start or stop.
-PROCESS_TIMEOUT = 15.0
+PROCESS_TIMEOUT = scaled(15.0)
 
 
 def require_binary(name: str, switch: str) -> str:
@@ -47,7 +48,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0,
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = TIMEOUT,
                 what: str = "condition") -> None:
     """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -57,7 +58,7 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0,
         await asyncio.sleep(0.02)
 
 
-async def wait_for_port(port: int, timeout: float = 10.0) -> None:
+async def wait_for_port(port: int, timeout: float = TIMEOUT) -> None:
     """Until something accepts connections on 127.0.0.1:``port``."""
     async def accepting() -> bool:
         try:

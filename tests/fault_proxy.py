@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from tidings.client import StateChange
+from timeouts import TIMEOUT
 
 __all__ = ["FaultProxy", "StateRecorder"]
 
@@ -66,7 +67,7 @@ class FaultProxy:
         self._flowing.set()
         handlers = list(self._handlers)
         if handlers:
-            _, stuck = await asyncio.wait(handlers, timeout=5.0)
+            _, stuck = await asyncio.wait(handlers, timeout=TIMEOUT)
             for task in stuck:
                 task.cancel()
             await asyncio.gather(*stuck, return_exceptions=True)
@@ -101,7 +102,7 @@ class FaultProxy:
     def resume(self) -> None:
         self._flowing.set()
 
-    async def wait_accepted(self, count: int, timeout: float = 5.0) -> None:
+    async def wait_accepted(self, count: int, timeout: float = TIMEOUT) -> None:
         """Wait until at least ``count`` client connections were accepted in total."""
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(lambda: self.accepted >= count)
@@ -185,7 +186,7 @@ class StateRecorder:
         """A position in the history of changes, for ``wait(..., after=mark)``."""
         return len(self.changes)
 
-    async def wait(self, state: str, count: int = 1, timeout: float = 5.0,
+    async def wait(self, state: str, count: int = 1, timeout: float = TIMEOUT,
                    after: int = 0) -> StateChange:
         """Wait for the ``count``-th change to ``state`` (counting changes from index
         ``after``); return that change."""

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+from timeouts import TIMEOUT
+
 
 class FaultProxy:
     """Forward 127.0.0.1:<port> to ``target_host:target_port``."""
@@ -53,7 +55,7 @@ class FaultProxy:
             upstream.transport.abort()
         return len(pairs)
 
-    async def wait_refused(self, count: int, timeout: float = 5.0) -> None:
+    async def wait_refused(self, count: int, timeout: float = TIMEOUT) -> None:
         """Wait until at least ``count`` connections were refused in total."""
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(lambda: self.refused >= count)

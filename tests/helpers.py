@@ -13,10 +13,29 @@ import aiohttp
 from tidings.auth import mint_token
 from tidings.config import Settings, load_settings
 from tidings.server import RunningServer, running
+from timeouts import TIMEOUT, scaled
+
+__all__ = [
+    "API_KEY",
+    "SECRET",
+    "TIMEOUT",
+    "Client",
+    "api",
+    "connect",
+    "line_starting",
+    "make_settings",
+    "publish",
+    "scaled",
+    "serve",
+    "token",
+    "ws_assert_open",
+    "ws_bare",
+    "ws_checked",
+    "ws_until_close",
+]
 
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
 API_KEY = "test-api-key-0123456789"
-TIMEOUT = 5.0
 
 
 def make_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
@@ -131,7 +150,7 @@ async def publish(server: RunningServer, channel: str, kind: str = "notification
     return result
 
 
-# -- WebSocket protocol helpers (tests/test_ws_*.py) --------------------------------------
+# -- WebSocket protocol helpers (tests/server/test_ws_*.py) ------------------------------
 
 
 def _has_null(value: Any) -> bool:
@@ -195,7 +214,8 @@ async def ws_bare(server: RunningServer, tok: str | None, **kwargs: Any
         yield ws
 
 
-async def line_starting(stream: asyncio.StreamReader, starts: str, timeout: float = 20) -> str:
+async def line_starting(stream: asyncio.StreamReader, starts: str,
+                        timeout: float = scaled(20)) -> str:
     """The next line of a subprocess's output that starts with ``starts`` (stripped);
     fails when the output ends first or after ``timeout`` seconds."""
     async with asyncio.timeout(timeout):

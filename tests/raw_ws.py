@@ -11,14 +11,14 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from helpers import TIMEOUT, ws_checked
 from tidings.server import RunningServer
 
 __all__ = ["OP_CLOSE", "OP_CONTINUATION", "OP_PING", "OP_PONG", "OP_TEXT", "RawClient",
-           "frame_bytes", "upgrade_request"]
+           "frame_bytes", "raw_client", "upgrade_request"]
 
 OP_TEXT, OP_CONTINUATION, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x0, 0x8, 0x9, 0xA
 
@@ -160,3 +160,15 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@contextlib.asynccontextmanager
+async def raw_client(server: RunningServer, tok: str, **kwargs: Any
+                     ) -> AsyncIterator[RawClient]:
+    """A raw client whose ``connected`` message has been read."""
+    client = await RawClient.open(server, tok, **kwargs)
+    try:
+        assert (await client.recv())["type"] == "connected"
+        yield client
+    finally:
+        client.close()

@@ -35,12 +35,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from redis_support import eventually, free_port, unavailable
+from timeouts import scaled
 
 HOST = "127.0.0.1"
 SLOTS = 16384
 #: Bound of every wait for cluster-wide or sentinel-wide agreement. Generous, because a
 #: loaded 2-core machine stretches gossip and elections; the polls themselves are fast.
-WAIT_TIMEOUT = 30.0
+WAIT_TIMEOUT = scaled(30.0)
 #: Poll interval of those waits.
 POLL = 0.025
 #: How long a stopped process gets between SIGTERM and SIGKILL, and after SIGKILL.
@@ -682,7 +683,7 @@ class ClusterEngine:
             if not keys:
                 break
             await source.ask("MIGRATE", HOST, target.port, "", 0, 10_000, "KEYS", *keys,
-                             decode=False, timeout=15.0)
+                             decode=False, timeout=scaled(15.0))
         # Target first, then source, then everyone else: the order redis-cli uses, so
         # that no node redirects to a node that does not yet accept the slot.
         others = [node for node in await self.primaries() if node not in (source, target)]

@@ -30,6 +30,7 @@ from helpers import Client, api, make_settings, serve
 from tidings.brokers.presence_table import PresenceChange
 from tidings.brokers.redis import RedisBroker
 from tidings.server import RunningServer
+from timeouts import TIMEOUT
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_REDIS = os.environ.get("TIDINGS_REQUIRE_REDIS") == "1"
@@ -122,7 +123,7 @@ async def redis_node(url: str, prefix: str, *, overrides: dict[str, Any] | None 
         yield server
 
 
-async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 5.0,
+async def eventually(check: Callable[[], Awaitable[T]], timeout: float = TIMEOUT,
                      interval: float = 0.02) -> T:
     """Poll ``check`` until it returns a truthy value; fail after ``timeout`` seconds.
 
@@ -177,7 +178,7 @@ class RedisServer:
             args += ["--appendfsync", "always"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
-        await eventually(self.answers, timeout=10)
+        await eventually(self.answers)
 
     async def answers(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
@@ -303,7 +304,7 @@ class Follower:
                     "recover": {"offset": self.last, "epoch": self.epoch}}, id="again")
             self._changed.set()
 
-    async def until(self, check: Callable[[], bool], timeout: float = 10.0) -> None:
+    async def until(self, check: Callable[[], bool], timeout: float = TIMEOUT) -> None:
         async with asyncio.timeout(timeout):
             while not check():
                 if self._task is not None and self._task.done():
@@ -356,7 +357,7 @@ class Producer:
             self._progress.set()
             await asyncio.sleep(self.interval)  # the steady publishing rate
 
-    async def until_acked(self, count: int, timeout: float = 10) -> None:
+    async def until_acked(self, count: int, timeout: float = TIMEOUT) -> None:
         async with asyncio.timeout(timeout):
             while len(self.acked) < count:
                 self._progress.clear()
@@ -364,7 +365,7 @@ class Producer:
 
     async def until_unavailable(self) -> None:
         """Wait until a publish has answered 503 (the outage was seen)."""
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(TIMEOUT):
             while not self.unavailable:
                 self._progress.clear()
                 await self._progress.wait()

@@ -3,7 +3,7 @@
 #
 #     install.sh SOURCE_DIR VENV_DIR
 #
-# The Dockerfile runs exactly this, and tests/test_deploy_files.py runs it into a
+# The Dockerfile runs exactly this, and tests/server/test_deploy_files.py runs it into a
 # temporary directory, so that what the image installs is tested without an image.
 # pip takes its options from the environment as usual (PIP_INDEX_URL, PIP_NO_DEPS, ...);
 # PYTHON names the interpreter (default python3).

@@ -350,7 +350,7 @@ describe("subscriptions", () => {
 });
 
 // connected.positions: where this connection's personal-channel subscription went live
-// (mirrors tests/test_client_session.py for the Python client).
+// (mirrors tests/unit/test_client_session.py for the Python client).
 describe("the personal channel's announced position", () => {
   const PERSONAL = "user:u1";
   const announced = (offset, epoch = "e1") => ({ channels: [PERSONAL],

@@ -273,7 +273,7 @@ describe("ChannelTracker", () => {
 });
 
 // The position `connected` announces for the personal channel (`positions`), as in
-// tests/test_client_session.py for the Python client.
+// tests/unit/test_client_session.py for the Python client.
 describe("ChannelTracker with an announced position", () => {
   test("first connection lost before the personal reply misses nothing", () => {
     const t = new ChannelTracker();

@@ -109,7 +109,7 @@ class MaskCheckingResponse(web.WebSocketResponse):
     frame shared by all; ``compress`` is then true only for a connection that
     negotiated it. Inflating client messages is aiohttp's reader's,
     which inflates at most ``max_msg_size + 1`` bytes and fails with 1009 past
-    ``max_msg_size`` (checked by tests/test_deflate.py on the pinned aiohttp).
+    ``max_msg_size`` (checked by tests/server/test_deflate.py on the pinned aiohttp).
     """
 
     def _handshake(self, request: web.BaseRequest
