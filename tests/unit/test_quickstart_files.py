@@ -16,7 +16,8 @@ from pathlib import Path
 from packaging.licenses import canonicalize_license_expression
 from packaging.requirements import Requirement
 
-REPO = Path(__file__).resolve().parent.parent
+from paths import REPO
+
 PYPROJECT = REPO / "pyproject.toml"
 #: The newcomer's pages: the README and the users' docs.
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

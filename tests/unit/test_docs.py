@@ -4,17 +4,17 @@ development banner's sample, the client script's availability and the metrics ta
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from paths import REPO
 from tidings.cli import _banner, _build_parser
 from tidings.metrics import Metrics
 from tidings.server import DevCredentials
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 DOCS = ROOT / "docs"
 
 
