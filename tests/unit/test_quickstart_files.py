@@ -6,6 +6,7 @@ written the way their tools parse them."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shlex
 import shutil
@@ -27,8 +28,12 @@ def _make_commands(target: str, venv: Path) -> list[str]:
     """The commands ``make TARGET`` would run for a fresh virtualenv at ``venv``."""
     make = shutil.which("make")
     assert make is not None, "the README's quick start needs make"
-    result = subprocess.run([make, "-n", target, f"VENV={venv}"], cwd=REPO, check=False,
-                            capture_output=True, text=True, timeout=30)
+    # Under `make test` the parent make's variables would make this one a sub-make, which
+    # prints "Entering/Leaving directory" lines among the commands.
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}
+    result = subprocess.run([make, "--no-print-directory", "-n", target, f"VENV={venv}"],
+                            cwd=REPO, check=False, capture_output=True, text=True, timeout=30,
+                            env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
