@@ -26,13 +26,8 @@ from tidings.brokers import (
 )
 from tidings.brokers.memory import MemoryBroker
 from tidings.channels import ChannelPolicy
-from tidings.errors import BrokerUnavailable
-from tidings.gateway import (
-    Gateway,
-    PersonalChannelUnavailable,
-    TooManyConnections,
-    _frame_event_type,
-)
+from tidings.errors import BrokerUnavailable, PersonalChannelUnavailable, TooManyConnections
+from tidings.gateway import Gateway, _frame_event_type
 from tidings.protocol import encode_message, text_frame
 
 WAIT = 5.0

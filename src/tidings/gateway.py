@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 from tidings.auth import Authenticator, Identity
 from tidings.brokers.base import Broker, HistoryPage
@@ -22,16 +20,19 @@ from tidings.channels import ChannelPolicy
 from tidings.config import Settings
 from tidings.deadlines import Deadlines
 from tidings.errors import (
-    ClientError,
+    PeerError,
+    PersonalChannelUnavailable,
     ServerError,
     SubscriptionFailed,
     TidingsError,
+    TooManyConnections,
     Unauthorized,
 )
-from tidings.hub import Hub, Outbound, Subscriber
+from tidings.hub import Hub, Subscriber
 from tidings.metrics import Metrics
 from tidings.nodesubs import NodeSubscriptions
 from tidings.outages import OutageLog
+from tidings.ports import Peer, new_connection_id
 from tidings.presence_events import PresenceEvents
 from tidings.protocol import CloseCode, Recover, Subscribe, encode_message, personal_channel
 from tidings.protocol.wire import text_frame
@@ -50,59 +51,13 @@ from tidings.supervisor import Supervisor
 from tidings.telemetry import Telemetry
 from tidings.webhooks import WebhookSender
 
-__all__ = [
-    "Gateway",
-    "Peer",
-    "PersonalChannelUnavailable",
-    "TooManyConnections",
-    "new_connection_id",
-]
+__all__ = ["Gateway"]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds between two checks of the broker for ``tidings_broker_up`` (a scrape also
 #: checks), which is also how often a worker copies its periodic metrics.
 HEALTH_INTERVAL = 5.0
-
-
-class Peer(Outbound, Protocol):
-    """A connection as the gateway sees it: the hub's view plus session and close."""
-
-    @property
-    def session(self) -> Session: ...
-
-    def close(self, code: CloseCode, reason: str) -> None:
-        """Start closing with ``code``; idempotent, never blocks."""
-
-    def send_ping(self) -> None:
-        """Send a WebSocket ping frame."""
-
-
-class TooManyConnections(ClientError):
-    """The user already has ``max_connections_per_user`` connections (close 4429)."""
-
-    code = "rate_limited"
-    http_status = 429
-
-
-class PersonalChannelUnavailable(ServerError):
-    """The personal channel cannot be subscribed at connect, as the broker is away: the
-    connection is refused with 1013 and the client retries later, rather than accepted
-    without it, which would lose every event sent to the user meanwhile."""
-
-    code = "broker_unavailable"
-    http_status = 503
-
-
-def new_connection_id() -> str:
-    """A connection id: ``c_`` and 96 random bits from the OS (24 hex digits).
-
-    Unguessable, so that one user cannot name another's connection (ids show up in
-    support requests and logs), and unique across nodes and restarts without a node tag:
-    nothing routes by an id's content. ``os.urandom`` directly, as ``secrets.token_hex``
-    only adds call overhead to every handshake.
-    """
-    return "c_" + os.urandom(12).hex()
 
 
 def _live_point(sub: Subscriber[Peer]) -> int:
@@ -208,6 +163,15 @@ class Gateway:
         self.supervisor.spawn("presence-events", self.presence_events.run)
         if self.webhooks is not None:
             self.supervisor.spawn("presence-webhooks", self.webhooks.run)
+
+    @property
+    def healthy(self) -> bool:
+        """False while a critical background loop (the sweep) is down."""
+        return self.supervisor.healthy
+
+    def peer(self, conn_id: str) -> Peer | None:
+        """The local connection with this id, if any."""
+        return self.hub.peer(conn_id)
 
     async def check_broker(self) -> bool:
         """Whether the broker answers now (within ``broker.timeout``), as ``/readyz`` and
@@ -481,7 +445,7 @@ class Gateway:
                     self._unsubscribe(peer, effect.command.channel, effect.command.id)
                 elif isinstance(effect, StartRefresh):
                     await self._refresh(peer, effect.command.token, effect.command.id)
-            except (ClientError, ServerError) as exc:
+            except (PeerError, ServerError) as exc:
                 if isinstance(exc, ServerError):
                     # A broker or authorizer outage fails every such command: rate-limited.
                     self.outages.warn(f"{name} failed", exc.message)

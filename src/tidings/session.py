@@ -87,16 +87,6 @@ def error_message(
     return encode_message("error", data, id=command_id)
 
 
-def _wire_code(exc: TidingsError) -> str:
-    try:
-        return ErrorCode(exc.code).value
-    except ValueError:
-        # Server-side faults that have no wire code of their own.
-        if exc.code == "broker_unavailable":
-            return ErrorCode.SUBSCRIPTION_FAILED
-        return ErrorCode.INTERNAL_ERROR
-
-
 def _command_id(raw: bytes | str | None) -> str | None:
     if raw is None:
         return None
@@ -304,7 +294,7 @@ class Session:
     def fail(self, exc: TidingsError, command_id: str | None,
              channel: str | None = None) -> list[Effect]:
         """An error reply for a command that failed; the connection stays open."""
-        code = _wire_code(exc)
+        code = exc.wire_code
         message = error_message(code, exc.message, command_id=command_id,
                                 channel=channel or exc.channel)
         return [Send(message, code)]
