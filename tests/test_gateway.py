@@ -1102,7 +1102,8 @@ async def test_events_delivered_counts_frames_written_not_frames_held(
 @pytest.mark.parametrize("pad", [0, 100, 70_000], ids=["7-bit", "16-bit", "64-bit"])
 def test_delivered_metric_reads_the_type_behind_every_frame_header(pad: int) -> None:
     """The event type counted for a written frame is read past each length form."""
-    payload = encode_message("chat_message", {"pad": "x" * pad}, channel="news:a", offset=1)
+    payload = encode_message("chat_message", {"pad": "x" * pad}, channel="news:a", offset=1,
+                             timestamp=0.0)
     assert _frame_event_type(text_frame(payload)) == "chat_message"
     assert _frame_event_type(text_frame(b'{"no":"type"}')) == "unknown"
 

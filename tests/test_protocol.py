@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -551,12 +552,15 @@ def test_encode_event_fields() -> None:
     assert b" " not in raw.replace(b'"content":"hi"', b"")
 
 
-def test_encode_uses_current_time_by_default() -> None:
-    """Without a timestamp argument the message gets a well-formed current timestamp."""
-    message = json.loads(encode_message("pong", {}))
+def test_encode_stamps_the_wall_clock_it_is_given() -> None:
+    """The encoder reads no clock: the message carries the caller's wall clock, well
+    formed (the session's replies are stamped by the gateway's ``wall_clock``)."""
+    wall = datetime(2027, 1, 15, 8, 0, 0, 250_000, tzinfo=UTC).timestamp()
+    message = json.loads(encode_message("pong", {}, timestamp=wall))
     assert TIMESTAMP.fullmatch(message["timestamp"])
-    stamped = datetime.strptime(message["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
-    assert abs(stamped.replace(tzinfo=UTC) - datetime.now(UTC)) < timedelta(minutes=5)
+    assert message["timestamp"] == "2027-01-15T08:00:00.250Z"
+    timestamp = inspect.signature(encode_message).parameters["timestamp"]
+    assert timestamp.default is inspect.Parameter.empty  # required: no hidden time.time()
 
 
 @pytest.mark.parametrize(

@@ -34,13 +34,16 @@ from tidings.nodesubs import NodeSubscriptions
 from tidings.outages import OutageLog
 from tidings.ports import Peer, new_connection_id
 from tidings.presence_events import PresenceEvents
-from tidings.protocol import CloseCode, Recover, Subscribe, encode_message, personal_channel
+from tidings.protocol import CloseCode, Recover, Subscribe, personal_channel
+from tidings.protocol.messages import ErrorReply, encode
 from tidings.protocol.wire import text_frame
 from tidings.recovery import Replay, history_since, recover_live, recover_new
 from tidings.session import (
+    CheckGrants,
     Close,
     Effect,
     Send,
+    SendEvents,
     SendPing,
     Session,
     StartRefresh,
@@ -63,14 +66,6 @@ HEALTH_INTERVAL = 5.0
 def _live_point(sub: Subscriber[Peer]) -> int:
     """The offset up to which a subscription has sent, or stands at, its events."""
     return max(sub.after, sub.start)
-
-
-def _add_recovery(data: dict[str, object], replay: Replay) -> None:
-    """The recovery fields of a ``subscribed`` reply: ``recovered``, and ``since`` when
-    events follow a ``recovered: false`` (the new epoch's, from ``since + 1`` on)."""
-    data["recovered"] = replay.recovered
-    if not replay.recovered and replay.since is not None:
-        data["since"] = replay.since
 
 
 def _event_type(payload: bytes, start: int = 0) -> str:
@@ -274,13 +269,8 @@ class Gateway:
         return subscribers
 
     def on_continuity_lost(self, channel: str) -> None:
-        message = text_frame(encode_message(
-            "unsubscribed",
-            {"channel": channel, "reason": "insufficient_state", "resubscribe": True},
-        ))
         for peer in self.hub.subscribers(channel):
-            self._drop_subscription(peer, channel)
-            peer.send(message)
+            self._end_subscription(peer, channel, peer.session.continuity_lost)
 
     def on_disconnect_user(self, user_id: str, reason: str) -> None:
         for peer in self.hub.connections_of(user_id):
@@ -373,7 +363,7 @@ class Gateway:
                 # reply still recovers from here (no gap from 0, nothing missed).
                 positions[personal] = (after, epoch)
         self._counts_changed()
-        peer.send(text_frame(peer.session.welcome(channels, self.clock(), positions)))
+        self._send(peer, peer.session.welcome(channels, positions))
         if sub is not None:
             # The live events wait (auth.personal_channel_hold) for the client's first
             # command: a subscribe with recover sent right after `connected` can then
@@ -414,25 +404,29 @@ class Gateway:
     # -- effects ---------------------------------------------------------------------
 
     def _apply_sync(self, peer: Peer, effects: list[Effect]) -> None:
+        """Carry out the effects that need no waiting (``CheckGrants`` is ``_refresh``'s)."""
         for effect in effects:
             if isinstance(effect, Send):
                 self._send(peer, effect)
+            elif isinstance(effect, SendEvents):
+                self._send_events(peer, effect.payloads)
             elif isinstance(effect, Close):
                 peer.close(effect.code, effect.reason)
             elif isinstance(effect, SendPing):
                 peer.send_ping()
 
     def _send(self, peer: Peer, effect: Send) -> None:
-        if effect.error is not None:
-            self.metrics.error(effect.error)
-        peer.send(text_frame(effect.data))
+        message = effect.message
+        if isinstance(message, ErrorReply):
+            self.metrics.error(message.code)
+        peer.send(text_frame(encode(message, self.wall_clock())))
 
     async def handle(self, peer: Peer, effects: list[Effect]) -> None:
         """Carry out a session's effects; command failures become error replies."""
         if peer.conn_id in self._personal_holds:
             self._end_personal_hold(peer, effects)
         for effect in effects:
-            if isinstance(effect, Send | Close | SendPing):
+            if not isinstance(effect, StartSubscribe | StartUnsubscribe | StartRefresh):
                 self._apply_sync(peer, [effect])
                 continue
             started = self.clock()
@@ -499,14 +493,9 @@ class Gateway:
                 raise SubscriptionFailed("subscription interrupted; subscribe again",
                                          channel=channel)
             return  # the connection closed while we waited
-        data: dict[str, object] = {"channel": channel, "offset": position.offset,
-                                   "epoch": position.epoch}
-        if command.recover is not None:
-            _add_recovery(data, replay)
-        peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
-        self._send_replay(peer, replay)
-        session.subscribed(channel, personal=channel == personal_channel(
-            session.identity.user_id))
+        self._apply_sync(peer, session.subscribe_done(
+            command, position.offset, position.epoch,
+            replay if command.recover is not None else None, new=True))
         self._subscription_count += 1
         self.presence_events.opened(channel, session.identity.user_id)
         self._counts_changed()
@@ -525,11 +514,10 @@ class Gateway:
         is recovered: clients send the recover right after ``connected``)."""
         channel = command.channel
         recover = command.recover
-        data: dict[str, object] = {"channel": channel}
         if recover is None:
             position = await self.broker.position(channel)
-            data.update(offset=position.offset, epoch=position.epoch)
-            peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
+            self._apply_sync(peer, peer.session.subscribe_done(
+                command, position.offset, position.epoch, None, new=False))
             return
         # The release below moves `start` up to the live point, but the offsets between
         # the two were sent: `start` is put back (or lowered to where a replay began), so
@@ -549,10 +537,8 @@ class Gateway:
                                          channel=channel)
             return  # the connection closed while we waited
         replay = recover_live(recover, page, start, sub.after)
-        data.update(offset=_live_point(sub), epoch=page.position.epoch)
-        _add_recovery(data, replay)
-        peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
-        self._send_replay(peer, replay)
+        self._apply_sync(peer, peer.session.subscribe_done(
+            command, _live_point(sub), page.position.epoch, replay, new=False))
         self._send_held(peer, sub, _live_point(sub))
         sub.start = start if replay.since is None else min(start, replay.since)
 
@@ -572,13 +558,11 @@ class Gateway:
         # Streams may hold a little more than history.size (approximate trimming).
         return max(1, self.settings.history.size) * 2
 
-    def _send_replay(self, peer: Peer, replay: Replay) -> None:
-        # Also under `recovered: false`: a new epoch's events, replayed from offset 1.
-        if replay.events:
-            peer.send(b"".join(text_frame(event.payload) for event in replay.events))
-            delivered = self.metrics.delivered
-            for event in replay.events:
-                delivered(_event_type(event.payload), 1)
+    def _send_events(self, peer: Peer, payloads: Sequence[bytes]) -> None:
+        peer.send(b"".join(text_frame(payload) for payload in payloads))
+        delivered = self.metrics.delivered
+        for payload in payloads:
+            delivered(_event_type(payload), 1)
 
     def _send_held(self, peer: Peer, sub: Subscriber[Peer], after: int) -> None:
         frames = self.hub.release(sub, after)
@@ -594,13 +578,27 @@ class Gateway:
             delivered(_frame_event_type(frame), connections)
 
     def _unsubscribe(self, peer: Peer, channel: str, command_id: str | None) -> None:
-        self._drop_subscription(peer, channel)
-        reply = encode_message("unsubscribed", {"channel": channel}, id=command_id)
-        peer.send(text_frame(reply))
+        self._end_subscription(peer, channel,
+                               lambda name: peer.session.unsubscribe_done(name, command_id))
+
+    def _end_subscription(self, peer: Peer, channel: str,
+                          ending: Callable[[str], list[Effect]]) -> None:
+        """End ``channel`` for ``peer`` with the session's ``ending`` (which drops the
+        session's side and makes the replies), then the node's side, then the replies."""
+        was_subscribed = peer.session.is_subscribed(channel)
+        effects = ending(channel)
+        self._release(peer, channel, was_subscribed)
+        self._apply_sync(peer, effects)
 
     def _drop_subscription(self, peer: Peer, channel: str) -> None:
+        """End ``channel`` for ``peer`` without a reply (a subscribe that failed)."""
         was_subscribed = peer.session.is_subscribed(channel)
         peer.session.unsubscribed(channel)
+        self._release(peer, channel, was_subscribed)
+
+    def _release(self, peer: Peer, channel: str, was_subscribed: bool) -> None:
+        """The node's side of an ended subscription: counts, presence, the hub, the
+        broker subscription."""
         if was_subscribed:
             self._subscription_count -= 1
             self._counts_changed()
@@ -626,26 +624,21 @@ class Gateway:
             return
         effects = peer.session.refreshed(identity, command_id, self.clock(), self.wall_clock())
         self._apply_sync(peer, effects)
-        if not peer.session.closed:
-            await self._revoke_lost_channels(peer)
+        for effect in effects:
+            if isinstance(effect, CheckGrants) and not peer.session.closed:
+                await self._check_grants(peer, effect.channels)
 
-    async def _revoke_lost_channels(self, peer: Peer) -> None:
+    async def _check_grants(self, peer: Peer, channels: Sequence[str]) -> None:
         """After a refresh, end subscriptions the new token no longer allows (``revoked``).
 
         An authorizer that is unavailable keeps the subscription: an outage of the
         application's backend must not unsubscribe everybody.
         """
         session = peer.session
-        for channel in sorted(session.subscriptions - {session.personal}):
+        for channel in channels:
             try:
                 await self.policy.authorize(session.identity, channel)
             except Unauthorized:
-                if not session.is_subscribed(channel):
-                    continue
-                self._drop_subscription(peer, channel)
-                peer.send(text_frame(encode_message(
-                    "unsubscribed",
-                    {"channel": channel, "reason": "revoked", "resubscribe": False},
-                )))
+                self._end_subscription(peer, channel, session.revoke)
             except TidingsError:
                 continue

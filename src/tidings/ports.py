@@ -74,6 +74,10 @@ class ConnectionHost(HealthHost, Protocol):
     def clock(self) -> Callable[[], float]:
         """Monotonic seconds, as sessions count them."""
 
+    @property
+    def wall_clock(self) -> Callable[[], float]:
+        """Epoch seconds, the ``timestamp`` of the messages sent."""
+
     async def authenticate(self, token: str | None) -> Identity:
         """Verify a token; raises ``Unauthorized``."""
 

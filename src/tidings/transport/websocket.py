@@ -22,8 +22,9 @@ from tidings.errors import PersonalChannelUnavailable, TooManyConnections, Unaut
 from tidings.ports import ConnectionHost
 from tidings.protocol import CloseCode, ErrorCode
 from tidings.protocol.deflate import deflate_frames
+from tidings.protocol.messages import ErrorReply, encode
 from tidings.protocol.wire import close_frame, ping_frame
-from tidings.session import Session, error_message
+from tidings.session import Session
 from tidings.transport.frames import MaskCheckingResponse
 
 __all__ = ["WsConnection", "origin_allowed", "token_from_request", "websocket_handler"]
@@ -335,7 +336,7 @@ async def _accept(request: web.Request, gateway: ConnectionHost, task: asyncio.T
     except Unauthorized as exc:
         metrics.handshake_unauthorized.inc()
         logger.info("connection rejected: %s", exc.message)
-        message = error_message(ErrorCode.UNAUTHORIZED, exc.message)
+        message = encode(ErrorReply(ErrorCode.UNAUTHORIZED, exc.message), gateway.wall_clock())
         return await _reject(ws, message, CloseCode.UNAUTHORIZED, "unauthorized", gateway)
     except TimeoutError:
         metrics.handshakes.labels("timeout").inc()
