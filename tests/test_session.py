@@ -330,13 +330,16 @@ def test_rate_limit_ignores_clock_going_backwards() -> None:
 
 
 def test_max_subscriptions_excludes_personal_channel() -> None:
-    """The personal channel does not count towards max_subscriptions."""
+    """The personal channel does not count towards max_subscriptions; at the limit the
+    subscribe goes to the gateway marked ``at_limit`` and is refused with ``too_many``."""
     session = make_session(max_subscriptions=2)
     session.subscribed("user:alice", personal=True)
     for channel in ("news:1", "news:2"):
-        assert isinstance(subscribe(session, channel)[0], StartSubscribe)
+        assert subscribe(session, channel) == [StartSubscribe(Subscribe("s", channel, None))]
         session.subscribed(channel)
-    effects = subscribe(session, "news:3", command_id="s3")
+    command = Subscribe("s3", "news:3", None)
+    assert subscribe(session, "news:3", command_id="s3") == [StartSubscribe(command, True)]
+    effects = session.too_many(command)
     message = only_message(effects)
     assert isinstance(effects[0], Send) and effects[0].error == ErrorCode.SUBSCRIPTION_FAILED
     assert message["id"] == "s3"
@@ -344,45 +347,46 @@ def test_max_subscriptions_excludes_personal_channel() -> None:
     assert message["data"]["channel"] == "news:3"
     assert "2" in message["data"]["message"]
     assert not session.closed
+    assert session.subscription_count == 2
 
 
 def test_max_subscriptions_without_personal_channel() -> None:
     """Without a personal channel every subscription counts."""
     session = make_session(max_subscriptions=1)
-    assert isinstance(subscribe(session, "news:1")[0], StartSubscribe)
+    assert subscribe(session, "news:1") == [StartSubscribe(Subscribe("s", "news:1", None))]
     session.subscribed("news:1")
-    assert only_message(subscribe(session, "news:2"))["data"]["code"] == "subscription_failed"
+    assert subscribe(session, "news:2") == [StartSubscribe(Subscribe("s", "news:2", None),
+                                                           True)]
 
 
 def test_personal_channel_never_counts_even_when_subscribed_by_command() -> None:
     """The user's own personal channel stays outside the limit however it was subscribed."""
     session = make_session(max_subscriptions=1)
     session.subscribed("user:alice")
+    assert session.subscription_count == 0
     assert subscribe(session, "news:1") == [StartSubscribe(Subscribe("s", "news:1", None))]
-
-
-def test_already_subscribed_channel_passes_the_limit() -> None:
-    """Subscribing again to a channel already held is allowed at the limit (idempotent)."""
-    session = make_session(max_subscriptions=1)
     session.subscribed("news:1")
-    assert subscribe(session, "news:1") == [StartSubscribe(Subscribe("s", "news:1", None))]
+    assert subscribe(session, "user:alice") == [StartSubscribe(Subscribe("s", "user:alice",
+                                                                         None))]
 
 
 def test_unsubscribe_frees_a_slot() -> None:
     """After an unsubscribe the freed slot can be used again."""
     session = make_session(max_subscriptions=1)
     session.subscribed("news:1")
-    assert only_message(subscribe(session, "news:2"))["type"] == "error"
+    [at_limit] = subscribe(session, "news:2")
+    assert isinstance(at_limit, StartSubscribe) and at_limit.at_limit
     session.unsubscribed("news:1")
-    assert isinstance(subscribe(session, "news:2")[0], StartSubscribe)
+    assert subscribe(session, "news:2") == [StartSubscribe(Subscribe("s", "news:2", None))]
 
 
 def test_max_subscriptions_zero_keeps_personal_channel() -> None:
     """With max_subscriptions=0 no channel can be added, but the personal one is kept."""
     session = make_session(max_subscriptions=0)
     session.subscribed("user:alice", personal=True)
-    assert session.subscriptions == {"user:alice"}
-    assert only_message(subscribe(session, "news:1"))["data"]["code"] == "subscription_failed"
+    assert session.personal == "user:alice" and session.subscription_count == 0
+    [at_limit] = subscribe(session, "news:1")
+    assert isinstance(at_limit, StartSubscribe) and at_limit.at_limit
 
 
 def test_unsubscribing_personal_channel_clears_it() -> None:
@@ -391,7 +395,7 @@ def test_unsubscribing_personal_channel_clears_it() -> None:
     session.subscribed("user:alice", personal=True)
     session.unsubscribed("user:alice")
     assert session.personal is None
-    assert session.subscriptions == set()
+    assert session.subscription_count == 0
     session.subscribed("user:alice")
     assert subscribe(session, "news:1") == [StartSubscribe(Subscribe("s", "news:1", None))]
 
@@ -625,7 +629,7 @@ def test_subscribe_done_answers_subscribed_and_takes_the_channel() -> None:
     session = make_session()
     effects = session.subscribe_done(_subscribe("news:a"), 4, "e1", None, new=True)
     assert effects == [Send(Subscribed("news:a", 4, "e1", "s1"))]
-    assert session.is_subscribed("news:a")
+    assert session.subscription_count == 1
     assert only_message(effects)["data"] == {"channel": "news:a", "offset": 4, "epoch": "e1"}
 
 
@@ -656,24 +660,23 @@ def test_unrecovered_replay_of_a_new_epoch_announces_since() -> None:
 
 
 def test_a_resubscribe_does_not_take_the_channel_again() -> None:
-    """An idempotent subscribe (``new=False``) answers without changing membership."""
+    """An idempotent subscribe (``new=False``) answers without counting it again."""
     session = make_session()
     session.subscribe_done(_subscribe("news:a"), 1, "e", None, new=True)
-    session.unsubscribed("news:a")
     session.subscribe_done(_subscribe("news:a", "s2"), 1, "e", None, new=False)
-    assert not session.is_subscribed("news:a")
+    assert session.subscription_count == 1
 
 
 def test_refresh_reply_precedes_the_check_of_the_other_channels() -> None:
-    """A refresh answers ``refreshed`` first, then asks for the policy check of every
-    subscribed channel but the personal one, in name order."""
+    """A refresh answers ``refreshed`` first, then asks for the policy check of the
+    channels held (the gateway reads which from the hub)."""
     session = make_session()
     session.subscribed("user:alice", personal=True)
     for channel in ("news:b", "news:a"):
         session.subscribe_done(_subscribe(channel), 1, "e", None, new=True)
     effects = session.refreshed(identity(ttl=7200), "r1", T0, WALL)
     assert isinstance(effects[0], Send) and isinstance(effects[0].message, Refreshed)
-    assert effects[1:] == [CheckGrants(("news:a", "news:b"))]
+    assert effects[1:] == [CheckGrants()]
 
 
 def test_refresh_without_other_channels_checks_nothing() -> None:
@@ -688,26 +691,30 @@ def test_revoke_answers_once_and_only_while_subscribed() -> None:
     that ended meanwhile gets nothing."""
     session = make_session()
     session.subscribe_done(_subscribe("news:a"), 1, "e", None, new=True)
-    assert session.revoke("news:a") == [
+    assert session.revoke("news:a", subscribed=True) == [
         Send(Unsubscribed("news:a", reason="revoked", resubscribe=False))]
-    assert session.revoke("news:a") == []
-    assert not session.is_subscribed("news:a")
+    assert session.revoke("news:a", subscribed=False) == []
+    assert session.subscription_count == 0
 
 
 def test_continuity_lost_asks_for_a_resubscribe() -> None:
     """Lost continuity ends the channel with ``insufficient_state`` and resubscribe."""
     session = make_session()
     session.subscribe_done(_subscribe("news:a"), 1, "e", None, new=True)
-    assert session.continuity_lost("news:a") == [
+    assert session.continuity_lost("news:a", subscribed=True) == [
         Send(Unsubscribed("news:a", reason="insufficient_state", resubscribe=True))]
-    assert not session.is_subscribed("news:a")
+    assert session.subscription_count == 0
+    # Still being set up: the subscription is gone all the same, nothing was counted.
+    assert session.continuity_lost("news:b", subscribed=False) == [
+        Send(Unsubscribed("news:b", reason="insufficient_state", resubscribe=True))]
+    assert session.subscription_count == 0
 
 
 def test_unsubscribe_done_answers_with_the_command_id() -> None:
     """The client's unsubscribe is answered with its id and no reason."""
     session = make_session()
     session.subscribe_done(_subscribe("news:a"), 1, "e", None, new=True)
-    assert only_message(session.unsubscribe_done("news:a", "u1")) == {
+    assert only_message(session.unsubscribe_done("news:a", "u1", subscribed=True)) == {
         "type": "unsubscribed", "id": "u1", "timestamp": "2027-01-15T08:00:00.000Z",
         "data": {"channel": "news:a"}}
 

@@ -95,7 +95,12 @@ class SendPing:
 
 @dataclass(frozen=True, slots=True)
 class StartSubscribe:
+    """Subscribe for the client. ``at_limit``: the session holds ``max_subscriptions``
+    already, so unless the channel is one of them (an idempotent subscribe; the hub
+    knows) the gateway answers with ``too_many`` instead."""
+
     command: Subscribe
+    at_limit: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +115,8 @@ class StartRefresh:
 
 @dataclass(frozen=True, slots=True)
 class CheckGrants:
-    """After a refresh: ask the policy about each of ``channels`` again, and ``revoke``
-    those the new token no longer allows."""
-
-    channels: tuple[str, ...]
+    """After a refresh: ask the policy again about each channel the connection holds
+    (but the personal one; the hub knows which), and ``revoke`` those it denies."""
 
 
 Effect = (Send | SendEvents | Close | SendPing | StartSubscribe | StartUnsubscribe
@@ -138,7 +141,7 @@ class Session:
 
     # Slots: one Session lives as long as each (mostly idle) connection.
     __slots__ = (
-        "_channels",
+        "_counted",
         "_deadline",
         "_interval",
         "_last_ping",
@@ -170,9 +173,9 @@ class Session:
     ) -> None:
         self.identity = identity
         self.conn_id = conn_id
-        # A tuple, not a set: most connections hold one channel (their personal one),
-        # and an empty-ish set costs about 200 bytes more per idle connection.
-        self._channels: tuple[str, ...] = ()
+        # Which channels are held is the hub's to know: the session keeps what its
+        # limit needs, the count of confirmed subscriptions but the personal channel.
+        self._counted = 0
         self.personal: str | None = None
         self._limits = limits
         self._interval = heartbeat_interval
@@ -274,37 +277,39 @@ class Session:
         return refused
 
     def _subscribe(self, command: Subscribe) -> list[Effect]:
-        channel = command.channel
         # The personal channel never counts, whether automatic or subscribed again.
-        personal = f"user:{self.identity.user_id}"
-        counted = sum(1 for held in self._channels if held != personal)
-        if channel not in self._channels and counted >= self._limits.max_subscriptions:
-            return [Send(ErrorReply(
-                ErrorCode.SUBSCRIPTION_FAILED,
-                f"too many subscriptions (at most {self._limits.max_subscriptions})",
-                command.id, channel))]
-        return [StartSubscribe(command)]
+        at_limit = (self._counted >= self._limits.max_subscriptions
+                    and command.channel != f"user:{self.identity.user_id}")
+        return [StartSubscribe(command, at_limit)]
+
+    def too_many(self, command: Subscribe) -> list[Effect]:
+        """The answer to a subscribe of a new channel at the subscription limit."""
+        return [Send(ErrorReply(
+            ErrorCode.SUBSCRIPTION_FAILED,
+            f"too many subscriptions (at most {self._limits.max_subscriptions})",
+            command.id, command.channel))]
 
     # -- outcomes of gateway work ---------------------------------------------------
 
     @property
-    def subscriptions(self) -> frozenset[str]:
-        """The channels this connection is subscribed to."""
-        return frozenset(self._channels)
-
-    def is_subscribed(self, channel: str) -> bool:
-        return channel in self._channels
+    def subscription_count(self) -> int:
+        """Confirmed subscriptions, the personal channel not counted."""
+        return self._counted
 
     def subscribed(self, channel: str, *, personal: bool = False) -> None:
-        if channel not in self._channels:
-            self._channels += (channel,)
+        """A subscription was confirmed (call once per confirmed subscription). The
+        user's own personal channel never counts, however it was subscribed."""
         if personal:
             self.personal = channel
+        elif channel != f"user:{self.identity.user_id}":
+            self._counted += 1
 
     def unsubscribed(self, channel: str) -> None:
-        self._channels = tuple(held for held in self._channels if held != channel)
+        """A confirmed subscription ended (call once, only for a confirmed one)."""
         if channel == self.personal:
             self.personal = None
+        elif channel != f"user:{self.identity.user_id}":
+            self._counted = max(0, self._counted - 1)
 
     def refreshed(self, identity: Identity, command_id: str | None, now: float,
                   wall: float) -> list[Effect]:
@@ -317,9 +322,8 @@ class Session:
         # revocation always follows the ``refreshed`` that caused it.
         effects: list[Effect] = [Send(Refreshed(format_expiry(identity.expires_at),
                                                 command_id))]
-        others = tuple(sorted(c for c in self._channels if c != self.personal))
-        if others:
-            effects.append(CheckGrants(others))
+        if self._counted:
+            effects.append(CheckGrants())
         return effects
 
     def subscribe_done(self, command: Subscribe, offset: int, epoch: str,
@@ -341,20 +345,25 @@ class Session:
             effects.append(SendEvents(tuple(event.payload for event in replay.events)))
         return effects
 
-    def unsubscribe_done(self, channel: str, command_id: str | None) -> list[Effect]:
-        """The client's unsubscribe was carried out (or there was nothing to end)."""
-        self.unsubscribed(channel)
+    def unsubscribe_done(self, channel: str, command_id: str | None, *,
+                         subscribed: bool) -> list[Effect]:
+        """The client's unsubscribe was carried out; ``subscribed``: a confirmed
+        subscription ended (otherwise there was nothing to end, and it is answered too)."""
+        if subscribed:
+            self.unsubscribed(channel)
         return [Send(Unsubscribed(channel, command_id))]
 
-    def continuity_lost(self, channel: str) -> list[Effect]:
-        """The broker lost ``channel``'s continuity: the client must resubscribe."""
-        self.unsubscribed(channel)
+    def continuity_lost(self, channel: str, *, subscribed: bool) -> list[Effect]:
+        """The broker lost ``channel``'s continuity: the client must resubscribe (also
+        when the subscription was still being set up: it is gone)."""
+        if subscribed:
+            self.unsubscribed(channel)
         return [Send(Unsubscribed(channel, reason="insufficient_state", resubscribe=True))]
 
-    def revoke(self, channel: str) -> list[Effect]:
-        """The refreshed token no longer allows ``channel`` (nothing if it already
-        ended meanwhile)."""
-        if channel not in self._channels:
+    def revoke(self, channel: str, *, subscribed: bool) -> list[Effect]:
+        """The refreshed token no longer allows ``channel``; nothing unless the
+        subscription is (still) confirmed."""
+        if not subscribed:
             return []
         self.unsubscribed(channel)
         return [Send(Unsubscribed(channel, reason="revoked", resubscribe=False))]
