@@ -1,9 +1,9 @@
 """The composition root of a node: wires auth, policy, hub and broker, and coordinates.
 
-The gateway is the broker's handler (events in, continuity and disconnect signals), runs
-the gateway side of every session effect (subscribe with recovery, unsubscribe,
-refresh), keeps one broker subscription per channel per node, ticks every session for
-heartbeats and token expiry, and drains connections on shutdown.
+The gateway is the broker's handler (events in, continuity and disconnect signals),
+registers connections (``personal`` subscribes their personal channel), hands session
+effects to ``commands`` (``subscriptions`` sets subscriptions up, recovers and revokes
+them; the hub owns who holds what), runs the heartbeat ``sweep``, and drains on shutdown.
 """
 
 from __future__ import annotations
@@ -17,14 +17,9 @@ from tidings.auth import Authenticator, Identity
 from tidings.brokers.base import Broker
 from tidings.brokers.presence_table import PresenceChange
 from tidings.channels import ChannelPolicy
+from tidings.commands import Commands, Sender
 from tidings.config import Settings
-from tidings.errors import (
-    PeerError,
-    ServerError,
-    TidingsError,
-    TooManyConnections,
-    Unauthorized,
-)
+from tidings.errors import TidingsError, TooManyConnections
 from tidings.event_types import frame_counter
 from tidings.hub import Hub
 from tidings.metrics import Metrics
@@ -34,22 +29,11 @@ from tidings.personal import PersonalChannels
 from tidings.ports import Peer, new_connection_id
 from tidings.presence_events import PresenceEvents
 from tidings.protocol import CloseCode
-from tidings.protocol.messages import ErrorReply, encode
 from tidings.protocol.wire import text_frame
-from tidings.session import (
-    CheckGrants,
-    Close,
-    Effect,
-    Send,
-    SendEvents,
-    SendPing,
-    Session,
-    StartRefresh,
-    StartSubscribe,
-    StartUnsubscribe,
-)
+from tidings.session import Effect, Session
 from tidings.subscriptions import Subscriptions
 from tidings.supervisor import Supervisor
+from tidings.sweep import Sweeper, sweep_period
 from tidings.telemetry import Telemetry
 from tidings.webhooks import WebhookSender
 
@@ -110,15 +94,19 @@ class Gateway:
         # between workers.
         self._counts_changed = self.metrics.bind_counts(self.hub.connection_count,
                                                         self.hub.subscription_count)
+        self.sender = Sender(self.metrics, wall_clock)
         self.subscriptions = Subscriptions(
             self.hub, broker, policy, self.node_subscriptions, self.presence_events,
-            self.metrics, history_size=settings.history.size, apply=self._apply_sync,
+            self.metrics, history_size=settings.history.size, apply=self.sender.apply,
             counts_changed=self._counts_changed)
         self.personal = PersonalChannels(
-            self.hub, broker, self.node_subscriptions, self.outages,
+            self.hub, broker, self.node_subscriptions, self._warn,
             enabled=settings.auth.personal_channel,
             hold=settings.auth.personal_channel_hold,
             release_held=self.subscriptions.release_held)
+        self.commands = Commands(self.sender, self.subscriptions, self.personal,
+                                 authenticator, self.metrics, self._warn, clock, wall_clock)
+        self.sweeper = Sweeper(self.hub, self.sender.apply, clock)
         self._fanned_out = self.metrics.fanned_out
         # Settings read on every handshake, looked up once.
         server, auth = settings.server, settings.auth
@@ -131,14 +119,18 @@ class Gateway:
     async def start(self) -> None:
         await self.broker.start(self)
         server = self.settings.server
-        period = max(0.01, min(1.0, server.heartbeat_interval / 4, server.heartbeat_timeout / 4))
-        self.supervisor.spawn("gateway-sweep", lambda: self._sweep_forever(period),
+        period = sweep_period(server.heartbeat_interval, server.heartbeat_timeout)
+        self.supervisor.spawn("gateway-sweep", lambda: self.sweeper.run(period),
                               critical=True)
         await self.check_broker()
         self.supervisor.spawn("gateway-health", self._health_forever)
         self.supervisor.spawn("presence-events", self.presence_events.run)
         if self.webhooks is not None:
             self.supervisor.spawn("presence-webhooks", self.webhooks.run)
+
+    def _warn(self, what: str, detail: str) -> None:
+        """An expected outage, rate-limited (``self.outages`` may be replaced)."""
+        self.outages.warn(what, detail)
 
     @property
     def healthy(self) -> bool:
@@ -199,33 +191,6 @@ class Gateway:
         await self.broker.close()
         await self.authenticator.close()
         await self.policy.close()
-
-    async def _sweep_forever(self, period: float) -> None:
-        """Heartbeats, timeouts and token expiry for every connection, every ``period``.
-
-        This loop must outlive any fault of ours: if it ended, no connection on the node
-        would be pinged, timed out or closed at token expiry again. One session whose
-        tick (or what it asks for) raises is closed with 1011 and the others go on; a
-        fault of the sweep itself is logged and the next sweep runs.
-        """
-        while True:
-            await asyncio.sleep(period)
-            try:
-                self.sweep(self.clock())
-            except Exception:
-                logger.exception("connection sweep failed; sweeping again in %ss", period)
-
-    def sweep(self, now: float) -> None:
-        """One sweep at ``now``; see ``_sweep_forever``."""
-        for peer in self.hub.connections():
-            try:
-                effects = peer.session.tick(now)
-                if effects:
-                    self._apply_sync(peer, effects)
-            except Exception:
-                logger.exception("a connection's heartbeat or expiry check failed; "
-                                 "closing it")
-                peer.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     # -- BrokerHandler ---------------------------------------------------------------
 
@@ -288,16 +253,9 @@ class Gateway:
     def new_session(self, identity: Identity, conn_id: str | None = None) -> Session:
         """A session for ``identity``; ``conn_id`` defaults to ``new_connection_id()``."""
         limits, interval, timeout, leeway = self._session_settings
-        return Session(
-            identity,
-            conn_id=conn_id or new_connection_id(),
-            limits=limits,
-            heartbeat_interval=interval,
-            heartbeat_timeout=timeout,
-            leeway=leeway,
-            now=self.clock(),
-            wall=self.wall_clock(),
-        )
+        return Session(identity, conn_id=conn_id or new_connection_id(), limits=limits,
+                       heartbeat_interval=interval, heartbeat_timeout=timeout,
+                       leeway=leeway, now=self.clock(), wall=self.wall_clock())
 
     async def connect(self, peer: Peer) -> None:
         """Register ``peer``, subscribe its personal channel and send ``connected``.
@@ -313,7 +271,7 @@ class Gateway:
         self._idle.clear()
         channels, positions, sub, after = await self.personal.open(peer, self.disconnect)
         self._counts_changed()
-        self._send(peer, peer.session.welcome(channels, positions))
+        self.sender.send(peer, peer.session.welcome(channels, positions))
         if sub is not None:
             self.personal.go_live(peer, sub, after)
 
@@ -328,56 +286,9 @@ class Gateway:
         if not self.hub.connection_count():
             self._idle.set()
 
-    # -- effects ---------------------------------------------------------------------
-
-    def _apply_sync(self, peer: Peer, effects: list[Effect]) -> None:
-        """Carry out the effects that need no waiting (``CheckGrants`` is ``_refresh``'s)."""
-        for effect in effects:
-            if isinstance(effect, Send):
-                self._send(peer, effect)
-            elif isinstance(effect, SendEvents):
-                self.subscriptions.send_events(peer, effect.payloads)
-            elif isinstance(effect, Close):
-                peer.close(effect.code, effect.reason)
-            elif isinstance(effect, SendPing):
-                peer.send_ping()
-
-    def _send(self, peer: Peer, effect: Send) -> None:
-        message = effect.message
-        if isinstance(message, ErrorReply):
-            self.metrics.error(message.code)
-        peer.send(text_frame(encode(message, self.wall_clock())))
-
     async def handle(self, peer: Peer, effects: list[Effect]) -> None:
         """Carry out a session's effects; command failures become error replies."""
-        self.personal.on_command(peer, effects)
-        for effect in effects:
-            if not isinstance(effect, StartSubscribe | StartUnsubscribe | StartRefresh):
-                self._apply_sync(peer, [effect])
-                continue
-            started = self.clock()
-            command = effect.command
-            name = type(command).__name__.lower()
-            try:
-                if isinstance(effect, StartSubscribe):
-                    await self.subscriptions.subscribe(peer, effect)
-                elif isinstance(effect, StartUnsubscribe):
-                    self.subscriptions.unsubscribe(peer, effect.command.channel,
-                                                   effect.command.id)
-                elif isinstance(effect, StartRefresh):
-                    await self._refresh(peer, effect.command.token, effect.command.id)
-            except (PeerError, ServerError) as exc:
-                if isinstance(exc, ServerError):
-                    # A broker or authorizer outage fails every such command: rate-limited.
-                    self.outages.warn(f"{name} failed", exc.message)
-                channel = getattr(command, "channel", None)
-                self._apply_sync(peer, peer.session.fail(exc, command.id, channel))
-            except Exception:
-                logger.exception("unexpected error handling %s", name)
-                fault = ServerError("internal server error")
-                self._apply_sync(peer, peer.session.fail(fault, command.id))
-            finally:
-                self.metrics.command(name, self.clock() - started)
+        await self.commands.handle(peer, effects)
 
     def _pending_overflow(self, peer: Peer) -> None:
         self.metrics.slow_consumer_closes.inc()
@@ -385,17 +296,3 @@ class Gateway:
                        "held while its subscription was being set up", peer.conn_id,
                        peer.user_id)
         peer.close(CloseCode.TRY_AGAIN_LATER, "subscriber too slow")
-
-    # -- refresh ---------------------------------------------------------------------
-
-    async def _refresh(self, peer: Peer, token: str, command_id: str | None) -> None:
-        try:
-            identity = await self.authenticator.authenticate(token)
-        except Unauthorized as exc:
-            logger.info("refresh rejected: %s", exc.message)
-            self._apply_sync(peer, peer.session.unauthorized(exc.message, command_id))
-            return
-        effects = peer.session.refreshed(identity, command_id, self.clock(), self.wall_clock())
-        self._apply_sync(peer, effects)
-        if any(isinstance(e, CheckGrants) for e in effects) and not peer.session.closed:
-            await self.subscriptions.check_grants(peer)

@@ -12,7 +12,6 @@ from tidings.deadlines import Deadlines
 from tidings.errors import PersonalChannelUnavailable, TidingsError
 from tidings.hub import Hub, Subscriber
 from tidings.nodesubs import NodeSubscriptions
-from tidings.outages import OutageLog
 from tidings.ports import Peer
 from tidings.protocol import personal_channel
 from tidings.session import Effect, StartSubscribe
@@ -30,12 +29,12 @@ class PersonalChannels:
     held for ``sub`` and switches it live."""
 
     def __init__(self, hub: Hub[Peer], broker: Broker, node_subscriptions: NodeSubscriptions,
-                 outages: OutageLog, *, enabled: bool, hold: float,
+                 warn: Callable[[str, str], None], *, enabled: bool, hold: float,
                  release_held: Callable[[Peer, Subscriber[Peer], int], None]) -> None:
         self._hub = hub
         self._broker = broker
         self._node_subscriptions = node_subscriptions
-        self._outages = outages
+        self._warn = warn
         self._enabled = enabled
         self._hold = hold > 0
         self._release_held = release_held
@@ -61,7 +60,7 @@ class PersonalChannels:
             after, epoch = await self._broker.position(personal)
         except TidingsError as exc:
             # Expected during a broker outage: one line, no traceback, rate-limited.
-            self._outages.warn("personal channel unavailable at connect; refusing the "
+            self._warn("personal channel unavailable at connect; refusing the "
                                "connection with 1013", exc.message)
             forget(peer)
             raise PersonalChannelUnavailable(

@@ -8,19 +8,18 @@ for the replies, which it hands to ``apply`` (the gateway's effect runner) in or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from tidings.brokers.base import Broker, HistoryPage
 from tidings.channels import ChannelPolicy
 from tidings.errors import SubscriptionFailed, TidingsError, Unauthorized
-from tidings.event_types import event_type, frame_counter
+from tidings.event_types import frame_counter
 from tidings.hub import Hub, Subscriber
 from tidings.metrics import Metrics
 from tidings.nodesubs import NodeSubscriptions
 from tidings.ports import Peer
 from tidings.presence_events import PresenceEvents
 from tidings.protocol import Recover
-from tidings.protocol.wire import text_frame
 from tidings.recovery import Replay, history_since, recover_live, recover_new
 from tidings.session import Effect, StartSubscribe
 
@@ -47,7 +46,6 @@ class Subscriptions:
         self._policy = policy
         self._node_subscriptions = node_subscriptions
         self._presence = presence_events
-        self._delivered = metrics.delivered
         self._count_frames = frame_counter(metrics)
         # Streams may hold a little more than history.size (approximate trimming).
         self._recovery_limit = max(1, history_size) * 2
@@ -201,9 +199,3 @@ class Subscriptions:
         if emptied:
             self._node_subscriptions.release_soon(channel)
         return confirmed
-
-    def send_events(self, peer: Peer, payloads: Sequence[bytes]) -> None:
-        """Stored events (a replay) as text frames, counted as delivered."""
-        peer.send(b"".join(text_frame(payload) for payload in payloads))
-        for payload in payloads:
-            self._delivered(event_type(payload), 1)
