@@ -1,137 +1,49 @@
 """The composition root of a node: wires auth, policy, hub and broker, and coordinates.
 
-The gateway is the broker's handler (events in, continuity and disconnect signals), runs
-the gateway side of every session effect (subscribe with recovery, unsubscribe,
-refresh), keeps one broker subscription per channel per node, ticks every session for
-heartbeats and token expiry, and drains connections on shutdown.
+The gateway is the broker's handler (events in, continuity and disconnect signals),
+registers connections (``personal`` subscribes their personal channel), hands session
+effects to ``commands`` (``subscriptions`` sets subscriptions up, recovers and revokes
+them; the hub owns who holds what), runs the heartbeat ``sweep``, and drains on shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable
 
 from tidings.auth import Authenticator, Identity
-from tidings.brokers.base import Broker, HistoryPage
+from tidings.brokers.base import Broker
 from tidings.brokers.presence_table import PresenceChange
 from tidings.channels import ChannelPolicy
+from tidings.commands import Commands, Sender
 from tidings.config import Settings
-from tidings.deadlines import Deadlines
-from tidings.errors import (
-    ClientError,
-    ServerError,
-    SubscriptionFailed,
-    TidingsError,
-    Unauthorized,
-)
-from tidings.hub import Hub, Outbound, Subscriber
+from tidings.errors import TidingsError, TooManyConnections
+from tidings.event_types import frame_counter
+from tidings.hub import Hub
 from tidings.metrics import Metrics
 from tidings.nodesubs import NodeSubscriptions
 from tidings.outages import OutageLog
+from tidings.personal import PersonalChannels
+from tidings.ports import Peer, new_connection_id
 from tidings.presence_events import PresenceEvents
-from tidings.protocol import CloseCode, Recover, Subscribe, encode_message, personal_channel
+from tidings.protocol import CloseCode
 from tidings.protocol.wire import text_frame
-from tidings.recovery import Replay, history_since, recover_live, recover_new
-from tidings.session import (
-    Close,
-    Effect,
-    Send,
-    SendPing,
-    Session,
-    StartRefresh,
-    StartSubscribe,
-    StartUnsubscribe,
-)
+from tidings.session import Effect, Session
+from tidings.subscriptions import Subscriptions
 from tidings.supervisor import Supervisor
+from tidings.sweep import Sweeper, sweep_period
 from tidings.telemetry import Telemetry
 from tidings.webhooks import WebhookSender
 
-__all__ = [
-    "Gateway",
-    "Peer",
-    "PersonalChannelUnavailable",
-    "TooManyConnections",
-    "new_connection_id",
-]
+__all__ = ["Gateway"]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds between two checks of the broker for ``tidings_broker_up`` (a scrape also
 #: checks), which is also how often a worker copies its periodic metrics.
 HEALTH_INTERVAL = 5.0
-
-
-class Peer(Outbound, Protocol):
-    """A connection as the gateway sees it: the hub's view plus session and close."""
-
-    @property
-    def session(self) -> Session: ...
-
-    def close(self, code: CloseCode, reason: str) -> None:
-        """Start closing with ``code``; idempotent, never blocks."""
-
-    def send_ping(self) -> None:
-        """Send a WebSocket ping frame."""
-
-
-class TooManyConnections(ClientError):
-    """The user already has ``max_connections_per_user`` connections (close 4429)."""
-
-    code = "rate_limited"
-    http_status = 429
-
-
-class PersonalChannelUnavailable(ServerError):
-    """The personal channel cannot be subscribed at connect, as the broker is away: the
-    connection is refused with 1013 and the client retries later, rather than accepted
-    without it, which would lose every event sent to the user meanwhile."""
-
-    code = "broker_unavailable"
-    http_status = 503
-
-
-def new_connection_id() -> str:
-    """A connection id: ``c_`` and 96 random bits from the OS (24 hex digits).
-
-    Unguessable, so that one user cannot name another's connection (ids show up in
-    support requests and logs), and unique across nodes and restarts without a node tag:
-    nothing routes by an id's content. ``os.urandom`` directly, as ``secrets.token_hex``
-    only adds call overhead to every handshake.
-    """
-    return "c_" + os.urandom(12).hex()
-
-
-def _live_point(sub: Subscriber[Peer]) -> int:
-    """The offset up to which a subscription has sent, or stands at, its events."""
-    return max(sub.after, sub.start)
-
-
-def _add_recovery(data: dict[str, object], replay: Replay) -> None:
-    """The recovery fields of a ``subscribed`` reply: ``recovered``, and ``since`` when
-    events follow a ``recovered: false`` (the new epoch's, from ``since + 1`` on)."""
-    data["recovered"] = replay.recovered
-    if not replay.recovered and replay.since is not None:
-        data["since"] = replay.since
-
-
-def _event_type(payload: bytes, start: int = 0) -> str:
-    """The ``type`` of the event JSON in ``payload`` from ``start`` on."""
-    # Every event payload is encoded with "type" as its first key (protocol.wire).
-    if not payload.startswith(b'{"type":"', start):
-        return "unknown"
-    end = payload.find(b'"', start + 9)
-    return payload[start + 9:end].decode() if end > 0 else "unknown"
-
-
-def _frame_event_type(frame: bytes) -> str:
-    """The ``type`` of the event in a server text frame (``protocol.wire.text_frame``)."""
-    # Unmasked server frame: a 7-bit length, or 126/127 then a 16/64-bit one (RFC 6455 5.2).
-    length = frame[1] & 0x7F
-    return _event_type(frame, 2 if length < 126 else 4 if length == 126 else 10)
 
 
 class Gateway:
@@ -158,7 +70,7 @@ class Gateway:
         self.clock = clock
         self.wall_clock = wall_clock
         self.hub: Hub[Peer] = Hub(on_pending_overflow=self._pending_overflow,
-                                  on_written=self._count_frames,
+                                  on_written=frame_counter(self.metrics),
                                   on_fanned_out=self.metrics.fanned_out)
         self.draining = False
         self.outages = OutageLog(logger)
@@ -172,42 +84,62 @@ class Gateway:
             dropped = self.metrics.webhooks_dropped
             self.webhooks = WebhookSender(
                 settings.webhooks, on_drop=lambda reason: dropped.labels(reason).inc())
-        # conn_id -> peer whose personal channel is held (auth.personal_channel_hold).
-        self._personal_holds: Deadlines[str, Peer] = Deadlines(
-            settings.auth.personal_channel_hold, self._send_personal)
         #: The background loops (sweep: critical; health checks); ``healthy`` is part
         #: of readiness.
         self.supervisor = Supervisor()
         self._idle = asyncio.Event()
         self._idle.set()
-        # Read at scrape time: a Gauge.inc per handshake costs more than the handshake's
-        # own bookkeeping of the same numbers.
-        self._subscription_count = 0
+        # Read at scrape time, from the hub (which owns both counts): a Gauge.inc per
+        # handshake costs more than the handshake's own bookkeeping of the same numbers.
         # Called after either count changes; does nothing unless the metrics are shared
         # between workers.
         self._counts_changed = self.metrics.bind_counts(self.hub.connection_count,
-                                                        lambda: self._subscription_count)
+                                                        self.hub.subscription_count)
+        self.sender = Sender(self.metrics, wall_clock)
+        self.subscriptions = Subscriptions(
+            self.hub, broker, policy, self.node_subscriptions, self.presence_events,
+            self.metrics, history_size=settings.history.size, apply=self.sender.apply,
+            counts_changed=self._counts_changed)
+        self.personal = PersonalChannels(
+            self.hub, broker, self.node_subscriptions, self._warn,
+            enabled=settings.auth.personal_channel,
+            hold=settings.auth.personal_channel_hold,
+            release_held=self.subscriptions.release_held)
+        self.commands = Commands(self.sender, self.subscriptions, self.personal,
+                                 authenticator, self.metrics, self._warn, clock, wall_clock)
+        self.sweeper = Sweeper(self.hub, self.sender.apply, clock)
         # Settings read on every handshake, looked up once.
         server, auth = settings.server, settings.auth
         self._session_settings = (settings.limits, server.heartbeat_interval,
                                   server.heartbeat_timeout, auth.leeway)
         self._max_connections_per_user = settings.limits.max_connections_per_user
-        self._personal_channels = auth.personal_channel
-        self._personal_hold = auth.personal_channel_hold > 0
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.broker.start(self)
         server = self.settings.server
-        period = max(0.01, min(1.0, server.heartbeat_interval / 4, server.heartbeat_timeout / 4))
-        self.supervisor.spawn("gateway-sweep", lambda: self._sweep_forever(period),
+        period = sweep_period(server.heartbeat_interval, server.heartbeat_timeout)
+        self.supervisor.spawn("gateway-sweep", lambda: self.sweeper.run(period),
                               critical=True)
         await self.check_broker()
         self.supervisor.spawn("gateway-health", self._health_forever)
         self.supervisor.spawn("presence-events", self.presence_events.run)
         if self.webhooks is not None:
             self.supervisor.spawn("presence-webhooks", self.webhooks.run)
+
+    def _warn(self, what: str, detail: str) -> None:
+        """An expected outage, rate-limited (``self.outages`` may be replaced)."""
+        self.outages.warn(what, detail)
+
+    @property
+    def healthy(self) -> bool:
+        """False while a critical background loop (the sweep) is down."""
+        return self.supervisor.healthy
+
+    def peer(self, conn_id: str) -> Peer | None:
+        """The local connection with this id, if any."""
+        return self.hub.peer(conn_id)
 
     async def check_broker(self) -> bool:
         """Whether the broker answers now (within ``broker.timeout``), as ``/readyz`` and
@@ -250,7 +182,7 @@ class Gateway:
         return True
 
     async def close(self) -> None:
-        self._personal_holds.close()
+        self.personal.close()
         # Logs whatever a loop raised; the broker, authenticator and policy still close.
         await self.supervisor.close()
         if self.webhooks is not None:
@@ -259,33 +191,6 @@ class Gateway:
         await self.broker.close()
         await self.authenticator.close()
         await self.policy.close()
-
-    async def _sweep_forever(self, period: float) -> None:
-        """Heartbeats, timeouts and token expiry for every connection, every ``period``.
-
-        This loop must outlive any fault of ours: if it ended, no connection on the node
-        would be pinged, timed out or closed at token expiry again. One session whose
-        tick (or what it asks for) raises is closed with 1011 and the others go on; a
-        fault of the sweep itself is logged and the next sweep runs.
-        """
-        while True:
-            await asyncio.sleep(period)
-            try:
-                self.sweep(self.clock())
-            except Exception:
-                logger.exception("connection sweep failed; sweeping again in %ss", period)
-
-    def sweep(self, now: float) -> None:
-        """One sweep at ``now``; see ``_sweep_forever``."""
-        for peer in self.hub.connections():
-            try:
-                effects = peer.session.tick(now)
-                if effects:
-                    self._apply_sync(peer, effects)
-            except Exception:
-                logger.exception("a connection's heartbeat or expiry check failed; "
-                                 "closing it")
-                peer.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     # -- BrokerHandler ---------------------------------------------------------------
 
@@ -305,13 +210,7 @@ class Gateway:
         return self.hub.deliver(channel, offset, text_frame(payload))
 
     def on_continuity_lost(self, channel: str) -> None:
-        message = text_frame(encode_message(
-            "unsubscribed",
-            {"channel": channel, "reason": "insufficient_state", "resubscribe": True},
-        ))
-        for peer in self.hub.subscribers(channel):
-            self._drop_subscription(peer, channel)
-            peer.send(message)
+        self.subscriptions.continuity_lost(channel)
 
     def on_disconnect_user(self, user_id: str, reason: str) -> None:
         for peer in self.hub.connections_of(user_id):
@@ -349,16 +248,9 @@ class Gateway:
     def new_session(self, identity: Identity, conn_id: str | None = None) -> Session:
         """A session for ``identity``; ``conn_id`` defaults to ``new_connection_id()``."""
         limits, interval, timeout, leeway = self._session_settings
-        return Session(
-            identity,
-            conn_id=conn_id or new_connection_id(),
-            limits=limits,
-            heartbeat_interval=interval,
-            heartbeat_timeout=timeout,
-            leeway=leeway,
-            now=self.clock(),
-            wall=self.wall_clock(),
-        )
+        return Session(identity, conn_id=conn_id or new_connection_id(), limits=limits,
+                       heartbeat_interval=interval, heartbeat_timeout=timeout,
+                       leeway=leeway, now=self.clock(), wall=self.wall_clock())
 
     async def connect(self, peer: Peer) -> None:
         """Register ``peer``, subscribe its personal channel and send ``connected``.
@@ -367,277 +259,31 @@ class Gateway:
         ``PersonalChannelUnavailable`` when the broker cannot subscribe the personal
         channel; either way nothing stays registered.
         """
-        identity = peer.session.identity
         limit = self._max_connections_per_user
-        if self.hub.user_connection_count(identity.user_id) >= limit:
+        if self.hub.user_connection_count(peer.user_id) >= limit:
             raise TooManyConnections(f"too many connections for this user (at most {limit})")
         self.hub.add_connection(peer)
         self._idle.clear()
-        channels: list[str] = []
-        positions: dict[str, tuple[int, str]] = {}
-        personal = personal_channel(identity.user_id) if self._personal_channels else None
-        sub: Subscriber[Peer] | None = None
-        after = 0
-        if personal is not None:
-            sub, _ = self.hub.subscribe(peer, personal, hold=True)
-            try:
-                await self.node_subscriptions.ensure(personal)
-                after, epoch = await self.broker.position(personal)
-            except TidingsError as exc:
-                # Expected during a broker outage: one line, no traceback, rate-limited.
-                self.outages.warn("personal channel unavailable at connect; refusing the "
-                                  "connection with 1013", exc.message)
-                self.disconnect(peer)
-                raise PersonalChannelUnavailable(
-                    "personal channel unavailable; try again later") from None
-            except BaseException:
-                # Unexpected fault or cancellation: register nothing (the caller never
-                # reaches its disconnect), or the user's slot and the channel would leak.
-                self.disconnect(peer)
-                raise
-            else:
-                peer.session.subscribed(personal, personal=True)
-                self._subscription_count += 1
-                channels.append(personal)
-                # Every event after `after` reaches this connection: announce it as the
-                # baseline, so that a client losing this connection before its first
-                # reply still recovers from here (no gap from 0, nothing missed).
-                positions[personal] = (after, epoch)
+        channels, positions, sub, after = await self.personal.open(peer, self.disconnect)
         self._counts_changed()
-        peer.send(text_frame(peer.session.welcome(channels, self.clock(), positions)))
+        self.sender.send(peer, peer.session.welcome(channels, positions))
         if sub is not None:
-            # The live events wait (auth.personal_channel_hold) for the client's first
-            # command: a subscribe with recover sent right after `connected` can then
-            # replay what was missed before any live event goes out.
-            sub.start = after
-            if self._personal_hold:
-                self._personal_holds.add(peer.conn_id, peer)
-            else:
-                self._send_held(peer, sub, after)
-
-    def _release_personal(self, peer: Peer) -> None:
-        """End the connect-time hold of the personal channel early."""
-        if self._personal_holds.pop(peer.conn_id) is not None:
-            self._send_personal(peer)
-
-    def _send_personal(self, peer: Peer) -> None:
-        """The connect-time hold is over: send what it held, then go live."""
-        personal = peer.session.personal
-        sub = self.hub.subscriber(peer, personal) if personal is not None else None
-        if sub is not None and sub.pending is not None:
-            self._send_held(peer, sub, _live_point(sub))
+            self.personal.go_live(peer, sub, after)
 
     def disconnect(self, peer: Peer) -> None:
         """Forget a connection that has closed."""
-        self._personal_holds.pop(peer.conn_id)
-        was_known = self.hub.is_connected(peer)
-        count = len(peer.session.subscriptions)
+        self.personal.forget(peer)
+        for channel in self.hub.channels_of(peer):
+            self.presence_events.closed(channel, peer.user_id)
         for channel in self.hub.remove_connection(peer):
             self.node_subscriptions.release_soon(channel)
-        if was_known:
-            self._subscription_count -= count
-            for channel in peer.session.subscriptions:
-                self.presence_events.closed(channel, peer.user_id)
         self._counts_changed()
         if not self.hub.connection_count():
             self._idle.set()
 
-    # -- effects ---------------------------------------------------------------------
-
-    def _apply_sync(self, peer: Peer, effects: list[Effect]) -> None:
-        for effect in effects:
-            if isinstance(effect, Send):
-                self._send(peer, effect)
-            elif isinstance(effect, Close):
-                peer.close(effect.code, effect.reason)
-            elif isinstance(effect, SendPing):
-                peer.send_ping()
-
-    def _send(self, peer: Peer, effect: Send) -> None:
-        if effect.error is not None:
-            self.metrics.error(effect.error)
-        peer.send(text_frame(effect.data))
-
     async def handle(self, peer: Peer, effects: list[Effect]) -> None:
         """Carry out a session's effects; command failures become error replies."""
-        if peer.conn_id in self._personal_holds:
-            self._end_personal_hold(peer, effects)
-        for effect in effects:
-            if isinstance(effect, Send | Close | SendPing):
-                self._apply_sync(peer, [effect])
-                continue
-            started = self.clock()
-            command = effect.command
-            name = type(command).__name__.lower()
-            try:
-                if isinstance(effect, StartSubscribe):
-                    await self._subscribe(peer, effect.command)
-                elif isinstance(effect, StartUnsubscribe):
-                    self._unsubscribe(peer, effect.command.channel, effect.command.id)
-                elif isinstance(effect, StartRefresh):
-                    await self._refresh(peer, effect.command.token, effect.command.id)
-            except (ClientError, ServerError) as exc:
-                if isinstance(exc, ServerError):
-                    # A broker or authorizer outage fails every such command: rate-limited.
-                    self.outages.warn(f"{name} failed", exc.message)
-                channel = getattr(command, "channel", None)
-                self._apply_sync(peer, peer.session.fail(exc, command.id, channel))
-            except Exception:
-                logger.exception("unexpected error handling %s", name)
-                fault = ServerError("internal server error")
-                self._apply_sync(peer, peer.session.fail(fault, command.id))
-            finally:
-                self.metrics.command(name, self.clock() - started)
-
-    def _end_personal_hold(self, peer: Peer, effects: list[Effect]) -> None:
-        """The client's first command ends the connect-time hold; a recover of the
-        personal channel itself takes the hold over and releases it after its replay."""
-        first = effects[0] if effects else None
-        takes_over = (isinstance(first, StartSubscribe)
-                      and first.command.channel == peer.session.personal
-                      and first.command.recover is not None)
-        if takes_over:
-            self._personal_holds.pop(peer.conn_id)
-        else:
-            self._release_personal(peer)
-
-    # -- subscriptions ---------------------------------------------------------------
-
-    async def _subscribe(self, peer: Peer, command: Subscribe) -> None:
-        channel = command.channel
-        session = peer.session
-        await self.policy.authorize(session.identity, channel)
-        if not self.hub.is_connected(peer):
-            return
-        existing = self.hub.subscriber(peer, channel)
-        if existing is not None:
-            await self._resubscribe(peer, existing, command)
-            return
-        sub, _ = self.hub.subscribe(peer, channel, hold=True)
-        try:
-            await self.node_subscriptions.ensure(channel)
-            if command.recover is not None:
-                page = await self._recovery_page(channel, command.recover)
-                position, replay = page.position, recover_new(command.recover, page)
-            else:
-                position, replay = await self.broker.position(channel), Replay(False)
-        except BaseException:
-            self._drop_subscription(peer, channel)
-            raise
-        if self.hub.subscriber(peer, channel) is not sub:
-            if self.hub.is_connected(peer):
-                # Continuity was lost while we set up (the client was told to resubscribe).
-                raise SubscriptionFailed("subscription interrupted; subscribe again",
-                                         channel=channel)
-            return  # the connection closed while we waited
-        data: dict[str, object] = {"channel": channel, "offset": position.offset,
-                                   "epoch": position.epoch}
-        if command.recover is not None:
-            _add_recovery(data, replay)
-        peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
-        self._send_replay(peer, replay)
-        session.subscribed(channel, personal=channel == personal_channel(
-            session.identity.user_id))
-        self._subscription_count += 1
-        self.presence_events.opened(channel, session.identity.user_id)
-        self._counts_changed()
-        self._send_held(peer, sub, position.offset)
-        if replay.since is not None:
-            # The replay sent what follows `since`: a later recover must not send it again.
-            sub.start = min(sub.start, replay.since)
-
-    async def _resubscribe(self, peer: Peer, sub: Subscriber[Peer], command: Subscribe) -> None:
-        """Idempotent subscribe; with ``recover`` it replays what the connection missed
-        before its subscription went live (offsets up to ``sub.start``).
-
-        That replay is only possible while no live event beyond ``sub.start`` has been
-        sent: offsets must reach the connection in increasing order. Otherwise the answer
-        is ``recovered: false`` (this is how the personal channel, subscribed at connect,
-        is recovered: clients send the recover right after ``connected``)."""
-        channel = command.channel
-        recover = command.recover
-        data: dict[str, object] = {"channel": channel}
-        if recover is None:
-            position = await self.broker.position(channel)
-            data.update(offset=position.offset, epoch=position.epoch)
-            peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
-            return
-        # The release below moves `start` up to the live point, but the offsets between
-        # the two were sent: `start` is put back (or lowered to where a replay began), so
-        # that a later recover cannot send them a second time.
-        start = sub.start
-        self.hub.hold(sub)
-        try:
-            page = await self._recovery_page(channel, recover)
-        except BaseException:
-            self._send_held(peer, sub, _live_point(sub))
-            sub.start = start
-            raise
-        if self.hub.subscriber(peer, channel) is not sub:
-            if self.hub.is_connected(peer):
-                # Continuity was lost during the read (the client was told to resubscribe).
-                raise SubscriptionFailed("subscription interrupted; subscribe again",
-                                         channel=channel)
-            return  # the connection closed while we waited
-        replay = recover_live(recover, page, start, sub.after)
-        data.update(offset=_live_point(sub), epoch=page.position.epoch)
-        _add_recovery(data, replay)
-        peer.send(text_frame(encode_message("subscribed", data, id=command.id)))
-        self._send_replay(peer, replay)
-        self._send_held(peer, sub, _live_point(sub))
-        sub.start = start if replay.since is None else min(start, replay.since)
-
-    async def _recovery_page(self, channel: str, recover: Recover) -> HistoryPage:
-        """The history that decides ``recover``: after the client's offset, or, when the
-        channel turns out to be in another epoch, after 0 (``recovery.history_since``)."""
-        limit = self._recovery_limit()
-        page = await self.broker.history(channel, recover.offset, limit)
-        since = history_since(recover, page.position.epoch)
-        if since != recover.offset:
-            # The epoch changed (a rare path): read again rather than make every recover
-            # learn the epoch first.
-            page = await self.broker.history(channel, since, limit)
-        return page
-
-    def _recovery_limit(self) -> int:
-        # Streams may hold a little more than history.size (approximate trimming).
-        return max(1, self.settings.history.size) * 2
-
-    def _send_replay(self, peer: Peer, replay: Replay) -> None:
-        # Also under `recovered: false`: a new epoch's events, replayed from offset 1.
-        if replay.events:
-            peer.send(b"".join(text_frame(event.payload) for event in replay.events))
-            delivered = self.metrics.delivered
-            for event in replay.events:
-                delivered(_event_type(event.payload), 1)
-
-    def _send_held(self, peer: Peer, sub: Subscriber[Peer], after: int) -> None:
-        frames = self.hub.release(sub, after)
-        if frames:
-            peer.send(b"".join(frames))
-            self._count_frames(frames, 1)
-
-    def _count_frames(self, frames: Sequence[bytes], connections: int) -> None:
-        """``tidings_events_delivered_total``: each event frame of ``frames`` was written
-        to ``connections`` connections."""
-        delivered = self.metrics.delivered
-        for frame in frames:
-            delivered(_frame_event_type(frame), connections)
-
-    def _unsubscribe(self, peer: Peer, channel: str, command_id: str | None) -> None:
-        self._drop_subscription(peer, channel)
-        reply = encode_message("unsubscribed", {"channel": channel}, id=command_id)
-        peer.send(text_frame(reply))
-
-    def _drop_subscription(self, peer: Peer, channel: str) -> None:
-        was_subscribed = peer.session.is_subscribed(channel)
-        peer.session.unsubscribed(channel)
-        if was_subscribed:
-            self._subscription_count -= 1
-            self._counts_changed()
-            self.presence_events.closed(channel, peer.user_id)
-        if self.hub.unsubscribe(peer, channel):
-            self.node_subscriptions.release_soon(channel)
+        await self.commands.handle(peer, effects)
 
     def _pending_overflow(self, peer: Peer) -> None:
         self.metrics.slow_consumer_closes.inc()
@@ -645,38 +291,3 @@ class Gateway:
                        "held while its subscription was being set up", peer.conn_id,
                        peer.user_id)
         peer.close(CloseCode.TRY_AGAIN_LATER, "subscriber too slow")
-
-    # -- refresh ---------------------------------------------------------------------
-
-    async def _refresh(self, peer: Peer, token: str, command_id: str | None) -> None:
-        try:
-            identity = await self.authenticator.authenticate(token)
-        except Unauthorized as exc:
-            logger.info("refresh rejected: %s", exc.message)
-            self._apply_sync(peer, peer.session.unauthorized(exc.message, command_id))
-            return
-        effects = peer.session.refreshed(identity, command_id, self.clock(), self.wall_clock())
-        self._apply_sync(peer, effects)
-        if not peer.session.closed:
-            await self._revoke_lost_channels(peer)
-
-    async def _revoke_lost_channels(self, peer: Peer) -> None:
-        """After a refresh, end subscriptions the new token no longer allows (``revoked``).
-
-        An authorizer that is unavailable keeps the subscription: an outage of the
-        application's backend must not unsubscribe everybody.
-        """
-        session = peer.session
-        for channel in sorted(session.subscriptions - {session.personal}):
-            try:
-                await self.policy.authorize(session.identity, channel)
-            except Unauthorized:
-                if not session.is_subscribed(channel):
-                    continue
-                self._drop_subscription(peer, channel)
-                peer.send(text_frame(encode_message(
-                    "unsubscribed",
-                    {"channel": channel, "reason": "revoked", "resubscribe": False},
-                )))
-            except TidingsError:
-                continue

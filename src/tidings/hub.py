@@ -1,5 +1,10 @@
 """Local bookkeeping and fan-out: connections by id and user, subscribers by channel.
 
+The hub is the one owner of subscription state on a node: who is subscribed to what,
+whether each subscription is confirmed (its ``subscribed`` reply sent) or still being set
+up, and how many confirmed subscriptions there are. Sessions keep only the count their
+limit needs; the gateway reads the rest here.
+
 The hub never parses frames, verifies tokens or talks to a broker. Fan-out follows the
 "cork" rule: frames delivered to a channel during one event-loop tick are collected, and
 at the end of the tick joined and written once into each subscriber's transport. There is
@@ -56,13 +61,16 @@ class Subscriber(Generic[C]):
     are held there, in offset order, instead of being written, so that the replayed
     history can go out first. ``after`` is the highest offset already sent (or not to be
     sent); frames at or below it are skipped. ``start`` is the offset at which the
-    subscription went live: everything after it came from the live stream.
+    subscription went live: everything after it came from the live stream. ``confirmed``:
+    the subscription was set up and announced (``Hub.confirm``); until then it exists only
+    to hold frames, and counts nowhere.
     """
 
     conn: C
     after: int = 0
     start: int = 0
     pending: list[tuple[int, bytes]] | None = None
+    confirmed: bool = False
 
 
 @dataclass(slots=True)
@@ -121,6 +129,7 @@ class Hub(Generic[C]):
         # with only their personal channel, where a set costs about 150 bytes more.
         self._memberships: dict[str, list[str]] = {}
         self._dirty: list[_Channel[C]] = []
+        self._confirmed = 0
         self._flush_scheduled = False
         self._pending_limit = pending_limit
         self._on_pending_overflow = on_pending_overflow
@@ -144,7 +153,7 @@ class Hub(Generic[C]):
                 del self._by_user[conn.user_id]
         emptied = []
         for channel in self._memberships.pop(conn.conn_id, []):
-            if self._drop(conn.conn_id, channel):
+            if self._drop(conn.conn_id, channel)[1]:
                 emptied.append(channel)
         return emptied
 
@@ -206,26 +215,55 @@ class Hub(Generic[C]):
         sub.after = after
         return out
 
+    def confirm(self, sub: Subscriber[C]) -> None:
+        """The subscription was set up and announced: it counts from now on."""
+        if not sub.confirmed:
+            sub.confirmed = True
+            self._confirmed += 1
+
     def unsubscribe(self, conn: C, channel: str) -> bool:
         """Remove ``conn`` from ``channel``; True when the channel has no local subscriber left."""
+        return self.drop(conn, channel)[1]
+
+    def drop(self, conn: C, channel: str) -> tuple[bool, bool]:
+        """Remove ``conn`` from ``channel``: whether the subscription was confirmed, and
+        whether the channel has no local subscriber left."""
         members = self._memberships.get(conn.conn_id)
         if members is None or channel not in members:
-            return False
+            return False, False
         members.remove(channel)
         return self._drop(conn.conn_id, channel)
 
-    def _drop(self, conn_id: str, channel: str) -> bool:
+    def _drop(self, conn_id: str, channel: str) -> tuple[bool, bool]:
         entry = self._channels.get(channel)
         if entry is None:
-            return False
-        entry.subscribers.pop(conn_id, None)
+            return False, False
+        sub = entry.subscribers.pop(conn_id, None)
+        confirmed = sub is not None and sub.confirmed
+        if confirmed:
+            self._confirmed -= 1
         if entry.subscribers:
-            return False
+            return confirmed, False
         del self._channels[channel]
-        return True
+        return confirmed, True
 
     def is_subscribed(self, conn: C, channel: str) -> bool:
+        """Whether ``conn`` holds ``channel``, confirmed or still being set up."""
         return channel in self._memberships.get(conn.conn_id, ())
+
+    def is_confirmed(self, conn: C, channel: str) -> bool:
+        """Whether ``conn`` holds a confirmed subscription to ``channel``."""
+        sub = self.subscriber(conn, channel)
+        return sub is not None and sub.confirmed
+
+    def channels_of(self, conn: C) -> list[str]:
+        """The channels ``conn`` holds confirmed subscriptions to, in subscription order."""
+        return [channel for channel in self._memberships.get(conn.conn_id, ())
+                if self.is_confirmed(conn, channel)]
+
+    def subscription_count(self) -> int:
+        """Confirmed subscriptions on this node, over all connections."""
+        return self._confirmed
 
     def has_channel(self, channel: str) -> bool:
         return channel in self._channels

@@ -1,15 +1,18 @@
 """One connection's protocol state, without I/O.
 
-The transport feeds it frames and clock readings; it answers with effects: messages to
-send, a close, or work for the gateway (subscribe, unsubscribe, refresh) whose outcome
-comes back through ``subscribed``/``unsubscribed``/``refreshed``/``fail``.
+The transport feeds it frames and clock readings; it answers with effects: typed
+messages to send (``tidings.protocol.messages``), a close, or work for the gateway
+(subscribe, unsubscribe, refresh, a check of the channels after a refresh). The gateway
+reports each outcome back (``subscribe_done``, ``unsubscribe_done``, ``continuity_lost``,
+``revoke``, ``refreshed``, ``fail``), and the session answers with the replies, in the
+order they must reach the client: every reply the protocol defines is made here.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from tidings.auth import Identity
 from tidings.config import LimitsSettings
@@ -23,29 +26,60 @@ from tidings.protocol import (
     Subscribe,
     Unsubscribe,
     decode_command,
-    encode_message,
     format_expiry,
 )
+from tidings.protocol.messages import (
+    Connected,
+    ErrorReply,
+    Pong,
+    Refreshed,
+    ServerMessage,
+    Subscribed,
+    Unsubscribed,
+)
+from tidings.recovery import Replay
 
 __all__ = [
+    "CheckGrants",
     "Close",
     "Effect",
     "Send",
+    "SendEvents",
     "SendPing",
     "Session",
+    "SessionState",
     "StartRefresh",
     "StartSubscribe",
     "StartUnsubscribe",
-    "error_message",
 ]
+
+
+class SessionState(enum.Enum):
+    """Where a connection stands; ``CLOSED`` is final."""
+
+    OPEN = "open"
+    #: A ping was sent and no frame came back since (the heartbeat timeout runs).
+    AWAITING_PONG = "awaiting_pong"
+    CLOSED = "closed"
 
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send one JSON message (unframed); ``error`` names the error code it carries."""
+    """Send one server message; the gateway stamps it with the wall clock."""
 
-    data: bytes
-    error: str | None = None
+    message: ServerMessage
+
+    @property
+    def error(self) -> str | None:
+        """The error code the message carries, if it is an ``error``."""
+        return self.message.code if isinstance(self.message, ErrorReply) else None
+
+
+@dataclass(frozen=True, slots=True)
+class SendEvents:
+    """Send stored events (encoded by the broker), in order: a recovery's replay."""
+
+    payloads: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +95,12 @@ class SendPing:
 
 @dataclass(frozen=True, slots=True)
 class StartSubscribe:
+    """Subscribe for the client. ``at_limit``: the session holds ``max_subscriptions``
+    already, so unless the channel is one of them (an idempotent subscribe; the hub
+    knows) the gateway answers with ``too_many`` instead."""
+
     command: Subscribe
+    at_limit: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,27 +113,14 @@ class StartRefresh:
     command: Refresh
 
 
-Effect = Send | Close | SendPing | StartSubscribe | StartUnsubscribe | StartRefresh
+@dataclass(frozen=True, slots=True)
+class CheckGrants:
+    """After a refresh: ask the policy again about each channel the connection holds
+    (but the personal one; the hub knows which), and ``revoke`` those it denies."""
 
 
-def error_message(
-    code: str, message: str, *, command_id: str | None = None, channel: str | None = None
-) -> bytes:
-    """An ``error`` message; ``code`` is a wire error code."""
-    data: dict[str, Any] = {"code": code, "message": message}
-    if channel is not None:
-        data["channel"] = channel
-    return encode_message("error", data, id=command_id)
-
-
-def _wire_code(exc: TidingsError) -> str:
-    try:
-        return ErrorCode(exc.code).value
-    except ValueError:
-        # Server-side faults that have no wire code of their own.
-        if exc.code == "broker_unavailable":
-            return ErrorCode.SUBSCRIPTION_FAILED
-        return ErrorCode.INTERNAL_ERROR
+Effect = (Send | SendEvents | Close | SendPing | StartSubscribe | StartUnsubscribe
+          | StartRefresh | CheckGrants)
 
 
 def _command_id(raw: bytes | str | None) -> str | None:
@@ -115,23 +141,22 @@ class Session:
 
     # Slots: one Session lives as long as each (mostly idle) connection.
     __slots__ = (
-        "_channels",
+        "_counted",
         "_deadline",
         "_interval",
         "_last_ping",
         "_last_seen",
         "_leeway",
         "_limits",
-        "_ping_outstanding",
         "_refilled",
         "_strikes",
         "_timeout",
         "_tokens",
         "_unanswered_since",
-        "closed",
         "conn_id",
         "identity",
         "personal",
+        "state",
     )
 
     def __init__(
@@ -148,9 +173,9 @@ class Session:
     ) -> None:
         self.identity = identity
         self.conn_id = conn_id
-        # A tuple, not a set: most connections hold one channel (their personal one),
-        # and an empty-ish set costs about 200 bytes more per idle connection.
-        self._channels: tuple[str, ...] = ()
+        # Which channels are held is the hub's to know: the session keeps what its
+        # limit needs, the count of confirmed subscriptions but the personal channel.
+        self._counted = 0
         self.personal: str | None = None
         self._limits = limits
         self._interval = heartbeat_interval
@@ -161,35 +186,30 @@ class Session:
         self._strikes = 0
         self._last_seen = now
         self._last_ping = now
-        self._ping_outstanding = False
+        self.state = SessionState.OPEN
         #: When the oldest ping still unanswered was sent (the timeout runs from it).
         self._unanswered_since = now
         self._deadline = self._expiry_deadline(identity, now, wall)
-        self.closed = False
+
+    @property
+    def closed(self) -> bool:
+        """Whether the session asked for its close (nothing more is handled)."""
+        return self.state is SessionState.CLOSED
 
     def _expiry_deadline(self, identity: Identity, now: float, wall: float) -> float:
         return now + (identity.expires_at + self._leeway - wall)
 
     # -- inbound ---------------------------------------------------------------------
 
-    def welcome(self, channels: list[str], now: float,
-                positions: Mapping[str, tuple[int, str]] | None = None) -> bytes:
+    def welcome(self, channels: list[str],
+                positions: Mapping[str, tuple[int, str]] | None = None) -> Send:
         """The ``connected`` message. ``positions`` maps automatic channels to the
         ``(offset, epoch)`` at which they went live: the client's baseline, as in a
         ``subscribed`` reply, so that it can recover even if this connection is lost
         before any reply (sent as ``positions`` only when there is one)."""
-        interval = self._interval
-        data: dict[str, Any] = {
-            "connection_id": self.conn_id,
-            "user_id": self.identity.user_id,
-            "expires_at": format_expiry(self.identity.expires_at),
-            "heartbeat_interval": int(interval) if interval == int(interval) else interval,
-            "channels": channels,
-        }
-        if positions:
-            data["positions"] = {channel: {"offset": offset, "epoch": epoch}
-                                 for channel, (offset, epoch) in positions.items()}
-        return encode_message("connected", data)
+        return Send(Connected(self.conn_id, self.identity.user_id,
+                              format_expiry(self.identity.expires_at), self._interval,
+                              tuple(channels), dict(positions or {})))
 
     def _admit(self, now: float, raw: bytes | str | None = None) -> list[Effect] | None:
         """Count a data frame from the client: the effects to answer with instead of
@@ -207,11 +227,10 @@ class Session:
         try:
             command = decode_command(raw)
         except BadCommand as exc:
-            return [Send(error_message(ErrorCode.INVALID_REQUEST, exc.message,
-                                      command_id=exc.command_id, channel=exc.channel),
-                         ErrorCode.INVALID_REQUEST)]
+            return [Send(ErrorReply(ErrorCode.INVALID_REQUEST, exc.message, exc.command_id,
+                                    exc.channel))]
         if isinstance(command, Ping):
-            return [Send(encode_message("pong", {}, id=command.id))]
+            return [Send(Pong(command.id))]
         if isinstance(command, Subscribe):
             return self._subscribe(command)
         if isinstance(command, Unsubscribe):
@@ -223,13 +242,13 @@ class Session:
         refused = self._admit(now)
         if refused is not None:
             return refused
-        return [Send(error_message(ErrorCode.INVALID_REQUEST, "binary frames are not accepted"),
-                     ErrorCode.INVALID_REQUEST)]
+        return [Send(ErrorReply(ErrorCode.INVALID_REQUEST, "binary frames are not accepted"))]
 
     def saw_frame(self, now: float) -> None:
         """Any frame (pong included) proves the peer is alive."""
         self._last_seen = now
-        self._ping_outstanding = False
+        if self.state is SessionState.AWAITING_PONG:
+            self.state = SessionState.OPEN
 
     def _rate_limit(self, now: float, raw: bytes | str | None) -> list[Effect]:
         """Token bucket: ``command_burst`` tokens, refilled at ``commands_per_second``.
@@ -251,45 +270,46 @@ class Session:
         # Name the dropped command, so a client can tell which one to send again. The
         # command that uses up the last strike gets its error too, then the close: every
         # command the server drops is answered, as docs/protocol.md promises.
-        message = error_message(ErrorCode.RATE_LIMITED, "too many commands; slow down",
-                                command_id=_command_id(raw))
-        refused: list[Effect] = [Send(message, ErrorCode.RATE_LIMITED)]
+        refused: list[Effect] = [Send(ErrorReply(
+            ErrorCode.RATE_LIMITED, "too many commands; slow down", _command_id(raw)))]
         if self._strikes >= limits.rate_limit_strikes:
             refused += self._close(CloseCode.TOO_MANY, "command rate limit exceeded")
         return refused
 
     def _subscribe(self, command: Subscribe) -> list[Effect]:
-        channel = command.channel
         # The personal channel never counts, whether automatic or subscribed again.
-        personal = f"user:{self.identity.user_id}"
-        counted = sum(1 for held in self._channels if held != personal)
-        if channel not in self._channels and counted >= self._limits.max_subscriptions:
-            return [Send(error_message(
-                ErrorCode.SUBSCRIPTION_FAILED,
-                f"too many subscriptions (at most {self._limits.max_subscriptions})",
-                command_id=command.id, channel=channel), ErrorCode.SUBSCRIPTION_FAILED)]
-        return [StartSubscribe(command)]
+        at_limit = (self._counted >= self._limits.max_subscriptions
+                    and command.channel != f"user:{self.identity.user_id}")
+        return [StartSubscribe(command, at_limit)]
+
+    def too_many(self, command: Subscribe) -> list[Effect]:
+        """The answer to a subscribe of a new channel at the subscription limit."""
+        return [Send(ErrorReply(
+            ErrorCode.SUBSCRIPTION_FAILED,
+            f"too many subscriptions (at most {self._limits.max_subscriptions})",
+            command.id, command.channel))]
 
     # -- outcomes of gateway work ---------------------------------------------------
 
     @property
-    def subscriptions(self) -> frozenset[str]:
-        """The channels this connection is subscribed to."""
-        return frozenset(self._channels)
-
-    def is_subscribed(self, channel: str) -> bool:
-        return channel in self._channels
+    def subscription_count(self) -> int:
+        """Confirmed subscriptions, the personal channel not counted."""
+        return self._counted
 
     def subscribed(self, channel: str, *, personal: bool = False) -> None:
-        if channel not in self._channels:
-            self._channels += (channel,)
+        """A subscription was confirmed (call once per confirmed subscription). The
+        user's own personal channel never counts, however it was subscribed."""
         if personal:
             self.personal = channel
+        elif channel != f"user:{self.identity.user_id}":
+            self._counted += 1
 
     def unsubscribed(self, channel: str) -> None:
-        self._channels = tuple(held for held in self._channels if held != channel)
+        """A confirmed subscription ended (call once, only for a confirmed one)."""
         if channel == self.personal:
             self.personal = None
+        elif channel != f"user:{self.identity.user_id}":
+            self._counted = max(0, self._counted - 1)
 
     def refreshed(self, identity: Identity, command_id: str | None, now: float,
                   wall: float) -> list[Effect]:
@@ -298,21 +318,65 @@ class Session:
             return self.unauthorized("refresh token is for another user", command_id)
         self.identity = identity
         self._deadline = self._expiry_deadline(identity, now, wall)
-        data = {"expires_at": format_expiry(identity.expires_at)}
-        return [Send(encode_message("refreshed", data, id=command_id))]
+        # The reply first, then the check of what the new token still allows: a
+        # revocation always follows the ``refreshed`` that caused it.
+        effects: list[Effect] = [Send(Refreshed(format_expiry(identity.expires_at),
+                                                command_id))]
+        if self._counted:
+            effects.append(CheckGrants())
+        return effects
+
+    def subscribe_done(self, command: Subscribe, offset: int, epoch: str,
+                       replay: Replay | None, *, new: bool) -> list[Effect]:
+        """The gateway subscribed ``command.channel`` (``new``) or found it subscribed
+        already, live from ``offset`` in ``epoch``; ``replay`` answers its ``recover``.
+        The ``subscribed`` reply goes first, then the replayed events (also under
+        ``recovered: false``: a new epoch's, from offset 1); live events follow."""
+        channel = command.channel
+        if new:
+            self.subscribed(channel, personal=channel == f"user:{self.identity.user_id}")
+        if replay is None:
+            reply = Subscribed(channel, offset, epoch, command.id)
+        else:
+            since = replay.since if not replay.recovered else None
+            reply = Subscribed(channel, offset, epoch, command.id, replay.recovered, since)
+        effects: list[Effect] = [Send(reply)]
+        if replay is not None and replay.events:
+            effects.append(SendEvents(tuple(event.payload for event in replay.events)))
+        return effects
+
+    def unsubscribe_done(self, channel: str, command_id: str | None, *,
+                         subscribed: bool) -> list[Effect]:
+        """The client's unsubscribe was carried out; ``subscribed``: a confirmed
+        subscription ended (otherwise there was nothing to end, and it is answered too)."""
+        if subscribed:
+            self.unsubscribed(channel)
+        return [Send(Unsubscribed(channel, command_id))]
+
+    def continuity_lost(self, channel: str, *, subscribed: bool) -> list[Effect]:
+        """The broker lost ``channel``'s continuity: the client must resubscribe (also
+        when the subscription was still being set up: it is gone)."""
+        if subscribed:
+            self.unsubscribed(channel)
+        return [Send(Unsubscribed(channel, reason="insufficient_state", resubscribe=True))]
+
+    def revoke(self, channel: str, *, subscribed: bool) -> list[Effect]:
+        """The refreshed token no longer allows ``channel``; nothing unless the
+        subscription is (still) confirmed."""
+        if not subscribed:
+            return []
+        self.unsubscribed(channel)
+        return [Send(Unsubscribed(channel, reason="revoked", resubscribe=False))]
 
     def fail(self, exc: TidingsError, command_id: str | None,
              channel: str | None = None) -> list[Effect]:
         """An error reply for a command that failed; the connection stays open."""
-        code = _wire_code(exc)
-        message = error_message(code, exc.message, command_id=command_id,
-                                channel=channel or exc.channel)
-        return [Send(message, code)]
+        return [Send(ErrorReply(exc.wire_code, exc.message, command_id,
+                                channel or exc.channel))]
 
     def unauthorized(self, message: str, command_id: str | None = None) -> list[Effect]:
         """Send ``unauthorized`` and close 4401 (bad refresh or expired token)."""
-        return [Send(error_message(ErrorCode.UNAUTHORIZED, message, command_id=command_id),
-                     ErrorCode.UNAUTHORIZED),
+        return [Send(ErrorReply(ErrorCode.UNAUTHORIZED, message, command_id)),
                 *self._close(CloseCode.UNAUTHORIZED, "unauthorized")]
 
     # -- time ------------------------------------------------------------------------
@@ -323,16 +387,17 @@ class Session:
             return []
         if now >= self._deadline:
             return self.unauthorized("token expired")
-        if self._ping_outstanding and now - self._unanswered_since >= self._timeout:
+        awaiting = self.state is SessionState.AWAITING_PONG
+        if awaiting and now - self._unanswered_since >= self._timeout:
             return self._close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
         if now - max(self._last_ping, self._last_seen) >= self._interval:
-            if not self._ping_outstanding:
+            if not awaiting:
                 self._unanswered_since = now
             self._last_ping = now
-            self._ping_outstanding = True
+            self.state = SessionState.AWAITING_PONG
             return [SendPing()]
         return []
 
     def _close(self, code: CloseCode, reason: str) -> list[Effect]:
-        self.closed = True
+        self.state = SessionState.CLOSED
         return [Close(code, reason)]

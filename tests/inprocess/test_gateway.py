@@ -26,13 +26,9 @@ from tidings.brokers import (
 )
 from tidings.brokers.memory import MemoryBroker
 from tidings.channels import ChannelPolicy
-from tidings.errors import BrokerUnavailable
-from tidings.gateway import (
-    Gateway,
-    PersonalChannelUnavailable,
-    TooManyConnections,
-    _frame_event_type,
-)
+from tidings.errors import BrokerUnavailable, PersonalChannelUnavailable, TooManyConnections
+from tidings.event_types import frame_event_type as _frame_event_type
+from tidings.gateway import Gateway
 from tidings.protocol import encode_message, text_frame
 from timeouts import TIMEOUT
 
@@ -232,7 +228,7 @@ async def test_no_personal_channel_for_a_sub_outside_the_grammar(gateway: Gatewa
     assert welcome["data"]["channels"] == []
     assert welcome["data"]["user_id"] == sub
     assert list(gateway.hub.channels()) == []
-    assert peer.session.subscriptions == set()
+    assert set(gateway.hub.channels_of(peer)) == set()
     assert wrapped(gateway).subscribes == {}
 
 
@@ -287,7 +283,7 @@ async def test_subscribe_reply_shape(gateway: Gateway) -> None:
                   {"channel": "news:b", "recover": {"offset": 0, "epoch": "e"}}, id="s3")
     reply = only(peer.take())
     assert set(reply["data"]) == {"channel", "offset", "epoch", "recovered"}
-    assert peer.session.subscriptions == {"user:user-1", "news:a", "news:empty", "news:b"}
+    assert set(gateway.hub.channels_of(peer)) == {"user:user-1", "news:a", "news:empty", "news:b"}
 
 
 @pytest.mark.parametrize("channel", ["orders:1", "vault:x", "user:user-1"])
@@ -306,7 +302,7 @@ async def test_denied_subscription_leaks_no_event(gateway: Gateway, channel: str
     assert error["data"]["code"] == "unauthorized"
     assert error["data"]["channel"] == channel
     assert not gateway.hub.is_subscribed(intruder, channel)
-    assert channel not in intruder.session.subscriptions
+    assert channel not in set(gateway.hub.channels_of(intruder))
     await publish(gateway, channel, 2)
     await next_tick()
     assert intruder.take() == []
@@ -488,7 +484,7 @@ async def test_subscribe_twice_is_idempotent(gateway: Gateway) -> None:
                                   "epoch": replies[0]["data"]["epoch"]}
     assert gateway.hub.channel_counts()["news:a"] == 1
     assert wrapped(gateway).subscribes["news:a"] == 1
-    assert peer.session.subscriptions == {"user:user-1", "news:a"}
+    assert set(gateway.hub.channels_of(peer)) == {"user:user-1", "news:a"}
     assert gauge(gateway, "tidings_subscriptions") == 2
     await publish(gateway, "news:a")
     await next_tick()
@@ -632,7 +628,7 @@ async def test_continuity_lost_during_a_resubscribe_fails_it(gateway: Gateway) -
     assert [m["type"] for m in messages] == ["unsubscribed", "error"]
     assert messages[1]["id"] == "r"
     assert messages[1]["data"]["code"] == "subscription_failed"
-    assert "news:a" not in peer.session.subscriptions
+    assert "news:a" not in set(gateway.hub.channels_of(peer))
 
 
 async def test_unsubscribe_stops_events_and_is_idempotent(gateway: Gateway) -> None:
@@ -650,7 +646,7 @@ async def test_unsubscribe_stops_events_and_is_idempotent(gateway: Gateway) -> N
     await publish(gateway, "news:a")
     await next_tick()
     assert peer.take() == []
-    assert peer.session.subscriptions == {"user:user-1"}
+    assert set(gateway.hub.channels_of(peer)) == {"user:user-1"}
 
 
 # -- node subscriptions -------------------------------------------------------------
@@ -728,7 +724,7 @@ async def test_broker_failure_during_subscribe_rolls_back(gateway: Gateway, wher
     assert error["data"]["channel"] == "news:a"
     assert not gateway.hub.has_channel("news:a")
     assert not gateway.hub.is_subscribed(peer, "news:a")
-    assert peer.session.subscriptions == {"user:user-1"}
+    assert set(gateway.hub.channels_of(peer)) == {"user:user-1"}
     assert gauge(gateway, "tidings_subscriptions") == 1
     if where != "subscribe":  # the node had subscribed: it lets go again
         await broker.wait_unsubscribed("news:a")
@@ -809,7 +805,7 @@ async def test_continuity_lost_unsubscribes_with_resubscribe_advice(gateway: Gat
             "timestamp": peer.messages()[-1]["timestamp"],
             "data": {"channel": "news:a", "reason": "insufficient_state", "resubscribe": True},
         }
-        assert peer.session.subscriptions == {peer.session.personal}
+        assert set(gateway.hub.channels_of(peer)) == {peer.session.personal}
     assert bystander.take() == []
     assert not gateway.hub.has_channel("news:a")
     assert gauge(gateway, "tidings_subscriptions") == 3
@@ -901,11 +897,11 @@ async def test_a_failing_session_is_closed_1011_and_the_sweep_goes_on(
 
     broken.session = Failing(broken.session)
     clock.advance(25)
-    gateway.sweep(clock())
+    gateway.sweeper.sweep(clock())
     assert broken.closes == [(1011, "internal error")]
     assert other.pings == 1 and other.closes == []
     clock.advance(10)
-    gateway.sweep(clock())
+    gateway.sweeper.sweep(clock())
     code, reason = other.closes[0]
     assert code == 4408 and "heartbeat" in reason
     assert any("heartbeat or expiry check failed" in r.getMessage() for r in caplog.records)
@@ -921,24 +917,24 @@ async def test_sweeper_pings_then_closes_a_silent_peer_with_4408(
     silent = await connect_peer(gateway, "user-1")
     lively = await connect_peer(gateway, "user-2")
     clock.advance(24.9)
-    gateway.sweep(clock())
+    gateway.sweeper.sweep(clock())
     assert silent.pings == 0 and lively.pings == 0
     clock.advance(0.1)
-    gateway.sweep(clock())
+    gateway.sweeper.sweep(clock())
     assert silent.pings == 1 and lively.pings == 1
     lively.session.saw_frame(clock())  # its pong
     clock.advance(9.9)
-    gateway.sweep(clock())
+    gateway.sweeper.sweep(clock())
     assert silent.closes == []
     clock.advance(0.1)
-    gateway.sweep(clock())
+    gateway.sweeper.sweep(clock())
     code, reason = silent.closes[0]
     assert code == 4408 and "heartbeat" in reason
     assert silent.pings == 1
     assert lively.closes == []
     for _ in range(4):  # answering every ping keeps it open interval after interval
         clock.advance(25)
-        gateway.sweep(clock())
+        gateway.sweeper.sweep(clock())
         lively.session.saw_frame(clock())
     assert lively.pings >= 4
     assert lively.closes == []
@@ -954,10 +950,10 @@ async def test_sweep_closes_at_token_expiry_with_4401(make_gateway: MakeGateway)
     await gateway.connect(peer)
     peer.take()
     clock.advance(64)
-    gateway.sweep(clock())
+    gateway.sweeper.sweep(clock())
     assert peer.closes == []
     clock.advance(1.5)
-    gateway.sweep(clock())
+    gateway.sweeper.sweep(clock())
     messages = peer.take()
     assert [m["type"] for m in messages] == ["error"]
     assert messages[0]["data"]["code"] == "unauthorized"
@@ -1057,7 +1053,7 @@ async def test_refresh_revokes_channels_the_new_token_no_longer_allows(gateway: 
     messages = peer.take()
     assert [m["type"] for m in messages] == ["refreshed", "unsubscribed"]
     assert messages[1]["data"] == {"channel": "team:a", "reason": "revoked", "resubscribe": False}
-    assert peer.session.subscriptions == {"user:user-1", "chat:b"}
+    assert set(gateway.hub.channels_of(peer)) == {"user:user-1", "chat:b"}
     await publish(gateway, "team:a")
     await next_tick()
     assert peer.take() == []
@@ -1077,7 +1073,7 @@ async def test_continuity_lost_during_setup_fails_the_subscribe(gateway: Gateway
     assert [m["type"] for m in messages] == ["unsubscribed", "error"]
     assert messages[1]["id"] == "s1"
     assert messages[1]["data"]["code"] == "subscription_failed"
-    assert "news:a" not in peer.session.subscriptions
+    assert "news:a" not in set(gateway.hub.channels_of(peer))
 
 
 async def test_personal_channel_holds_live_events_until_the_first_command(
@@ -1147,7 +1143,8 @@ async def test_events_delivered_counts_frames_written_not_frames_held(
 @pytest.mark.parametrize("pad", [0, 100, 70_000], ids=["7-bit", "16-bit", "64-bit"])
 def test_delivered_metric_reads_the_type_behind_every_frame_header(pad: int) -> None:
     """The event type counted for a written frame is read past each length form."""
-    payload = encode_message("chat_message", {"pad": "x" * pad}, channel="news:a", offset=1)
+    payload = encode_message("chat_message", {"pad": "x" * pad}, channel="news:a", offset=1,
+                             timestamp=0.0)
     assert _frame_event_type(text_frame(payload)) == "chat_message"
     assert _frame_event_type(text_frame(b'{"no":"type"}')) == "unknown"
 
@@ -1173,3 +1170,39 @@ async def test_personal_subscribe_again_does_not_count_towards_the_limit(
     await command(gateway, peer, "subscribe", {"channel": "news:a"}, id="n")
     replies = [m for m in peer.take() if m.get("id") in ("p", "n")]
     assert [m["type"] for m in replies] == ["subscribed", "subscribed"]
+
+
+async def test_the_subscription_limit_lets_a_held_channel_through(
+        make_gateway: MakeGateway) -> None:
+    """At ``max_subscriptions`` a subscribe of a channel already held is answered as an
+    idempotent subscribe (the hub knows it is held); a new channel is refused without
+    asking the policy or the broker."""
+    gateway = await make_gateway({"limits": {"max_subscriptions": 1}})
+    peer = await connect_peer(gateway)
+    await command(gateway, peer, "subscribe", {"channel": "news:a"}, id="1")
+    peer.take()
+    await command(gateway, peer, "subscribe", {"channel": "news:a"}, id="2")
+    assert only(peer.take())["type"] == "subscribed"
+    await command(gateway, peer, "subscribe", {"channel": "news:b"}, id="3")
+    refused = only(peer.take())
+    assert refused["type"] == "error" and refused["id"] == "3"
+    assert refused["data"]["code"] == "subscription_failed"
+    assert "news:b" not in wrapped(gateway).subscribes
+    assert gateway.hub.channels_of(peer) == ["user:user-1", "news:a"]
+
+
+async def test_the_hub_counts_only_confirmed_subscriptions(gateway: Gateway) -> None:
+    """A subscription under setup is held in the hub but not counted, nor listed as the
+    connection's: the count and the list change when the reply is sent."""
+    peer = await connect_peer(gateway)
+    sub, _ = gateway.hub.subscribe(peer, "news:setup", hold=True)
+    assert gateway.hub.is_subscribed(peer, "news:setup")
+    assert gateway.hub.channels_of(peer) == ["user:user-1"]
+    assert gateway.hub.subscription_count() == 1
+    gateway.hub.confirm(sub)
+    gateway.hub.confirm(sub)  # idempotent
+    assert gateway.hub.subscription_count() == 2
+    assert gateway.hub.drop(peer, "news:setup") == (True, True)
+    assert gateway.hub.subscription_count() == 1
+    gateway.disconnect(peer)
+    assert gateway.hub.subscription_count() == 0

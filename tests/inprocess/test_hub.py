@@ -36,7 +36,7 @@ def make_hub(*conns: FakeConn, **kwargs: Any) -> Hub[FakeConn]:
 @pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
 def test_parse_frames_reads_every_length_form(size: int) -> None:
     """The test parser decodes joined frames with 7-bit, 16-bit and 64-bit lengths."""
-    big = text_frame(encode_message("big", {"pad": "x" * size}))
+    big = text_frame(encode_message("big", {"pad": "x" * size}, timestamp=0.0))
     small = text_frame(b'{"type":"small"}')
     messages = parse_frames(small + big + small)
     assert [m["type"] for m in messages] == ["small", "big", "small"]

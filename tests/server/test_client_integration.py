@@ -320,7 +320,8 @@ async def test_revoked_subscription_ends_with_an_error() -> None:
             server.ws_url, token=token("u1", CHANNELS)) as client:
         sub = await client.subscribe("news:a")
         revoke = text_frame(encode_message(
-            "unsubscribed", {"channel": "news:a", "reason": "revoked", "resubscribe": False}))
+            "unsubscribed", {"channel": "news:a", "reason": "revoked", "resubscribe": False},
+            timestamp=time.time()))
         for peer in server.gateway.hub.subscribers("news:a"):
             peer.send(revoke)
         with pytest.raises(SubscriptionError) as caught:

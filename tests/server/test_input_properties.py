@@ -37,6 +37,7 @@ from tidings.protocol import (
     decode_command,
     loads,
 )
+from tidings.protocol.messages import encode
 from tidings.session import Send, Session, StartRefresh, StartSubscribe, StartUnsubscribe
 
 pytestmark = pytest.mark.timeout(120)
@@ -195,7 +196,7 @@ def test_session_answers_any_text_with_documented_effects(raw: bytes, as_text: b
     command = _check_decoded(frame)
     [effect] = effects
     if isinstance(effect, Send):
-        message = json.loads(effect.data)
+        message = json.loads(encode(effect.message, 1_800_000_000.0))
         if message["type"] == "error":
             assert command is None
             assert message["data"]["code"] == ErrorCode.INVALID_REQUEST

@@ -46,7 +46,7 @@ def test_split_payload_splices_any_offset_into_the_wire_message(
 
 def test_split_payload_without_an_offset_is_an_error() -> None:
     """A payload that has no top-level offset 0 cannot be spliced."""
-    for payload in (b'{"type":"x"}', encode_message("x", {}, id="e", offset=3)):
+    for payload in (b'{"type":"x"}', encode_message("x", {}, id="e", offset=3, timestamp=0.0)):
         try:
             split_payload(payload)
         except ValueError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -14,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tidings import errors
 from tidings.errors import InvalidRequest
 from tidings.protocol import (
     MAX_JSON_DEPTH,
@@ -550,12 +552,15 @@ def test_encode_event_fields() -> None:
     assert b" " not in raw.replace(b'"content":"hi"', b"")
 
 
-def test_encode_uses_current_time_by_default() -> None:
-    """Without a timestamp argument the message gets a well-formed current timestamp."""
-    message = json.loads(encode_message("pong", {}))
+def test_encode_stamps_the_wall_clock_it_is_given() -> None:
+    """The encoder reads no clock: the message carries the caller's wall clock, well
+    formed (the session's replies are stamped by the gateway's ``wall_clock``)."""
+    wall = datetime(2027, 1, 15, 8, 0, 0, 250_000, tzinfo=UTC).timestamp()
+    message = json.loads(encode_message("pong", {}, timestamp=wall))
     assert TIMESTAMP.fullmatch(message["timestamp"])
-    stamped = datetime.strptime(message["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
-    assert abs(stamped.replace(tzinfo=UTC) - datetime.now(UTC)) < timedelta(minutes=5)
+    assert message["timestamp"] == "2027-01-15T08:00:00.250Z"
+    timestamp = inspect.signature(encode_message).parameters["timestamp"]
+    assert timestamp.default is inspect.Parameter.empty  # required: no hidden time.time()
 
 
 @pytest.mark.parametrize(
@@ -696,9 +701,52 @@ def test_unknown_close_codes_reconnect(code: int | None) -> None:
 
 
 def test_error_codes_are_those_of_section_6() -> None:
-    """ErrorCode holds exactly the wire error codes of protocol section 6."""
-    assert {code.value for code in ErrorCode} == {
+    """The frame codes of ErrorCode are exactly the wire error codes of protocol section
+    6; the others are the server API's (docs/server-api.md), broker_unavailable among
+    them."""
+    assert {code.value for code in ErrorCode if code.in_frames} == {
         "invalid_request", "unauthorized", "subscription_failed", "rate_limited",
         "internal_error",
     }
+    assert {code.value for code in ErrorCode if not code.in_frames} == {
+        "broker_unavailable", "forbidden", "not_found", "method_not_allowed",
+        "payload_too_large", "unavailable",
+    }
     assert str(ErrorCode.RATE_LIMITED) == "rate_limited"
+
+
+def _error_classes() -> list[type[errors.TidingsError]]:
+    """Every concrete TidingsError class of tidings.errors."""
+    return [value for value in vars(errors).values()
+            if isinstance(value, type) and issubclass(value, errors.TidingsError)]
+
+
+@pytest.mark.parametrize("cls", _error_classes(), ids=lambda cls: cls.__name__)
+def test_every_error_carries_its_codes_and_status(cls: type[errors.TidingsError]) -> None:
+    """Each error class has a typed API code, a frame code of section 6 and a status
+    matching its blame (4xx for the peer's fault, 5xx for ours)."""
+    assert isinstance(cls.code, ErrorCode)
+    assert isinstance(cls.wire_code, ErrorCode) and cls.wire_code.in_frames
+    if issubclass(cls, errors.PeerError):
+        assert 400 <= cls.http_status < 500
+    else:
+        assert 500 <= cls.http_status < 600
+
+
+def test_a_broker_outage_is_subscription_failed_on_the_wire() -> None:
+    """BrokerUnavailable answers 503 broker_unavailable over HTTP and
+    subscription_failed in an error frame, as the docs promise."""
+    exc = errors.BrokerUnavailable("down")
+    assert (exc.code, exc.wire_code, exc.http_status) == (
+        "broker_unavailable", "subscription_failed", 503)
+
+
+@pytest.mark.parametrize(("status", "code"), [
+    (400, "invalid_request"), (401, "unauthorized"), (403, "forbidden"),
+    (404, "not_found"), (405, "method_not_allowed"), (413, "payload_too_large"),
+    (426, "invalid_request"), (429, "rate_limited"), (500, "internal_error"),
+    (503, "unavailable"),
+])
+def test_http_errors_get_the_code_of_their_error_class(status: int, code: str) -> None:
+    """An HTTP error aiohttp raises gets the API code of the error class of its status."""
+    assert errors.http_error_code(status) == code

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tidings.auth import Identity
+from tidings.brokers.base import StoredEvent
 from tidings.config import LimitsSettings
 from tidings.errors import (
     AuthorizerUnavailable,
@@ -17,13 +18,18 @@ from tidings.errors import (
     SubscriptionFailed,
     Unauthorized,
 )
-from tidings.protocol import CloseCode, ErrorCode, Refresh, Subscribe, Unsubscribe
+from tidings.protocol import CloseCode, ErrorCode, Recover, Refresh, Subscribe, Unsubscribe
+from tidings.protocol.messages import Refreshed, Subscribed, Unsubscribed, encode
+from tidings.recovery import Replay
 from tidings.session import (
+    CheckGrants,
     Close,
     Effect,
     Send,
+    SendEvents,
     SendPing,
     Session,
+    SessionState,
     StartRefresh,
     StartSubscribe,
     StartUnsubscribe,
@@ -55,6 +61,12 @@ def make_session(*, interval: float = 1000, timeout: float = 500, leeway: float 
     )
 
 
+def wire(effect: Effect) -> bytes:
+    """The JSON a Send effect puts on the wire, stamped WALL."""
+    assert isinstance(effect, Send), effect
+    return encode(effect.message, WALL)
+
+
 def text(message: dict[str, Any]) -> str:
     """A client command as text."""
     return json.dumps(message)
@@ -62,13 +74,13 @@ def text(message: dict[str, Any]) -> str:
 
 def sent(effects: list[Effect]) -> list[dict[str, Any]]:
     """The JSON messages among ``effects``, decoded."""
-    return [json.loads(effect.data) for effect in effects if isinstance(effect, Send)]
+    return [json.loads(wire(effect)) for effect in effects if isinstance(effect, Send)]
 
 
 def only_message(effects: list[Effect]) -> dict[str, Any]:
     """The single Send among ``effects`` (and nothing else), decoded."""
     assert len(effects) == 1 and isinstance(effects[0], Send), effects
-    message: dict[str, Any] = json.loads(effects[0].data)
+    message: dict[str, Any] = json.loads(wire(effects[0]))
     return message
 
 
@@ -93,7 +105,7 @@ def subscribe(session: Session, channel: str, now: float = T0,
 def test_welcome_fields() -> None:
     """The connected message carries connection id, user, expiry, heartbeat and channels."""
     session = make_session(interval=25, ttl=3600)
-    raw = session.welcome(["user:alice"], T0)
+    raw = wire(session.welcome(["user:alice"]))
     message = json.loads(raw)
     assert message["type"] == "connected"
     assert message["data"] == {
@@ -111,20 +123,20 @@ def test_welcome_fields() -> None:
 
 def test_welcome_announces_the_positions_of_automatic_channels() -> None:
     """``positions`` gives each automatic channel's live point as offset and epoch."""
-    message = json.loads(make_session().welcome(["user:alice"], T0, {"user:alice": (7, "e1")}))
+    message = json.loads(wire(make_session().welcome(["user:alice"], {"user:alice": (7, "e1")})))
     assert message["data"]["positions"] == {"user:alice": {"offset": 7, "epoch": "e1"}}
 
 
 def test_welcome_fractional_heartbeat() -> None:
     """A fractional heartbeat interval is sent as a number with its fraction."""
-    message = json.loads(make_session(interval=2.5).welcome([], T0))
+    message = json.loads(wire(make_session(interval=2.5).welcome([])))
     assert message["data"]["heartbeat_interval"] == 2.5
     assert message["data"]["channels"] == []
 
 
 def test_welcome_expiry_drops_fraction() -> None:
     """expires_at is whole seconds in RFC 3339 UTC."""
-    message = json.loads(make_session(ttl=59.9).welcome([], T0))
+    message = json.loads(wire(make_session(ttl=59.9).welcome([])))
     assert message["data"]["expires_at"] == "2027-01-15T08:00:59Z"
 
 
@@ -144,9 +156,9 @@ def test_ping_without_id() -> None:
     """A pong answering a ping without id has no id key at all."""
     effects = ping(make_session(), T0, None)
     assert len(effects) == 1 and isinstance(effects[0], Send)
-    assert b'"id"' not in effects[0].data
+    assert b'"id"' not in wire(effects[0])
     assert effects[0].error is None
-    assert json.loads(effects[0].data)["type"] == "pong"
+    assert json.loads(wire(effects[0]))["type"] == "pong"
 
 
 def test_subscribe_starts_gateway_work() -> None:
@@ -191,7 +203,7 @@ def test_invalid_commands(raw: str, command_id: str | None, channel: str | None)
     assert message["data"]["message"]
     assert message.get("id") == command_id
     assert message["data"].get("channel") == channel
-    assert "null" not in effects[0].data.decode()
+    assert "null" not in wire(effects[0]).decode()
     assert not session.closed
 
 
@@ -211,7 +223,7 @@ def _rate_limited(effects: list[Effect], command_id: str) -> None:
     """``effects`` start with the ``rate_limited`` error answering ``command_id``."""
     assert effects and isinstance(effects[0], Send), effects
     assert effects[0].error == ErrorCode.RATE_LIMITED
-    message = json.loads(effects[0].data)
+    message = json.loads(wire(effects[0]))
     assert message["type"] == "error" and message["id"] == command_id
     assert message["data"]["code"] == "rate_limited"
 
@@ -252,7 +264,7 @@ def test_rate_limit_closing_binary_frame_is_answered() -> None:
     session.receive_binary(T0)
     assert only_message(session.receive_binary(T0))["data"]["code"] == "rate_limited"
     effects = session.receive_binary(T0)
-    message = json.loads(effects[0].data) if isinstance(effects[0], Send) else {}
+    message = json.loads(wire(effects[0])) if isinstance(effects[0], Send) else {}
     assert message["data"]["code"] == "rate_limited" and "id" not in message
     assert effects[1:] == [Close(CloseCode.TOO_MANY, "command rate limit exceeded")]
 
@@ -318,13 +330,16 @@ def test_rate_limit_ignores_clock_going_backwards() -> None:
 
 
 def test_max_subscriptions_excludes_personal_channel() -> None:
-    """The personal channel does not count towards max_subscriptions."""
+    """The personal channel does not count towards max_subscriptions; at the limit the
+    subscribe goes to the gateway marked ``at_limit`` and is refused with ``too_many``."""
     session = make_session(max_subscriptions=2)
     session.subscribed("user:alice", personal=True)
     for channel in ("news:1", "news:2"):
-        assert isinstance(subscribe(session, channel)[0], StartSubscribe)
+        assert subscribe(session, channel) == [StartSubscribe(Subscribe("s", channel, None))]
         session.subscribed(channel)
-    effects = subscribe(session, "news:3", command_id="s3")
+    command = Subscribe("s3", "news:3", None)
+    assert subscribe(session, "news:3", command_id="s3") == [StartSubscribe(command, True)]
+    effects = session.too_many(command)
     message = only_message(effects)
     assert isinstance(effects[0], Send) and effects[0].error == ErrorCode.SUBSCRIPTION_FAILED
     assert message["id"] == "s3"
@@ -332,45 +347,46 @@ def test_max_subscriptions_excludes_personal_channel() -> None:
     assert message["data"]["channel"] == "news:3"
     assert "2" in message["data"]["message"]
     assert not session.closed
+    assert session.subscription_count == 2
 
 
 def test_max_subscriptions_without_personal_channel() -> None:
     """Without a personal channel every subscription counts."""
     session = make_session(max_subscriptions=1)
-    assert isinstance(subscribe(session, "news:1")[0], StartSubscribe)
+    assert subscribe(session, "news:1") == [StartSubscribe(Subscribe("s", "news:1", None))]
     session.subscribed("news:1")
-    assert only_message(subscribe(session, "news:2"))["data"]["code"] == "subscription_failed"
+    assert subscribe(session, "news:2") == [StartSubscribe(Subscribe("s", "news:2", None),
+                                                           True)]
 
 
 def test_personal_channel_never_counts_even_when_subscribed_by_command() -> None:
     """The user's own personal channel stays outside the limit however it was subscribed."""
     session = make_session(max_subscriptions=1)
     session.subscribed("user:alice")
+    assert session.subscription_count == 0
     assert subscribe(session, "news:1") == [StartSubscribe(Subscribe("s", "news:1", None))]
-
-
-def test_already_subscribed_channel_passes_the_limit() -> None:
-    """Subscribing again to a channel already held is allowed at the limit (idempotent)."""
-    session = make_session(max_subscriptions=1)
     session.subscribed("news:1")
-    assert subscribe(session, "news:1") == [StartSubscribe(Subscribe("s", "news:1", None))]
+    assert subscribe(session, "user:alice") == [StartSubscribe(Subscribe("s", "user:alice",
+                                                                         None))]
 
 
 def test_unsubscribe_frees_a_slot() -> None:
     """After an unsubscribe the freed slot can be used again."""
     session = make_session(max_subscriptions=1)
     session.subscribed("news:1")
-    assert only_message(subscribe(session, "news:2"))["type"] == "error"
+    [at_limit] = subscribe(session, "news:2")
+    assert isinstance(at_limit, StartSubscribe) and at_limit.at_limit
     session.unsubscribed("news:1")
-    assert isinstance(subscribe(session, "news:2")[0], StartSubscribe)
+    assert subscribe(session, "news:2") == [StartSubscribe(Subscribe("s", "news:2", None))]
 
 
 def test_max_subscriptions_zero_keeps_personal_channel() -> None:
     """With max_subscriptions=0 no channel can be added, but the personal one is kept."""
     session = make_session(max_subscriptions=0)
     session.subscribed("user:alice", personal=True)
-    assert session.subscriptions == {"user:alice"}
-    assert only_message(subscribe(session, "news:1"))["data"]["code"] == "subscription_failed"
+    assert session.personal == "user:alice" and session.subscription_count == 0
+    [at_limit] = subscribe(session, "news:1")
+    assert isinstance(at_limit, StartSubscribe) and at_limit.at_limit
 
 
 def test_unsubscribing_personal_channel_clears_it() -> None:
@@ -379,7 +395,7 @@ def test_unsubscribing_personal_channel_clears_it() -> None:
     session.subscribed("user:alice", personal=True)
     session.unsubscribed("user:alice")
     assert session.personal is None
-    assert session.subscriptions == set()
+    assert session.subscription_count == 0
     session.subscribed("user:alice")
     assert subscribe(session, "news:1") == [StartSubscribe(Subscribe("s", "news:1", None))]
 
@@ -460,7 +476,7 @@ def test_expiry_with_leeway() -> None:
     assert session.tick(T0 + 89.99) == []
     effects = session.tick(T0 + 90)
     assert len(effects) == 2
-    message = json.loads(effects[0].data) if isinstance(effects[0], Send) else {}
+    message = json.loads(wire(effects[0])) if isinstance(effects[0], Send) else {}
     assert message["type"] == "error"
     assert message["data"]["code"] == "unauthorized"
     assert "expired" in message["data"]["message"]
@@ -506,7 +522,7 @@ def test_refresh_without_id() -> None:
     """A refreshed reply to a refresh without id has no id key."""
     effects = make_session().refreshed(identity(ttl=7200), None, T0, WALL)
     assert len(effects) == 1 and isinstance(effects[0], Send)
-    assert b'"id"' not in effects[0].data
+    assert b'"id"' not in wire(effects[0])
 
 
 def test_refresh_other_user_is_unauthorized() -> None:
@@ -515,7 +531,7 @@ def test_refresh_other_user_is_unauthorized() -> None:
     old = session.identity
     effects = session.refreshed(identity("mallory", ttl=600), "r2", T0 + 1, WALL + 1)
     assert len(effects) == 2
-    message = json.loads(effects[0].data) if isinstance(effects[0], Send) else {}
+    message = json.loads(wire(effects[0])) if isinstance(effects[0], Send) else {}
     assert message["data"]["code"] == "unauthorized"
     assert message["id"] == "r2"
     assert effects[1] == Close(CloseCode.UNAUTHORIZED, "unauthorized")
@@ -527,7 +543,7 @@ def test_unauthorized_helper() -> None:
     """unauthorized() sends the error with the command id and closes 4401."""
     session = make_session()
     effects = session.unauthorized("invalid token signature", "r3")
-    message = json.loads(effects[0].data) if isinstance(effects[0], Send) else {}
+    message = json.loads(wire(effects[0])) if isinstance(effects[0], Send) else {}
     assert message["id"] == "r3"
     assert message["data"] == {"code": "unauthorized", "message": "invalid token signature"}
     assert effects[1] == Close(CloseCode.UNAUTHORIZED, "unauthorized")
@@ -595,5 +611,125 @@ def test_rate_limited_error_names_the_dropped_command() -> None:
     session.receive_text('{"type":"ping","id":"a"}', 0.0)
     effects = session.receive_text('{"type":"subscribe","id":"b","data":{"channel":"x:y"}}', 0.0)
     assert len(effects) == 1 and isinstance(effects[0], Send)
-    error = json.loads(effects[0].data)
+    error = json.loads(wire(effects[0]))
     assert error["data"]["code"] == "rate_limited" and error["id"] == "b"
+
+
+# -- replies the session owns: plain calls, no event loop ------------------------------
+
+
+def _subscribe(channel: str, command_id: str = "s1",
+               recover: Recover | None = None) -> Subscribe:
+    return Subscribe(command_id, channel, recover)
+
+
+def test_subscribe_done_answers_subscribed_and_takes_the_channel() -> None:
+    """A new subscription's outcome is one ``subscribed`` reply with the live point, no
+    recovery fields, and the channel counted by the session."""
+    session = make_session()
+    effects = session.subscribe_done(_subscribe("news:a"), 4, "e1", None, new=True)
+    assert effects == [Send(Subscribed("news:a", 4, "e1", "s1"))]
+    assert session.subscription_count == 1
+    assert only_message(effects)["data"] == {"channel": "news:a", "offset": 4, "epoch": "e1"}
+
+
+def test_recovery_reply_comes_before_the_replayed_events() -> None:
+    """A recovered subscription answers ``subscribed`` (recovered: true) first, then the
+    replayed events in order: live events can only follow."""
+    session = make_session()
+    replay = Replay(True, (StoredEvent(3, b'{"type":"a"}'), StoredEvent(4, b'{"type":"b"}')),
+                    since=2)
+    effects = session.subscribe_done(_subscribe("news:a", recover=Recover(2, "e1")), 4, "e1",
+                                     replay, new=True)
+    assert effects == [Send(Subscribed("news:a", 4, "e1", "s1", recovered=True)),
+                       SendEvents((b'{"type":"a"}', b'{"type":"b"}'))]
+
+
+def test_unrecovered_replay_of_a_new_epoch_announces_since() -> None:
+    """``recovered: false`` followed by a new epoch's events carries ``since``; without
+    events it does not."""
+    session = make_session()
+    replay = Replay(False, (StoredEvent(1, b'{"type":"a"}'),), since=0)
+    effects = session.subscribe_done(_subscribe("news:a", recover=Recover(9, "old")), 1, "e2",
+                                     replay, new=True)
+    assert effects[0] == Send(Subscribed("news:a", 1, "e2", "s1", recovered=False, since=0))
+    assert isinstance(effects[1], SendEvents)
+    bare = session.subscribe_done(_subscribe("news:b", recover=Recover(9, "old")), 5, "e2",
+                                  Replay(False), new=True)
+    assert bare == [Send(Subscribed("news:b", 5, "e2", "s1", recovered=False))]
+
+
+def test_a_resubscribe_does_not_take_the_channel_again() -> None:
+    """An idempotent subscribe (``new=False``) answers without counting it again."""
+    session = make_session()
+    session.subscribe_done(_subscribe("news:a"), 1, "e", None, new=True)
+    session.subscribe_done(_subscribe("news:a", "s2"), 1, "e", None, new=False)
+    assert session.subscription_count == 1
+
+
+def test_refresh_reply_precedes_the_check_of_the_other_channels() -> None:
+    """A refresh answers ``refreshed`` first, then asks for the policy check of the
+    channels held (the gateway reads which from the hub)."""
+    session = make_session()
+    session.subscribed("user:alice", personal=True)
+    for channel in ("news:b", "news:a"):
+        session.subscribe_done(_subscribe(channel), 1, "e", None, new=True)
+    effects = session.refreshed(identity(ttl=7200), "r1", T0, WALL)
+    assert isinstance(effects[0], Send) and isinstance(effects[0].message, Refreshed)
+    assert effects[1:] == [CheckGrants()]
+
+
+def test_refresh_without_other_channels_checks_nothing() -> None:
+    """Only the personal channel: the refresh is the whole answer."""
+    session = make_session()
+    session.subscribed("user:alice", personal=True)
+    assert len(session.refreshed(identity(), "r1", T0, WALL)) == 1
+
+
+def test_revoke_answers_once_and_only_while_subscribed() -> None:
+    """A revoked channel gets ``unsubscribed`` (revoked, no resubscribe) once; a channel
+    that ended meanwhile gets nothing."""
+    session = make_session()
+    session.subscribe_done(_subscribe("news:a"), 1, "e", None, new=True)
+    assert session.revoke("news:a", subscribed=True) == [
+        Send(Unsubscribed("news:a", reason="revoked", resubscribe=False))]
+    assert session.revoke("news:a", subscribed=False) == []
+    assert session.subscription_count == 0
+
+
+def test_continuity_lost_asks_for_a_resubscribe() -> None:
+    """Lost continuity ends the channel with ``insufficient_state`` and resubscribe."""
+    session = make_session()
+    session.subscribe_done(_subscribe("news:a"), 1, "e", None, new=True)
+    assert session.continuity_lost("news:a", subscribed=True) == [
+        Send(Unsubscribed("news:a", reason="insufficient_state", resubscribe=True))]
+    assert session.subscription_count == 0
+    # Still being set up: the subscription is gone all the same, nothing was counted.
+    assert session.continuity_lost("news:b", subscribed=False) == [
+        Send(Unsubscribed("news:b", reason="insufficient_state", resubscribe=True))]
+    assert session.subscription_count == 0
+
+
+def test_unsubscribe_done_answers_with_the_command_id() -> None:
+    """The client's unsubscribe is answered with its id and no reason."""
+    session = make_session()
+    session.subscribe_done(_subscribe("news:a"), 1, "e", None, new=True)
+    assert only_message(session.unsubscribe_done("news:a", "u1", subscribed=True)) == {
+        "type": "unsubscribed", "id": "u1", "timestamp": "2027-01-15T08:00:00.000Z",
+        "data": {"channel": "news:a"}}
+
+
+def test_state_moves_through_ping_pong_and_close() -> None:
+    """OPEN, AWAITING_PONG after a ping, OPEN again on any frame, CLOSED at the end."""
+    session = make_session(interval=10, timeout=5)
+    states = [session.state]
+    assert session.tick(T0 + 10) == [SendPing()]
+    states.append(session.state)
+    session.saw_frame(T0 + 11)
+    states.append(session.state)
+    session.tick(T0 + 21)
+    assert isinstance(session.tick(T0 + 26)[0], Close)
+    states.append(session.state)
+    assert states == [SessionState.OPEN, SessionState.AWAITING_PONG, SessionState.OPEN,
+                      SessionState.CLOSED]
+    assert session.closed

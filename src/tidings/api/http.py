@@ -11,8 +11,15 @@ from typing import Any
 from aiohttp import web
 
 from tidings.api.service import ApiService
-from tidings.errors import TidingsError, Unauthorized
-from tidings.gateway import Gateway
+from tidings.codes import ErrorCode
+from tidings.errors import (
+    MethodNotAllowed,
+    NotFound,
+    TidingsError,
+    Unauthorized,
+    http_error_code,
+)
+from tidings.ports import HealthHost
 from tidings.protocol.wire import dumps, loads
 from tidings.telemetry import Telemetry
 
@@ -27,19 +34,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-_STATUS_CODES = {
-    400: "invalid_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    426: "invalid_request",
-    429: "rate_limited",
-    503: "unavailable",
-}
-
 
 def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=dumps(body), status=status, content_type="application/json")
@@ -75,22 +69,22 @@ def json_errors(handler: Handler, warn: Warn | None = None) -> Handler:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _error(exc.status, _STATUS_CODES.get(exc.status, "http_error"), exc.reason)
+            return _error(exc.status, http_error_code(exc.status), exc.reason)
         except Exception:
             logger.exception("unexpected error in %s %s", request.method, request.path)
-            return _error(500, "internal_error", "internal server error")
+            return _error(500, ErrorCode.INTERNAL_ERROR, "internal server error")
 
     return guarded
 
 
 async def not_found(request: web.Request) -> web.StreamResponse:
     """The JSON answer for a path no route serves."""
-    return _error(404, "not_found", "Not Found")
+    return _error(NotFound.http_status, NotFound.code, "Not Found")
 
 
 async def method_not_allowed(request: web.Request) -> web.StreamResponse:
     """The JSON answer for a known path asked with a method it does not serve."""
-    return _error(405, "method_not_allowed", "Method Not Allowed")
+    return _error(MethodNotAllowed.http_status, MethodNotAllowed.code, "Method Not Allowed")
 
 
 def _tidings_error(request: web.Request, exc: TidingsError, warn: Warn | None
@@ -107,7 +101,7 @@ def _tidings_error(request: web.Request, exc: TidingsError, warn: Warn | None
 
 
 class _Api:
-    def __init__(self, gateway: Gateway, service: ApiService, keys: tuple[str, ...]) -> None:
+    def __init__(self, gateway: HealthHost, service: ApiService, keys: tuple[str, ...]) -> None:
         self._gateway = gateway
         self._service = service
         self._keys = tuple(key.encode() for key in keys)
@@ -159,7 +153,7 @@ class _Api:
     async def readyz(self, request: web.Request) -> web.Response:
         if self._gateway.draining:
             return json_response({"status": "draining"}, 503)
-        if not self._gateway.supervisor.healthy:
+        if not self._gateway.healthy:
             # The heartbeat/expiry sweep is down until its restart: take no new clients.
             return json_response({"status": "background loop down"}, 503)
         if not await self._gateway.check_broker():
@@ -175,7 +169,7 @@ class _Api:
         return response
 
 
-def add_api_routes(app: web.Application, gateway: Gateway, service: ApiService,
+def add_api_routes(app: web.Application, gateway: HealthHost, service: ApiService,
                    keys: tuple[str, ...], telemetry: Telemetry | None = None) -> None:
     """Register the server API, health, readiness and metrics routes; ``telemetry``
     traces the server API's (``/api/...``), not the probes' nor the scrapes'."""

@@ -43,7 +43,7 @@ def _check_fields(body: Mapping[str, Any], known: Collection[str], where: str = 
 class ApiService:
     """Publish, history, channels, presence and disconnect.
 
-    Raises ``ClientError`` subclasses for bad input and ``BrokerUnavailable`` when the
+    Raises ``PeerError`` subclasses for bad input and ``BrokerUnavailable`` when the
     broker cannot complete an operation; a publish that raised may be retried with the
     same idempotency key.
     """

@@ -84,7 +84,16 @@ class HistoryPage:
 
 
 class BrokerHandler(Protocol):
-    """The node side of a broker: where events arrive and node-local views come from."""
+    """The node side of a broker: where events arrive and node-local views come from.
+
+    Failing-handler contract, the same for every broker: the delivery callbacks
+    (``on_event``, ``on_continuity_lost``, ``on_disconnect_user``, ``on_presence``,
+    ``on_presence_change``) must not raise, and when one does anyway the broker logs that
+    call's failure once (with its traceback) and goes on: the rest of the batch is still
+    delivered, and a publish whose event it was is still acknowledged, since the event is
+    committed to history. A broker never lets a handler's exception escape into
+    ``publish`` or into its own background loops.
+    """
 
     def on_event(self, channel: str, offset: int, epoch: str, payload: bytes,
                  trace: str | None = None) -> None:

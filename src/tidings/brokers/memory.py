@@ -7,6 +7,7 @@ epoch, so a client that recovers after a restart learns ``recovered: false``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import secrets
 import time
@@ -28,6 +29,8 @@ from tidings.protocol.wire import encode_message
 from tidings.supervisor import Supervisor
 
 __all__ = ["MemoryBroker"]
+
+logger = logging.getLogger(__name__)
 
 #: Idempotency records kept at most; the oldest are dropped first.
 MAX_IDEMPOTENCY_KEYS = 100_000
@@ -168,11 +171,17 @@ class MemoryBroker:
             if len(self._idempotency) > MAX_IDEMPOTENCY_KEYS:
                 self._idempotency.popitem(last=False)
         if self._handler is not None and request.channel in self._subscribed:
-            if request.trace is None:
-                self._handler.on_event(request.channel, stream.offset, stream.epoch, payload)
-            else:
-                self._handler.on_event(request.channel, stream.offset, stream.epoch, payload,
-                                       trace=request.trace)
+            try:
+                if request.trace is None:
+                    self._handler.on_event(request.channel, stream.offset, stream.epoch,
+                                           payload)
+                else:
+                    self._handler.on_event(request.channel, stream.offset, stream.epoch,
+                                           payload, trace=request.trace)
+            except Exception:
+                # The event is committed: the publish is acknowledged and the rest of the
+                # batch delivered (BrokerHandler's failing-handler contract).
+                logger.exception("on_event failed for a channel")
         return result
 
     async def subscribe(self, channel: str) -> None:
@@ -208,7 +217,11 @@ class MemoryBroker:
 
     async def disconnect_user(self, user_id: str, reason: str) -> None:
         if self._handler is not None:
-            self._handler.on_disconnect_user(user_id, reason)
+            try:
+                self._handler.on_disconnect_user(user_id, reason)
+            except Exception:
+                # BrokerHandler's failing-handler contract: logged, the rest go on.
+                logger.exception("on_disconnect_user failed")
 
     async def presence_arrive(self, channel: str, user_id: str, ttl: float) -> None:
         self._emit(self._presence.arrive(channel, user_id))
@@ -239,10 +252,17 @@ class MemoryBroker:
         if handler is None:
             return
         for change in changes:
-            if change.channel in self._subscribed:
-                handler.on_presence(change.channel,
-                                    presence_payload(change, self._wall_clock()))
-            handler.on_presence_change(change)
+            # Each call guarded on its own (BrokerHandler's failing-handler contract).
+            try:
+                if change.channel in self._subscribed:
+                    handler.on_presence(change.channel,
+                                        presence_payload(change, self._wall_clock()))
+            except Exception:
+                logger.exception("on_presence failed for a channel")
+            try:
+                handler.on_presence_change(change)
+            except Exception:
+                logger.exception("on_presence_change failed for a channel")
 
     async def ready(self) -> bool:
         return True

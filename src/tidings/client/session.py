@@ -60,6 +60,16 @@ from tidings.client.policy import Action, decide
 from tidings.client.tokens import TokenProvider, TokenSource
 from tidings.client.tracker import ProtocolViolation
 from tidings.protocol import loads
+from tidings.protocol.messages import Connected as Welcome
+from tidings.protocol.messages import (
+    ErrorReply,
+    MalformedMessage,
+    Pong,
+    Refreshed,
+    Subscribed,
+    Unsubscribed,
+    decode_reply,
+)
 
 __all__ = ["FATAL_SUBSCRIBE_ERRORS", "FIRST_RECOVER", "Session"]
 
@@ -73,17 +83,6 @@ FIRST_RECOVER = {"offset": 0, "epoch": ""}
 
 #: Error codes after which a failed subscription is given up instead of retried.
 FATAL_SUBSCRIBE_ERRORS = frozenset({"unauthorized", "invalid_request"})
-
-
-def _position(value: object) -> tuple[int, str] | None:
-    """``(offset, epoch)`` from one entry of ``connected``'s ``positions``; None unless
-    well formed (a server that sends none, or garbage, gets the first-recover path)."""
-    if not isinstance(value, dict):
-        return None
-    offset, epoch = value.get("offset"), value.get("epoch")
-    if type(offset) is not int or offset < 0 or not isinstance(epoch, str) or not epoch:
-        return None
-    return offset, epoch
 
 
 class Session:
@@ -281,24 +280,29 @@ class Session:
             return []
         if not isinstance(message, dict):
             return []
+        # The server's replies decode into the very dataclasses its session makes.
+        try:
+            reply = decode_reply(message)
+        except MalformedMessage:
+            raw_id = message.get("id")
+            return self._on_subscribed(raw_id if isinstance(raw_id, str) else None, None)
+        if isinstance(reply, Welcome):
+            return self._on_connected(reply)
+        if isinstance(reply, Subscribed):
+            return self._on_subscribed(reply.id, reply)
+        if isinstance(reply, Unsubscribed):
+            return self._on_unsubscribed(reply)
+        if isinstance(reply, Pong | Refreshed):
+            return [Reply(reply.id, reply.data())] if reply.id else []
+        if isinstance(reply, ErrorReply):
+            return self._on_error(reply)
         kind = message.get("type")
-        data = message.get("data")
-        data = data if isinstance(data, dict) else {}
-        reply_id = message.get("id") if isinstance(message.get("id"), str) else None
-        if kind == "connected":
-            return self._on_connected(data)
-        if kind == "subscribed":
-            return self._on_subscribed(reply_id, data)
-        if kind == "unsubscribed":
-            return self._on_unsubscribed(reply_id, data)
-        if kind in ("pong", "refreshed"):
-            return [Reply(reply_id, data)] if reply_id else []
-        if kind == "error":
-            return self._on_error(reply_id, data)
         if "channel" in message and "offset" in message:
             return self._on_event(message)
         if kind in ("join", "leave"):
-            return self._on_presence(kind, message.get("channel"), data.get("user_id"))
+            data = message.get("data")
+            user_id = data.get("user_id") if isinstance(data, dict) else None
+            return self._on_presence(kind, message.get("channel"), user_id)
         return []
 
     def _on_presence(self, kind: str, channel: Any, user_id: Any) -> list[Effect]:
@@ -316,19 +320,15 @@ class Session:
             self._last_unauthorized = message
         logger.warning("server error %s: %s", code, message)
 
-    def _on_connected(self, data: dict[str, Any]) -> list[Effect]:
+    def _on_connected(self, welcome: Welcome) -> list[Effect]:
         self.gen += 1
         self.welcomed = self.connected = True
-        self.connection_id = data.get("connection_id")
-        self.user_id = data.get("user_id")
-        interval = data.get("heartbeat_interval")
-        self.heartbeat_interval = float(interval) if isinstance(interval, int | float) else None
-        self.tokens.accepted(data.get("expires_at"))
-        channels = data.get("channels")
-        self._auto = {c for c in channels if isinstance(c, str)} if isinstance(
-            channels, list) else set()
-        positions = data.get("positions")
-        positions = positions if isinstance(positions, dict) else {}
+        self.connection_id = welcome.connection_id
+        self.user_id = welcome.user_id
+        self.heartbeat_interval = welcome.heartbeat_interval
+        self.tokens.accepted(welcome.expires_at)
+        self._auto = set(welcome.channels)
+        positions = welcome.positions
         self.backoff.connected(self._clock())
         effects: list[Effect] = []
         for channel in sorted(self._auto - self._unwanted):
@@ -340,7 +340,7 @@ class Session:
             if state.automatic and tracker.epoch is None:
                 tracker.baseline_lost = True  # live before, but never got a baseline
             state.automatic = True
-            position = _position(positions.get(channel))
+            position = positions.get(channel)
             if position is not None and not tracker.baseline_lost:
                 # The point this connection's subscription went live at: recover from
                 # it, even on a later connection if this one is lost before the reply.
@@ -357,16 +357,14 @@ class Session:
         effects.append(Connected())
         return effects
 
-    def _on_subscribed(self, reply_id: str | None, data: dict[str, Any]) -> list[Effect]:
+    def _on_subscribed(self, reply_id: str | None, reply: Subscribed | None) -> list[Effect]:
+        """``reply`` None: a ``subscribed`` too malformed to decode."""
         state = self._sub_ids.pop(reply_id, None) if reply_id else None
         if state is None or not self.is_current(state) or state.pending_id != reply_id:
             return []
-        offset, epoch, recovered = data.get("offset"), data.get("epoch"), data.get("recovered")
-        since = data.get("since")
-        if type(offset) is not int or not isinstance(epoch, str) or not (
-                recovered is None or isinstance(recovered, bool)) or not (
-                since is None or (type(since) is int and 0 <= since <= offset)):
+        if reply is None:
             raise ProtocolViolation(f"{state.channel}: malformed 'subscribed' reply")
+        offset, epoch, recovered, since = reply.offset, reply.epoch, reply.recovered, reply.since
         tracker = state.tracker
         if (state.automatic and recovered is False and since is None
                 and tracker.epoch is not None
@@ -390,28 +388,24 @@ class Session:
         return [*([recovery] if recovery is not None else []), *self._deliver(state, items),
                 Confirm(state.channel)]
 
-    def _on_unsubscribed(self, reply_id: str | None, data: dict[str, Any]) -> list[Effect]:
-        if reply_id is not None:
-            return [Reply(reply_id, data)]
-        channel = data.get("channel")
-        state = self.channels.get(channel) if isinstance(channel, str) else None
+    def _on_unsubscribed(self, reply: Unsubscribed) -> list[Effect]:
+        if reply.id is not None:
+            return [Reply(reply.id, reply.data())]
+        state = self.channels.get(reply.channel)
         if state is None:
             return []
-        if data.get("resubscribe") is True:
+        if reply.resubscribe is True:
             logger.info("server ended %s (%s); resubscribing with recovery", state.channel,
-                        data.get("reason"))
+                        reply.reason)
             state.tracker.begin()
             return [SubscribeNow(state, self.gen)]
         del self.channels[state.channel]
-        reason = data.get("reason")
         return [End(state.channel, SubscriptionError(
-            state.channel, reason if isinstance(reason, str) else "revoked",
+            state.channel, reply.reason if reply.reason is not None else "revoked",
             "the server ended the subscription"))]
 
-    def _on_error(self, reply_id: str | None, data: dict[str, Any]) -> list[Effect]:
-        raw_code, raw_message = data.get("code"), data.get("message")
-        code = raw_code if isinstance(raw_code, str) else "internal_error"
-        message = raw_message if isinstance(raw_message, str) else ""
+    def _on_error(self, reply: ErrorReply) -> list[Effect]:
+        code, message, reply_id = reply.code, reply.message, reply.id
         if reply_id is None:
             self.server_error(code, message)
             return []

@@ -278,9 +278,10 @@ def encode_message(
     id: str | None = None,
     channel: str | None = None,
     offset: int | None = None,
-    timestamp: float | None = None,
+    timestamp: float,
 ) -> bytes:
-    """Encode one server message as JSON bytes, leaving out fields without a value."""
+    """Encode one server message as JSON bytes, leaving out fields without a value;
+    ``timestamp`` is the wall clock (epoch seconds) of the caller, never read here."""
     message: dict[str, Any] = {"type": kind}
     if channel is not None:
         message["channel"] = channel
@@ -288,7 +289,7 @@ def encode_message(
         message["offset"] = offset
     if id is not None:
         message["id"] = id
-    message["timestamp"] = format_timestamp(time.time() if timestamp is None else timestamp)
+    message["timestamp"] = format_timestamp(timestamp)
     message["data"] = data
     return _encoder.encode(message)
 

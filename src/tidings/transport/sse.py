@@ -21,13 +21,13 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 
-from tidings.errors import InvalidRequest, Unauthorized
-from tidings.gateway import (
-    Gateway,
+from tidings.errors import (
+    InvalidRequest,
     PersonalChannelUnavailable,
     TooManyConnections,
-    new_connection_id,
+    Unauthorized,
 )
+from tidings.ports import ConnectionHost, new_connection_id
 from tidings.protocol import CloseCode, Recover, Subscribe, parse_channel
 from tidings.session import Effect, Session, StartSubscribe
 from tidings.transport.sse_format import (
@@ -84,7 +84,7 @@ class SsePeer:
     __slots__ = ("_buffered", "_closing", "_gateway", "_limit", "_transport", "close_request",
                  "commands", "done", "encoder", "queued", "session")
 
-    def __init__(self, session: Session, gateway: Gateway,
+    def __init__(self, session: Session, gateway: ConnectionHost,
                  cache: ParseCache | None = None) -> None:
         self.session = session
         self._gateway = gateway
@@ -222,7 +222,7 @@ def _resume_effects(peer: SsePeer, positions: dict[str, tuple[int, str]],
     return effects
 
 
-def sse_handler(gateway: Gateway, node: str | None) -> Any:
+def sse_handler(gateway: ConnectionHost, node: str | None) -> Any:
     """The aiohttp handler for ``GET <sse_path>``; ``node`` (the broker's node id, when
     nodes can relay commands) is appended to session ids so that any node can find the
     session's node."""
@@ -280,7 +280,7 @@ def sse_handler(gateway: Gateway, node: str | None) -> Any:
     return handle
 
 
-async def _stream(request: web.Request, peer: SsePeer, gateway: Gateway,
+async def _stream(request: web.Request, peer: SsePeer, gateway: ConnectionHost,
                   positions: dict[str, tuple[int, str]], channels: list[str],
                   cors: dict[str, str]) -> web.StreamResponse:
     """Send the response's headers, resume or subscribe, then wait for the end."""

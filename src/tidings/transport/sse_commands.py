@@ -22,7 +22,7 @@ from aiohttp import web
 
 from tidings.brokers.base import NodeRelay
 from tidings.errors import BrokerUnavailable, InvalidRequest, Unauthorized
-from tidings.gateway import Gateway
+from tidings.ports import ConnectionHost
 from tidings.protocol import dumps, loads
 from tidings.session import StartSubscribe
 from tidings.transport.sse import MAX_QUEUED_COMMANDS, SsePeer, cors_headers, json_error
@@ -48,7 +48,7 @@ def _error(code: str, message: str) -> dict[str, Any]:
 class SseCommands:
     """The POST handler, the CORS preflight, and the answer to relayed commands."""
 
-    def __init__(self, gateway: Gateway, relay: NodeRelay | None) -> None:
+    def __init__(self, gateway: ConnectionHost, relay: NodeRelay | None) -> None:
         self._gateway = gateway
         self._relay = relay
         self._node = relay.node_id if relay is not None else None
@@ -102,7 +102,7 @@ class SseCommands:
         user_id = identity.user_id
         command_raw = dumps(command)
         node = located.group(1)
-        peer = self._gateway.hub.peer(session_id)
+        peer = self._gateway.peer(session_id)
         if isinstance(peer, SsePeer) or node is None or node == self._node:
             return await self._run(peer, user_id, command_raw)
         if self._relay is None:
@@ -121,7 +121,7 @@ class SseCommands:
         if not (isinstance(session_id, str) and isinstance(user_id, str)
                 and isinstance(command, dict)):
             return {"status": 400, "body": _error("invalid_request", "malformed relay")}
-        status, reply = await self._run(self._gateway.hub.peer(session_id), user_id,
+        status, reply = await self._run(self._gateway.peer(session_id), user_id,
                                         dumps(command))
         return {"status": status, "body": reply}
 

@@ -18,12 +18,13 @@ from urllib.parse import unquote_plus
 from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
 from tidings.config import LimitsSettings
-from tidings.errors import Unauthorized
-from tidings.gateway import Gateway, PersonalChannelUnavailable, TooManyConnections
+from tidings.errors import PersonalChannelUnavailable, TooManyConnections, Unauthorized
+from tidings.ports import ConnectionHost
 from tidings.protocol import CloseCode, ErrorCode
 from tidings.protocol.deflate import deflate_frames
+from tidings.protocol.messages import ErrorReply, encode
 from tidings.protocol.wire import close_frame, ping_frame
-from tidings.session import Session, error_message
+from tidings.session import Session
 from tidings.transport.frames import MaskCheckingResponse
 
 __all__ = ["WsConnection", "origin_allowed", "token_from_request", "websocket_handler"]
@@ -93,7 +94,7 @@ class WsConnection:
                  "close_request", "deflate", "receiving", "session", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport,
-                 session: Session, gateway: Gateway,
+                 session: Session, gateway: ConnectionHost,
                  handler: asyncio.Task[Any] | None) -> None:
         self.ws = ws
         self._transport = transport
@@ -222,7 +223,7 @@ def _upgrade_required() -> web.Response:
 
 
 async def _reject(ws: web.WebSocketResponse, error: bytes | None, code: CloseCode,
-                  reason: str, gateway: Gateway) -> web.WebSocketResponse:
+                  reason: str, gateway: ConnectionHost) -> web.WebSocketResponse:
     """Send at most one error message, close, and act on nothing the client sends."""
     gateway.metrics.closed(int(code))
     if error is not None:
@@ -235,7 +236,7 @@ async def _reject(ws: web.WebSocketResponse, error: bytes | None, code: CloseCod
     return ws
 
 
-def websocket_handler(gateway: Gateway) -> Any:
+def websocket_handler(gateway: ConnectionHost) -> Any:
     """The aiohttp handler for the WebSocket path.
 
     The read loop lives in the handler itself, and the handshake and each message are
@@ -291,7 +292,7 @@ def websocket_handler(gateway: Gateway) -> Any:
     return handle
 
 
-async def _accept(request: web.Request, gateway: Gateway, task: asyncio.Task[Any] | None
+async def _accept(request: web.Request, gateway: ConnectionHost, task: asyncio.Task[Any] | None
                   ) -> WsConnection | web.StreamResponse:
     """Origin check, upgrade, authentication and ``connected``: the accepted connection
     (handled by ``task``), or the response that refused it."""
@@ -335,7 +336,7 @@ async def _accept(request: web.Request, gateway: Gateway, task: asyncio.Task[Any
     except Unauthorized as exc:
         metrics.handshake_unauthorized.inc()
         logger.info("connection rejected: %s", exc.message)
-        message = error_message(ErrorCode.UNAUTHORIZED, exc.message)
+        message = encode(ErrorReply(ErrorCode.UNAUTHORIZED, exc.message), gateway.wall_clock())
         return await _reject(ws, message, CloseCode.UNAUTHORIZED, "unauthorized", gateway)
     except TimeoutError:
         metrics.handshakes.labels("timeout").inc()
@@ -364,7 +365,7 @@ def _inflated_too_big(text: str, limits: LimitsSettings) -> bool:
     return len(text) * 4 > limit and len(text.encode()) > limit
 
 
-async def _on_message(msg: WSMessage, peer: WsConnection, gateway: Gateway) -> bool:
+async def _on_message(msg: WSMessage, peer: WsConnection, gateway: ConnectionHost) -> bool:
     """Handle one message from the client; False when the connection is over."""
     session = peer.session
     clock = gateway.clock

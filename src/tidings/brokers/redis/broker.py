@@ -341,7 +341,11 @@ class RedisBroker:
             logger.warning("ignored a malformed control message")
             return
         if message.node != self.node_id and self._handler is not None:
-            self._handler.on_disconnect_user(message.user, message.reason)
+            try:
+                self._handler.on_disconnect_user(message.user, message.reason)
+            except Exception:
+                # BrokerHandler's failing-handler contract: logged, the rest go on.
+                logger.exception("on_disconnect_user failed")
 
     # -- cluster-wide views ----------------------------------------------------------
 

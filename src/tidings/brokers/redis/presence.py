@@ -247,7 +247,11 @@ class PresenceLedger:
                                     "occupied" if occupancy == "occupied" else
                                     "vacated" if occupancy == "vacated" else None)
             if handler is not None:
-                handler.on_presence_change(change)
+                try:
+                    handler.on_presence_change(change)
+                except Exception:
+                    # BrokerHandler's failing-handler contract: logged, the rest go on.
+                    logger.exception("on_presence_change failed for a channel")
         if deadline >= 0:
             # After the script, in another slot: a hint that may briefly lag (see above).
             await self._router.run(key_slot(self._due.encode()),

@@ -98,7 +98,11 @@ class Views:
     async def disconnect_user(self, user_id: str, reason: str) -> None:
         handler = self._handler()
         if handler is not None:
-            handler.on_disconnect_user(user_id, reason)
+            try:
+                handler.on_disconnect_user(user_id, reason)
+            except Exception:
+                # BrokerHandler's failing-handler contract: logged, the rest go on.
+                logger.exception("on_disconnect_user failed")
         message = encode_control(self._node_id, user_id, reason)
         await self._run([(self._keys.control, (self._pubsub_command, self._keys.control,
                                                message))], retry=False)
