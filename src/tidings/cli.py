@@ -238,7 +238,6 @@ def _serve(args: argparse.Namespace) -> None:
     if args.workers is not None:
         overrides["workers"] = args.workers
     settings, dev = prepare_dev(_settings(args.config, overrides))
-    secrets = [settings.auth.secret, *settings.api.keys, settings.webhooks.secret]
     if dev is not None:
         if settings.logging.format == "auto":
             # Development mode is read by a person, also through a pipe (make run | tee).
@@ -246,7 +245,7 @@ def _serve(args: argparse.Namespace) -> None:
             settings = settings.model_copy(update={
                 "logging": settings.logging.model_copy(update={"format": "text"})})
         _quiet_upgrade_lines()
-    configure_logging(settings.logging.level, settings.logging.format, secrets)
+    configure_logging(settings.logging.level, settings.logging.format, settings.secrets)
     if settings.workers > 1:
         from tidings.workers import run_workers
 

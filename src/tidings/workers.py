@@ -249,8 +249,7 @@ def _worker_main(argv: Sequence[str]) -> int:
         print(f"tidings: worker {index}: bad settings from the supervisor: {exc}",
               file=sys.stderr)
         return 2
-    configure_logging(settings.logging.level, settings.logging.format,
-                      [settings.auth.secret, *settings.api.keys])
+    configure_logging(settings.logging.level, settings.logging.format, settings.secrets)
     return _run(_serve_worker(settings, ready_fd, metrics_dir, index))
 
 
