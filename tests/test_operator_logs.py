@@ -1,9 +1,10 @@
 """Log lines an operator reads: listening, draining and stopped (JSON from a real
-``tidings serve``), slow-consumer closes, Redis lost and restored (one line each, not
-one per retry), and worker restarts."""
+``tidings serve``), a drain past its timeout, slow-consumer closes, Redis lost and
+restored (one line each, not one per retry), and worker restarts."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -15,12 +16,15 @@ import pytest
 
 from deploy_support import config_text, free_port, tidings_process, until
 from helpers import TIMEOUT, Client, api, serve, token
+from raw_ws import RawClient
 from redis_support import (
     REDIS_URL,
     RedisServer,
     redis_node,
 )
 from test_ws_hardening import SLOW, _overflow, raw_client
+from tidings.brokers.base import StreamPosition
+from tidings.brokers.memory import MemoryBroker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -75,6 +79,42 @@ async def test_listening_line_hides_the_broker_password(tmp_path: Path) -> None:
     (listening,) = _messages(tidings.log(), "listening on")
     assert f"broker redis://:***@127.0.0.1:{redis_port}/0" in listening
     assert "hunter2" not in tidings.stderr()
+
+
+class _StalledBroker(MemoryBroker):
+    """A memory broker whose personal-channel lookups hang until ``release`` is set, as
+    a stalled Redis would keep a connection in its handshake."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def position(self, channel: str) -> StreamPosition:
+        self.entered.set()
+        await self.release.wait()
+        return await super().position(channel)
+
+
+async def test_a_drain_that_outlasts_the_shutdown_timeout_is_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A connection still in its handshake when shutdown_timeout runs out (its broker
+    stalled) gives one warning saying how many were left, and the server still logs
+    that it stopped."""
+    caplog.set_level(logging.INFO)
+    broker = _StalledBroker()
+    async with serve({"server": {"shutdown_timeout": 0.2}}, broker=broker) as server:
+        stuck = await RawClient.open(server, token("stuck"))
+        await asyncio.wait_for(broker.entered.wait(), TIMEOUT)
+    stuck.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "tidings.server"]
+    late = [r for r in caplog.records if "still open" in r.getMessage()]
+    assert [r.getMessage() for r in late] == [
+        "1 connections still open after the shutdown timeout (0.2 s)"], messages
+    assert late[0].levelno == logging.WARNING
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert messages.index(late[0].getMessage()) < next(
+        i for i, m in enumerate(messages) if m.startswith("stopped"))
 
 
 async def test_slow_consumer_close_is_logged(caplog: pytest.LogCaptureFixture) -> None:
