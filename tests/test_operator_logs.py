@@ -51,7 +51,7 @@ async def test_listening_draining_and_stopped_lines_are_json(tmp_path: Path) -> 
         url = f"ws://127.0.0.1:{port}/ws?token={token('u1')}"
         async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
             assert (await Client(ws).recv())["type"] == "connected"
-            tidings.proc.send_signal(signal.SIGTERM)
+            tidings.sigterm()
             assert await Client(ws).expect_close() == 1001
         assert await tidings.terminate() == 0
     lines = tidings.log()

@@ -15,9 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from deploy_support import (
     wait_for_port,
 )
 from helpers import API_KEY, SECRET, TIMEOUT, Client, token
+from redis_support import REDIS_URL
 from tidings.config import ServerSettings, load_settings
 
 pytestmark = pytest.mark.timeout(60)
@@ -69,16 +69,20 @@ def _process(args: list[str], log: Path) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def nginx(tmp_path: Path, upstream: int,
-                internal: int | None) -> AsyncIterator[tuple[int, Path]]:
+async def nginx(tmp_path: Path, upstream: int, internal: int | None, *,
+                more_upstreams: Sequence[int] = ()) -> AsyncIterator[tuple[int, Path]]:
     """nginx with deploy/nginx/tidings.conf in its http block (the same file whether or
-    not Tidings has an ``internal`` port); yields its port and the access log."""
+    not Tidings has an ``internal`` port), its upstream's server line repeated for
+    ``more_upstreams`` as docs/deployment.md says; yields its port and the access log."""
     binary = require_binary("nginx", SWITCH)
     port = free_port()
     prefix = tmp_path / "nginx"
     prefix.mkdir()
     snippet = _replace(NGINX_CONF.read_text(), "listen 8080;", f"listen 127.0.0.1:{port};")
-    snippet = _replace(snippet, "server 127.0.0.1:8000 ", f"server 127.0.0.1:{upstream} ")
+    line = re.search(r"^ *server 127\.0\.0\.1:8000 .*$", snippet, re.M)
+    assert line, "no upstream server line"
+    snippet = snippet.replace(line.group(0), "\n".join(
+        line.group(0).replace(":8000 ", f":{node} ") for node in (upstream, *more_upstreams)))
     snippet = _replace(snippet, "/var/log/nginx/", f"{prefix}/")
     (prefix / "tidings.conf").write_text(snippet)
     # As root, nginx's workers would switch to "nobody", who cannot enter pytest's tmp.
@@ -219,7 +223,7 @@ async def test_drain_reaches_the_client_through_the_proxy(proxy: Proxy, with_int
     async with behind(proxy, tmp_path, with_internal) as (tidings, base, _, _), \
             ws_client(base, token("drained-user", ("news:*",))) as client:
         await client.subscribe(CHANNEL)
-        tidings.proc.send_signal(signal.SIGTERM)
+        tidings.sigterm()
         assert await client.expect_close(timeout=10) == 1001
         assert await tidings.terminate() == 0
 
@@ -261,3 +265,61 @@ def test_haproxy_checks_the_internal_port_of_the_shipped_configurations() -> Non
         settings = load_settings(config, environ={"TIDINGS_AUTH__SECRET": SECRET})
         assert settings.server.internal_port == int(check.group(1)), config
         assert settings.server.port == int(server.group(1)), config
+
+
+async def _connections(internal: int) -> float:
+    """A node's tidings_connections gauge, read from its internal /metrics."""
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"http://127.0.0.1:{internal}/metrics") as answer:
+        text = await answer.text()
+    match = re.search(r"^tidings_connections (\S+)$", text, re.M)
+    assert match, text
+    return float(match.group(1))
+
+
+async def test_two_redis_nodes_behind_nginx_a_drained_client_recovers_on_the_other(
+        redis_prefix: str, tmp_path: Path) -> None:
+    """docs/deployment.md's shape: two nodes on Redis behind the shipped nginx file, the
+    API on their internal ports. A client gets an event published on the other node;
+    its node drains (1001); it reconnects through nginx, lands on the other node, and
+    recovers the event published while it was away."""
+    ports = [free_port() for _ in range(4)]
+    nodes = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for port, internal in (ports[0:2], ports[2:4]):
+            config = config_text(port, internal_port=internal, broker=REDIS_URL).replace(
+                "[broker]\n", f'[broker]\nprefix = "{redis_prefix}"\n').replace(
+                "shutdown_timeout = 5\n", "shutdown_timeout = 5\ndrain_delay = 0.5\n")
+            nodes[internal] = await stack.enter_async_context(
+                tidings_process(tmp_path, config, port=port))
+        proxy_port, _ = await stack.enter_async_context(
+            nginx(tmp_path, ports[0], None, more_upstreams=[ports[2]]))
+        base = f"http://127.0.0.1:{proxy_port}"
+        tok = token("roaming-user", ("news:*",))
+        async with ws_client(base, tok) as client:
+            reply = await client.subscribe(CHANNEL)
+            assert reply["type"] == "subscribed", reply
+            epoch = reply["data"]["epoch"]
+            serving = [i for i in nodes if await _connections(i) == 1]
+            assert len(serving) == 1, serving
+            (other,) = set(nodes) - set(serving)
+            status, _ = await _publish(f"http://127.0.0.1:{other}", {"message": "before",
+                                                                     "level": "info"})
+            assert status == 200
+            seen = await client.recv()
+            assert seen["data"]["message"] == "before"
+            nodes[serving[0]].sigterm()
+            assert await client.expect_close(timeout=10) == 1001
+        status, missed = await _publish(f"http://127.0.0.1:{other}",
+                                        {"message": "while away", "level": "info"})
+        assert status == 200
+        async with ws_client(base, tok) as client:
+            reply = await client.subscribe(
+                CHANNEL, recover={"offset": seen["offset"], "epoch": epoch})
+            assert reply["data"]["recovered"] is True, reply
+            event = await client.recv()
+            assert event["data"]["message"] == "while away"
+            assert event["offset"] == missed["results"][0]["offset"]
+            assert await _connections(other) == 1
+        assert await nodes[serving[0]].terminate() == 0
+        assert await nodes[other].terminate() == 0
