@@ -227,7 +227,7 @@ def _serve(args: argparse.Namespace) -> None:
     from tidings.devstate import remove_state
     from tidings.errors import ConfigError
     from tidings.logs import configure_logging
-    from tidings.server import prepare_dev, running, tune_gc
+    from tidings.server import ListenError, prepare_dev, running, tune_gc
 
     overrides: dict[str, Any] = {}
     server_flags = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -292,6 +292,8 @@ def _serve(args: argparse.Namespace) -> None:
                         remove_state(state, os.getpid())
         except ConfigError as exc:
             _fail(2, f"configuration error: {exc.key}: {exc.reason}")
+        except ListenError as exc:
+            _fail(1, str(exc))
         except OSError as exc:
             _fail(1, f"cannot listen on {settings.server.host}:{settings.server.port}: "
                      f"{exc.strerror}")
