@@ -1,6 +1,7 @@
 """Log lines an operator reads: listening, draining and stopped (JSON from a real
-``tidings serve``), a drain past its timeout, slow-consumer closes, Redis lost and
-restored (one line each, not one per retry), and worker restarts."""
+``tidings serve``), a drain past its timeout, no access lines for probes that succeed,
+slow-consumer closes, Redis lost and restored (one line each, not one per retry), and
+worker restarts."""
 
 from __future__ import annotations
 
@@ -115,6 +116,27 @@ async def test_a_drain_that_outlasts_the_shutdown_timeout_is_logged(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert messages.index(late[0].getMessage()) < next(
         i for i, m in enumerate(messages) if m.startswith("stopped"))
+
+
+async def test_probes_and_scrapes_that_succeed_get_no_access_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """/healthz, /readyz and /metrics answering 200 write no access line (they come every
+    few seconds); other requests do, and so does /readyz failing while the node drains."""
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    async with serve({"server": {"internal_port": 0}}) as server, aiohttp.ClientSession() as http:
+        for url in (f"{server.api_url}/healthz", f"{server.api_url}/readyz",
+                    f"{server.api_url}/metrics", f"{server.http_url}/client/tidings.js",
+                    f"{server.api_url}/no-such-path"):
+            async with http.get(url) as answer:
+                await answer.read()
+        server.gateway.draining = True  # as on SIGTERM
+        async with http.get(f"{server.api_url}/readyz") as answer:
+            assert answer.status == 503
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert [line.split('"')[1] for line in lines] == [
+        "GET /client/tidings.js HTTP/1.1", "GET /no-such-path HTTP/1.1",
+        "GET /readyz HTTP/1.1"], lines
+    assert '" 503 ' in lines[-1]
 
 
 async def test_slow_consumer_close_is_logged(caplog: pytest.LogCaptureFixture) -> None:

@@ -29,7 +29,7 @@ from tidings.gateway import Gateway
 from tidings.metrics import Metrics
 from tidings.telemetry import Telemetry, make_telemetry
 from tidings.transport import websocket_handler
-from tidings.transport.http import AppRunner, TCPSite
+from tidings.transport.http import AppRunner, QuietProbesAccessLogger, TCPSite
 from tidings.transport.sse import sse_handler
 from tidings.transport.sse_commands import SseCommands
 
@@ -279,6 +279,7 @@ async def running(
         return AppRunner(application, handle_signals=False,
                          shutdown_timeout=settings.server.shutdown_timeout,
                          access_log=None if quiet else access_logger,
+                         access_log_class=QuietProbesAccessLogger,
                          # Request heads share the WebSocket handshake's deadline.
                          head_timeout=settings.server.handshake_timeout,
                          on_head_timeout=gateway.metrics.request_head_timeouts.inc)
