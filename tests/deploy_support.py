@@ -106,6 +106,7 @@ class TidingsProcess:
     port: int
     stderr_path: Path
     stdout: list[str]
+    signalled: bool = False
 
     @property
     def http_url(self) -> str:
@@ -118,10 +119,17 @@ class TidingsProcess:
         """Its JSON log lines so far."""
         return json_lines(self.stderr())
 
-    async def terminate(self) -> int:
-        """SIGTERM, then its exit status."""
-        if self.proc.returncode is None:
+    def sigterm(self) -> None:
+        """Send SIGTERM (once: a drain is begun by the first)."""
+        if not self.signalled and self.proc.returncode is None:
+            self.signalled = True
             self.proc.send_signal(signal.SIGTERM)
+
+    async def terminate(self) -> int:
+        """SIGTERM unless it was sent already, then its exit status. Never a second
+        SIGTERM: between the "stopped" line and the exit the signal handlers are gone,
+        and a second one would kill the process as it exits."""
+        self.sigterm()
         return await asyncio.wait_for(self.proc.wait(), PROCESS_TIMEOUT)
 
 

@@ -227,7 +227,7 @@ def _serve(args: argparse.Namespace) -> None:
     from tidings.devstate import remove_state
     from tidings.errors import ConfigError
     from tidings.logs import configure_logging
-    from tidings.server import prepare_dev, running, tune_gc
+    from tidings.server import ListenError, prepare_dev, running, tune_gc
 
     overrides: dict[str, Any] = {}
     server_flags = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -238,7 +238,6 @@ def _serve(args: argparse.Namespace) -> None:
     if args.workers is not None:
         overrides["workers"] = args.workers
     settings, dev = prepare_dev(_settings(args.config, overrides))
-    secrets = [settings.auth.secret, *settings.api.keys, settings.webhooks.secret]
     if dev is not None:
         if settings.logging.format == "auto":
             # Development mode is read by a person, also through a pipe (make run | tee).
@@ -246,7 +245,7 @@ def _serve(args: argparse.Namespace) -> None:
             settings = settings.model_copy(update={
                 "logging": settings.logging.model_copy(update={"format": "text"})})
         _quiet_upgrade_lines()
-    configure_logging(settings.logging.level, settings.logging.format, secrets)
+    configure_logging(settings.logging.level, settings.logging.format, settings.secrets)
     if settings.workers > 1:
         from tidings.workers import run_workers
 
@@ -293,6 +292,8 @@ def _serve(args: argparse.Namespace) -> None:
                         remove_state(state, os.getpid())
         except ConfigError as exc:
             _fail(2, f"configuration error: {exc.key}: {exc.reason}")
+        except ListenError as exc:
+            _fail(1, str(exc))
         except OSError as exc:
             _fail(1, f"cannot listen on {settings.server.host}:{settings.server.port}: "
                      f"{exc.strerror}")

@@ -29,12 +29,13 @@ from tidings.gateway import Gateway
 from tidings.metrics import Metrics
 from tidings.telemetry import Telemetry, make_telemetry
 from tidings.transport import websocket_handler
-from tidings.transport.http import AppRunner, TCPSite
+from tidings.transport.http import AppRunner, QuietProbesAccessLogger, TCPSite
 from tidings.transport.sse import sse_handler
 from tidings.transport.sse_commands import SseCommands
 
 __all__ = [
     "DevCredentials",
+    "ListenError",
     "RunningServer",
     "add_sse_routes",
     "build_app",
@@ -45,6 +46,26 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class ListenError(OSError):
+    """A listener could not be opened; ``address`` and ``keys`` name which one (the public
+    or the internal listener), so that the error points at the setting to change."""
+
+    def __init__(self, cause: OSError, host: str, port: int, keys: str) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.address = f"{host}:{port}"
+        self.keys = keys
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.address} ({self.keys}): {self.strerror}"
+
+
+async def _start(site: TCPSite, host: str, port: int, keys: str) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ListenError(exc, host, port, keys) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +281,7 @@ async def running(
         return AppRunner(application, handle_signals=False,
                          shutdown_timeout=settings.server.shutdown_timeout,
                          access_log=None if quiet else access_logger,
+                         access_log_class=QuietProbesAccessLogger,
                          # Request heads share the WebSocket handshake's deadline.
                          head_timeout=settings.server.handshake_timeout,
                          on_head_timeout=gateway.metrics.request_head_timeouts.inc)
@@ -283,13 +305,16 @@ async def running(
         site = TCPSite(public, server_settings.host, server_settings.port,
                        ssl_context=context, reuse_port=reuse_port or None,
                        handshake_timeout=handshake)
-        await site.start()
+        await _start(site, server_settings.host, server_settings.port,
+                     "server.host, server.port")
         internal_port: int | None = None
         if public is not runner:
             internal = TCPSite(runner, server_settings.internal_host,
                                server_settings.internal_port, ssl_context=context,
                                reuse_port=reuse_port or None, handshake_timeout=handshake)
-            await internal.start()
+            await _start(internal, server_settings.internal_host,
+                         server_settings.internal_port or 0,
+                         "server.internal_host, server.internal_port")
             internal_port = int(runner.addresses[0][1])
         port = public.addresses[0][1]
         server = RunningServer(settings, gateway, server_settings.host, int(port),

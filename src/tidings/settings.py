@@ -261,6 +261,13 @@ class Settings(BaseSettings):
         return self.server.mode == "development"
 
     @property
+    def secrets(self) -> tuple[str, ...]:
+        """The configured secret values, which every log line has redacted: one list, so
+        that the server and each ``--workers`` process redact the same ones."""
+        values = (self.auth.secret, *self.api.keys, self.webhooks.secret)
+        return tuple(value for value in values if value)
+
+    @property
     def console_enabled(self) -> bool:
         if self.console.enabled == "auto":
             return self.dev_mode

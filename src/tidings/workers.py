@@ -106,8 +106,10 @@ def run_workers(settings: Settings, workers: int | None = None, *,
             try:
                 reservation = reservations.enter_context(_reserve_port(host, wanted))
             except OSError as exc:
-                print(f"tidings: cannot listen on {host}:{wanted}: {exc.strerror}",
-                      file=sys.stderr)
+                setting = ("server.host, server.port" if key == "port"
+                           else "server.internal_host, server.internal_port")
+                print(f"tidings: cannot listen on {host}:{wanted} ({setting}): "
+                      f"{exc.strerror}", file=sys.stderr)
                 return 1
             ports[key] = int(reservation.getsockname()[1])
         final = settings.model_copy(update={
@@ -249,15 +251,14 @@ def _worker_main(argv: Sequence[str]) -> int:
         print(f"tidings: worker {index}: bad settings from the supervisor: {exc}",
               file=sys.stderr)
         return 2
-    configure_logging(settings.logging.level, settings.logging.format,
-                      [settings.auth.secret, *settings.api.keys])
+    configure_logging(settings.logging.level, settings.logging.format, settings.secrets)
     return _run(_serve_worker(settings, ready_fd, metrics_dir, index))
 
 
 async def _serve_worker(settings: Settings, ready_fd: int, metrics_dir: str,
                         index: int) -> int:
     from tidings.metrics import Metrics
-    from tidings.server import running, tune_gc
+    from tidings.server import ListenError, running, tune_gc
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -279,6 +280,9 @@ async def _serve_worker(settings: Settings, ready_fd: int, metrics_dir: str,
     except ConfigError as exc:
         print(f"tidings: configuration error: {exc.key}: {exc.reason}", file=sys.stderr)
         return 2
+    except ListenError as exc:
+        print(f"tidings: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"tidings: cannot listen on {settings.server.host}:{settings.server.port}: "
               f"{exc.strerror}", file=sys.stderr)

@@ -1,9 +1,11 @@
 """Log lines an operator reads: listening, draining and stopped (JSON from a real
-``tidings serve``), slow-consumer closes, Redis lost and restored (one line each, not
-one per retry), and worker restarts."""
+``tidings serve``), a drain past its timeout, no access lines for probes that succeed,
+slow-consumer closes, Redis lost and restored (one line each, not one per retry), and
+worker restarts."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -15,13 +17,15 @@ import pytest
 
 from deploy_support import config_text, free_port, tidings_process, until
 from helpers import TIMEOUT, Client, api, serve, token
-from raw_ws import raw_client
+from raw_ws import RawClient, raw_client
 from redis_support import (
     REDIS_URL,
     RedisServer,
     redis_node,
 )
 from slow_consumer import SLOW, overflow
+from tidings.brokers.base import StreamPosition
+from tidings.brokers.memory import MemoryBroker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,7 +52,7 @@ async def test_listening_draining_and_stopped_lines_are_json(tmp_path: Path) -> 
         url = f"ws://127.0.0.1:{port}/ws?token={token('u1')}"
         async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
             assert (await Client(ws).recv())["type"] == "connected"
-            tidings.proc.send_signal(signal.SIGTERM)
+            tidings.sigterm()
             assert await Client(ws).expect_close() == 1001
         assert await tidings.terminate() == 0
     lines = tidings.log()
@@ -76,6 +80,63 @@ async def test_listening_line_hides_the_broker_password(tmp_path: Path) -> None:
     (listening,) = _messages(tidings.log(), "listening on")
     assert f"broker redis://:***@127.0.0.1:{redis_port}/0" in listening
     assert "hunter2" not in tidings.stderr()
+
+
+class _StalledBroker(MemoryBroker):
+    """A memory broker whose personal-channel lookups hang until ``release`` is set, as
+    a stalled Redis would keep a connection in its handshake."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def position(self, channel: str) -> StreamPosition:
+        self.entered.set()
+        await self.release.wait()
+        return await super().position(channel)
+
+
+async def test_a_drain_that_outlasts_the_shutdown_timeout_is_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A connection still in its handshake when shutdown_timeout runs out (its broker
+    stalled) gives one warning saying how many were left, and the server still logs
+    that it stopped."""
+    caplog.set_level(logging.INFO)
+    broker = _StalledBroker()
+    async with serve({"server": {"shutdown_timeout": 0.2}}, broker=broker) as server:
+        stuck = await RawClient.open(server, token("stuck"))
+        await asyncio.wait_for(broker.entered.wait(), TIMEOUT)
+    stuck.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "tidings.server"]
+    late = [r for r in caplog.records if "still open" in r.getMessage()]
+    assert [r.getMessage() for r in late] == [
+        "1 connections still open after the shutdown timeout (0.2 s)"], messages
+    assert late[0].levelno == logging.WARNING
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert messages.index(late[0].getMessage()) < next(
+        i for i, m in enumerate(messages) if m.startswith("stopped"))
+
+
+async def test_probes_and_scrapes_that_succeed_get_no_access_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """/healthz, /readyz and /metrics answering 200 write no access line (they come every
+    few seconds); other requests do, and so does /readyz failing while the node drains."""
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    async with serve({"server": {"internal_port": 0}}) as server, aiohttp.ClientSession() as http:
+        for url in (f"{server.api_url}/healthz", f"{server.api_url}/readyz",
+                    f"{server.api_url}/metrics", f"{server.http_url}/client/tidings.js",
+                    f"{server.api_url}/no-such-path"):
+            async with http.get(url) as answer:
+                await answer.read()
+        server.gateway.draining = True  # as on SIGTERM
+        async with http.get(f"{server.api_url}/readyz") as answer:
+            assert answer.status == 503
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert [line.split('"')[1] for line in lines] == [
+        "GET /client/tidings.js HTTP/1.1", "GET /no-such-path HTTP/1.1",
+        "GET /readyz HTTP/1.1"], lines
+    assert '" 503 ' in lines[-1]
 
 
 async def test_slow_consumer_close_is_logged(caplog: pytest.LogCaptureFixture) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import jwt
 import pytest
 
 from helpers import API_KEY, SECRET, TIMEOUT, api, serve
+from redis_support import REDIS_URL
 from timeouts import scaled
 
 CLI = [sys.executable, "-m", "tidings.cli"]
@@ -283,6 +285,34 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
     config.write_text("[limits]\nmax_subscriptions = -1\n")
     assert_config_error(run_cli("serve", "--port", "0", env={"TIDINGS_CONFIG": str(config)}),
                         "limits.max_subscriptions")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("failing", ["port", "internal_port", "internal_host"])
+def test_a_listener_that_cannot_open_is_named(tmp_path: Path, failing: str,
+                                              workers: int) -> None:
+    """A busy public or internal port, or an internal host that does not resolve, exits 1
+    with one line naming that listener's address and settings, without a traceback."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        server = {"port": 0, "internal_port": 0, "internal_host": '"127.0.0.1"'}
+        server[failing] = '"no-such-host.invalid"' if failing == "internal_host" else taken
+        config = tmp_path / "tidings.toml"
+        config.write_text(
+            f'workers = {workers}\n[server]\nmode = "production"\nhost = "127.0.0.1"\n'
+            + "".join(f"{key} = {value}\n" for key, value in server.items())
+            + f'[auth]\nsecret = "{SECRET}"\n[broker]\nurl = "{REDIS_URL}"\n')
+        result = run_cli("serve", "--config", str(config))
+    assert result.returncode == 1, result.stderr
+    address = ("no-such-host.invalid:0" if failing == "internal_host"
+               else f"127.0.0.1:{taken}")
+    keys = ("server.host, server.port" if failing == "port"
+            else "server.internal_host, server.internal_port")
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"tidings: cannot listen on {address} ({keys}): "), line
+    assert "Traceback" not in result.stderr
 
 
 def test_unreadable_config_file(tmp_path: Path) -> None:

@@ -8,12 +8,15 @@ import io
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from deploy_support import config_text, free_port, tidings_process, until
 from helpers import API_KEY, SECRET, TIMEOUT, api, connect, serve, token, ws_until_close
+from redis_support import REDIS_URL
 from tidings import jwks
 from tidings.brokers.redis import urls
 from tidings.logs import Redactor, configure_logging, redact_url
@@ -293,3 +296,30 @@ def test_one_url_redactor_masks_passwords_and_drops_queries(url: str, expected: 
     drops the query string and fragment, also for URLs that do not parse."""
     assert getattr(jwks, "redact_url") is urls.redact_url is redact_url  # noqa: B009
     assert redact_url(url) == expected
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_every_process_redacts_every_configured_secret(
+        workers: int, redis_prefix: str, tmp_path: Path) -> None:
+    """A real ``tidings serve`` (and each of its ``--workers`` processes) redacts the
+    signing secret, the API keys and the webhook secret from its access lines."""
+    webhook_secret = "webhook-secret-zq0123456789abcdefzq"
+    port = free_port()
+    config = f"workers = {workers}\n" + config_text(port, broker=REDIS_URL).replace(
+        "[broker]\n", f'[broker]\nprefix = "{redis_prefix}"\n') + (
+        f'[webhooks]\nurl = "http://127.0.0.1:9/hook"\nsecret = "{webhook_secret}"\n')
+    secrets = (SECRET, API_KEY, webhook_secret)
+    async with tidings_process(tmp_path, config, port=port) as tidings:
+        async with aiohttp.ClientSession() as http:
+            for value in secrets:
+                async with http.get(f"{tidings.http_url}/x-{value}") as answer:
+                    assert answer.status == 404
+
+        async def logged() -> bool:
+            return sum("GET /x-" in str(line["msg"]) for line in tidings.log()) == 3
+
+        await until(logged, TIMEOUT, "the three access lines")
+        assert await tidings.terminate() == 0
+    for value in secrets:
+        assert value not in tidings.stderr(), value
+    assert tidings.stderr().count("GET /x-[redacted]") == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -427,3 +428,24 @@ def test_bench_servers_trace_only_with_otel(monkeypatch: pytest.MonkeyPatch) -> 
     traced = server_env(credentials, send_buffer=1024, extra={"OTEL_TRACES_EXPORTER": "otlp"})
     assert traced["OTEL_TRACES_EXPORTER"] == "otlp"
     assert traced["OTEL_TRACES_SAMPLER"] == "traceidratio"
+
+
+async def test_tracing_logs_its_exporters_or_that_the_extra_is_missing(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Tracing on logs one line naming its exporters; asked for without the otel extra
+    (the SDK cannot be imported), it logs one warning naming the extra and runs with the
+    no-op telemetry instead of failing."""
+    caplog.set_level(logging.INFO, logger="tidings.telemetry")
+    settings = make_settings({"telemetry": {"tracing": "on", "exporters": ["console"]}})
+    tracing = make_telemetry(settings)
+    assert isinstance(tracing, Tracing)
+    await tracing.close()
+    assert [r.getMessage() for r in caplog.records] == ["tracing to console"]
+    caplog.clear()
+    # A None entry in sys.modules makes the import fail as a missing package would.
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
+    assert type(make_telemetry(settings)) is Telemetry
+    (missing,) = caplog.records
+    assert missing.levelno == logging.WARNING
+    assert "the otel extra is not installed (pip install 'tidings[otel]')" in \
+        missing.getMessage()

@@ -1,6 +1,6 @@
-"""aiohttp's HTTP/1 server with two additions: a deadline on every request head, and one
+"""aiohttp's HTTP/1 server with three additions: a deadline on every request head, one
 log line without a traceback (nor any of the request's bytes) for a request it cannot
-parse.
+parse, and no access line for a probe or a metrics scrape that succeeded.
 
 aiohttp has no option for its protocol class, so ``AppRunner`` rebuilds its server
 around the same handler and options; this extends private parts of aiohttp, which is why
@@ -23,10 +23,29 @@ from aiohttp.http_exceptions import (
     InvalidURLError,
     LineTooLong,
 )
+from aiohttp.web_log import AccessLogger
 
-__all__ = ["AppRunner", "HttpProtocol", "HttpServer", "TCPSite"]
+__all__ = ["AppRunner", "HttpProtocol", "HttpServer", "QuietProbesAccessLogger", "TCPSite"]
 
 logger = logging.getLogger("tidings.server")
+
+#: Asked every few seconds by orchestrators, load balancers and Prometheus.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class QuietProbesAccessLogger(AccessLogger):
+    """aiohttp's access lines, less those of probes and scrapes that succeeded.
+
+    A readiness probe every 2 s and a scrape every 15 s would be most of a quiet node's
+    lines, burying the ones an operator reads; a failing probe (503 while draining or
+    without the broker) is still logged.
+    """
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse,
+            time: float) -> None:
+        if response.status < 400 and request.path in PROBE_PATHS:
+            return
+        super().log(request, response, time)
 
 
 def _describe(exc: HttpProcessingError) -> str:
