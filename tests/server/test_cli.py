@@ -22,6 +22,7 @@ import jwt
 import pytest
 
 from helpers import API_KEY, SECRET, TIMEOUT, api, serve
+from paths import REPO
 from redis_support import REDIS_URL
 from timeouts import scaled
 
@@ -545,7 +546,7 @@ async def _read_stream_until(stream: asyncio.StreamReader, needle: str) -> list[
 def _readme_commands() -> list[str]:
     """The README's ``.venv/bin/tidings ...`` lines, without ``.venv/bin/tidings`` and the
     trailing comment."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     prefix = "    .venv/bin/tidings "
     return [line.removeprefix(prefix).split("  #", 1)[0].strip()
             for line in readme.splitlines() if line.startswith(prefix)]
