@@ -1,7 +1,8 @@
 """Property-based tests: whatever a client sends, only the documented errors come out.
 
-The socket command parser (``Session.receive_text`` and the wire decoder) and the publish
-validator (``loads`` then ``ApiService``, as the HTTP routes run them) are fed deep, huge
+The socket command parser (``Session.receive_text`` and the wire decoder), the publish
+validator (``loads`` then ``ApiService``, as the HTTP routes run them) and the SSE
+resume-token decoder (``Last-Event-ID``) are fed deep, huge
 and malformed structures: nesting to 2,000 levels, integers like 10**400, inf and NaN,
 non-UTF-8 bytes, lone surrogates, truncations and random text. A socket-level test then
 checks the same over a real connection, log included.
@@ -39,6 +40,7 @@ from tidings.protocol import (
 )
 from tidings.protocol.messages import encode
 from tidings.session import Send, Session, StartRefresh, StartSubscribe, StartUnsubscribe
+from tidings.transport.sse_format import BadResumeToken, decode_token
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -262,6 +264,36 @@ def test_published_huge_and_non_finite_numbers_stay_json() -> None:
     assert loads(event.payload)["data"]["big"] == 10**400
 
 
+# -- the SSE resume token (Last-Event-ID) --------------------------------------------------
+
+
+@st.composite
+def resume_tokens(draw: st.DrawFn) -> str:
+    """A ``Last-Event-ID``: base64url of a token's JSON shape with hostile values, of
+    anything at all, or not base64url."""
+    entry = (b'[' + draw(_mostly(b'"news:a"')) + b"," + draw(_mostly(b"3")) + b","
+             + draw(_mostly(b'"e1"')) + b"]")
+    shaped = b"[" + entry + b"]"
+    deep = _nest(entry, draw(_levels), draw(st.sampled_from("[{")))
+    document = draw(_mutated(draw(st.sampled_from([shaped, deep]) | _mostly(shaped))))
+    encoded = base64.urlsafe_b64encode(document).rstrip(b"=").decode()
+    return draw(st.sampled_from([encoded, encoded, encoded + "=", encoded[1:]]))
+
+
+@PROPERTY
+@given(resume=resume_tokens() | st.text(max_size=40))
+def test_resume_token_decoder_raises_only_bad_resume_token(resume: str) -> None:
+    """Whatever a client sends as ``Last-Event-ID`` (nesting to 2,000 levels included) is
+    a channel-position map or a BadResumeToken (400); nothing else comes out."""
+    try:
+        positions = decode_token(resume, max_channels=129)
+    except BadResumeToken as exc:
+        assert str(exc)
+        return
+    for channel, (offset, epoch) in positions.items():
+        assert isinstance(channel, str) and type(offset) is int and isinstance(epoch, str)
+
+
 # -- over a real socket -------------------------------------------------------------------
 
 
@@ -270,9 +302,13 @@ def no_tracebacks(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptur
     """Capture every log record; after the test, none may be an error or a traceback."""
     caplog.set_level(logging.DEBUG)
     yield caplog
-    failures = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    # get_records: after the yield, caplog.records and caplog.text hold the teardown's
+    # records only.
+    logged = caplog.get_records("call")
+    failures = [r for r in logged if r.exc_info or r.levelno >= logging.ERROR]
     assert not failures, [r.getMessage() for r in failures]
-    assert "Traceback" not in caplog.text and "RecursionError" not in caplog.text
+    text = "\n".join(r.getMessage() for r in logged)
+    assert "Traceback" not in text and "RecursionError" not in text
 
 
 def _deep(levels: int) -> str:

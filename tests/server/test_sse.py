@@ -100,6 +100,11 @@ def token(sub: str = "u1", ttl: float = 3600) -> str:
     return _token(sub, ("news:*",), ttl=ttl)
 
 
+def _encode(document: str) -> str:
+    """``document`` spelled as a resume token: unpadded base64url."""
+    return base64.urlsafe_b64encode(document.encode()).rstrip(b"=").decode()
+
+
 def _decode(resume: str) -> list[list[Any]]:
     decoded: list[list[Any]] = json.loads(base64.urlsafe_b64decode(resume + "==="))
     return decoded
@@ -217,8 +222,9 @@ async def test_commands_subscribe_unsubscribe_refresh() -> None:
 
 async def test_bad_inputs_answer_4xx_json_without_traceback(
         caplog: pytest.LogCaptureFixture) -> None:
-    """Garbage Last-Event-ID, bad channel, no token, unknown session, wrong user or
-    credential, bad or oversize bodies: 4xx JSON, no traceback, no token in the log."""
+    """Garbage or deeply nested Last-Event-ID, bad channel, no token, unknown session,
+    wrong user or credential, bad or oversize bodies: 4xx JSON, no traceback, no token in
+    the log."""
     caplog.set_level(logging.DEBUG)
     async with serve({"limits": {"max_message_bytes": 1000}}) as server:
         tok = token("u1")
@@ -227,6 +233,11 @@ async def test_bad_inputs_answer_4xx_json_without_traceback(
             for params, headers, status in (
                     ({"token": tok}, {"Last-Event-ID": "!!garbage!!"}, 400),
                     ({"token": tok}, {"Last-Event-ID": "W10K" * 1500}, 400),
+                    # Base64url JSON nesting past the protocol's 64 levels: 1,100 levels
+                    # would make json.loads raise RecursionError, 65 are just too deep.
+                    ({"token": tok}, {"Last-Event-ID": _encode("[" * 1100 + "]" * 1100)}, 400),
+                    ({"token": tok, "last_event_id": _encode(
+                        '[["news:a",0,"e"],' + "[" * 64 + "]" * 64 + "]")}, {}, 400),
                     ({"token": tok, "last_event_id": "e30"}, {}, 400),
                     ({"token": tok, "channel": "no channel"}, {}, 400),
                     ({"token": "nope"}, {}, 401)):

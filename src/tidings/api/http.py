@@ -70,11 +70,37 @@ def json_errors(handler: Handler, warn: Warn | None = None) -> Handler:
             if exc.status < 400:
                 raise
             return _error(exc.status, http_error_code(exc.status), exc.reason)
+        except web.RequestPayloadError:
+            # The client's body broke its own framing (chunked encoding) or encoding
+            # (Content-Encoding): a bad request, not a fault of ours. Not aiohttp's
+            # message: it may quote the body.
+            logger.info("%s %s from %s answered 400: request body could not be read",
+                        request.method, request.path, request.remote)
+            response = _error(400, "invalid_request", "request body could not be read "
+                              "(broken chunked encoding or Content-Encoding)")
+            # What follows on the connection cannot be parsed reliably.
+            response.force_close()
+            return response
+        except ConnectionError:
+            if not _client_gone(request):
+                logger.exception("unexpected error in %s %s", request.method, request.path)
+                return _error(500, "internal_error", "internal server error")
+            # The client closed the connection before its request was complete: there
+            # is no one to answer, and nothing went wrong here.
+            logger.debug("%s %s: the client closed the connection before its request "
+                         "was complete", request.method, request.path)
+            return _error(400, "invalid_request", "connection closed by the client")
         except Exception:
             logger.exception("unexpected error in %s %s", request.method, request.path)
             return _error(500, ErrorCode.INTERNAL_ERROR, "internal server error")
 
     return guarded
+
+
+def _client_gone(request: web.Request) -> bool:
+    """Whether the client's connection is closed (or closing) under this request."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 async def not_found(request: web.Request) -> web.StreamResponse:

@@ -1,6 +1,8 @@
-"""aiohttp's HTTP/1 server with three additions: a deadline on every request head, one
+"""aiohttp's HTTP/1 server with four additions: a deadline on every request head; one
 log line without a traceback (nor any of the request's bytes) for a request it cannot
-parse, and no access line for a probe or a metrics scrape that succeeded.
+parse or a body it cannot read; a request whose body's chunked framing breaks after its
+head fails at once (the handler answers 400) instead of waiting on that body; and no
+access line for a probe or a metrics scrape that succeeded.
 
 aiohttp has no option for its protocol class, so ``AppRunner`` rebuilds its server
 around the same handler and options; this extends private parts of aiohttp, which is why
@@ -24,6 +26,7 @@ from aiohttp.http_exceptions import (
     LineTooLong,
 )
 from aiohttp.web_log import AccessLogger
+from aiohttp.web_protocol import _ErrInfo
 
 __all__ = ["AppRunner", "HttpProtocol", "HttpServer", "QuietProbesAccessLogger", "TCPSite"]
 
@@ -67,8 +70,9 @@ def _describe(exc: HttpProcessingError) -> str:
 
 
 class HttpProtocol(web.RequestHandler):
-    """aiohttp's HTTP/1 protocol with a deadline on every request head, and one log line
-    without a traceback for a request it cannot parse.
+    """aiohttp's HTTP/1 protocol with a deadline on every request head, one log line
+    without a traceback for a request it cannot parse, and a body whose framing breaks
+    failed with ``RequestPayloadError``.
 
     A head must be complete ``head_timeout`` seconds after the connection is accepted
     (the first request) or after its own first byte arrived (keep-alive and pipelined
@@ -115,8 +119,22 @@ class HttpProtocol(web.RequestHandler):
             self._disarm()
             # aiohttp appends each parsed request in this call; the handler task has not
             # run since, so the last one is still queued.
-            last = self._messages[-1][1] if self._messages else None
+            message, last = self._messages[-1] if self._messages else (None, None)
+            if (body is not None and not body.is_eof()
+                    and isinstance(message, _ErrInfo)):
+                # The bytes after a head broke the body's framing (a bad chunk size):
+                # aiohttp queues its 400 behind the request whose body this was, and
+                # that request's handler would wait on the body until the client left.
+                body.set_exception(web.RequestPayloadError("malformed request body"))
             self._body = None if last is None or last.is_eof() else last
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        if isinstance(kwargs.get("exc_info"), web.RequestPayloadError):
+            # aiohttp reading the rest of a body whose framing or encoding the client
+            # broke, after its answer (api.http.json_errors has logged the request).
+            logger.debug("the rest of a request body could not be read: connection closed")
+            return
+        super().log_exception(*args, **kwargs)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,

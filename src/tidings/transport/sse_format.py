@@ -20,7 +20,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from tidings.protocol import is_valid_channel
+from tidings.errors import InvalidRequest
+from tidings.protocol import is_valid_channel, loads
 
 __all__ = [
     "MAX_TOKEN_CHARS",
@@ -69,8 +70,10 @@ def decode_token(token: str, max_channels: int) -> dict[str, tuple[int, str]]:
         raise BadResumeToken("resume token too long or not ASCII")
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        entries: Any = json.loads(raw)
-    except (binascii.Error, ValueError):
+        # protocol.loads, not json.loads: the token comes from the client, and nesting
+        # past MAX_JSON_DEPTH would make json.loads raise RecursionError.
+        entries: Any = loads(raw)
+    except (binascii.Error, ValueError, InvalidRequest):
         raise BadResumeToken("resume token is not base64url JSON") from None
     if not isinstance(entries, list) or len(entries) > max_channels:
         raise BadResumeToken(f"resume token must list at most {max_channels} channels")
