@@ -39,7 +39,7 @@ def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=dumps(body), status=status, content_type="application/json")
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
+def _error(status: int, code: ErrorCode, message: str) -> web.Response:
     return json_response({"error": {"code": code, "message": message}}, status)
 
 
@@ -76,7 +76,7 @@ def json_errors(handler: Handler, warn: Warn | None = None) -> Handler:
             # message: it may quote the body.
             logger.info("%s %s from %s answered 400: request body could not be read",
                         request.method, request.path, request.remote)
-            response = _error(400, "invalid_request", "request body could not be read "
+            response = _error(400, ErrorCode.INVALID_REQUEST, "request body could not be read "
                               "(broken chunked encoding or Content-Encoding)")
             # What follows on the connection cannot be parsed reliably.
             response.force_close()
@@ -84,12 +84,12 @@ def json_errors(handler: Handler, warn: Warn | None = None) -> Handler:
         except ConnectionError:
             if not _client_gone(request):
                 logger.exception("unexpected error in %s %s", request.method, request.path)
-                return _error(500, "internal_error", "internal server error")
+                return _error(500, ErrorCode.INTERNAL_ERROR, "internal server error")
             # The client closed the connection before its request was complete: there
             # is no one to answer, and nothing went wrong here.
             logger.debug("%s %s: the client closed the connection before its request "
                          "was complete", request.method, request.path)
-            return _error(400, "invalid_request", "connection closed by the client")
+            return _error(400, ErrorCode.INVALID_REQUEST, "connection closed by the client")
         except Exception:
             logger.exception("unexpected error in %s %s", request.method, request.path)
             return _error(500, ErrorCode.INTERNAL_ERROR, "internal server error")

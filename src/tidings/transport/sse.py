@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 
+from tidings.codes import ErrorCode
 from tidings.errors import (
     InvalidRequest,
     PersonalChannelUnavailable,
@@ -49,7 +50,7 @@ MAX_QUEUED_COMMANDS = 16
 _PING = b": ping\n\n"
 
 
-def json_error(status: int, code: str, message: str,
+def json_error(status: int, code: ErrorCode, message: str,
                headers: dict[str, str] | None = None) -> web.Response:
     response = web.json_response({"error": {"code": code, "message": message}},
                                  status=status)
@@ -234,11 +235,11 @@ def sse_handler(gateway: ConnectionHost, node: str | None) -> Any:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if gateway.draining:
-            return json_error(503, "unavailable", "server is shutting down")
+            return json_error(503, ErrorCode.UNAVAILABLE, "server is shutting down")
         if server.allowed_origins and not origin_allowed(request.headers.get("Origin"),
                                                          server.allowed_origins):
             logger.info("SSE connection refused: origin not allowed")
-            return json_error(403, "forbidden", "origin not allowed")
+            return json_error(403, ErrorCode.FORBIDDEN, "origin not allowed")
         cors = cors_headers(request, server.allowed_origins)
         last_id = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
         try:
@@ -247,19 +248,19 @@ def sse_handler(gateway: ConnectionHost, node: str | None) -> Any:
             if len(positions.keys() | set(channels)) > max_channels:
                 raise InvalidRequest(f"too many channels (at most {max_channels})")
         except BadResumeToken as exc:
-            return json_error(400, "invalid_request", str(exc), cors)
+            return json_error(400, ErrorCode.INVALID_REQUEST, str(exc), cors)
         except InvalidRequest as exc:
-            return json_error(400, "invalid_request", exc.message, cors)
+            return json_error(400, ErrorCode.INVALID_REQUEST, exc.message, cors)
         try:
             async with asyncio.timeout(server.handshake_timeout):
                 identity = await gateway.authenticate(token_from_request(request))
         except Unauthorized as exc:
             gateway.metrics.handshake_unauthorized.inc()
             logger.info("SSE connection rejected: %s", exc.message)
-            return json_error(401, "unauthorized", exc.message, cors)
+            return json_error(401, ErrorCode.UNAUTHORIZED, exc.message, cors)
         except TimeoutError:
             logger.warning("authentication timed out")
-            return json_error(503, "unavailable", "try again later", cors)
+            return json_error(503, ErrorCode.UNAVAILABLE, "try again later", cors)
         conn_id = new_connection_id()
         session = gateway.new_session(identity, f"{conn_id}.{node}" if node else conn_id)
         peer = SsePeer(session, gateway, cache)
@@ -267,10 +268,10 @@ def sse_handler(gateway: ConnectionHost, node: str | None) -> Any:
             await gateway.connect(peer)
         except TooManyConnections as exc:
             gateway.metrics.handshakes.labels("too_many").inc()
-            return json_error(429, "rate_limited", exc.message, cors)
+            return json_error(429, ErrorCode.RATE_LIMITED, exc.message, cors)
         except PersonalChannelUnavailable as exc:
             gateway.metrics.handshakes.labels("unavailable").inc()
-            return json_error(503, "unavailable", exc.message, cors)
+            return json_error(503, ErrorCode.UNAVAILABLE, exc.message, cors)
         gateway.metrics.handshake_ok.inc()
         try:
             return await _stream(request, peer, gateway, positions, channels, cors)

@@ -17,6 +17,7 @@ from urllib.parse import unquote_plus
 
 from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
+from tidings.codes import ErrorCode
 from tidings.config import LimitsSettings
 from tidings.errors import PersonalChannelUnavailable, TooManyConnections, Unauthorized
 from tidings.ports import ConnectionHost
@@ -207,7 +208,7 @@ _CLOSED_TYPES = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
                            WSMsgType.ERROR})
 
 
-def _json_error(status: int, code: str, message: str) -> web.Response:
+def _json_error(status: int, code: ErrorCode, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
@@ -215,7 +216,7 @@ def _upgrade_required() -> web.Response:
     """The 426 for a request that is not a valid RFC 6455 upgrade: the JSON error, plus
     the headers that say which upgrade would work (RFC 9110 section 15.5.22, RFC 6455
     section 4.4)."""
-    response = _json_error(426, "invalid_request", "expected a WebSocket upgrade request")
+    response = _json_error(426, ErrorCode.INVALID_REQUEST, "expected a WebSocket upgrade request")
     response.headers["Upgrade"] = "websocket"
     response.headers["Connection"] = "Upgrade"
     response.headers["Sec-WebSocket-Version"] = WS_VERSION
@@ -299,12 +300,12 @@ async def _accept(request: web.Request, gateway: ConnectionHost, task: asyncio.T
     settings = gateway.settings
     server = settings.server
     if gateway.draining:
-        return _json_error(503, "unavailable", "server is shutting down")
+        return _json_error(503, ErrorCode.UNAVAILABLE, "server is shutting down")
     if server.allowed_origins and not origin_allowed(request.headers.get("Origin"),
                                                      server.allowed_origins):
         gateway.metrics.handshakes.labels("forbidden_origin").inc()
         logger.info("handshake refused: origin not allowed")
-        return _json_error(403, "forbidden", "origin not allowed")
+        return _json_error(403, ErrorCode.FORBIDDEN, "origin not allowed")
     if request.headers.get("Sec-WebSocket-Version") != WS_VERSION:
         return _upgrade_required()
     ws = MaskCheckingResponse(
