@@ -17,7 +17,6 @@ from urllib.parse import unquote_plus
 
 from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
-from tidings.codes import ErrorCode
 from tidings.config import LimitsSettings
 from tidings.errors import PersonalChannelUnavailable, TooManyConnections, Unauthorized
 from tidings.ports import ConnectionHost
