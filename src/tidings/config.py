@@ -1,7 +1,9 @@
 """Configuration: one frozen settings object built at the edge.
 
 The models (each key, its type and per-field rules) are in ``tidings.settings`` and
-re-exported here; this module loads them: file, environment, strict checks.
+re-exported here; this module loads them: file, environment, strict checks. Each layer's
+values are checked against their documented types by ``tidings.config_types``; the rules
+that span several keys are here.
 
 Precedence, highest first: explicit overrides (command-line flags), ``TIDINGS_*``
 environment variables, the TOML file, defaults. This is the only module that reads
@@ -10,20 +12,17 @@ environment variables, the TOML file, defaults. This is the only module that rea
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import re
 import tomllib
-import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, get_origin
 
 from pydantic import BaseModel, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from tidings.config_types import annotation_at, check_table, check_value, parse_env
 from tidings.errors import ConfigError
 from tidings.settings import (
     ApiSettings,
@@ -86,145 +85,6 @@ _SECTIONS = {
 #: Top-level keys a variable may name directly (``TIDINGS_WORKERS``).
 _TOP_LEVEL_KEYS = frozenset(Settings.model_fields) - frozenset(_SECTIONS)
 
-#: Environment spellings of booleans (any case).
-_TRUE = frozenset({"true", "1"})
-_FALSE = frozenset({"false", "0"})
-_INTEGER = re.compile(r"[+-]?[0-9]+")
-
-
-# -- types, in the documentation's words -------------------------------------------------
-#
-# Checked here rather than by pydantic, whose lax mode turns "8106" into 8106 and "yes"
-# into True, and whose messages ("Extra inputs are not permitted") are not the project's.
-
-
-def _is_section(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
-
-
-def _arms(annotation: Any) -> tuple[Any, ...]:
-    """The members of a union annotation, or the annotation alone."""
-    if get_origin(annotation) in (Union, types.UnionType):
-        return get_args(annotation)
-    return (annotation,)
-
-
-def _describe(annotation: Any) -> str:
-    """What a value of ``annotation`` must be, as the error message says it."""
-    arms = [arm for arm in _arms(annotation) if arm is not type(None)]
-    if len(arms) > 1:
-        return " or ".join(_describe(arm) for arm in arms)
-    annotation = arms[0]
-    origin = get_origin(annotation)
-    if origin is Literal:
-        values = [json.dumps(value) for value in get_args(annotation)]
-        return values[0] if len(values) == 1 else f"one of {', '.join(values)}"
-    if origin is tuple:
-        item = get_args(annotation)[0]
-        if get_origin(item) is Literal:
-            return f"a list of {', '.join(json.dumps(v) for v in get_args(item))}"
-        return "a list of strings"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    return names.get(annotation, "a table")
-
-
-def _matches(annotation: Any, value: Any) -> bool:
-    """Whether ``value`` has the type ``annotation`` documents (no coercion)."""
-    if get_origin(annotation) in (Union, types.UnionType):
-        return any(_matches(arm, value) for arm in get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        # TOML has inf and nan; no setting means either.
-        return (isinstance(value, int | float) and not isinstance(value, bool)
-                and math.isfinite(value))
-    if annotation is str:
-        return isinstance(value, str)
-    origin = get_origin(annotation)
-    if origin is tuple:
-        item = get_args(annotation)[0]
-        return isinstance(value, list | tuple) and all(
-            _matches(item, element) if get_origin(item) is Literal else isinstance(element, str)
-            for element in value)
-    if origin is Literal:
-        return any(type(value) is type(choice) and value == choice
-                   for choice in get_args(annotation))
-    return False
-
-
-def _check_value(annotation: Any, value: Any, path: tuple[str, ...]) -> None:
-    """Raise ``ConfigError`` naming the key when ``value`` is not of its documented type."""
-    key = ".".join(path)
-    if _is_section(annotation) or get_origin(annotation) is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(key, "must be a table")
-        if _is_section(annotation):
-            _check_table(annotation, value, path)
-        else:
-            item = get_args(annotation)[1]
-            for name, child in value.items():
-                _check_value(item, child, (*path, str(name)))
-    elif not _matches(annotation, value):
-        raise ConfigError(key, f"must be {_describe(annotation)}")
-
-
-def _check_table(model: type[BaseModel], data: Mapping[str, Any],
-                 path: tuple[str, ...] = ()) -> None:
-    fields = model.model_fields
-    for key, value in data.items():
-        field = fields.get(key)
-        if field is None:
-            raise ConfigError(".".join((*path, str(key))), "unknown key")
-        _check_value(field.annotation, value, (*path, key))
-
-
-def _annotation_at(path: tuple[str, ...]) -> Any:
-    """The annotation of the key at ``path``, or None when no such key exists."""
-    node: Any = Settings
-    for part in path:
-        if _is_section(node):
-            field = node.model_fields.get(part)
-            if field is None:
-                return None
-            node = field.annotation
-        elif get_origin(node) is dict:
-            node = get_args(node)[1]
-        else:
-            return None
-    return node
-
-
-def _parse_env(annotation: Any, text: str) -> Any:
-    """An environment variable's text as a value of ``annotation``: integers, numbers,
-    ``true``/``false`` (or ``1``/``0``) and comma-separated lists. Text that does not
-    parse is returned as it is, for the type check to name the key."""
-    arms = [arm for arm in _arms(annotation) if arm is not type(None)]
-    if len(arms) > 1:
-        for arm in arms:
-            parsed = _parse_env(arm, text)
-            if _matches(arm, parsed):
-                return parsed
-        return text
-    annotation = arms[0]
-    stripped = text.strip()
-    if annotation is bool:
-        lowered = stripped.lower()
-        return True if lowered in _TRUE else False if lowered in _FALSE else text
-    if annotation is int:
-        return int(stripped) if _INTEGER.fullmatch(stripped) else text
-    if annotation is float:
-        try:
-            return float(stripped)
-        except ValueError:
-            return text
-    if get_origin(annotation) is tuple:
-        return [item.strip() for item in text.split(",") if item.strip()]
-    return text
-
 
 def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
@@ -281,12 +141,12 @@ def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
             if not isinstance(child, dict):
                 raise ConfigError(name, "conflicts with another variable")
             node = child
-        annotation = _annotation_at(path)
+        annotation = annotation_at(path)
         if annotation is None:
             raise ConfigError(".".join(path), f"unknown key (from {name})")
-        parsed = _parse_env(annotation, value)
+        parsed = parse_env(annotation, value)
         try:
-            _check_value(annotation, parsed, path)
+            check_value(annotation, parsed, path)
         except ConfigError as exc:
             raise ConfigError(exc.key, f"{exc.reason} (from {name})") from None
         node[path[-1]] = parsed
@@ -357,7 +217,7 @@ def load_settings(
     defaults: dict[str, Any] = {"namespaces": {"default": {"rule": "claims"}}}
     file_layer = _read_file(path) if path else {}
     try:
-        _check_table(Settings, file_layer)
+        check_table(Settings, file_layer)
     except ConfigError as exc:
         raise ConfigError(exc.key, f"{exc.reason} (in {path})") from None
     env_layer = _env_layer(env)  # types checked variable by variable
@@ -370,7 +230,7 @@ def load_settings(
         except ConfigError as exc:
             variable = _ENV_PREFIX + exc.key.upper().replace(".", "__")
             raise ConfigError(exc.key, f"{exc.reason} (from {variable})") from None
-    _check_table(Settings, overrides or {})
+    check_table(Settings, overrides or {})
     data = _deep_merge(_deep_merge(_deep_merge(defaults, file_layer), env_layer),
                        overrides or {})
     settings = _validate(data)
