@@ -21,22 +21,36 @@ divided by the events acknowledged in it; Tidings CPU per publish is the node's.
 
 The brokers of one run are measured one after the other, so the ratios Redis/memory and
 cluster/memory are taken run by run (same run, neighbours in time) and then summarised.
+
+The brokers and the plan are ``tidings.bench.publish_plan``; the rows of the table,
+``tidings.bench.publish_rows`` (both re-exported here).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from tidings.bench.cluster import start_cluster
-from tidings.bench.scenarios import GEN_BOTTLENECK_PERCENT, Context, RunError
+from tidings.bench.context import GEN_BOTTLENECK_PERCENT, Context, RunError
+from tidings.bench.publish_plan import (
+    BROKERS,
+    MODES,
+    QUICK_BROKERS,
+    TARGET_RATIO,
+    Broker,
+    PublishPlan,
+    broker_names,
+    mode_label,
+    phase_concurrency,
+    plan_from_args,
+)
+from tidings.bench.publish_rows import Row, add_resolution_notes, fill_rows, table_rows
 from tidings.bench.servers import KINDS, redis_available, start_redis, start_server
 from tidings.bench.system import (
     CpuSample,
@@ -48,118 +62,8 @@ from tidings.bench.system import (
     wait_quiet,
 )
 
-__all__ = ["BROKERS", "QUICK_BROKERS", "Broker", "PublishPlan", "Row", "broker_names",
-           "measure_publish", "plan_from_args"]
-
-#: The single-publish ratio to the memory broker that the issue asks of Redis.
-TARGET_RATIO = 0.7
-#: /proc/<pid>/stat counts CPU time in ticks of 1/_TICKS s.
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass(frozen=True, slots=True)
-class Broker:
-    """One broker configuration: ``name`` (for ``--publish-brokers``), ``label`` (in the
-    table), the cluster shape (``shards`` 0: not a cluster) and whether the issue's
-    ratio target applies to it."""
-
-    name: str
-    label: str
-    shards: int = 0
-    replicas: int = 0
-    target: bool = False
-
-
-BROKERS: dict[str, Broker] = {
-    "memory": Broker("memory", "memory"),
-    "redis": Broker("redis", "Redis", target=True),
-    "cluster": Broker("cluster", "cluster 3x0", shards=3, target=True),
-    "cluster-replicas": Broker("cluster-replicas", "cluster 3x1 WAIT", shards=3, replicas=1),
-}
-#: ``--quick`` leaves out the cluster with replicas (it alone would take ~4 s more).
-QUICK_BROKERS = ("memory", "redis", "cluster")
-
-
-@dataclass(frozen=True, slots=True)
-class PublishPlan:
-    """What to run: brokers (names of ``BROKERS``, in order), runs, the measured window
-    and warm-up of each phase, the load shape, and the quiet/repeat rules of the bench."""
-
-    brokers: Sequence[str]
-    runs: int = 1
-    seconds: float = 4.0
-    warmup: float = 1.0
-    single_concurrency: int = 32
-    batch_concurrency: int = 8
-    batch: int = 100
-    channels: int = 64
-    data_bytes: int = 100
-    quiet_wait: float = 0.0
-    max_foreign: float = 20.0
-    attempts: int = 1
-    #: Where the redis-servers run: "server" (sharing the node's CPU: Redis's own cost
-    #: counts against the node, the conservative reading) or "load" (with the load
-    #: process, as in production, where Redis has machines of its own).
-    redis_cpu: str = "server"
-
-
-def broker_names(text: str) -> list[str]:
-    """``--publish-brokers``: comma-separated names of ``BROKERS`` (argparse type)."""
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names or any(name not in BROKERS for name in names):
-        raise argparse.ArgumentTypeError(f"choose brokers from {list(BROKERS)}")
-    return names
-
-
-def plan_from_args(args: argparse.Namespace, *, runs: int, quiet_wait: float,
-                   max_foreign: float, attempts: int) -> PublishPlan:
-    """The plan of ``tidings bench`` options: ``--publish-seconds`` (default 4, --quick
-    0.5) with a warm-up of half of it (at most 1 s), ``--publish-brokers`` (default all,
-    --quick ``QUICK_BROKERS``); --quick also makes one attempt per run, whatever the
-    machine's other load, so that it stays short."""
-    quick = bool(args.quick)
-    seconds = args.publish_seconds or (0.5 if quick else 4.0)
-    return PublishPlan(brokers=args.publish_brokers or (QUICK_BROKERS if quick
-                                                         else tuple(BROKERS)),
-                       runs=runs, seconds=seconds, warmup=min(1.0, seconds / 2),
-                       quiet_wait=quiet_wait, max_foreign=max_foreign,
-                       attempts=1 if quick else attempts,
-                       redis_cpu=getattr(args, "redis_cpu", None) or "server")
-
-
-@dataclass(slots=True)
-class Row:
-    """One row of the table: its runs (flat dicts with ``value``) and errors, in the
-    shape ``runner.Figure`` summarises."""
-
-    scenario: str
-    label: str
-    metric: str
-    unit: str
-    better: str
-    params: dict[str, Any]
-    runs: list[dict[str, Any]] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    note: str = ""
-
-
-#: ``lone``: single publishes, one in flight, for the latency a publish costs unloaded.
-_MODES = ("single", "batch", "lone")
-_PERCENTILES = ("p50", "p99")
-
-
-def _mode_label(plan: PublishPlan, mode: str) -> str:
-    if mode == "single":
-        return f"publish 1/req x{plan.single_concurrency}"
-    if mode == "lone":
-        return "publish latency 1 in flight"
-    return f"publish batch {plan.batch} x{plan.batch_concurrency}"
-
-
-def _concurrency(plan: PublishPlan, mode: str) -> int:
-    if mode == "lone":
-        return 1
-    return plan.single_concurrency if mode == "single" else plan.batch_concurrency
+__all__ = ["BROKERS", "QUICK_BROKERS", "TARGET_RATIO", "Broker", "PublishPlan", "Row",
+           "broker_names", "measure_publish", "plan_from_args"]
 
 
 @dataclass(slots=True)
@@ -203,7 +107,7 @@ def _phase(ctx: Context, plan: PublishPlan, url: str, infra: _Infra, server_pid:
            mode: str) -> dict[str, Any]:
     """One phase (``single`` or ``batch``) against a running node; the figures of its
     measured window."""
-    concurrency = _concurrency(plan, mode)
+    concurrency = phase_concurrency(plan, mode)
     argv = [sys.executable, "-m", "tidings.bench.postload", "--url", url,
             "--key", ctx.credentials.api_key, "--mode", "batch" if mode == "batch" else "single",
             "--concurrency", str(concurrency), "--batch", str(plan.batch),
@@ -275,7 +179,7 @@ def _one_broker(ctx: Context, plan: PublishPlan, broker: Broker,
             KINDS["tidings"], ctx.pinning, ctx.credentials, send_buffer=ctx.send_buffer,
             broker=infra.url, env=ctx.server_env) as server:
         results = {mode: _phase(ctx, plan, server.http_url, infra, server.pid, mode)
-                   for mode in _MODES}
+                   for mode in MODES}
         # Warnings and errors the node logged (the bench runs it at level warning).
         stderr = server.proc.stderr()
     for mode, result in results.items():
@@ -284,7 +188,7 @@ def _one_broker(ctx: Context, plan: PublishPlan, broker: Broker,
         shards = result["redis_us_per_publish"]
         detail = (f", Redis {'/'.join(f'{v:g}' for v in shards)} µs/publish"
                   if shards else "")
-        progress(f"  {_mode_label(plan, mode)}, {broker.label}: {result['value']:,} "
+        progress(f"  {mode_label(plan, mode)}, {broker.label}: {result['value']:,} "
                  f"events/s (server CPU {result['server_cpu']}%, load {result['gen_cpu']}%"
                  f"{detail}, other processes {result['foreign_cpu']}%) "
                  f"[{time.monotonic() - began:.1f} s]")
@@ -293,128 +197,6 @@ def _one_broker(ctx: Context, plan: PublishPlan, broker: Broker,
     if stderr:
         progress(f"    [tidings stderr, {broker.label}] {stderr[-600:]}")
     return results
-
-
-def _rows(plan: PublishPlan, brokers: Sequence[Broker]) -> dict[tuple[str, ...], Row]:
-    """Every row, in table order, keyed by (kind, mode, broker[, part])."""
-    rows: dict[tuple[str, ...], Row] = {}
-    where = ("every redis-server on the load CPU with the load process (postload)"
-             if plan.redis_cpu == "load" else
-             "every redis-server on the server CPU, the load process (postload) on the load CPU")
-    place = f"the Tidings node on the server CPU, {where}; one node per broker, fresh for every run"
-    wait = ("cluster 3x1 WAIT: 3 shards with one replica each and broker.ack_replicas auto: "
-            "every pipeline waits (WAIT) for one replica")
-    note = ("Redis CPU rows: redis-server CPU time (utime+stime) per acknowledged event; "
-            "their server CPU % column is that redis-server's own CPU %")
-    if any(broker.replicas for broker in brokers):
-        note += "; a 'replicas' row: all replicas of that cluster together"
-    for mode in _MODES:
-        unit = "publishes/s" if mode == "single" else "events/s"
-        base = {"mode": mode, "channels": plan.channels, "data_bytes": plan.data_bytes,
-                "seconds": plan.seconds, "concurrency": _concurrency(plan, mode)}
-        if mode == "batch":
-            base["batch"] = plan.batch
-        if mode == "lone":
-            for part in _PERCENTILES:
-                for broker in brokers:
-                    rows[("latency", mode, broker.name, part)] = Row(
-                        "publish_latency", f"{_mode_label(plan, mode)} {part}, "
-                        f"{broker.label}", f"latency_{part}_ms", "ms", "lower",
-                        {**base, "broker": broker.name, "percentile": part},
-                        note="latency rows: request to answer of single publishes, one in "
-                             "flight, warm-up included; what WAIT for a replica adds shows "
-                             "in the cluster 3x1 row")
-            continue
-        for broker in brokers:
-            rows[("rate", mode, broker.name)] = Row(
-                f"publish_{mode}", f"{_mode_label(plan, mode)}, {broker.label}",
-                "events_per_s", unit, "higher",
-                {**base, "broker": broker.name, "shards": broker.shards or None,
-                 "replicas": broker.replicas}, note=wait if broker.replicas else place)
-        if mode == "single" and any(b.name == "memory" for b in brokers):
-            for broker in brokers:
-                if broker.name == "memory":
-                    continue
-                rows[("ratio", mode, broker.name)] = Row(
-                    "publish_ratio", f"{_mode_label(plan, mode)}, {broker.label}/memory",
-                    "ratio", "ratio", "higher",
-                    {**base, "broker": broker.name, "target": broker.target},
-                    note="ratio rows: taken run by run (same run), server CPU % is the "
-                         "Redis run's")
-        for broker in brokers:
-            prefix = f"Tidings CPU {'1/req' if mode == 'single' else f'batch {plan.batch}'}"
-            rows[("node", mode, broker.name)] = Row(
-                "publish_node_cpu", f"{prefix}, {broker.label}", "us_per_publish",
-                "µs/publish", "lower", {**base, "broker": broker.name},
-                note="Tidings CPU rows: the node's CPU time (utime+stime) per acknowledged "
-                     "event, HTTP included")
-        for broker in brokers:
-            if broker.name == "memory":
-                continue
-            params = {**base, "broker": broker.name}
-            prefix = f"Redis CPU {'1/req' if mode == 'single' else f'batch {plan.batch}'}"
-            if broker.shards == 0:
-                rows[("cpu", mode, broker.name, "0")] = Row(
-                    "publish_redis_cpu", f"{prefix}, {broker.label}", "us_per_publish",
-                    "µs/publish", "lower", {**params, "shard": 1}, note=note)
-                continue
-            rows[("cpu", mode, broker.name, "sum")] = Row(
-                "publish_redis_cpu", f"{prefix}, {broker.label} sum", "us_per_publish",
-                "µs/publish", "lower", {**params, "shard": "sum"}, note=note)
-            for shard in range(broker.shards):
-                rows[("cpu", mode, broker.name, str(shard))] = Row(
-                    "publish_redis_cpu", f"{prefix}, {broker.label} shard {shard + 1}",
-                    "us_per_publish", "µs/publish", "lower", {**params, "shard": shard + 1},
-                    note=note)
-            if broker.replicas:
-                rows[("cpu", mode, broker.name, "replicas")] = Row(
-                    "publish_redis_cpu", f"{prefix}, {broker.label} replicas",
-                    "us_per_publish", "µs/publish", "lower", {**params, "shard": "replicas"},
-                    note=note)
-    return rows
-
-
-def _fill(rows: dict[tuple[str, ...], Row], run: dict[str, dict[str, dict[str, Any]]],
-          failed: dict[str, str], index: int) -> None:
-    """Add one run's results (broker -> mode -> figures) to the rows."""
-    for key, row in rows.items():
-        kind, mode, name = key[0], key[1], key[2]
-        if name in failed or (kind == "ratio" and "memory" in failed):
-            row.errors.append(f"run {index + 1}: {failed.get(name) or failed['memory']}")
-            continue
-        result = run[name][mode]
-        if kind == "rate":
-            row.runs.append(result)
-        elif kind == "latency":
-            row.runs.append({**result, "value": result[f"latency_{key[3]}_ms"]})
-        elif kind == "node":
-            row.runs.append({**result, "value": result["node_us_per_publish"],
-                             "resolution_us": round(1e6 / _TICKS / result["events"], 2)})
-        elif kind == "ratio":
-            memory = run["memory"][mode]
-            row.runs.append({
-                "value": round(result["value"] / memory["value"], 3),
-                "value_over": result["value"], "memory_value": memory["value"],
-                "server_cpu": result["server_cpu"], "gen_cpu": result["gen_cpu"],
-                "foreign_cpu": max(result["foreign_cpu"] or 0.0,
-                                   memory["foreign_cpu"] or 0.0),
-                "lower_bound": bool(result["lower_bound"] or memory["lower_bound"]),
-                "noisy": bool(result.get("noisy") or memory.get("noisy"))})
-        else:
-            part = key[3]
-            if part == "sum":
-                value, cpu = result["redis_us_per_publish_sum"], sum(result["redis_cpu"])
-            elif part == "replicas":
-                value = round(sum(result["replica_us_per_publish"]), 2)
-                cpu = sum(result["replica_cpu"])
-            else:
-                value = result["redis_us_per_publish"][int(part)]
-                cpu = result["redis_cpu"][int(part)]
-            row.runs.append({"value": value, "server_cpu": round(cpu, 1),
-                             "gen_cpu": result["gen_cpu"], "events": result["events"],
-                             "resolution_us": round(1e6 / _TICKS / result["events"], 2),
-                             "foreign_cpu": result["foreign_cpu"],
-                             "noisy": bool(result.get("noisy"))})
 
 
 def _disturbance(run: dict[str, dict[str, dict[str, Any]]]) -> float:
@@ -443,7 +225,7 @@ def measure_publish(ctx: Context, plan: PublishPlan, *,
             progress(f"  publish, {broker.label}: skipped ({why})")
             continue
         brokers.append(broker)
-    rows = _rows(plan, brokers)
+    rows = table_rows(plan, brokers)
     for index in range(plan.runs):
         kept: tuple[dict[str, dict[str, dict[str, Any]]], dict[str, str], int] | None = None
         for attempt in range(plan.attempts):
@@ -474,13 +256,6 @@ def measure_publish(ctx: Context, plan: PublishPlan, *,
                 result["attempt"] = number
                 if (result.get("foreign_cpu") or 0.0) > plan.max_foreign:
                     result["noisy"] = True
-        _fill(rows, run, failed, index)
-    resolution = max((run["resolution_us"] for key, row in rows.items()
-                      if key[0] in ("cpu", "node")
-                      for run in row.runs), default=None)
-    for key, row in rows.items():
-        if key[0] in ("cpu", "node") and resolution is not None:
-            row.note += (f"; CPU time comes in ticks of {1000 // _TICKS} ms, so each figure "
-                         f"is within {resolution:g} µs/publish here (longer "
-                         "--publish-seconds: finer)")
+        fill_rows(rows, run, failed, index)
+    add_resolution_notes(rows)
     return list(rows.values()), skipped
