@@ -1,9 +1,10 @@
 """The composition root of a node: wires auth, policy, hub and broker, and coordinates.
 
-The gateway is the broker's handler (events in, continuity and disconnect signals),
-registers connections (``personal`` subscribes their personal channel), hands session
-effects to ``commands`` (``subscriptions`` sets subscriptions up, recovers and revokes
-them; the hub owns who holds what), runs the heartbeat ``sweep``, and drains on shutdown.
+The gateway hands the broker its handler (``delivery``: events in, continuity and
+disconnect signals), checks the broker's ``health``, registers connections (``personal``
+subscribes their personal channel), hands session effects to ``commands``
+(``subscriptions`` sets subscriptions up, recovers and revokes them; the hub owns who
+holds what), runs the heartbeat ``sweep``, and drains on shutdown.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from collections.abc import Callable
 
 from tidings.auth import Authenticator, Identity
 from tidings.brokers.base import Broker
-from tidings.brokers.presence_table import PresenceChange
 from tidings.channels import ChannelPolicy
 from tidings.commands import Commands, Sender
 from tidings.config import Settings
-from tidings.errors import TidingsError, TooManyConnections
+from tidings.delivery import Delivery
+from tidings.errors import TooManyConnections
 from tidings.event_types import frame_counter
+from tidings.health import BrokerHealth
 from tidings.hub import Hub
 from tidings.metrics import Metrics
 from tidings.nodesubs import NodeSubscriptions
@@ -29,7 +31,6 @@ from tidings.personal import PersonalChannels
 from tidings.ports import Peer, new_connection_id
 from tidings.presence_events import PresenceEvents
 from tidings.protocol import CloseCode
-from tidings.protocol.wire import text_frame
 from tidings.session import Effect, Session
 from tidings.subscriptions import Subscriptions
 from tidings.supervisor import Supervisor
@@ -40,10 +41,6 @@ from tidings.webhooks import WebhookSender
 __all__ = ["Gateway"]
 
 logger = logging.getLogger(__name__)
-
-#: Seconds between two checks of the broker for ``tidings_broker_up`` (a scrape also
-#: checks), which is also how often a worker copies its periodic metrics.
-HEALTH_INTERVAL = 5.0
 
 
 class Gateway:
@@ -108,6 +105,9 @@ class Gateway:
         self.commands = Commands(self.sender, self.subscriptions, self.personal,
                                  authenticator, self.metrics, self._warn, clock, wall_clock)
         self.sweeper = Sweeper(self.hub, self.sender.apply, clock)
+        #: The broker's handler on this node.
+        self.delivery = Delivery(self.hub, self.subscriptions, self.telemetry, self.webhooks)
+        self.health = BrokerHealth(broker, self.metrics, settings.broker.timeout)
         # Settings read on every handshake, looked up once.
         server, auth = settings.server, settings.auth
         self._session_settings = (settings.limits, server.heartbeat_interval,
@@ -117,13 +117,13 @@ class Gateway:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.broker.start(self)
+        await self.broker.start(self.delivery)
         server = self.settings.server
         period = sweep_period(server.heartbeat_interval, server.heartbeat_timeout)
         self.supervisor.spawn("gateway-sweep", lambda: self.sweeper.run(period),
                               critical=True)
         await self.check_broker()
-        self.supervisor.spawn("gateway-health", self._health_forever)
+        self.supervisor.spawn("gateway-health", self.health.run)
         self.supervisor.spawn("presence-events", self.presence_events.run)
         if self.webhooks is not None:
             self.supervisor.spawn("presence-webhooks", self.webhooks.run)
@@ -142,25 +142,8 @@ class Gateway:
         return self.hub.peer(conn_id)
 
     async def check_broker(self) -> bool:
-        """Whether the broker answers now (within ``broker.timeout``), as ``/readyz`` and
-        ``tidings_broker_up`` report it."""
-        try:
-            async with asyncio.timeout(self.settings.broker.timeout + 1):
-                up = await self.broker.ready()
-        except (TidingsError, TimeoutError):
-            up = False
-        self.metrics.broker_up.set(1 if up else 0)
-        return up
-
-    async def _health_forever(self) -> None:
-        while True:
-            await asyncio.sleep(HEALTH_INTERVAL)
-            try:
-                await self.check_broker()
-                self.metrics.sync()
-            except Exception:
-                # A fault of ours: the gauges keep their last values, the checks go on.
-                logger.exception("periodic health check failed")
+        """Whether the broker answers now (``BrokerHealth.check``)."""
+        return await self.health.check()
 
     def begin_drain(self, reason: str = "server shutting down") -> None:
         """Fail readiness and close every connection with 1001."""
@@ -191,48 +174,6 @@ class Gateway:
         await self.broker.close()
         await self.authenticator.close()
         await self.policy.close()
-
-    # -- BrokerHandler ---------------------------------------------------------------
-
-    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes,
-                 trace: str | None = None) -> None:
-        if trace is not None:  # a traced publish: its delivery gets a span
-            self.telemetry.deliver(channel, offset, trace,
-                                   lambda: self._fan_out(channel, offset, payload))
-            return
-        # Counted when written (hub's on_written), not here: a subscriber under setup
-        # holds the frame, and one that already had the offset skips it. The hub times
-        # the fan-out too (tidings_fanout_seconds), up to the write at the end of the tick.
-        self.hub.deliver(channel, offset, text_frame(payload))
-
-    def _fan_out(self, channel: str, offset: int, payload: bytes) -> int:
-        """``on_event``'s work, for a traced event: the local subscriber count."""
-        return self.hub.deliver(channel, offset, text_frame(payload))
-
-    def on_continuity_lost(self, channel: str) -> None:
-        self.subscriptions.continuity_lost(channel)
-
-    def on_disconnect_user(self, user_id: str, reason: str) -> None:
-        for peer in self.hub.connections_of(user_id):
-            peer.close(CloseCode.FORBIDDEN, reason or "disconnected by the application")
-
-    def on_presence(self, channel: str, payload: bytes) -> None:
-        self.hub.deliver_now(channel, text_frame(payload))
-
-    def on_presence_change(self, change: PresenceChange) -> None:
-        if self.webhooks is None:
-            return
-        try:
-            self.webhooks.submit(change)
-        except Exception:
-            # The broker's delivery must go on (BrokerHandler: must not raise).
-            logger.exception("queueing a presence webhook failed")
-
-    def local_channels(self) -> dict[str, int]:
-        return dict(self.hub.channel_counts())
-
-    def local_presence(self, channel: str) -> dict[str, int]:
-        return dict(self.hub.presence(channel))
 
     # -- connections -----------------------------------------------------------------
 

@@ -256,7 +256,7 @@ async def test_personal_channel_failure_at_connect_refuses_the_connection(
     assert gateway.hub.connection_count() == 0
     assert gateway.hub.user_connection_count("user-1") == 0
     assert not gateway.hub.has_channel("user:user-1")
-    assert gateway.local_channels() == {}
+    assert gateway.delivery.local_channels() == {}
     [record] = [r for r in caplog.records if "personal channel" in r.getMessage()]
     assert record.levelname == "WARNING" and record.exc_info is None
     assert "broker down" in record.getMessage()
@@ -619,7 +619,7 @@ async def test_continuity_lost_during_a_resubscribe_fails_it(gateway: Gateway) -
     peer.take()
 
     async def lost(channel: str) -> None:
-        gateway.on_continuity_lost(channel)
+        gateway.delivery.on_continuity_lost(channel)
 
     wrapped(gateway).hooks["history_after"] = lost
     await command(gateway, peer, "subscribe",
@@ -798,7 +798,7 @@ async def test_continuity_lost_unsubscribes_with_resubscribe_advice(gateway: Gat
         await command(gateway, peer, "subscribe", {"channel": "news:a"})
     for peer in (first, second, bystander):
         peer.take()
-    gateway.on_continuity_lost("news:a")
+    gateway.delivery.on_continuity_lost("news:a")
     for peer in (first, second):
         assert only(peer.take()) == {
             "type": "unsubscribed",
@@ -1065,7 +1065,7 @@ async def test_continuity_lost_during_setup_fails_the_subscribe(gateway: Gateway
     peer.take()
 
     async def lost(channel: str) -> None:
-        gateway.on_continuity_lost(channel)
+        gateway.delivery.on_continuity_lost(channel)
 
     wrapped(gateway).hooks["position"] = lost
     await command(gateway, peer, "subscribe", {"channel": "news:a"}, id="s1")

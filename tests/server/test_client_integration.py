@@ -306,7 +306,7 @@ async def test_server_initiated_unsubscribe_resubscribes_with_recovery() -> None
         sub = await client.subscribe("news:a")
         await publish(server, "news:a")
         assert offsets([await next_item(sub)]) == [1]
-        server.gateway.on_continuity_lost("news:a")
+        server.gateway.delivery.on_continuity_lost("news:a")
         for _ in range(3):
             await publish(server, "news:a")
         assert offsets(await next_items(sub, 3)) == [2, 3, 4]
