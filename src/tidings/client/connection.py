@@ -1,12 +1,13 @@
 """The client: one WebSocket at a time, reconnecting, resubscribing and recovering.
 
-A single task (``Client._run``) owns the connection loop: connect, serve the connection
-until it ends (``tidings.client.link``), ask the session whether and when to reconnect,
-wait that backoff delay, repeat. Every decision that needs no I/O (what each server
-message means, what to subscribe after a reconnect, the close-code policy, the backoff,
-token refresh timing) is the pure ``tidings.client.session.Session``'s; this module keeps
-the application-facing API, the subscriptions' queues (``tidings.client.subscription``),
-state listeners and the task that connects.
+A single task (``Client._run``) owns the connection loop: connect and serve the
+connection until it ends (``tidings.client.dialer``, ``tidings.client.link``), ask the
+session whether and when to reconnect, wait that backoff delay, repeat. Every decision
+that needs no I/O (what each server message means, what to subscribe after a reconnect,
+the close-code policy, the backoff, token refresh timing) is the pure
+``tidings.client.session.Session``'s; this module keeps the application-facing API, the
+subscriptions' queues (``tidings.client.subscription``), state listeners and the task
+that connects.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Literal, assert_never
 import aiohttp
 
 from tidings.client.backoff import Backoff
+from tidings.client.dialer import Dialer
 from tidings.client.effects import (
     Added,
     AppEffect,
@@ -41,11 +43,10 @@ from tidings.client.errors import (
     ConnectionClosed,
     NotConnected,
 )
-from tidings.client.link import Link, describe, handshake
 from tidings.client.models import State, StateChange
 from tidings.client.options import ClientOptions, StateListener
 from tidings.client.session import Session
-from tidings.client.sse import SseRefused, SseSocket, sse_url
+from tidings.client.sse import sse_url
 from tidings.client.subscription import (
     ErrorCallback,
     EventCallback,
@@ -64,31 +65,8 @@ logger = logging.getLogger("tidings.client")
 class Client:
     """A Tidings connection that reconnects and recovers on its own.
 
-    Options (all keyword):
-
-    * ``token`` / ``token_provider``: a JWT, and/or a callable (sync or async) returning a
-      fresh one. With a provider the client refreshes the token before it expires and
-      asks for a new one after a 4401 close.
-    * ``backoff``: a ``Backoff`` (defaults: 0.5 s initial, 20 s cap, reset after 10 s up).
-    * ``liveness_timeout`` (10 s): a connection with no frame for the server's
-      ``heartbeat_interval`` plus this is treated as dead and replaced.
-    * ``connect_timeout`` (10 s): limit for the handshake and the ``connected`` message.
-    * ``close_timeout`` (5 s), ``command_timeout`` (10 s, ``ping``/``unsubscribe``/refresh).
-    * ``refresh_margin`` (30 s): refresh this long before expiry (at most half the
-      remaining lifetime).
-    * ``queue_size`` (1000): default bound of each subscription's queue.
-    * ``token_in_query`` (False): send the token as ``?token=`` instead of an
-      ``Authorization: Bearer`` header; ``headers``: extra handshake headers.
-    * ``transport`` ("websocket"): "sse" reads events from the Server-Sent Events
-      endpoint (``sse_path``, default "/sse", on the server of ``url``) and sends
-      commands as POSTs; everything else, recovery included, works the same.
-    * ``on_state``: a listener for ``StateChange``; ``session``: an aiohttp session to use.
-    * ``resubscribe_burst`` (50) / ``resubscribe_rate`` (25/s): pacing of the subscribe
-      commands sent after a reconnect, to stay under the server's command rate limit.
-    * ``max_auth_failures`` (3): consecutive rejected tokens (4401 before ``connected``)
-      tolerated from the provider before giving up.
-    * ``clock``/``wall_clock``/``sleep``: injectable for tests (monotonic seconds, epoch
-      seconds, the backoff sleep).
+    Options (all keyword) are listed, with their defaults, in ``ClientOptions``
+    (``tidings.client.options``) and docs/client-python.md.
     """
 
     def __init__(
@@ -127,15 +105,17 @@ class Client:
             connect_timeout=connect_timeout, resubscribe_burst=resubscribe_burst,
             resubscribe_rate=resubscribe_rate, max_auth_failures=max_auth_failures,
             clock=clock, wall_clock=wall_clock)
-        self._connect_timeout = connect_timeout
         self._close_timeout = close_timeout
-        self._command_timeout = command_timeout
         self._queue_size = queue_size
-        self._token_in_query = token_in_query
         if transport not in ("websocket", "sse"):
             raise ValueError("transport must be 'websocket' or 'sse'")
-        self._sse_url = sse_url(url, sse_path) if transport == "sse" else None
-        self._headers = dict(headers or {})
+        #: Opens and serves each connection; ``self._dialer.link`` is the one up, if any.
+        self._dialer = Dialer(
+            url, self._core, self._apply, headers=headers or {},
+            token_in_query=token_in_query,
+            sse_url=sse_url(url, sse_path) if transport == "sse" else None,
+            connect_timeout=connect_timeout, close_timeout=close_timeout,
+            command_timeout=command_timeout, sleep=sleep)
         self._listeners: list[StateListener] = [on_state] if on_state is not None else []
         self._http = session
         self._own_http = session is None
@@ -146,7 +126,6 @@ class Client:
         #: The application's subscriptions: the same channels, in the same order, as
         #: ``self._core.channels``.
         self._subs: dict[str, Subscription] = {}
-        self._link: Link | None = None
         self._run_task: asyncio.Task[None] | None = None
         self._first: asyncio.Future[None] | None = None
         self._stopped: asyncio.Event | None = None
@@ -183,7 +162,7 @@ class Client:
         already = self._closing
         self._closing = True
         subs = list(self._subs.values())
-        link = self._link
+        link = self._dialer.link
         if link is not None and not link.ws.closed:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self._close_timeout):
@@ -306,7 +285,7 @@ class Client:
             sub = Subscription(self, channel, maxsize=queue_size or self._queue_size)
             core.add(sub.channel_state)
             self._subs[channel] = sub
-            link = self._link
+            link = self._dialer.link
             if core.connected and link is not None:
                 with contextlib.suppress(NotConnected):
                     await link.send_subscribe(sub.channel_state, core.gen)
@@ -325,7 +304,7 @@ class Client:
         self._core.remove(channel)
         if sub is not None:
             sub.finish(None)
-        link = self._link
+        link = self._dialer.link
         if self._core.connected and link is not None:
             with contextlib.suppress(NotConnected, CommandError, TimeoutError):
                 await link.command("unsubscribe", {"channel": channel})
@@ -336,7 +315,7 @@ class Client:
         Raises ``NotConnected`` when there is no connection or it is lost meanwhile,
         ``TimeoutError`` after ``command_timeout``.
         """
-        link = self._link
+        link = self._dialer.link
         if not self._core.connected or link is None:
             self._check_open()
             raise NotConnected("not connected")
@@ -367,51 +346,9 @@ class Client:
             self._stop(ConnectionClosed(None, f"client failure: {exc!r}"))
 
     async def _attempt(self) -> Outcome:
-        token = await self._core.tokens.for_connection()
-        url, headers = handshake(self.url, token, self._headers,
-                                 token_in_query=self._token_in_query)
         if self._http is None:  # pragma: no cover - set by start()
             raise RuntimeError("the client was not started")
-        if self._sse_url is not None:
-            return await self._attempt_sse(self._http, self._sse_url, token)
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                ws = await self._http.ws_connect(
-                    url, headers=headers, autoping=False, autoclose=True,
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None,
-                                                    ws_close=self._close_timeout))
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            return Outcome(None, f"cannot connect: {describe(exc)}", False)
-        link = self._link = Link(ws, self._core, on_effect=self._apply,
-                                 command_timeout=self._command_timeout, sleep=self._sleep)
-        try:
-            return await link.serve()
-        finally:
-            self._link = None
-            link.lost()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(self._close_timeout):
-                    await ws.close()
-
-    async def _attempt_sse(self, http: aiohttp.ClientSession, url: str, token: str
-                           ) -> Outcome:
-        """``_attempt`` over Server-Sent Events (``tidings.client.sse``)."""
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                stream = await SseSocket.connect(http, url, token, self._headers)
-        except SseRefused as exc:
-            return Outcome(exc.code, exc.message, False)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            return Outcome(None, f"cannot connect: {describe(exc)}", False)
-        link = self._link = Link(stream, self._core,  # type: ignore[arg-type]
-                                 on_effect=self._apply, command_timeout=self._command_timeout,
-                                 sleep=self._sleep)
-        try:
-            return await link.serve()
-        finally:
-            self._link = None
-            link.lost()
-            await stream.close()
+        return await self._dialer.attempt(self._http)
 
     def _apply(self, effect: AppEffect) -> None:
         """Carry out what the session decided for the subscriptions and the state (the
