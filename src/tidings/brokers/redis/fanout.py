@@ -3,7 +3,8 @@ connection, and the continuity of each.
 
 ``Fanout`` owns one ``Subscriber`` per primary that owns channels this node serves, and
 one ``Continuity`` tracker per served channel (the decisions are the pure
-``tidings.brokers.continuity``'s; this module feeds it and carries them out):
+``tidings.brokers.continuity``'s; this module feeds it, and ``tidings.brokers.redis.feed``
+carries them out):
 
 * ``subscribe``: the channel is subscribed at the primary that owns its slot; once that
   is confirmed the starting position is read, so every later event comes through
@@ -22,52 +23,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from tidings.brokers.base import BrokerHandler, HistoryPage, StreamPosition
-from tidings.brokers.continuity import Continuity, Deliver, Lost, Output, Status
-from tidings.brokers.redis.codec import EventMessage, decode_event
+from tidings.brokers.continuity import Continuity
+from tidings.brokers.redis.codec import decode_event
+from tidings.brokers.redis.feed import Feed, ServedChannel, backoff
 from tidings.brokers.redis.link import Address
 from tidings.brokers.redis.presence import PRESENCE_MARK
 from tidings.brokers.redis.pubsub import Subscriber
 from tidings.brokers.redis.scripts import KeyLayout, key_slot
 from tidings.brokers.redis.topology import Topology
 from tidings.errors import BrokerUnavailable
-from tidings.outages import OutageLog
 
 __all__ = ["Fanout"]
 
 logger = logging.getLogger(__name__)
-
-#: Repairs running at once after a reconnect.
-_REPAIR_CONCURRENCY = 16
-
-
-@dataclass(slots=True, eq=False)
-class _Channel:
-    """One subscribed channel: its continuity tracker and the I/O around it.
-
-    ``tracker.status``: ``init`` until the subscription is confirmed and the starting
-    position read; ``live``; ``repair`` while ``repair`` (a task) fills a gap from
-    history; ``stale`` while it is not subscribed anywhere.
-    """
-
-    name: str
-    pubsub: bytes
-    tracker: Continuity
-    subscriber: Subscriber | None = None
-    confirmed: asyncio.Future[None] | None = None
-    repair: asyncio.Task[None] | None = None
-    closed: bool = False
-
-    @property
-    def status(self) -> Status:
-        return self.tracker.status
 
 
 class Fanout:
@@ -89,24 +63,21 @@ class Fanout:
         self._topology = topology
         self._opener = opener
         self._read_position = read_position
-        self._read_history = read_history
         self._on_control = on_control
         self._spawn = spawn
         self._timeout = timeout
         self._ping_interval = ping_interval
         self._reconnect_delay = reconnect_delay
         self._buffer_limit = buffer_limit
-        self._history_chunk = history_chunk
-        self.handler: BrokerHandler | None = None
-        self.channels: dict[str, _Channel] = {}
-        # Redis restarted empty loses every channel at once: one line, not one per channel.
-        self._lost_log = OutageLog(logger, level=logging.INFO)
-        self._by_pubsub: dict[bytes, _Channel] = {}
+        #: Carries out each channel's continuity decisions; its ``handler`` is ours.
+        self._feed = Feed(read_history=read_history, spawn=spawn,
+                          reconnect_delay=reconnect_delay, history_chunk=history_chunk)
+        self.channels: dict[str, ServedChannel] = {}
+        self._by_pubsub: dict[bytes, ServedChannel] = {}
         self._subscribers: dict[Address, Subscriber] = {}
         self._homeless: set[bytes] = set()
         self._control_home: Subscriber | None = None
         self._rehoming: asyncio.Task[None] | None = None
-        self._repair_slots = asyncio.Semaphore(_REPAIR_CONCURRENCY)
         self._closing = False
         #: Set whenever a subscriber (re)connects after the first: presence is rewritten.
         self.on_reconnected: Callable[[], None] = lambda: None
@@ -117,6 +88,15 @@ class Fanout:
         self.on_control_down: Callable[[], None] = lambda: None
         self._ever_connected = False
         self._changed = asyncio.Event()
+
+    @property
+    def handler(self) -> BrokerHandler | None:
+        """The node's handler, told of events and losses (set when the broker starts)."""
+        return self._feed.handler
+
+    @handler.setter
+    def handler(self, handler: BrokerHandler | None) -> None:
+        self._feed.handler = handler
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -176,7 +156,7 @@ class Fanout:
         if existing is not None or self._closing or not self.connected():
             raise BrokerUnavailable("the broker is unavailable (not connected)")
         loop = asyncio.get_running_loop()
-        state = _Channel(channel, self._keys.events(channel), Continuity(self._buffer_limit))
+        state = ServedChannel(channel, self._keys.events(channel), Continuity(self._buffer_limit))
         self.channels[channel] = state
         self._by_pubsub[state.pubsub] = state
         confirmed = state.confirmed = loop.create_future()
@@ -198,14 +178,14 @@ class Fanout:
             if self.channels.get(channel) is state:
                 self._forget(state)
             raise
-        self._carry_out(state, state.tracker.start(position))
+        self._feed.carry_out(state, state.tracker.start(position))
 
     def unsubscribe(self, channel: str) -> None:
         state = self.channels.get(channel)
         if state is not None:
             self._forget(state)
 
-    def _forget(self, state: _Channel) -> None:
+    def _forget(self, state: ServedChannel) -> None:
         state.closed = True
         self.channels.pop(state.name, None)
         self._by_pubsub.pop(state.pubsub, None)
@@ -226,7 +206,7 @@ class Fanout:
             del self._subscribers[subscriber.address]
         self._spawn(subscriber.close(), "redis-pubsub-close")
 
-    def _fail_confirmation(self, state: _Channel) -> None:
+    def _fail_confirmation(self, state: ServedChannel) -> None:
         if state.confirmed is not None and not state.confirmed.done():
             state.confirmed.set_exception(
                 BrokerUnavailable("the broker is unavailable (connection lost)"))
@@ -253,12 +233,7 @@ class Fanout:
         if state is None:
             return
         if data.startswith(PRESENCE_MARK):
-            # Presence: no offset, outside continuity tracking (protocol: ephemeral).
-            if self.handler is not None:
-                try:
-                    self.handler.on_presence(state.name, data[len(PRESENCE_MARK):])
-                except Exception:
-                    logger.exception("on_presence failed for a channel")
+            self._feed.presence(state, data[len(PRESENCE_MARK):])
             return
         message = decode_event(data)
         if message is None:
@@ -266,11 +241,11 @@ class Fanout:
             return
         outputs = state.tracker.receive(message.epoch, message.offset, message.payload)
         if message.trace is None:
-            self._carry_out(state, outputs)
+            self._feed.carry_out(state, outputs)
         else:
             # Only a message delivered as it arrives keeps its trace: one held for a
             # repair, or read from history, goes without (history stores none).
-            self._carry_out(state, outputs, traced=message)
+            self._feed.carry_out(state, outputs, traced=message)
 
     def on_confirmed(self, subscriber: Subscriber, name: bytes) -> None:
         self._changed.set()
@@ -287,7 +262,7 @@ class Fanout:
             if state.confirmed is not None and not state.confirmed.done():
                 state.confirmed.set_result(None)
         else:
-            self._carry_out(state, state.tracker.resubscribed())
+            self._feed.carry_out(state, state.tracker.resubscribed())
 
     def on_dropped(self, subscriber: Subscriber, names: list[bytes]) -> None:
         for name in names:
@@ -346,7 +321,7 @@ class Fanout:
             while self._homeless and not self._closing:
                 attempt += 1
                 # Let the cluster settle: a failover takes a moment to be decided.
-                await asyncio.sleep(self._backoff(attempt))
+                await asyncio.sleep(backoff(self._reconnect_delay, attempt))
                 try:
                     async with asyncio.timeout(self._timeout):
                         await self._topology.refresh()
@@ -391,77 +366,6 @@ class Fanout:
                 subscriber.remove(name)
             if moved:
                 self.on_dropped(subscriber, moved)
-
-    def _backoff(self, attempt: int) -> float:
-        low, high = self._reconnect_delay
-        if attempt <= 1:
-            return 0.0
-        return random.uniform(low, min(high, low * 2 ** min(attempt, 20)))  # noqa: S311
-
-    # -- continuity ------------------------------------------------------------------
-
-    def _carry_out(self, state: _Channel, outputs: list[Output],
-                   traced: EventMessage | None = None) -> None:
-        """Carry out the tracker's decisions, in order; the delivery of ``traced`` (the
-        message just received, when it carries a trace) gets its trace."""
-        for output in outputs:
-            if isinstance(output, Deliver):
-                if traced is not None and output.offset == traced.offset \
-                        and output.epoch == traced.epoch:
-                    self._deliver(state, output, traced.trace)
-                else:
-                    self._deliver(state, output)
-            elif isinstance(output, Lost):
-                self._lost(state)
-            elif state.repair is None:
-                state.repair = self._spawn(self._repair(state), "redis-repair")
-
-    def _deliver(self, state: _Channel, event: Deliver, trace: str | None = None) -> None:
-        if self.handler is None:
-            return
-        try:
-            if trace is None:
-                self.handler.on_event(state.name, event.offset, event.epoch, event.payload)
-            else:
-                self.handler.on_event(state.name, event.offset, event.epoch, event.payload,
-                                      trace=trace)
-        except Exception:
-            logger.exception("on_event failed for a channel")
-
-    def _lost(self, state: _Channel) -> None:
-        self._lost_log.warn("continuity lost for a channel",
-                            "telling its subscribers to resubscribe")
-        if self.handler is None:
-            return
-        try:
-            self.handler.on_continuity_lost(state.name)
-        except Exception:
-            logger.exception("on_continuity_lost failed for a channel")
-
-    async def _repair(self, state: _Channel) -> None:
-        """Fill the gap after the tracker's ``since`` from history, then resume."""
-        attempt = 0
-        try:
-            async with self._repair_slots:
-                while True:
-                    try:
-                        page = await self._read_history(state.name, state.tracker.since,
-                                                        self._history_chunk)
-                    except BrokerUnavailable:
-                        attempt += 1
-                        await asyncio.sleep(self._backoff(attempt + 1))
-                        continue
-                    if state.closed or state.repair is not asyncio.current_task():
-                        return
-                    step = state.tracker.repaired(page)
-                    self._carry_out(state, step.outputs)
-                    if step.done:
-                        break
-        finally:
-            if state.repair is asyncio.current_task():
-                state.repair = None
-        if not state.closed:
-            self._carry_out(state, state.tracker.resume())
 
     def served(self) -> list[str]:
         return list(self.channels)
