@@ -22,16 +22,13 @@ $(TEST_STAMP): $(RUN_STAMP)
 run: $(RUN_STAMP)
 	$(BIN)/tidings serve
 
-# `ruff format --check` joins lint once the code base has been formatted in one commit:
-# until then `make lint FORMAT_CHECK=1` runs it.
-FORMAT_CHECK ?= 0
 # Branch coverage of tidings over the two pytest runs (the second appends); servers the
 # tests start as subprocesses are not measured (tests/README.md).
 COVERAGE := --cov=tidings --cov-branch
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests
-	if [ "$(FORMAT_CHECK)" = 1 ]; then $(BIN)/ruff format --check src tests; fi
+	$(BIN)/ruff format --check src tests
 
 typecheck: $(TEST_STAMP)
 	$(BIN)/mypy

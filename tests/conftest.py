@@ -61,7 +61,8 @@ def _rung(item: pytest.Item) -> str | None:
         return parts[0]
     raise pytest.UsageError(
         f"{item.path}: a test module belongs in one of the rung folders tests/"
-        f"{{{','.join(RUNGS)}}}/ (see tests/README.md)")
+        f"{{{','.join(RUNGS)}}}/ (see tests/README.md)"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -22,8 +22,17 @@ import pytest
 from helpers import API_KEY, SECRET
 from timeouts import TIMEOUT, scaled
 
-__all__ = ["REPO", "TidingsProcess", "config_text", "free_port", "json_lines",
-           "require_binary", "tidings_process", "until", "wait_for_port"]
+__all__ = [
+    "REPO",
+    "TidingsProcess",
+    "config_text",
+    "free_port",
+    "json_lines",
+    "require_binary",
+    "tidings_process",
+    "until",
+    "wait_for_port",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "tidings.cli"]
@@ -34,7 +43,8 @@ PROCESS_TIMEOUT = scaled(15.0)
 def require_binary(name: str, switch: str) -> str:
     """The path of ``name``; skip without it, unless ``switch`` is set to 1 (CI)."""
     path = shutil.which(name) or next(
-        (str(p) for d in ("/usr/sbin", "/sbin") if (p := Path(d, name)).exists()), None)
+        (str(p) for d in ("/usr/sbin", "/sbin") if (p := Path(d, name)).exists()), None
+    )
     if path is None:
         if os.environ.get(switch) == "1":
             pytest.fail(f"{name} is not installed ({switch}=1)")
@@ -48,8 +58,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = TIMEOUT,
-                what: str = "condition") -> None:
+async def until(
+    check: Callable[[], Awaitable[bool]], timeout: float = TIMEOUT, what: str = "condition"
+) -> None:
     """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not await check():
@@ -60,6 +71,7 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float = TIMEOUT,
 
 async def wait_for_port(port: int, timeout: float = TIMEOUT) -> None:
     """Until something accepts connections on 127.0.0.1:``port``."""
+
     async def accepting() -> bool:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -84,8 +96,9 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return lines
 
 
-def config_text(port: int, *, internal_port: int | None = None,
-                extra: str = "", broker: str = "memory://") -> str:
+def config_text(
+    port: int, *, internal_port: int | None = None, extra: str = "", broker: str = "memory://"
+) -> str:
     """A production configuration on 127.0.0.1 with the test secret and API key."""
     internal = f"internal_port = {internal_port}\n" if internal_port is not None else ""
     return (
@@ -134,9 +147,9 @@ class TidingsProcess:
 
 
 @contextlib.asynccontextmanager
-async def tidings_process(tmp_path: Path, config: str, *, port: int,
-                          env: Mapping[str, str] | None = None
-                          ) -> AsyncIterator[TidingsProcess]:
+async def tidings_process(
+    tmp_path: Path, config: str, *, port: int, env: Mapping[str, str] | None = None
+) -> AsyncIterator[TidingsProcess]:
     """``tidings serve --config`` with ``config`` until it prints its listening line;
     killed (by its PID) if still running on exit."""
     path = tmp_path / f"tidings-{port}.toml"
@@ -146,8 +159,15 @@ async def tidings_process(tmp_path: Path, config: str, *, port: int,
     environ.update(env or {})
     with stderr_path.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
-            *CLI, "serve", "--config", str(path), env=environ, cwd=tmp_path,
-            stdout=asyncio.subprocess.PIPE, stderr=stderr)
+            *CLI,
+            "serve",
+            "--config",
+            str(path),
+            env=environ,
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+        )
     served = TidingsProcess(proc, port, stderr_path, [])
     try:
         assert proc.stdout is not None

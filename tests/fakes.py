@@ -40,14 +40,14 @@ def parse_frames(data: bytes) -> list[dict[str, Any]]:
         length = second & 0x7F
         pos += 2
         if length == 126:
-            length = int.from_bytes(data[pos:pos + 2], "big")
+            length = int.from_bytes(data[pos : pos + 2], "big")
             pos += 2
             assert length >= 126, "16-bit length used for a short payload"
         elif length == 127:
-            length = int.from_bytes(data[pos:pos + 8], "big")
+            length = int.from_bytes(data[pos : pos + 8], "big")
             pos += 8
             assert length >= 65536, "64-bit length used for a medium payload"
-        payload = data[pos:pos + length]
+        payload = data[pos : pos + length]
         assert len(payload) == length, f"truncated payload: {len(payload)} of {length} bytes"
         pos += length
         message = json.loads(payload)
@@ -77,9 +77,13 @@ class FakeConn:
     recorded in ``writes`` too.
     """
 
-    def __init__(self, conn_id: str, user_id: str = "user-1",
-                 on_send: Callable[[FakeConn, bytes], None] | None = None,
-                 deflate: bool = False) -> None:
+    def __init__(
+        self,
+        conn_id: str,
+        user_id: str = "user-1",
+        on_send: Callable[[FakeConn, bytes], None] | None = None,
+        deflate: bool = False,
+    ) -> None:
         self.deflate = deflate
         self._conn_id = conn_id
         self._user_id = user_id
@@ -141,7 +145,7 @@ class FakePeer(FakeConn):
     def take(self) -> list[dict[str, Any]]:
         """The messages written since the previous ``take``."""
         messages = self.messages()
-        fresh, self._read = messages[self._read:], len(messages)
+        fresh, self._read = messages[self._read :], len(messages)
         return fresh
 
     async def next_message(self) -> dict[str, Any]:
@@ -178,8 +182,9 @@ async def next_tick() -> None:
     await done
 
 
-async def connect_peer(gateway: Gateway, user_id: str = "user-1",
-                       channels: tuple[str, ...] = ()) -> FakePeer:
+async def connect_peer(
+    gateway: Gateway, user_id: str = "user-1", channels: tuple[str, ...] = ()
+) -> FakePeer:
     """Create a session for ``user_id`` and connect it as a ``FakePeer``."""
     identity = Identity(user_id, gateway.wall_clock() + 3600, channels)
     peer = FakePeer(gateway.new_session(identity))
@@ -187,8 +192,13 @@ async def connect_peer(gateway: Gateway, user_id: str = "user-1",
     return peer
 
 
-async def command(gateway: Gateway, peer: FakePeer, kind: str,
-                  data: dict[str, Any] | None = None, id: str | None = None) -> None:
+async def command(
+    gateway: Gateway,
+    peer: FakePeer,
+    kind: str,
+    data: dict[str, Any] | None = None,
+    id: str | None = None,
+) -> None:
     """Feed one client command through the peer's session and run its effects."""
     message: dict[str, Any] = {"type": kind}
     if data is not None:

@@ -77,8 +77,12 @@ class FaultProxy:
     async def __aenter__(self) -> FaultProxy:
         return await self.start()
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.close()
 
     # -- faults ----------------------------------------------------------------------
@@ -128,15 +132,16 @@ class FaultProxy:
             writer.transport.abort()
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(self.target_host,
-                                                                 self.target_port)
+            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
             writer.transport.abort()
             return
         pair = _Pair(writer, up_writer)
         self._pairs.add(pair)
-        pair.tasks = [asyncio.create_task(self._pump(reader, up_writer)),
-                      asyncio.create_task(self._pump(up_reader, writer))]
+        pair.tasks = [
+            asyncio.create_task(self._pump(reader, up_writer)),
+            asyncio.create_task(self._pump(up_reader, writer)),
+        ]
         try:
             await asyncio.wait(pair.tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -186,8 +191,9 @@ class StateRecorder:
         """A position in the history of changes, for ``wait(..., after=mark)``."""
         return len(self.changes)
 
-    async def wait(self, state: str, count: int = 1, timeout: float = TIMEOUT,
-                   after: int = 0) -> StateChange:
+    async def wait(
+        self, state: str, count: int = 1, timeout: float = TIMEOUT, after: int = 0
+    ) -> StateChange:
         """Wait for the ``count``-th change to ``state`` (counting changes from index
         ``after``); return that change."""
         async with asyncio.timeout(timeout):

@@ -71,8 +71,7 @@ class FaultProxy:
             await self._notify()
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(self.target_host,
-                                                                 self.target_port)
+            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
             writer.transport.abort()
             return
@@ -80,8 +79,10 @@ class FaultProxy:
         pair = (writer, up_writer)
         self._pairs.add(pair)
         await self._notify()
-        pumps = [asyncio.create_task(self._pump(reader, up_writer)),
-                 asyncio.create_task(self._pump(up_reader, writer))]
+        pumps = [
+            asyncio.create_task(self._pump(reader, up_writer)),
+            asyncio.create_task(self._pump(up_reader, writer)),
+        ]
         for task in pumps:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

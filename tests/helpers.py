@@ -41,8 +41,7 @@ API_KEY = "test-api-key-0123456789"
 def make_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     """Production-mode settings on 127.0.0.1 port 0 with a known secret and API key."""
     base: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": 0, "mode": "production",
-                   "shutdown_timeout": 5},
+        "server": {"host": "127.0.0.1", "port": 0, "mode": "production", "shutdown_timeout": 5},
         # Tests that are not about the connect-time hold of the personal channel want
         # its live events at once; the hold's own tests switch it on.
         "auth": {"secret": SECRET, "personal_channel_hold": 0},
@@ -57,14 +56,16 @@ def make_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     return load_settings(None, base, environ={})
 
 
-def token(sub: str = "user-1", channels: tuple[str, ...] = (), ttl: float = 3600,
-          **extra: Any) -> str:
+def token(
+    sub: str = "user-1", channels: tuple[str, ...] = (), ttl: float = 3600, **extra: Any
+) -> str:
     return mint_token(SECRET, sub, channels=channels, ttl=ttl, extra=extra or None)
 
 
 @contextlib.asynccontextmanager
-async def serve(overrides: Mapping[str, Any] | None = None, **kwargs: Any
-                ) -> AsyncIterator[RunningServer]:
+async def serve(
+    overrides: Mapping[str, Any] | None = None, **kwargs: Any
+) -> AsyncIterator[RunningServer]:
     async with running(make_settings(overrides), **kwargs) as server:
         yield server
 
@@ -75,8 +76,9 @@ class Client:
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
 
-    async def send(self, kind: str, data: Mapping[str, Any] | None = None,
-                   id: str | None = None) -> None:
+    async def send(
+        self, kind: str, data: Mapping[str, Any] | None = None, id: str | None = None
+    ) -> None:
         message: dict[str, Any] = {"type": kind}
         if data is not None:
             message["data"] = dict(data)
@@ -95,8 +97,11 @@ class Client:
         """Read until the server closes; return the close code."""
         while True:
             msg = await asyncio.wait_for(self.ws.receive(), timeout)
-            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                            aiohttp.WSMsgType.CLOSING):
+            if msg.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.CLOSING,
+            ):
                 return self.ws.close_code
             if msg.type is aiohttp.WSMsgType.ERROR:
                 return self.ws.close_code
@@ -107,19 +112,31 @@ class Client:
 
 
 @contextlib.asynccontextmanager
-async def connect(server: RunningServer, tok: str | None = None, *, welcome: bool = True,
-                  headers: Mapping[str, str] | None = None, query: bool = True,
-                  **kwargs: Any) -> AsyncIterator[Client]:
+async def connect(
+    server: RunningServer,
+    tok: str | None = None,
+    *,
+    welcome: bool = True,
+    headers: Mapping[str, str] | None = None,
+    query: bool = True,
+    **kwargs: Any,
+) -> AsyncIterator[Client]:
     url = server.ws_url
     if tok is not None and query:
         url += f"?token={tok}"
     hdrs = dict(headers or {})
     if tok is not None and not query:
         hdrs["Authorization"] = f"Bearer {tok}"
-    async with aiohttp.ClientSession() as session, session.ws_connect(
-        url, headers=hdrs, autoping=True, timeout=aiohttp.ClientWSTimeout(ws_close=TIMEOUT),
-        **kwargs
-    ) as ws:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(
+            url,
+            headers=hdrs,
+            autoping=True,
+            timeout=aiohttp.ClientWSTimeout(ws_close=TIMEOUT),
+            **kwargs,
+        ) as ws,
+    ):
         client = Client(ws)
         if welcome:
             hello = await client.recv()
@@ -127,12 +144,14 @@ async def connect(server: RunningServer, tok: str | None = None, *, welcome: boo
         yield client
 
 
-async def api(server: RunningServer, method: str, path: str, body: Any = None,
-              key: str | None = API_KEY) -> tuple[int, Any]:
+async def api(
+    server: RunningServer, method: str, path: str, body: Any = None, key: str | None = API_KEY
+) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
-    async with aiohttp.ClientSession() as session, session.request(
-        method, server.http_url + path, json=body, headers=headers
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, server.http_url + path, json=body, headers=headers) as response,
+    ):
         text = await response.text()
         try:
             return response.status, json.loads(text)
@@ -140,10 +159,19 @@ async def api(server: RunningServer, method: str, path: str, body: Any = None,
             return response.status, text
 
 
-async def publish(server: RunningServer, channel: str, kind: str = "notification",
-                  data: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-    body = {"channel": channel, "type": kind,
-            "data": dict(data or {"message": "hi", "level": "info"}), **extra}
+async def publish(
+    server: RunningServer,
+    channel: str,
+    kind: str = "notification",
+    data: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    body = {
+        "channel": channel,
+        "type": kind,
+        "data": dict(data or {"message": "hi", "level": "info"}),
+        **extra,
+    }
     status, answer = await api(server, "POST", "/api/publish", body)
     assert status == 200, answer
     result: dict[str, Any] = answer["results"][0]
@@ -174,8 +202,9 @@ def ws_checked(text: str | bytes) -> dict[str, Any]:
     return message
 
 
-async def ws_until_close(ws: aiohttp.ClientWebSocketResponse, timeout: float = TIMEOUT
-                         ) -> tuple[list[dict[str, Any]], int | None]:
+async def ws_until_close(
+    ws: aiohttp.ClientWebSocketResponse, timeout: float = TIMEOUT
+) -> tuple[list[dict[str, Any]], int | None]:
     """Every text message until the server closes, and the close code it sent.
 
     The code is read from the close frame itself: aiohttp replaces ``close_code`` with
@@ -189,8 +218,11 @@ async def ws_until_close(ws: aiohttp.ClientWebSocketResponse, timeout: float = T
             messages.append(ws_checked(msg.data))
         elif msg.type is aiohttp.WSMsgType.CLOSE:
             return messages, int(msg.data)
-        elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING,
-                          aiohttp.WSMsgType.ERROR):
+        elif msg.type in (
+            aiohttp.WSMsgType.CLOSED,
+            aiohttp.WSMsgType.CLOSING,
+            aiohttp.WSMsgType.ERROR,
+        ):
             return messages, ws.close_code
         else:
             raise AssertionError(f"unexpected frame {msg.type} {msg.data!r}")
@@ -206,16 +238,18 @@ async def ws_assert_open(client: Client, id: str = "alive") -> None:
 
 
 @contextlib.asynccontextmanager
-async def ws_bare(server: RunningServer, tok: str | None, **kwargs: Any
-                  ) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+async def ws_bare(
+    server: RunningServer, tok: str | None, **kwargs: Any
+) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
     """A bare aiohttp WebSocket (welcome not read) for tests that need its options."""
     url = server.ws_url + (f"?token={tok}" if tok is not None else "")
     async with aiohttp.ClientSession() as session, session.ws_connect(url, **kwargs) as ws:
         yield ws
 
 
-async def line_starting(stream: asyncio.StreamReader, starts: str,
-                        timeout: float = scaled(20)) -> str:
+async def line_starting(
+    stream: asyncio.StreamReader, starts: str, timeout: float = scaled(20)
+) -> str:
     """The next line of a subprocess's output that starts with ``starts`` (stripped);
     fails when the output ends first or after ``timeout`` seconds."""
     async with asyncio.timeout(timeout):

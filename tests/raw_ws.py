@@ -17,8 +17,17 @@ from typing import Any
 from helpers import TIMEOUT, ws_checked
 from tidings.server import RunningServer
 
-__all__ = ["OP_CLOSE", "OP_CONTINUATION", "OP_PING", "OP_PONG", "OP_TEXT", "RawClient",
-           "frame_bytes", "raw_client", "upgrade_request"]
+__all__ = [
+    "OP_CLOSE",
+    "OP_CONTINUATION",
+    "OP_PING",
+    "OP_PONG",
+    "OP_TEXT",
+    "RawClient",
+    "frame_bytes",
+    "raw_client",
+    "upgrade_request",
+]
 
 OP_TEXT, OP_CONTINUATION, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x0, 0x8, 0x9, 0xA
 
@@ -40,8 +49,13 @@ def frame_bytes(opcode: int, payload: bytes, *, mask: bool = True, fin: bool = T
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
-def upgrade_request(server: RunningServer, tok: str | None, *, version: str = "13",
-                    headers: Mapping[str, str] | None = None) -> bytes:
+def upgrade_request(
+    server: RunningServer,
+    tok: str | None,
+    *,
+    version: str = "13",
+    headers: Mapping[str, str] | None = None,
+) -> bytes:
     """A WebSocket upgrade request head; ``headers`` replace or add fields."""
     fields = {
         "Host": f"{server.host}:{server.port}",
@@ -52,8 +66,11 @@ def upgrade_request(server: RunningServer, tok: str | None, *, version: str = "1
         **(headers or {}),
     }
     query = f"?token={tok}" if tok is not None else ""
-    head = f"GET {server.settings.server.path}{query} HTTP/1.1\r\n" + "".join(
-        f"{name}: {value}\r\n" for name, value in fields.items()) + "\r\n"
+    head = (
+        f"GET {server.settings.server.path}{query} HTTP/1.1\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in fields.items())
+        + "\r\n"
+    )
     return head.encode()
 
 
@@ -65,9 +82,16 @@ class RawClient:
         self.buffer = buffer
 
     @classmethod
-    async def request(cls, server: RunningServer, tok: str | None, *, version: str = "13",
-                      extra: bytes = b"", rcvbuf: int | None = None,
-                      headers: Mapping[str, str] | None = None) -> tuple[RawClient, bytes]:
+    async def request(
+        cls,
+        server: RunningServer,
+        tok: str | None,
+        *,
+        version: str = "13",
+        extra: bytes = b"",
+        rcvbuf: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[RawClient, bytes]:
         """Send an upgrade request (and ``extra`` bytes in the same write); return the
         client, holding what followed the response head, and that head."""
         loop = asyncio.get_running_loop()
@@ -78,13 +102,15 @@ class RawClient:
         sock.setblocking(False)
         await loop.sock_connect(sock, (server.host, server.port))
         client = cls(sock, b"")
-        await client.send_raw(upgrade_request(server, tok, version=version, headers=headers)
-                              + extra)
+        await client.send_raw(
+            upgrade_request(server, tok, version=version, headers=headers) + extra
+        )
         return client, await client.response_head()
 
     @classmethod
-    async def open(cls, server: RunningServer, tok: str, *, extra: bytes = b"",
-                   rcvbuf: int | None = None) -> RawClient:
+    async def open(
+        cls, server: RunningServer, tok: str, *, extra: bytes = b"", rcvbuf: int | None = None
+    ) -> RawClient:
         """A client past a successful handshake (``connected`` not yet read)."""
         client, head = await cls.request(server, tok, extra=extra, rcvbuf=rcvbuf)
         assert head.startswith(b"HTTP/1.1 101"), head
@@ -122,8 +148,8 @@ class RawClient:
             (length,), pos = struct.unpack("!Q", buf[2:10]), 10
         if len(buf) < pos + length:
             return None
-        self.buffer = buf[pos + length:]
-        return opcode, buf[pos:pos + length]
+        self.buffer = buf[pos + length :]
+        return opcode, buf[pos : pos + length]
 
     async def frame(self) -> tuple[int, bytes]:
         while (parsed := self._parse()) is None:
@@ -163,8 +189,7 @@ class RawClient:
 
 
 @contextlib.asynccontextmanager
-async def raw_client(server: RunningServer, tok: str, **kwargs: Any
-                     ) -> AsyncIterator[RawClient]:
+async def raw_client(server: RunningServer, tok: str, **kwargs: Any) -> AsyncIterator[RawClient]:
     """A raw client whose ``connected`` message has been read."""
     client = await RawClient.open(server, tok, **kwargs)
     try:

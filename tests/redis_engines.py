@@ -169,14 +169,17 @@ class EngineNode:
         if self.process is None or self._stopped_by_us:
             return False
         if self.process.poll() is not None:
-            raise AssertionError(f"{self.address} exited unexpectedly with "
-                                 f"{self.process.returncode}:\n{self.log_tail()}")
+            raise AssertionError(
+                f"{self.address} exited unexpectedly with "
+                f"{self.process.returncode}:\n{self.log_tail()}"
+            )
         return not self.paused
 
     @property
     def log_path(self) -> Path:
-        return self.directory / ("sentinel.log" if self.sentinel_config is not None
-                                 else "redis.log")
+        return self.directory / (
+            "sentinel.log" if self.sentinel_config is not None else "redis.log"
+        )
 
     def log_tail(self, lines: int = 30) -> str:
         """The end of the server's log and of its stdout/stderr, for failure messages."""
@@ -186,17 +189,25 @@ class EngineNode:
                 parts.extend(path.read_text(errors="replace").splitlines()[-lines:])
         return "\n".join(parts)
 
-    def client(self, *, decode: bool = True, timeout: float = 2.0,
-               **options: Any) -> aioredis.Redis:
+    def client(
+        self, *, decode: bool = True, timeout: float = 2.0, **options: Any
+    ) -> aioredis.Redis:
         """A plain client of this one node; close it, or use it as ``async with``.
 
         No retries: the harness polls, and a retry with backoff against a killed node
         would only make each poll slow.
         """
-        return aioredis.Redis(host=HOST, port=self.port, protocol=2,
-                              decode_responses=decode, socket_timeout=timeout,
-                              socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
-                              driver_info=None, **options)
+        return aioredis.Redis(
+            host=HOST,
+            port=self.port,
+            protocol=2,
+            decode_responses=decode,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            driver_info=None,
+            **options,
+        )
 
     async def ask(self, *command: Any, decode: bool = True, timeout: float = 2.0) -> Any:
         """Send one command on a connection of its own and return the raw reply."""
@@ -211,14 +222,27 @@ class EngineNode:
                 # sentinels it found, a new primary), and a restart must read that.
                 config.write_text(
                     f"port {self.port}\nbind {HOST}\ndir {self.directory}\n"
-                    f"logfile {self.log_path}\n{self.sentinel_config}")
+                    f"logfile {self.log_path}\n{self.sentinel_config}"
+                )
             return [binary, str(config), "--sentinel"]
-        arguments = [binary, "--port", str(self.port), "--bind", HOST,
-                     "--dir", str(self.directory), "--logfile", str(self.log_path),
-                     "--save", "",
-                     # Redis 7 lets a primary wait up to 10 s on SIGTERM for lagging
-                     # replicas; stop() should not.
-                     "--shutdown-timeout", "0", *self.options]
+        arguments = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            HOST,
+            "--dir",
+            str(self.directory),
+            "--logfile",
+            str(self.log_path),
+            "--save",
+            "",
+            # Redis 7 lets a primary wait up to 10 s on SIGTERM for lagging
+            # replicas; stop() should not.
+            "--shutdown-timeout",
+            "0",
+            *self.options,
+        ]
         if self.bus_port is not None:
             arguments += ["--cluster-port", str(self.bus_port)]
         return arguments
@@ -254,8 +278,13 @@ class EngineNode:
                 stale.unlink(missing_ok=True)
         with open(self.directory / "stdout.log", "ab") as output:
             self.process = subprocess.Popen(
-                self._arguments(binary), cwd=self.directory, stdin=subprocess.DEVNULL,
-                stdout=output, stderr=subprocess.STDOUT, preexec_fn=_PREEXEC)
+                self._arguments(binary),
+                cwd=self.directory,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_PREEXEC,
+            )
         self.paused = False
         self._stopped_by_us = False
 
@@ -265,8 +294,9 @@ class EngineNode:
             tail = self.log_tail()
             if "Address already in use" in tail and not self._started:
                 raise _PortTaken(self.address)
-            raise AssertionError(f"{self.address} exited with {self.process.returncode} "
-                                 f"while starting:\n{tail}")
+            raise AssertionError(
+                f"{self.address} exited with {self.process.returncode} while starting:\n{tail}"
+            )
         try:
             return bool(await self.ask("PING", timeout=1.0))
         except (OSError, RedisError):
@@ -374,46 +404,67 @@ def _parse_nodes(text: str) -> dict[str, _Entry]:
             slots.append((int(low), int(high or low)))
         address = parts[1].split("@", 1)[0]
         entries[parts[0]] = _Entry(
-            node_id=parts[0], port=int(address.rsplit(":", 1)[1] or 0),
+            node_id=parts[0],
+            port=int(address.rsplit(":", 1)[1] or 0),
             flags=frozenset(parts[2].split(",")),
             master_id=None if parts[3] == "-" else parts[3],
-            slots=tuple(sorted(slots)), moving=frozenset(moving))
+            slots=tuple(sorted(slots)),
+            moving=frozenset(moving),
+        )
     return entries
 
 
 class ClusterEngine:
     """A Redis Cluster of ``primaries`` shards, each with ``replicas`` replicas."""
 
-    def __init__(self, directory: Path, primaries: int = 3, replicas: int = 1,
-                 node_timeout_ms: int = 1000, appendonly: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        primaries: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 1000,
+        appendonly: bool = False,
+    ) -> None:
         if primaries < 1 or replicas < 0:
             raise ValueError("need at least one primary and no negative replica count")
         self.directory = directory
         self.node_timeout_ms = node_timeout_ms
         options = [
-            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-            "--cluster-node-timeout", str(node_timeout_ms),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            str(node_timeout_ms),
             # A replica may always fail over, however long it was cut off.
-            "--cluster-replica-validity-factor", "0",
+            "--cluster-replica-validity-factor",
+            "0",
             # Shards stay as built: no replica moves to another primary, and a primary
             # that gives away its last slot stays a primary.
-            "--cluster-allow-replica-migration", "no",
+            "--cluster-allow-replica-migration",
+            "no",
             # The other shards keep serving while one fails over.
-            "--cluster-require-full-coverage", "no",
-            "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0",
-            "--appendonly", "yes" if appendonly else "no",
+            "--cluster-require-full-coverage",
+            "no",
+            "--repl-diskless-sync",
+            "yes",
+            "--repl-diskless-sync-delay",
+            "0",
+            "--appendonly",
+            "yes" if appendonly else "no",
         ]
         if appendonly:
             options += ["--appendfsync", "always"]
         self._nodes = [
-            EngineNode(directory / f"node-{index}", options=list(options),
-                       bus_port=free_port())
-            for index in range(primaries * (1 + replicas))]
+            EngineNode(directory / f"node-{index}", options=list(options), bus_port=free_port())
+            for index in range(primaries * (1 + replicas))
+        ]
         self._seeds = self._nodes[:primaries]
         # Shard i: primary i, replicas primaries + i*replicas ...
         self._layout = {
-            primary: self._nodes[primaries + i * replicas:primaries + (i + 1) * replicas]
-            for i, primary in enumerate(self._seeds)}
+            primary: self._nodes[primaries + i * replicas : primaries + (i + 1) * replicas]
+            for i, primary in enumerate(self._seeds)
+        }
         self._ids: dict[str, EngineNode] = {}
 
     # -- addresses ----------------------------------------------------------------------
@@ -445,7 +496,7 @@ class ClusterEngine:
         if start != -1:
             end = data.find(b"}", start + 1)
             if end > start + 1:
-                data = data[start + 1:end]
+                data = data[start + 1 : end]
         return _crc16(data) % SLOTS
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -509,8 +560,11 @@ class ClusterEngine:
     async def primaries(self) -> list[EngineNode]:
         """The current primaries (as the first live node sees them), without dead ones."""
         view = await self._view()
-        found = {self._node(entry.node_id) for entry in view.values()
-                 if entry.is_master and not entry.failed}
+        found = {
+            self._node(entry.node_id)
+            for entry in view.values()
+            if entry.is_master and not entry.failed
+        }
         return [node for node in self._nodes if node in found and node.running]
 
     async def primary_of_slot(self, slot: int) -> EngineNode:
@@ -526,9 +580,11 @@ class ClusterEngine:
         """The running replicas of ``primary`` (as the first live node sees them)."""
         primary_id = self.node_id(primary)
         view = await self._view()
-        found = {self._node(entry.node_id) for entry in view.values()
-                 if entry.master_id == primary_id and not entry.is_master
-                 and not entry.failed}
+        found = {
+            self._node(entry.node_id)
+            for entry in view.values()
+            if entry.master_id == primary_id and not entry.is_master and not entry.failed
+        }
         return [node for node in self._nodes if node in found and node.running]
 
     async def _everyone_met(self) -> bool | _Pending:
@@ -543,8 +599,9 @@ class ClusterEngine:
                 return _Pending(f"{node.address} knows {len(known)} of {len(want)} nodes")
         return True
 
-    async def _state(self, node: EngineNode) -> tuple[dict[str, str], dict[str, _Entry],
-                                                        dict[str, Any]]:
+    async def _state(
+        self, node: EngineNode
+    ) -> tuple[dict[str, str], dict[str, _Entry], dict[str, Any]]:
         async with node.client() as client:
             info = _info_lines(await client.execute_command("CLUSTER", "INFO"))
             view = _parse_nodes(await client.execute_command("CLUSTER", "NODES"))
@@ -557,10 +614,12 @@ class ClusterEngine:
         marked failed everywhere."""
         live = self._live()
         live_ids = {self.node_id(node) for node in live}
-        dead_ids = set(self._ids) - live_ids - {
-            self.node_id(node) for node in self._nodes if node.paused}
-        answers = await asyncio.gather(*(self._state(node) for node in live),
-                                       return_exceptions=True)
+        dead_ids = (
+            set(self._ids) - live_ids - {self.node_id(node) for node in self._nodes if node.paused}
+        )
+        answers = await asyncio.gather(
+            *(self._state(node) for node in live), return_exceptions=True
+        )
         topology = None
         states = {}
         for node, answer in zip(live, answers, strict=True):
@@ -574,24 +633,34 @@ class ClusterEngine:
                 return _Pending(f"{node.address}: cluster_state {info.get('cluster_state')}")
             for node_id in dead_ids:
                 if node_id in view and "fail" not in view[node_id].flags:
-                    return _Pending(f"{node.address} does not yet see "
-                                    f"{self._ids[node_id].address} as failed")
+                    return _Pending(
+                        f"{node.address} does not yet see {self._ids[node_id].address} as failed"
+                    )
             shape = {}
             for node_id in live_ids:
                 entry = view.get(node_id)
                 if entry is None or entry.failed:
-                    return _Pending(f"{node.address} sees {self._ids[node_id].address} "
-                                    f"as {entry and sorted(entry.flags)}")
-                shape[node_id] = ("master" if entry.is_master else "replica",
-                                  entry.master_id, entry.slots)
+                    return _Pending(
+                        f"{node.address} sees {self._ids[node_id].address} "
+                        f"as {entry and sorted(entry.flags)}"
+                    )
+                shape[node_id] = (
+                    "master" if entry.is_master else "replica",
+                    entry.master_id,
+                    entry.slots,
+                )
             if topology is None:
                 topology = shape
             elif shape != topology:
                 return _Pending(f"{node.address} disagrees on the topology")
         if topology is None:
             return _Pending("no live node")
-        covered = sum(high - low + 1 for role, _, slots in topology.values()
-                      if role == "master" for low, high in slots)
+        covered = sum(
+            high - low + 1
+            for role, _, slots in topology.values()
+            if role == "master"
+            for low, high in slots
+        )
         if covered != SLOTS:
             return _Pending(f"{covered} of {SLOTS} slots at live primaries")
         for node_id, (role, master_id, _) in topology.items():
@@ -601,12 +670,18 @@ class ClusterEngine:
             if primary is None or primary not in states:
                 return _Pending(f"{node.address} replicates a node that is not live")
             replication = states[node][1]
-            if (replication.get("master_link_status") != "up"
-                    or replication.get("master_port") != primary.port):
+            if (
+                replication.get("master_link_status") != "up"
+                or replication.get("master_port") != primary.port
+            ):
                 return _Pending(f"{node.address}: link to {primary.address} not up")
-            online = {entry.get("port") for name, entry in states[primary][1].items()
-                      if name.startswith("slave") and isinstance(entry, dict)
-                      and entry.get("state") == "online"}
+            online = {
+                entry.get("port")
+                for name, entry in states[primary][1].items()
+                if name.startswith("slave")
+                and isinstance(entry, dict)
+                and entry.get("state") == "online"
+            }
             if node.port not in online:
                 return _Pending(f"{primary.address} does not list {node.address} online")
         return True
@@ -627,8 +702,11 @@ class ClusterEngine:
         entry = view.get(primary_id)
         if entry is None or not entry.is_master or not entry.slots:
             raise ValueError(f"{primary.address} is not a primary with slots")
-        candidates = {node_id for node_id, other in view.items()
-                      if other.master_id == primary_id and not other.failed}
+        candidates = {
+            node_id
+            for node_id, other in view.items()
+            if other.master_id == primary_id and not other.failed
+        }
         if not candidates:
             raise ValueError(f"{primary.address} has no replica to promote")
         slots = entry.slots
@@ -644,16 +722,20 @@ class ClusterEngine:
                         routes = await client.execute_command("CLUSTER", "SLOTS")
                 except (OSError, RedisError) as error:
                     return _Pending(f"{node.address}: {error!r}")
-                owner = {other.node_id for other in view.values()
-                         if other.is_master and not other.failed
-                         and all(other.owns(low) and other.owns(high) for low, high in slots)}
+                owner = {
+                    other.node_id
+                    for other in view.values()
+                    if other.is_master
+                    and not other.failed
+                    and all(other.owns(low) and other.owns(high) for low, high in slots)
+                }
                 if len(owner) != 1 or not owner <= candidates:
                     return _Pending(f"{node.address} has no promoted replica yet")
                 port = self._ids[next(iter(owner))].port
-                routed = {(int(route[0]), int(route[1])) for route in routes
-                          if int(route[2][1]) == port}
-                if not all(any(a <= low and high <= b for a, b in routed)
-                           for low, high in slots):
+                routed = {
+                    (int(route[0]), int(route[1])) for route in routes if int(route[2][1]) == port
+                }
+                if not all(any(a <= low and high <= b for a, b in routed) for low, high in slots):
                     return _Pending(f"{node.address} does not route the slots to {port}")
                 owners |= owner
             if len(owners) != 1:
@@ -678,12 +760,21 @@ class ClusterEngine:
         await source.ask("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
         while True:
             # Keys as bytes: they need not be UTF-8.
-            keys = await source.ask("CLUSTER", "GETKEYSINSLOT", slot, MIGRATE_BATCH,
-                                    decode=False)
+            keys = await source.ask("CLUSTER", "GETKEYSINSLOT", slot, MIGRATE_BATCH, decode=False)
             if not keys:
                 break
-            await source.ask("MIGRATE", HOST, target.port, "", 0, 10_000, "KEYS", *keys,
-                             decode=False, timeout=scaled(15.0))
+            await source.ask(
+                "MIGRATE",
+                HOST,
+                target.port,
+                "",
+                0,
+                10_000,
+                "KEYS",
+                *keys,
+                decode=False,
+                timeout=scaled(15.0),
+            )
         # Target first, then source, then everyone else: the order redis-cli uses, so
         # that no node redirects to a node that does not yet accept the slot.
         others = [node for node in await self.primaries() if node not in (source, target)]
@@ -696,8 +787,9 @@ class ClusterEngine:
                     view = await self._view_of(node)
                 except (OSError, RedisError) as error:
                     return _Pending(f"{node.address}: {error!r}")
-                owners = [entry.node_id for entry in view.values()
-                          if entry.is_master and entry.owns(slot)]
+                owners = [
+                    entry.node_id for entry in view.values() if entry.is_master and entry.owns(slot)
+                ]
                 if owners != [target_id]:
                     return _Pending(f"{node.address} says slot {slot} is at {owners}")
                 if any(slot in entry.moving for entry in view.values()):
@@ -714,29 +806,46 @@ class ClusterEngine:
 class SentinelEngine:
     """A primary with ``replicas`` replicas, watched by three sentinels (quorum 2)."""
 
-    def __init__(self, directory: Path, service: str = "tidings-test", replicas: int = 1,
-                 down_after_ms: int = 500, failover_timeout_ms: int = 2000,
-                 appendonly: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        service: str = "tidings-test",
+        replicas: int = 1,
+        down_after_ms: int = 500,
+        failover_timeout_ms: int = 2000,
+        appendonly: bool = False,
+    ) -> None:
         if replicas < 1:
             raise ValueError("a failover needs at least one replica")
         self.directory = directory
         self.service = service
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
-        options = ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0",
-                   "--appendonly", "yes" if appendonly else "no"]
+        options = [
+            "--repl-diskless-sync",
+            "yes",
+            "--repl-diskless-sync-delay",
+            "0",
+            "--appendonly",
+            "yes" if appendonly else "no",
+        ]
         if appendonly:
             options += ["--appendfsync", "always"]
         self._primary = EngineNode(directory / "primary", options=list(options))
-        self._replicas = [EngineNode(directory / f"replica-{index}", options=list(options))
-                          for index in range(replicas)]
+        self._replicas = [
+            EngineNode(directory / f"replica-{index}", options=list(options))
+            for index in range(replicas)
+        ]
         self._data_nodes = [self._primary, *self._replicas]
         self.sentinels = [EngineNode(directory / f"sentinel-{index}") for index in range(3)]
 
     @property
     def url(self) -> str:
-        return ("redis+sentinel://" + ",".join(node.address for node in self.sentinels)
-                + f"/{self.service}")
+        return (
+            "redis+sentinel://"
+            + ",".join(node.address for node in self.sentinels)
+            + f"/{self.service}"
+        )
 
     @property
     def primary(self) -> EngineNode:
@@ -767,7 +876,8 @@ class SentinelEngine:
                 f"sentinel monitor {self.service} {HOST} {self._primary.port} 2\n"
                 f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
                 f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
-                f"sentinel parallel-syncs {self.service} 1\n")
+                f"sentinel parallel-syncs {self.service} 1\n"
+            )
         await asyncio.gather(*(sentinel.start() for sentinel in self.sentinels))
         await eventually(self._watching, timeout=WAIT_TIMEOUT, interval=POLL)
 
@@ -779,15 +889,21 @@ class SentinelEngine:
     async def _replicated(self) -> bool | _Pending:
         try:
             primary = await self._primary.ask("INFO", "replication")
-            online = {entry.get("port") for name, entry in primary.items()
-                      if name.startswith("slave") and isinstance(entry, dict)
-                      and entry.get("state") == "online"}
+            online = {
+                entry.get("port")
+                for name, entry in primary.items()
+                if name.startswith("slave")
+                and isinstance(entry, dict)
+                and entry.get("state") == "online"
+            }
             for replica in self._replicas:
                 if not replica.live:
                     continue
                 info = await replica.ask("INFO", "replication")
-                if (info.get("master_port") != self._primary.port
-                        or info.get("master_link_status") != "up"):
+                if (
+                    info.get("master_port") != self._primary.port
+                    or info.get("master_link_status") != "up"
+                ):
                     return _Pending(f"{replica.address}: link to the primary not up")
                 if replica.port not in online:
                     return _Pending(f"the primary does not list {replica.address} online")
@@ -801,23 +917,38 @@ class SentinelEngine:
             others = {node.address for node in self.sentinels if node is not sentinel}
             try:
                 async with sentinel.client() as client:
-                    master = _fields(await client.execute_command(
-                        "SENTINEL", "MASTER", self.service))
-                    replicas = [_fields(entry) for entry in await client.execute_command(
-                        "SENTINEL", "REPLICAS", self.service)]
-                    peers = [_fields(entry) for entry in await client.execute_command(
-                        "SENTINEL", "SENTINELS", self.service)]
+                    master = _fields(
+                        await client.execute_command("SENTINEL", "MASTER", self.service)
+                    )
+                    replicas = [
+                        _fields(entry)
+                        for entry in await client.execute_command(
+                            "SENTINEL", "REPLICAS", self.service
+                        )
+                    ]
+                    peers = [
+                        _fields(entry)
+                        for entry in await client.execute_command(
+                            "SENTINEL", "SENTINELS", self.service
+                        )
+                    ]
             except (OSError, RedisError) as error:
                 return _Pending(f"sentinel {sentinel.address}: {error!r}")
-            if f"{master['ip']}:{master['port']}" != self._primary.address \
-                    or master["flags"] != "master":
+            if (
+                f"{master['ip']}:{master['port']}" != self._primary.address
+                or master["flags"] != "master"
+            ):
                 return _Pending(f"sentinel {sentinel.address}: master {master}")
-            seen = {f"{entry['ip']}:{entry['port']}" for entry in replicas
-                    if entry["flags"] == "slave" and entry.get("master-link-status") == "ok"}
+            seen = {
+                f"{entry['ip']}:{entry['port']}"
+                for entry in replicas
+                if entry["flags"] == "slave" and entry.get("master-link-status") == "ok"
+            }
             if seen != want_replicas:
                 return _Pending(f"sentinel {sentinel.address} sees replicas {seen}")
-            met = {f"{entry['ip']}:{entry['port']}" for entry in peers
-                   if entry["flags"] == "sentinel"}
+            met = {
+                f"{entry['ip']}:{entry['port']}" for entry in peers if entry["flags"] == "sentinel"
+            }
             if met != others:
                 return _Pending(f"sentinel {sentinel.address} sees sentinels {met}")
         return True
@@ -829,8 +960,7 @@ class SentinelEngine:
             if not sentinel.live:
                 continue
             try:
-                host, port = await sentinel.ask("SENTINEL", "GET-MASTER-ADDR-BY-NAME",
-                                                self.service)
+                host, port = await sentinel.ask("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
             except (OSError, RedisError, TypeError, ValueError) as error:
                 errors.append(f"{sentinel.address}: {error!r}")
                 continue
@@ -841,8 +971,7 @@ class SentinelEngine:
         """SIGKILL the primary; return the replica promoted in its place, once every
         sentinel names it and it answers ROLE as a master."""
         old = self._primary
-        candidates = {replica.address: replica for replica in self._replicas
-                      if replica.live}
+        candidates = {replica.address: replica for replica in self._replicas if replica.live}
         old.kill()
 
         async def switched() -> EngineNode | _Pending:
@@ -851,8 +980,9 @@ class SentinelEngine:
                 if not sentinel.live:
                     continue
                 try:
-                    host, port = await sentinel.ask("SENTINEL", "GET-MASTER-ADDR-BY-NAME",
-                                                    self.service)
+                    host, port = await sentinel.ask(
+                        "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service
+                    )
                 except (OSError, RedisError) as error:
                     return _Pending(f"sentinel {sentinel.address}: {error!r}")
                 named.add(f"{host}:{port}")
@@ -902,5 +1032,11 @@ async def sentinel_scope(directory: Path, **options: Any) -> AsyncIterator[Senti
         engine.stop()
 
 
-__all__ = ["ClusterEngine", "EngineNode", "SentinelEngine", "cluster_scope",
-           "sentinel_scope", "stop_all"]
+__all__ = [
+    "ClusterEngine",
+    "EngineNode",
+    "SentinelEngine",
+    "cluster_scope",
+    "sentinel_scope",
+    "stop_all",
+]

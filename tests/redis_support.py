@@ -108,14 +108,14 @@ async def client_scope(url: str = REDIS_URL) -> AsyncIterator[aioredis.Redis]:
 def broker_settings(url: str, prefix: str, **extra: Any) -> dict[str, Any]:
     """Settings overrides selecting the Redis broker."""
     overrides: dict[str, Any] = dict(extra)
-    overrides["broker"] = {"timeout": 0.5, **extra.get("broker", {}), "url": url,
-                           "prefix": prefix}
+    overrides["broker"] = {"timeout": 0.5, **extra.get("broker", {}), "url": url, "prefix": prefix}
     return overrides
 
 
 @contextlib.asynccontextmanager
-async def redis_node(url: str, prefix: str, *, overrides: dict[str, Any] | None = None,
-                     **tuning: Any) -> AsyncIterator[RunningServer]:
+async def redis_node(
+    url: str, prefix: str, *, overrides: dict[str, Any] | None = None, **tuning: Any
+) -> AsyncIterator[RunningServer]:
     """A gateway node on the Redis broker with short test delays (``tuning`` overrides)."""
     settings_overrides = broker_settings(url, prefix, **(overrides or {}))
     broker = RedisBroker.from_settings(make_settings(settings_overrides), **{**FAST, **tuning})
@@ -123,8 +123,9 @@ async def redis_node(url: str, prefix: str, *, overrides: dict[str, Any] | None 
         yield server
 
 
-async def eventually(check: Callable[[], Awaitable[T]], timeout: float = TIMEOUT,
-                     interval: float = 0.02) -> T:
+async def eventually(
+    check: Callable[[], Awaitable[T]], timeout: float = TIMEOUT, interval: float = 0.02
+) -> T:
     """Poll ``check`` until it returns a truthy value; fail after ``timeout`` seconds.
 
     For state that is only observable by asking (Redis keys, cluster-wide views).
@@ -171,13 +172,24 @@ class RedisServer:
         if binary is None:
             unavailable("redis-server is not installed")
             raise AssertionError("unreachable")
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log"),
-                "--appendonly", "yes" if self.appendonly else "no"]
+        args = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(self.directory),
+            "--logfile",
+            str(self.directory / "redis.log"),
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+        ]
         if self.appendonly:
             args += ["--appendfsync", "always"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         await eventually(self.answers)
 
     async def answers(self) -> bool:
@@ -299,9 +311,14 @@ class Follower:
                 assert data.get("reason") == "insufficient_state", message
                 assert data.get("resubscribe") is True, message
                 self.told_to_resubscribe += 1
-                await self.client.send("subscribe", {
-                    "channel": self.channel,
-                    "recover": {"offset": self.last, "epoch": self.epoch}}, id="again")
+                await self.client.send(
+                    "subscribe",
+                    {
+                        "channel": self.channel,
+                        "recover": {"offset": self.last, "epoch": self.epoch},
+                    },
+                    id="again",
+                )
             self._changed.set()
 
     async def until(self, check: Callable[[], bool], timeout: float = TIMEOUT) -> None:
@@ -328,8 +345,15 @@ class Follower:
 class Producer:
     """Publishes ``count`` events at a steady rate; a 503 is retried with the same key."""
 
-    def __init__(self, server: RunningServer, count: int, interval: float = 0.02, *,
-                 channel: str = "news:fault", key_prefix: str = "k") -> None:
+    def __init__(
+        self,
+        server: RunningServer,
+        count: int,
+        interval: float = 0.02,
+        *,
+        channel: str = "news:fault",
+        key_prefix: str = "k",
+    ) -> None:
         self.server = server
         self.channel = channel
         self.key_prefix = key_prefix
@@ -342,9 +366,12 @@ class Producer:
 
     async def _run(self) -> None:
         for i in range(self.count):
-            body = {"channel": self.channel, "type": "notification",
-                    "idempotency_key": f"{self.key_prefix}{i}",
-                    "data": {"message": f"event {i}", "level": "info"}}
+            body = {
+                "channel": self.channel,
+                "type": "notification",
+                "idempotency_key": f"{self.key_prefix}{i}",
+                "data": {"message": f"event {i}", "level": "info"},
+            }
             while True:
                 status, answer = await api(self.server, "POST", "/api/publish", body)
                 if status == 200:
@@ -382,8 +409,9 @@ class Producer:
 class NullHandler:
     """A broker handler for a node with nothing subscribed."""
 
-    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes,
-                 trace: str | None = None) -> None: ...
+    def on_event(
+        self, channel: str, offset: int, epoch: str, payload: bytes, trace: str | None = None
+    ) -> None: ...
     def on_continuity_lost(self, channel: str) -> None: ...
     def on_disconnect_user(self, user_id: str, reason: str) -> None: ...
     def local_channels(self) -> dict[str, int]:

@@ -16,8 +16,7 @@ CAP = 16384
 SLOW = {"limits": {"send_buffer_bytes": CAP}}
 
 
-def metric(server: RunningServer, name: str, labels: Mapping[str, str] | None = None
-           ) -> float:
+def metric(server: RunningServer, name: str, labels: Mapping[str, str] | None = None) -> float:
     """The value of one of the server's metric samples (0 when absent)."""
     value = server.gateway.metrics.registry.get_sample_value(name, dict(labels or {}))
     return value or 0.0
@@ -35,8 +34,9 @@ BATCH = 8
 ONE_WRITE = BATCH * 1200
 
 
-async def overflow(server: RunningServer, channel: str,
-                   context: ssl.SSLContext | None = None) -> int:
+async def overflow(
+    server: RunningServer, channel: str, context: ssl.SSLContext | None = None
+) -> int:
     """Publish 1 KB events to ``channel`` until a subscriber is closed as too slow;
     return how many were published (over https with ``context``)."""
     event = {"channel": channel, "type": "blob", "data": {"blob": "x" * 1000}}

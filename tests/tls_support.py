@@ -43,19 +43,25 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     )
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return cert_path, key_path
 
 
-async def https_api(server: RunningServer, context: ssl.SSLContext, method: str,
-                    path: str, body: Any = None) -> tuple[int, Any]:
+async def https_api(
+    server: RunningServer, context: ssl.SSLContext, method: str, path: str, body: Any = None
+) -> tuple[int, Any]:
     """An API call over https trusting ``context``: the status and the decoded JSON."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session, \
-            session.request(method, server.http_url + path, json=body, headers=headers,
-                            ssl=context) as response:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session,
+        session.request(
+            method, server.http_url + path, json=body, headers=headers, ssl=context
+        ) as response,
+    ):
         return response.status, json.loads(await response.text())

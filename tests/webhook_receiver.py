@@ -27,8 +27,7 @@ class Receiver:
     statuses: list[int] = field(default_factory=list)
     requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     url: str = ""
-    arrived: asyncio.Queue[tuple[dict[str, str], bytes]] = field(
-        default_factory=asyncio.Queue)
+    arrived: asyncio.Queue[tuple[dict[str, str], bytes]] = field(default_factory=asyncio.Queue)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -42,8 +41,7 @@ class Receiver:
     async def next(self) -> tuple[dict[str, str], dict[str, Any]]:
         async with asyncio.timeout(TIMEOUT):
             headers, body = await self.arrived.get()
-        assert verify(SECRET, headers["Tidings-Timestamp"], body,
-                      headers["Tidings-Signature"])
+        assert verify(SECRET, headers["Tidings-Timestamp"], body, headers["Tidings-Signature"])
         return headers, json.loads(body)
 
 

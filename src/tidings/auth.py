@@ -44,7 +44,11 @@ from tidings.jws import (
 from tidings.minting import HMAC_ALGORITHMS, mint_token, parse_duration
 
 __all__ = [
-    "JWKS_REFETCH_INTERVAL", "MAX_TOKEN_BYTES", "Authenticator", "Identity", "mint_token",
+    "JWKS_REFETCH_INTERVAL",
+    "MAX_TOKEN_BYTES",
+    "Authenticator",
+    "Identity",
+    "mint_token",
     "parse_duration",
 ]
 
@@ -123,8 +127,9 @@ class Authenticator:
         self._pem = _load_pem(settings) if settings.public_key_file else None
         if settings.jwks_url and not settings.jwks_url.startswith(("http://", "https://")):
             raise ConfigError("auth.jwks_url", "must be an http(s) URL")
-        self._jwks = JwksKeys(settings.jwks_url, settings.jwks_timeout, clock=clock,
-                              fetch=fetch_jwks)
+        self._jwks = JwksKeys(
+            settings.jwks_url, settings.jwks_timeout, clock=clock, fetch=fetch_jwks
+        )
         self._headers: dict[str, Mapping[str, Any]] = {}
 
     async def authenticate(self, token: str | None) -> Identity:
@@ -187,8 +192,9 @@ class Authenticator:
             raise Unauthorized("malformed token") from None
         return header
 
-    def _verify(self, token: str, header: Mapping[str, Any], alg: str,
-                key: str | PublicKey) -> Identity:
+    def _verify(
+        self, token: str, header: Mapping[str, Any], alg: str, key: str | PublicKey
+    ) -> Identity:
         if alg in _HMAC_ALGORITHMS and self._hmac_fast and not _HEADER_EXTENSIONS & header.keys():
             return self._identity(self._decode_hmac(token, alg))
         return self._identity(self._decode(token, key, alg))
@@ -215,7 +221,6 @@ class Authenticator:
             return self._jwks.cached(alg, kid)
         raise Unauthorized("unknown signing key")
 
-
     def _decode(self, token: str, key: str | PublicKey, alg: str) -> dict[str, Any]:
         """Signature, required claims, issuer and audience checks by PyJWT.
 
@@ -236,13 +241,19 @@ class Authenticator:
         settings = self._settings
         try:
             return jwt.decode(
-                token, key, algorithms=[alg], leeway=settings.leeway,
-                issuer=settings.issuer or None, audience=settings.audience or None,
+                token,
+                key,
+                algorithms=[alg],
+                leeway=settings.leeway,
+                issuer=settings.issuer or None,
+                audience=settings.audience or None,
                 options={
                     "require": ["sub", "exp"],
                     # _identity checks times against the injected clock: PyJWT reads the
                     # wall clock and accepts numeric strings and booleans as times.
-                    "verify_exp": False, "verify_nbf": False, "verify_iat": False,
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
                     # Without a configured audience, tokens that carry one still pass.
                     "verify_aud": bool(settings.audience),
                 },
@@ -304,8 +315,11 @@ class Authenticator:
             raise Unauthorized("token expired")
         raw = claims.get(self._channels_claim)
         # A list first: tuple() of a generator preallocates and shrinks, even for none.
-        channels = (tuple([item for item in raw if isinstance(item, str)])
-                    if isinstance(raw, list) and raw else ())
+        channels = (
+            tuple([item for item in raw if isinstance(item, str)])
+            if isinstance(raw, list) and raw
+            else ()
+        )
         # Claims are kept only for consumers that read them (webhook rules, Python
         # authorizers): every idle connection holds its Identity.
         kept = claims if self._keep_claims else _NO_CLAIMS

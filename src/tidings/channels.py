@@ -189,8 +189,11 @@ class ChannelPolicy:
             except (ValueError, TypeError, RecursionError) as exc:
                 # Token claims are bounded in depth (MAX_JSON_DEPTH); only a hand-made
                 # identity (circular, too deep) gets here: no answer, not a crash.
-                logger.warning("webhook authorizer failed: namespace=%s reason=claims not "
-                               "encodable (%s)", namespace, type(exc).__name__)
+                logger.warning(
+                    "webhook authorizer failed: namespace=%s reason=claims not encodable (%s)",
+                    namespace,
+                    type(exc).__name__,
+                )
                 raise AuthorizerUnavailable(_UNAVAILABLE, channel=channel) from None
             body = {"user_id": identity.user_id, "channel": channel, "claims": claims}
             task = asyncio.create_task(self._ask(key, settings, body))

@@ -58,34 +58,49 @@ def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the server")
     serve.add_argument("--config", help="TOML configuration file")
-    serve.add_argument("--host", help="address to listen on (server.host; default 127.0.0.1, "
-                                      "0.0.0.0 for every interface)")
-    serve.add_argument("--port", type=int,
-                       help="port to listen on (server.port; default 8000, 0 picks a free one)")
+    serve.add_argument(
+        "--host",
+        help="address to listen on (server.host; default 127.0.0.1, 0.0.0.0 for every interface)",
+    )
+    serve.add_argument(
+        "--port", type=int, help="port to listen on (server.port; default 8000, 0 picks a free one)"
+    )
     serve.add_argument("--broker", help="broker URL: memory:// or redis://host:6379/0")
-    serve.add_argument("--workers", type=int,
-                       help="worker processes sharing the port (workers; default 1, more "
-                            "need the Redis broker)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes sharing the port (workers; default 1, more need the Redis broker)",
+    )
 
     token = commands.add_parser(
-        "token", help="mint a token with the configured secret",
+        "token",
+        help="mint a token with the configured secret",
         description="Print a token signed with auth.secret; without one configured, with "
-                    "the secret of the running development server.")
+        "the secret of the running development server.",
+    )
     token.add_argument("--sub", required=True, help="the user id (sub claim)")
-    token.add_argument("--channel", action="append", default=[],
-                       help="channel or prefix pattern for the channels claim (repeatable)")
+    token.add_argument(
+        "--channel",
+        action="append",
+        default=[],
+        help="channel or prefix pattern for the channels claim (repeatable)",
+    )
     token.add_argument("--ttl", default="1h", help="lifetime: 3600, 90s, 15m, 1h, 2d")
     token.add_argument("--config", help="TOML configuration file")
 
     publish = commands.add_parser(
-        "publish", help="publish an event through the server API",
+        "publish",
+        help="publish an event through the server API",
         description="Publish one event with the first of api.keys; without a key "
-                    "configured, with the key and URL of the running development server.")
+        "configured, with the key and URL of the running development server.",
+    )
     publish.add_argument("channel")
     publish.add_argument("type")
     publish.add_argument("data", help="the event's data as a JSON object")
-    publish.add_argument("--url", help=f"server base URL (default: the running development "
-                                       f"server's, else {DEFAULT_URL})")
+    publish.add_argument(
+        "--url",
+        help=f"server base URL (default: the running development server's, else {DEFAULT_URL})",
+    )
     publish.add_argument("--api-key", help="server API key (default: first of api.keys)")
     publish.add_argument("--idempotency-key")
     publish.add_argument("--config", help="TOML configuration file")
@@ -120,8 +135,9 @@ def _configured(config: str | None) -> bool:
     return bool(config) or any(name.upper().startswith("TIDINGS_") for name in os.environ)
 
 
-def _settings(config: str | None, overrides: dict[str, Any] | None = None, *,
-              require_auth: bool = True) -> Settings:
+def _settings(
+    config: str | None, overrides: dict[str, Any] | None = None, *, require_auth: bool = True
+) -> Settings:
     from tidings.config import load_settings
     from tidings.errors import ConfigError
 
@@ -152,11 +168,18 @@ def _banner(server: RunningServer, dev: DevCredentials, state: Path | None) -> s
 
     token = mint_token(dev.secret, DEV_USER, channels=["demo:*"], ttl=24 * 3600)
     channel = f"user:{DEV_USER}"
-    body = json.dumps({"channel": channel, "type": "notification",
-                       "data": {"message": "Hello from Tidings", "level": "info"}})
-    curl = (f"curl -s -X POST {server.api_url}/api/publish "
-            f"-H 'Authorization: Bearer {dev.api_key}' -H 'Content-Type: application/json' "
-            f"-d {shlex.quote(body)}")
+    body = json.dumps(
+        {
+            "channel": channel,
+            "type": "notification",
+            "data": {"message": "Hello from Tidings", "level": "info"},
+        }
+    )
+    curl = (
+        f"curl -s -X POST {server.api_url}/api/publish "
+        f"-H 'Authorization: Bearer {dev.api_key}' -H 'Content-Type: application/json' "
+        f"-d {shlex.quote(body)}"
+    )
     tidings = _command_name()
     note = json.dumps({"message": "Hello", "level": "info"})
     if state is not None:
@@ -172,42 +195,49 @@ def _banner(server: RunningServer, dev: DevCredentials, state: Path | None) -> s
             "  The command line cannot find this server (no state file); export",
             "  TIDINGS_AUTH__SECRET and TIDINGS_API__KEYS with the values above for it.",
         ]
-    return "\n".join([
-        "",
-        f"  Tidings {__version__} is running in DEVELOPMENT MODE.",
-        "  The secret and API key below were generated for this run only.",
-        "  Never use development mode in production: configure auth.secret and api.keys.",
-        "",
-        f"  JWT secret   {dev.secret}",
-        f"  API key      {dev.api_key}",
-        f"  Token        {token}",
-        f"               (user '{DEV_USER}', valid 24 h, may read demo:*; its personal",
-        f"               channel {channel} is subscribed automatically)",
-        f"  WebSocket    {server.ws_url}?token={token}",
-        *([f"  Console      {server.api_url}/console#token={token}"]
-          if server.settings.console_enabled else []),
-        f"  Health       {server.api_url}/healthz",
-        "",
-        *commands,
-        "",
-        "  Publish an event to that user:",
-        f"  {curl}",
-        "",
-    ])
+    return "\n".join(
+        [
+            "",
+            f"  Tidings {__version__} is running in DEVELOPMENT MODE.",
+            "  The secret and API key below were generated for this run only.",
+            "  Never use development mode in production: configure auth.secret and api.keys.",
+            "",
+            f"  JWT secret   {dev.secret}",
+            f"  API key      {dev.api_key}",
+            f"  Token        {token}",
+            f"               (user '{DEV_USER}', valid 24 h, may read demo:*; its personal",
+            f"               channel {channel} is subscribed automatically)",
+            f"  WebSocket    {server.ws_url}?token={token}",
+            *(
+                [f"  Console      {server.api_url}/console#token={token}"]
+                if server.settings.console_enabled
+                else []
+            ),
+            f"  Health       {server.api_url}/healthz",
+            "",
+            *commands,
+            "",
+            "  Publish an event to that user:",
+            f"  {curl}",
+            "",
+        ]
+    )
 
 
-def _write_dev_state(settings: Settings, dev: DevCredentials, url: str,
-                     ws_url: str) -> Path | None:
+def _write_dev_state(settings: Settings, dev: DevCredentials, url: str, ws_url: str) -> Path | None:
     """Write the development state file; None (and a line on stderr) when it cannot be."""
     from tidings.devstate import DevState, state_dir, write_state
 
     algorithm = next((a for a in settings.auth.algorithms if a.startswith("HS")), "HS256")
     try:
-        return write_state(DevState(os.getpid(), url, ws_url, dev.secret, dev.api_key,
-                                    algorithm))
+        return write_state(DevState(os.getpid(), url, ws_url, dev.secret, dev.api_key, algorithm))
     except OSError as exc:
-        print(f"tidings: cannot write the development state file in {state_dir()}: "
-              f"{exc.strerror or exc}", file=sys.stderr, flush=True)
+        print(
+            f"tidings: cannot write the development state file in {state_dir()}: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
 
 
@@ -217,7 +247,8 @@ def _quiet_upgrade_lines() -> None:
     import logging
 
     logging.getLogger("aiohttp.access").addFilter(
-        lambda record: getattr(record, "response_status", None) != 101)
+        lambda record: getattr(record, "response_status", None) != 101
+    )
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -242,8 +273,9 @@ def _serve(args: argparse.Namespace) -> None:
         if settings.logging.format == "auto":
             # Development mode is read by a person, also through a pipe (make run | tee).
             # Set in the settings, so that --workers processes log the same way.
-            settings = settings.model_copy(update={
-                "logging": settings.logging.model_copy(update={"format": "text"})})
+            settings = settings.model_copy(
+                update={"logging": settings.logging.model_copy(update={"format": "text"})}
+            )
         _quiet_upgrade_lines()
     configure_logging(settings.logging.level, settings.logging.format, settings.secrets)
     if settings.workers > 1:
@@ -251,8 +283,10 @@ def _serve(args: argparse.Namespace) -> None:
 
         state = None
         if dev is not None:
-            print(f"tidings: development mode: JWT secret {dev.secret}  API key {dev.api_key}",
-                  flush=True)
+            print(
+                f"tidings: development mode: JWT secret {dev.secret}  API key {dev.api_key}",
+                flush=True,
+            )
             server = settings.server
             # Only where the URLs are known before the workers start: not on port 0.
             if server.port and server.internal_port != 0:
@@ -260,9 +294,12 @@ def _serve(args: argparse.Namespace) -> None:
                 api_port = server.internal_port or server.port
                 api_host = server.internal_host if server.internal_port else server.host
                 state = _write_dev_state(
-                    settings, dev, f"{scheme}://{api_host}:{api_port}",
+                    settings,
+                    dev,
+                    f"{scheme}://{api_host}:{api_port}",
                     f"{'wss' if server.tls_cert else 'ws'}://{server.host}:{server.port}"
-                    f"{server.path}")
+                    f"{server.path}",
+                )
         try:
             code = run_workers(settings)
         finally:
@@ -295,8 +332,9 @@ def _serve(args: argparse.Namespace) -> None:
         except ListenError as exc:
             _fail(1, str(exc))
         except OSError as exc:
-            _fail(1, f"cannot listen on {settings.server.host}:{settings.server.port}: "
-                     f"{exc.strerror}")
+            _fail(
+                1, f"cannot listen on {settings.server.host}:{settings.server.port}: {exc.strerror}"
+            )
 
     try:
         import uvloop
@@ -319,16 +357,23 @@ def _token(args: argparse.Namespace) -> None:
         secret = settings.auth.secret
         algorithm = next((a for a in settings.auth.algorithms if a.startswith("HS")), None)
         from tidings.config import MIN_HMAC_SECRET_BYTES
+
         if secret and not settings.dev_mode and len(secret.encode()) < MIN_HMAC_SECRET_BYTES:
             # The server refuses to start with it; a token signed with it is no use.
-            _fail(2, f"configuration error: auth.secret: must be at least "
-                     f"{MIN_HMAC_SECRET_BYTES} bytes outside development mode")
+            _fail(
+                2,
+                f"configuration error: auth.secret: must be at least "
+                f"{MIN_HMAC_SECRET_BYTES} bytes outside development mode",
+            )
     if not secret:
         state = read_state()
         if state is None:
-            _fail(2, "configuration error: auth.secret: not set; tokens are signed with it "
-                     "(set TIDINGS_AUTH__SECRET, or start `tidings serve` in development "
-                     "mode and its secret is used)")
+            _fail(
+                2,
+                "configuration error: auth.secret: not set; tokens are signed with it "
+                "(set TIDINGS_AUTH__SECRET, or start `tidings serve` in development "
+                "mode and its secret is used)",
+            )
         secret, algorithm = state.secret, state.algorithm
     try:
         ttl = parse_duration(args.ttl)
@@ -365,8 +410,11 @@ def _publish(args: argparse.Namespace) -> None:
         if state is not None and (url is None or _same_server(url, state.url)):
             key, url = state.api_key, state.url
     if not key:
-        _fail(2, "--api-key: required (or set api.keys / TIDINGS_API__KEYS, or start "
-                 "`tidings serve` in development mode and its key is used)")
+        _fail(
+            2,
+            "--api-key: required (or set api.keys / TIDINGS_API__KEYS, or start "
+            "`tidings serve` in development mode and its key is used)",
+        )
     body: dict[str, Any] = {"channel": args.channel, "type": args.type, "data": data}
     if args.idempotency_key:
         body["idempotency_key"] = args.idempotency_key
@@ -397,12 +445,15 @@ def _post(base: str, path: str, key: str, body: Any) -> tuple[int, str]:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         _fail(2, f"--url: must be an http:// or https:// URL, not {base}")
     connection = (HTTPSConnection if parts.scheme == "https" else HTTPConnection)(
-        parts.hostname, port, timeout=PUBLISH_TIMEOUT)
+        parts.hostname, port, timeout=PUBLISH_TIMEOUT
+    )
     try:
-        connection.request("POST", parts.path.rstrip("/") + path,
-                           body=json.dumps(body).encode(),
-                           headers={"Authorization": f"Bearer {key}",
-                                    "Content-Type": "application/json"})
+        connection.request(
+            "POST",
+            parts.path.rstrip("/") + path,
+            body=json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
         response = connection.getresponse()
         return response.status, response.read().decode("utf-8", "replace")
     except InvalidURL:

@@ -72,10 +72,15 @@ class CloseCode(enum.IntEnum):
             return ReconnectAdvice.RECONNECT
 
 
-_FRAME_CODES = frozenset({
-    ErrorCode.INVALID_REQUEST, ErrorCode.UNAUTHORIZED, ErrorCode.SUBSCRIPTION_FAILED,
-    ErrorCode.RATE_LIMITED, ErrorCode.INTERNAL_ERROR,
-})
+_FRAME_CODES = frozenset(
+    {
+        ErrorCode.INVALID_REQUEST,
+        ErrorCode.UNAUTHORIZED,
+        ErrorCode.SUBSCRIPTION_FAILED,
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.INTERNAL_ERROR,
+    }
+)
 
 _ADVICE = {
     CloseCode.NORMAL: ReconnectAdvice.STOP,

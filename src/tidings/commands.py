@@ -70,10 +70,17 @@ class Sender:
 class Commands:
     """The client's commands; see the module docstring."""
 
-    def __init__(self, sender: Sender, subscriptions: Subscriptions,
-                 personal: PersonalChannels, authenticator: Authenticator, metrics: Metrics,
-                 warn: Callable[[str, str], None], clock: Callable[[], float],
-                 wall_clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        sender: Sender,
+        subscriptions: Subscriptions,
+        personal: PersonalChannels,
+        authenticator: Authenticator,
+        metrics: Metrics,
+        warn: Callable[[str, str], None],
+        clock: Callable[[], float],
+        wall_clock: Callable[[], float],
+    ) -> None:
         self._apply = sender.apply
         self._subscriptions = subscriptions
         self._personal = personal
@@ -97,8 +104,7 @@ class Commands:
                 if isinstance(effect, StartSubscribe):
                     await self._subscriptions.subscribe(peer, effect)
                 elif isinstance(effect, StartUnsubscribe):
-                    self._subscriptions.unsubscribe(peer, effect.command.channel,
-                                                    effect.command.id)
+                    self._subscriptions.unsubscribe(peer, effect.command.channel, effect.command.id)
                 else:
                     await self._refresh(peer, effect.command.token, effect.command.id)
             except (PeerError, ServerError) as exc:
@@ -121,8 +127,7 @@ class Commands:
             logger.info("refresh rejected: %s", exc.message)
             self._apply(peer, peer.session.unauthorized(exc.message, command_id))
             return
-        effects = peer.session.refreshed(identity, command_id, self._clock(),
-                                         self._wall_clock())
+        effects = peer.session.refreshed(identity, command_id, self._clock(), self._wall_clock())
         self._apply(peer, effects)
         if any(isinstance(e, CheckGrants) for e in effects) and not peer.session.closed:
             await self._subscriptions.check_grants(peer)

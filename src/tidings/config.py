@@ -79,7 +79,8 @@ def _section_keys(annotation: Any) -> frozenset[str] | None:
 
 #: Sections a variable may name (``TIDINGS_<SECTION>__<KEY>``), with their keys.
 _SECTIONS = {
-    name: keys for name, field in Settings.model_fields.items()
+    name: keys
+    for name, field in Settings.model_fields.items()
     if (keys := _section_keys(field.annotation)) is not None
 }
 #: Top-level keys a variable may name directly (``TIDINGS_WORKERS``).
@@ -109,7 +110,7 @@ def _setting_path(name: str) -> tuple[str, ...] | None:
     upper = name.upper()
     if not upper.startswith(_ENV_PREFIX):
         return None
-    rest = upper[len(_ENV_PREFIX):].lower()
+    rest = upper[len(_ENV_PREFIX) :].lower()
     head, nested, _ = rest.partition("__")
     if nested and head in _SECTIONS:
         path = tuple(rest.split("__"))
@@ -157,8 +158,12 @@ def _reason(error: Mapping[str, Any]) -> str:
     """A pydantic error (a range or a validator; types are checked before) in the
     project's words."""
     kind, context = error["type"], error.get("ctx") or {}
-    bounds = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "more than"),
-              "less_than_equal": ("le", "at most"), "less_than": ("lt", "less than")}
+    bounds = {
+        "greater_than_equal": ("ge", "at least"),
+        "greater_than": ("gt", "more than"),
+        "less_than_equal": ("le", "at most"),
+        "less_than": ("lt", "less than"),
+    }
     if kind in bounds:
         name, words = bounds[kind]
         bound = context[name]
@@ -231,19 +236,18 @@ def load_settings(
             variable = _ENV_PREFIX + exc.key.upper().replace(".", "__")
             raise ConfigError(exc.key, f"{exc.reason} (from {variable})") from None
     check_table(Settings, overrides or {})
-    data = _deep_merge(_deep_merge(_deep_merge(defaults, file_layer), env_layer),
-                       overrides or {})
+    data = _deep_merge(_deep_merge(_deep_merge(defaults, file_layer), env_layer), overrides or {})
     settings = _validate(data)
     telemetry = _resolve_telemetry(settings.telemetry, env)
     if telemetry != settings.telemetry:
         settings = settings.model_copy(update={"telemetry": telemetry})
     if settings.server.mode == "auto":
         auth = settings.auth
-        configured = bool(path or env_layer or auth.secret or auth.public_key_file
-                          or auth.jwks_url)
+        configured = bool(path or env_layer or auth.secret or auth.public_key_file or auth.jwks_url)
         mode = "production" if configured else "development"
         settings = settings.model_copy(
-            update={"server": settings.server.model_copy(update={"mode": mode})})
+            update={"server": settings.server.model_copy(update={"mode": mode})}
+        )
     _check(settings, require_auth=require_auth)
     return settings
 
@@ -252,8 +256,7 @@ def load_settings(
 _OTLP_EXPORTERS = {"http/protobuf": "otlp_proto_http", "grpc": "otlp_proto_grpc"}
 
 
-def _resolve_telemetry(telemetry: TelemetrySettings, env: Mapping[str, str]
-                       ) -> TelemetrySettings:
+def _resolve_telemetry(telemetry: TelemetrySettings, env: Mapping[str, str]) -> TelemetrySettings:
     """``tracing`` as ``on`` or ``off``, with the exporters by entry-point name.
 
     Reads the standard variables that decide whether and where to (``OTEL_SDK_DISABLED``,
@@ -262,16 +265,29 @@ def _resolve_telemetry(telemetry: TelemetrySettings, env: Mapping[str, str]
     itself. Resolved settings resolve to themselves, so that a worker, which loads its
     settings without an environment, keeps its supervisor's decision.
     """
-    named = tuple(name.strip().lower() for name in env.get("OTEL_TRACES_EXPORTER", "").split(",")
-                  if name.strip())
+    named = tuple(
+        name.strip().lower()
+        for name in env.get("OTEL_TRACES_EXPORTER", "").split(",")
+        if name.strip()
+    )
     exporters = telemetry.exporters or tuple(name for name in named if name != "none")
     disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
     # "none" alone in OTEL_TRACES_EXPORTER asks for no exporter: nothing to trace for.
-    if disabled or telemetry.tracing == "off" or (not exporters and "none" in named) \
-            or (telemetry.tracing == "auto" and not exporters):
+    if (
+        disabled
+        or telemetry.tracing == "off"
+        or (not exporters and "none" in named)
+        or (telemetry.tracing == "auto" and not exporters)
+    ):
         return telemetry.model_copy(update={"tracing": "off"})
-    variable = next((name for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-                                       "OTEL_EXPORTER_OTLP_PROTOCOL") if env.get(name)), "")
+    variable = next(
+        (
+            name
+            for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+            if env.get(name)
+        ),
+        "",
+    )
     # The specification's default protocol, and the exporter the otel extra installs.
     protocol = env.get(variable, "").strip() or "http/protobuf"
     resolved = []
@@ -281,8 +297,9 @@ def _resolve_telemetry(telemetry: TelemetrySettings, env: Mapping[str, str]
                 raise ConfigError(variable, 'must be "http/protobuf" or "grpc"')
             name = _OTLP_EXPORTERS[protocol]
         resolved.append(name)
-    return telemetry.model_copy(update={"tracing": "on",
-                                        "exporters": tuple(dict.fromkeys(resolved))})
+    return telemetry.model_copy(
+        update={"tracing": "on", "exporters": tuple(dict.fromkeys(resolved))}
+    )
 
 
 class _StaticSettings(Settings):
@@ -311,7 +328,8 @@ def _check(settings: Settings, *, require_auth: bool = True) -> None:
                 "auth.secret",
                 "required for HS* algorithms in production mode (a server given a "
                 "configuration file or TIDINGS_* settings runs in production mode unless "
-                'server.mode = "development")')
+                'server.mode = "development")',
+            )
         if hmac and len(auth.secret.encode()) < MIN_HMAC_SECRET_BYTES:
             raise ConfigError(
                 "auth.secret",

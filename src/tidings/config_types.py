@@ -72,8 +72,9 @@ def _matches(annotation: Any, value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if annotation is float:
         # TOML has inf and nan; no setting means either.
-        return (isinstance(value, int | float) and not isinstance(value, bool)
-                and math.isfinite(value))
+        return (
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        )
     if annotation is str:
         return isinstance(value, str)
     origin = get_origin(annotation)
@@ -81,10 +82,12 @@ def _matches(annotation: Any, value: Any) -> bool:
         item = get_args(annotation)[0]
         return isinstance(value, list | tuple) and all(
             _matches(item, element) if get_origin(item) is Literal else isinstance(element, str)
-            for element in value)
+            for element in value
+        )
     if origin is Literal:
-        return any(type(value) is type(choice) and value == choice
-                   for choice in get_args(annotation))
+        return any(
+            type(value) is type(choice) and value == choice for choice in get_args(annotation)
+        )
     return False
 
 
@@ -104,8 +107,9 @@ def check_value(annotation: Any, value: Any, path: tuple[str, ...]) -> None:
         raise ConfigError(key, f"must be {_describe(annotation)}")
 
 
-def check_table(model: type[BaseModel], data: Mapping[str, Any],
-                 path: tuple[str, ...] = ()) -> None:
+def check_table(
+    model: type[BaseModel], data: Mapping[str, Any], path: tuple[str, ...] = ()
+) -> None:
     fields = model.model_fields
     for key, value in data.items():
         field = fields.get(key)

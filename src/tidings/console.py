@@ -20,8 +20,14 @@ from aiohttp import web
 from tidings import __version__
 from tidings.config import Settings
 
-__all__ = ["CLIENT_PATH", "CONSOLE_PATH", "FAVICON_PATH", "add_client_route",
-           "add_console_routes", "client_script"]
+__all__ = [
+    "CLIENT_PATH",
+    "CONSOLE_PATH",
+    "FAVICON_PATH",
+    "add_client_route",
+    "add_console_routes",
+    "client_script",
+]
 
 CLIENT_PATH = "/client/tidings.js"
 CONSOLE_PATH = "/console"
@@ -86,8 +92,9 @@ def _handler(asset: _Asset) -> Callable[[web.Request], Awaitable[web.StreamRespo
         }
         if asset.etag in request.headers.get("If-None-Match", ""):
             return web.Response(status=304, headers=headers)
-        return web.Response(body=asset.body, content_type=asset.content_type, charset="utf-8",
-                            headers=headers)
+        return web.Response(
+            body=asset.body, content_type=asset.content_type, charset="utf-8", headers=headers
+        )
 
     return handle
 
@@ -98,17 +105,22 @@ def add_client_route(app: web.Application) -> None:
     app.router.add_get(CLIENT_PATH, _handler(client))
 
 
-def add_console_routes(app: web.Application, settings: Settings, *,
-                       dev_api_key: str | None) -> None:
+def add_console_routes(
+    app: web.Application, settings: Settings, *, dev_api_key: str | None
+) -> None:
     """Serve the live console (``/console`` and its assets)."""
     icon = _static("favicon.svg")
     # A data: URL (the page's CSP allows data: images): no request for the icon.
     icon_url = "data:image/svg+xml," + urllib.parse.quote(icon.decode().strip(), safe=":/=,")
-    page = _static("console.html").decode().replace(
-        "{{config}}", _config_json(settings, dev_api_key)
-    ).replace("{{favicon}}", icon_url)
+    page = (
+        _static("console.html")
+        .decode()
+        .replace("{{config}}", _config_json(settings, dev_api_key))
+        .replace("{{favicon}}", icon_url)
+    )
     html = _asset(
-        page.encode(), _HTML,
+        page.encode(),
+        _HTML,
         ("Content-Security-Policy", _CONSOLE_CSP),
         ("Referrer-Policy", "no-referrer"),
         ("X-Frame-Options", "DENY"),

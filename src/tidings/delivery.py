@@ -29,18 +29,25 @@ logger = logging.getLogger("tidings.gateway")
 class Delivery:
     """See the module docstring; ``webhooks`` is None when ``[webhooks]`` is off."""
 
-    def __init__(self, hub: Hub[Peer], subscriptions: Subscriptions, telemetry: Telemetry,
-                 webhooks: WebhookSender | None) -> None:
+    def __init__(
+        self,
+        hub: Hub[Peer],
+        subscriptions: Subscriptions,
+        telemetry: Telemetry,
+        webhooks: WebhookSender | None,
+    ) -> None:
         self._hub = hub
         self._subscriptions = subscriptions
         self._telemetry = telemetry
         self._webhooks = webhooks
 
-    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes,
-                 trace: str | None = None) -> None:
+    def on_event(
+        self, channel: str, offset: int, epoch: str, payload: bytes, trace: str | None = None
+    ) -> None:
         if trace is not None:  # a traced publish: its delivery gets a span
-            self._telemetry.deliver(channel, offset, trace,
-                                    lambda: self._fan_out(channel, offset, payload))
+            self._telemetry.deliver(
+                channel, offset, trace, lambda: self._fan_out(channel, offset, payload)
+            )
             return
         # Counted when written (hub's on_written), not here: a subscriber under setup
         # holds the frame, and one that already had the offset skips it. The hub times

@@ -121,8 +121,11 @@ def _load(path: Path) -> DevState | None:
         return None
     with os.fdopen(fd, "r", encoding="utf-8") as handle:
         info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() \
-                or info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        if (
+            not stat.S_ISREG(info.st_mode)
+            or info.st_uid != os.getuid()
+            or info.st_mode & (stat.S_IRWXG | stat.S_IRWXO)
+        ):
             return None  # not written by write_state: never trust its secret
         try:
             data = json.loads(handle.read(65536))

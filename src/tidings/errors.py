@@ -156,8 +156,17 @@ class ServiceUnavailable(ServerError):
 #: The API code of each HTTP status an error class stands for, for HTTP errors raised by
 #: aiohttp itself (a body over ``client_max_size`` is its 413); the first class wins.
 _CODE_BY_STATUS: dict[int, ErrorCode] = {}
-for _cls in (InvalidRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed,
-             PayloadTooLarge, TooManyConnections, ServiceUnavailable, ServerError):
+for _cls in (
+    InvalidRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    TooManyConnections,
+    ServiceUnavailable,
+    ServerError,
+):
     _CODE_BY_STATUS.setdefault(_cls.http_status, _cls.code)
 del _cls
 

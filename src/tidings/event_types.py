@@ -20,7 +20,7 @@ def event_type(payload: bytes, start: int = 0) -> str:
     if not payload.startswith(b'{"type":"', start):
         return "unknown"
     end = payload.find(b'"', start + 9)
-    return payload[start + 9:end].decode() if end > 0 else "unknown"
+    return payload[start + 9 : end].decode() if end > 0 else "unknown"
 
 
 def frame_event_type(frame: bytes) -> str:

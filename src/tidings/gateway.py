@@ -66,21 +66,24 @@ class Gateway:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.wall_clock = wall_clock
-        self.hub: Hub[Peer] = Hub(on_pending_overflow=self._pending_overflow,
-                                  on_written=frame_counter(self.metrics),
-                                  on_fanned_out=self.metrics.fanned_out)
+        self.hub: Hub[Peer] = Hub(
+            on_pending_overflow=self._pending_overflow,
+            on_written=frame_counter(self.metrics),
+            on_fanned_out=self.metrics.fanned_out,
+        )
         self.draining = False
         self.outages = OutageLog(logger)
-        self.node_subscriptions = NodeSubscriptions(broker, self.hub.has_channel,
-                                                    outages=self.outages)
-        self.presence_events = PresenceEvents(broker, settings.namespaces,
-                                              outages=self.outages)
+        self.node_subscriptions = NodeSubscriptions(
+            broker, self.hub.has_channel, outages=self.outages
+        )
+        self.presence_events = PresenceEvents(broker, settings.namespaces, outages=self.outages)
         #: Told of each presence transition this node observed (``[webhooks]``).
         self.webhooks: WebhookSender | None = None
         if settings.webhooks.url:
             dropped = self.metrics.webhooks_dropped
             self.webhooks = WebhookSender(
-                settings.webhooks, on_drop=lambda reason: dropped.labels(reason).inc())
+                settings.webhooks, on_drop=lambda reason: dropped.labels(reason).inc()
+            )
         #: The background loops (sweep: critical; health checks); ``healthy`` is part
         #: of readiness.
         self.supervisor = Supervisor()
@@ -90,28 +93,52 @@ class Gateway:
         # handshake costs more than the handshake's own bookkeeping of the same numbers.
         # Called after either count changes; does nothing unless the metrics are shared
         # between workers.
-        self._counts_changed = self.metrics.bind_counts(self.hub.connection_count,
-                                                        self.hub.subscription_count)
+        self._counts_changed = self.metrics.bind_counts(
+            self.hub.connection_count, self.hub.subscription_count
+        )
         self.sender = Sender(self.metrics, wall_clock)
         self.subscriptions = Subscriptions(
-            self.hub, broker, policy, self.node_subscriptions, self.presence_events,
-            self.metrics, history_size=settings.history.size, apply=self.sender.apply,
-            counts_changed=self._counts_changed)
+            self.hub,
+            broker,
+            policy,
+            self.node_subscriptions,
+            self.presence_events,
+            self.metrics,
+            history_size=settings.history.size,
+            apply=self.sender.apply,
+            counts_changed=self._counts_changed,
+        )
         self.personal = PersonalChannels(
-            self.hub, broker, self.node_subscriptions, self._warn,
+            self.hub,
+            broker,
+            self.node_subscriptions,
+            self._warn,
             enabled=settings.auth.personal_channel,
             hold=settings.auth.personal_channel_hold,
-            release_held=self.subscriptions.release_held)
-        self.commands = Commands(self.sender, self.subscriptions, self.personal,
-                                 authenticator, self.metrics, self._warn, clock, wall_clock)
+            release_held=self.subscriptions.release_held,
+        )
+        self.commands = Commands(
+            self.sender,
+            self.subscriptions,
+            self.personal,
+            authenticator,
+            self.metrics,
+            self._warn,
+            clock,
+            wall_clock,
+        )
         self.sweeper = Sweeper(self.hub, self.sender.apply, clock)
         #: The broker's handler on this node.
         self.delivery = Delivery(self.hub, self.subscriptions, self.telemetry, self.webhooks)
         self.health = BrokerHealth(broker, self.metrics, settings.broker.timeout)
         # Settings read on every handshake, looked up once.
         server, auth = settings.server, settings.auth
-        self._session_settings = (settings.limits, server.heartbeat_interval,
-                                  server.heartbeat_timeout, auth.leeway)
+        self._session_settings = (
+            settings.limits,
+            server.heartbeat_interval,
+            server.heartbeat_timeout,
+            auth.leeway,
+        )
         self._max_connections_per_user = settings.limits.max_connections_per_user
 
     # -- lifecycle -------------------------------------------------------------------
@@ -120,8 +147,7 @@ class Gateway:
         await self.broker.start(self.delivery)
         server = self.settings.server
         period = sweep_period(server.heartbeat_interval, server.heartbeat_timeout)
-        self.supervisor.spawn("gateway-sweep", lambda: self.sweeper.run(period),
-                              critical=True)
+        self.supervisor.spawn("gateway-sweep", lambda: self.sweeper.run(period), critical=True)
         await self.check_broker()
         self.supervisor.spawn("gateway-health", self.health.run)
         self.supervisor.spawn("presence-events", self.presence_events.run)
@@ -189,9 +215,16 @@ class Gateway:
     def new_session(self, identity: Identity, conn_id: str | None = None) -> Session:
         """A session for ``identity``; ``conn_id`` defaults to ``new_connection_id()``."""
         limits, interval, timeout, leeway = self._session_settings
-        return Session(identity, conn_id=conn_id or new_connection_id(), limits=limits,
-                       heartbeat_interval=interval, heartbeat_timeout=timeout,
-                       leeway=leeway, now=self.clock(), wall=self.wall_clock())
+        return Session(
+            identity,
+            conn_id=conn_id or new_connection_id(),
+            limits=limits,
+            heartbeat_interval=interval,
+            heartbeat_timeout=timeout,
+            leeway=leeway,
+            now=self.clock(),
+            wall=self.wall_clock(),
+        )
 
     async def connect(self, peer: Peer) -> None:
         """Register ``peer``, subscribe its personal channel and send ``connected``.
@@ -228,7 +261,10 @@ class Gateway:
 
     def _pending_overflow(self, peer: Peer) -> None:
         self.metrics.slow_consumer_closes.inc()
-        logger.warning("closing slow consumer %s (user %s) with 1013: too many events "
-                       "held while its subscription was being set up", peer.conn_id,
-                       peer.user_id)
+        logger.warning(
+            "closing slow consumer %s (user %s) with 1013: too many events "
+            "held while its subscription was being set up",
+            peer.conn_id,
+            peer.user_id,
+        )
         peer.close(CloseCode.TRY_AGAIN_LATER, "subscriber too slow")

@@ -258,8 +258,11 @@ class Hub(Generic[C]):
 
     def channels_of(self, conn: C) -> list[str]:
         """The channels ``conn`` holds confirmed subscriptions to, in subscription order."""
-        return [channel for channel in self._memberships.get(conn.conn_id, ())
-                if self.is_confirmed(conn, channel)]
+        return [
+            channel
+            for channel in self._memberships.get(conn.conn_id, ())
+            if self.is_confirmed(conn, channel)
+        ]
 
     def subscription_count(self) -> int:
         """Confirmed subscriptions on this node, over all connections."""
@@ -352,8 +355,7 @@ class Hub(Generic[C]):
                         if packed_joined is None:
                             if packed is None:
                                 packed = [self._compress(f) for _, f in frames]
-                            packed_joined = (packed[0] if len(packed) == 1
-                                             else b"".join(packed))
+                            packed_joined = packed[0] if len(packed) == 1 else b"".join(packed)
                         conn.send_encoded(packed_joined)
                     else:
                         # Plain frames are this connection's encoding: no second look.
@@ -382,8 +384,9 @@ class Hub(Generic[C]):
             for arrived in arrivals:
                 fanned_out(done - arrived)
 
-    def _hold(self, sub: Subscriber[C], pending: list[tuple[int, bytes]],
-              frames: list[tuple[int, bytes]]) -> None:
+    def _hold(
+        self, sub: Subscriber[C], pending: list[tuple[int, bytes]], frames: list[tuple[int, bytes]]
+    ) -> None:
         pending.extend(frames)
         if len(pending) > self._pending_limit:
             sub.pending = []

@@ -23,7 +23,12 @@ from tidings.logs import redact_url
 from tidings.protocol.wire import loads
 
 __all__ = [
-    "JWKS_REFETCH_INTERVAL", "PUBLIC_KEY_TYPES", "FetchJwks", "JwksKeys", "PublicKey", "fits",
+    "JWKS_REFETCH_INTERVAL",
+    "PUBLIC_KEY_TYPES",
+    "FetchJwks",
+    "JwksKeys",
+    "PublicKey",
+    "fits",
 ]
 
 # The log lines keep the logger they had before this module was split out of auth.py.
@@ -36,7 +41,10 @@ PublicKey: TypeAlias = (
     rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
 )
 PUBLIC_KEY_TYPES = (
-    rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey,
+    rsa.RSAPublicKey,
+    ec.EllipticCurvePublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
 )
 
 #: ``fetch(url, timeout)``: the JWKS document at ``url``, within ``timeout`` seconds.
@@ -55,6 +63,7 @@ class _Jwk:
 class _FetchError(Exception):
     """A JWKS fetch problem whose message is safe to log (no URL, no body)."""
 
+
 class JwksKeys:
     """The cached key set of ``url``, refetched when a token names a key it lacks.
 
@@ -64,8 +73,14 @@ class JwksKeys:
     ``JWKS_REFETCH_INTERVAL`` seconds of ``clock``. Concurrent waiters share one fetch.
     """
 
-    def __init__(self, url: str, timeout: float, *, clock: Callable[[], float],
-                 fetch: FetchJwks | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        *,
+        clock: Callable[[], float],
+        fetch: FetchJwks | None = None,
+    ) -> None:
         self._url = url
         self._timeout = timeout
         self._clock = clock
@@ -119,7 +134,9 @@ class JwksKeys:
             self._holdoff_until = self._clock() + JWKS_REFETCH_INTERVAL
             reason = str(exc) if isinstance(exc, _FetchError) else type(exc).__name__
             _log.warning(
-                "JWKS fetch from %s failed (%s); %s", redact_url(url), reason,
+                "JWKS fetch from %s failed (%s); %s",
+                redact_url(url),
+                reason,
                 "keeping the cached keys" if self._jwks else "no keys available",
             )
         finally:
@@ -154,8 +171,10 @@ def fits(alg: str, key: PublicKey) -> bool:
     if alg == "EdDSA":
         return isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
     curve = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}.get(alg)
-    return curve is not None and isinstance(key, ec.EllipticCurvePublicKey) and isinstance(
-        key.curve, curve
+    return (
+        curve is not None
+        and isinstance(key, ec.EllipticCurvePublicKey)
+        and isinstance(key.curve, curve)
     )
 
 

@@ -70,7 +70,8 @@ def decode_segment(segment: str) -> bytes:
         raise MalformedToken
     try:
         return binascii.a2b_base64(
-            (segment + "=" * (-len(segment) % 4)).encode("ascii").translate(_URLSAFE))
+            (segment + "=" * (-len(segment) % 4)).encode("ascii").translate(_URLSAFE)
+        )
     except (binascii.Error, UnicodeEncodeError):
         raise MalformedToken from None
 
@@ -160,8 +161,7 @@ class HmacKey:
         if len(key) > block:
             key = hashlib.new(name, key).digest()
         key = key.ljust(block, b"\0")
-        return (hashlib.new(name, key.translate(_IPAD)),
-                hashlib.new(name, key.translate(_OPAD)))
+        return (hashlib.new(name, key.translate(_IPAD)), hashlib.new(name, key.translate(_OPAD)))
 
 
 _IPAD = bytes(x ^ 0x36 for x in range(256))

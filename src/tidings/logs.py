@@ -122,8 +122,9 @@ class _TextFormatter(logging.Formatter):
         return self._redact(super().format(record))
 
 
-def configure_logging(level: str = "info", fmt: str = "auto",
-                      secrets: Iterable[str] = (), stream: object = None) -> logging.Handler:
+def configure_logging(
+    level: str = "info", fmt: str = "auto", secrets: Iterable[str] = (), stream: object = None
+) -> logging.Handler:
     """Route every log line (the libraries' included) through one redacting handler."""
     out = stream if stream is not None else sys.stderr
     redact = Redactor(secrets)

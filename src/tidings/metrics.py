@@ -38,8 +38,22 @@ __all__ = ["Metrics", "forget_process", "leave_metrics", "record_process"]
 PUBLISH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 #: Seconds buckets of one event's fan-out to this node's subscribers: microseconds for a
 #: few, milliseconds for tens of thousands.
-FANOUT_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025,
-                  0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+FANOUT_BUCKETS = (
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+)
 
 
 class Metrics:
@@ -60,19 +74,31 @@ class Metrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
             GCCollector(registry=r)
-        self.connections = Gauge("tidings_connections",
-                                 "Open client connections (WebSocket and SSE)",
-                                 registry=r, multiprocess_mode="livesum")
+        self.connections = Gauge(
+            "tidings_connections",
+            "Open client connections (WebSocket and SSE)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.subscriptions = Gauge(
-            "tidings_subscriptions", "Active channel subscriptions on this server", registry=r,
+            "tidings_subscriptions",
+            "Active channel subscriptions on this server",
+            registry=r,
             multiprocess_mode="livesum",
         )
         self.broker_up = Gauge(
-            "tidings_broker_up", "1 while the broker answers (every worker's, under "
-            "--workers), else 0", registry=r, multiprocess_mode="livemin",
+            "tidings_broker_up",
+            "1 while the broker answers (every worker's, under --workers), else 0",
+            registry=r,
+            multiprocess_mode="livemin",
         )
-        build = Gauge("tidings_build_info", "The running Tidings version (value 1)",
-                      ["version"], registry=r, multiprocess_mode="livemax")
+        build = Gauge(
+            "tidings_build_info",
+            "The running Tidings version (value 1)",
+            ["version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         build.labels(__version__).set(1)
         self._published = Counter(
             "tidings_events_published", "Events published", ["type"], registry=r
@@ -83,8 +109,12 @@ class Metrics:
         self._errors = Counter("tidings_errors", "Error messages sent", ["code"], registry=r)
         self._closes = Counter("tidings_closes", "Connections closed", ["code"], registry=r)
         self.webhooks_dropped = Counter(
-            "tidings_webhooks_dropped", "Presence webhook events dropped (queue_full, "
-            "attempts: retries exhausted, rejected: a 4xx answer)", ["reason"], registry=r)
+            "tidings_webhooks_dropped",
+            "Presence webhook events dropped (queue_full, "
+            "attempts: retries exhausted, rejected: a 4xx answer)",
+            ["reason"],
+            registry=r,
+        )
         self.slow_consumer_closes = Counter(
             "tidings_slow_consumer_closes", "Connections closed for reading too slowly", registry=r
         )
@@ -104,13 +134,15 @@ class Metrics:
         self._publish_seconds = Histogram(
             "tidings_publish_seconds",
             "Time from a publish or batch request to the broker's acknowledgement",
-            buckets=PUBLISH_BUCKETS, registry=r,
+            buckets=PUBLISH_BUCKETS,
+            registry=r,
         )
         self._fanout_seconds = Histogram(
             "tidings_fanout_seconds",
             "Time from an event's arrival from the broker to its frame written to every "
             "subscriber on this server",
-            buckets=FANOUT_BUCKETS, registry=r,
+            buckets=FANOUT_BUCKETS,
+            registry=r,
         )
         self.handshakes = Counter(
             "tidings_handshakes", "WebSocket handshakes by outcome", ["outcome"], registry=r
@@ -122,8 +154,9 @@ class Metrics:
         self._gc = GcCounters(r) if multiprocess_dir is not None else None
         self.sync()  # the shared series exist from the start, not from the first period
 
-    def bind_counts(self, connections: Callable[[], int],
-                    subscriptions: Callable[[], int]) -> Callable[[], None]:
+    def bind_counts(
+        self, connections: Callable[[], int], subscriptions: Callable[[], int]
+    ) -> Callable[[], None]:
         """Report the two gauges from these functions; returns what to call after either
         count changed.
 

@@ -66,10 +66,12 @@ def mint_token(
     if channels:
         claims["channels"] = list(channels)
     claims.update(extra or {})
-    signing_input = (_segment(_json({"alg": algorithm, "typ": "JWT"})) + "."
-                     + _segment(_json(claims)))
-    signature = hmac.new(secret.encode(), signing_input.encode("ascii"),
-                         _DIGESTS[algorithm]).digest()
+    signing_input = (
+        _segment(_json({"alg": algorithm, "typ": "JWT"})) + "." + _segment(_json(claims))
+    )
+    signature = hmac.new(
+        secret.encode(), signing_input.encode("ascii"), _DIGESTS[algorithm]
+    ).digest()
     return signing_input + "." + _segment(signature)
 
 

@@ -76,8 +76,9 @@ class NodeSubscriptions:
     checked under the channel's lock, so decisions use the latest state.
     """
 
-    def __init__(self, broker: Broker, has_local: Callable[[str], bool], *,
-                 outages: OutageLog | None = None) -> None:
+    def __init__(
+        self, broker: Broker, has_local: Callable[[str], bool], *, outages: OutageLog | None = None
+    ) -> None:
         self._broker = broker
         self._has_local = has_local
         self._outages = outages or OutageLog(logger)

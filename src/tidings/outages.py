@@ -31,9 +31,14 @@ class OutageLog:
     which name no password, token or key.
     """
 
-    def __init__(self, logger: logging.Logger, interval: float = INTERVAL, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 level: int = logging.WARNING) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = INTERVAL,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        level: int = logging.WARNING,
+    ) -> None:
         self._logger = logger
         self._level = level
         self._interval = interval
@@ -52,8 +57,12 @@ class OutageLog:
             self._kinds.pop(next(iter(self._kinds)))
         self._kinds[kind] = (now, 0)
         if suppressed:
-            self._logger.log(self._level,
-                             "%s: %s (%d more since the previous such line, not logged)",
-                             kind, reason, suppressed)
+            self._logger.log(
+                self._level,
+                "%s: %s (%d more since the previous such line, not logged)",
+                kind,
+                reason,
+                suppressed,
+            )
         else:
             self._logger.log(self._level, "%s: %s", kind, reason)

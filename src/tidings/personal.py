@@ -28,9 +28,17 @@ class PersonalChannels:
     """See the module docstring. ``release_held(peer, sub, after)`` sends what the hub
     held for ``sub`` and switches it live."""
 
-    def __init__(self, hub: Hub[Peer], broker: Broker, node_subscriptions: NodeSubscriptions,
-                 warn: Callable[[str, str], None], *, enabled: bool, hold: float,
-                 release_held: Callable[[Peer, Subscriber[Peer], int], None]) -> None:
+    def __init__(
+        self,
+        hub: Hub[Peer],
+        broker: Broker,
+        node_subscriptions: NodeSubscriptions,
+        warn: Callable[[str, str], None],
+        *,
+        enabled: bool,
+        hold: float,
+        release_held: Callable[[Peer, Subscriber[Peer], int], None],
+    ) -> None:
         self._hub = hub
         self._broker = broker
         self._node_subscriptions = node_subscriptions
@@ -60,11 +68,14 @@ class PersonalChannels:
             after, epoch = await self._broker.position(personal)
         except TidingsError as exc:
             # Expected during a broker outage: one line, no traceback, rate-limited.
-            self._warn("personal channel unavailable at connect; refusing the "
-                               "connection with 1013", exc.message)
+            self._warn(
+                "personal channel unavailable at connect; refusing the connection with 1013",
+                exc.message,
+            )
             forget(peer)
             raise PersonalChannelUnavailable(
-                "personal channel unavailable; try again later") from None
+                "personal channel unavailable; try again later"
+            ) from None
         except BaseException:
             forget(peer)
             raise
@@ -92,9 +103,11 @@ class PersonalChannels:
         if peer.conn_id not in self._holds:
             return
         first = effects[0] if effects else None
-        takes_over = (isinstance(first, StartSubscribe)
-                      and first.command.channel == peer.session.personal
-                      and first.command.recover is not None)
+        takes_over = (
+            isinstance(first, StartSubscribe)
+            and first.command.channel == peer.session.personal
+            and first.command.recover is not None
+        )
         if takes_over:
             self._holds.pop(peer.conn_id)
         elif self._holds.pop(peer.conn_id) is not None:

@@ -38,8 +38,14 @@ class PresenceEvents:
     """See the module docstring. ``retry_delays``: (first, largest) pause after a
     failed broker call."""
 
-    def __init__(self, broker: Broker, namespaces: Mapping[str, NamespaceSettings], *,
-                 outages: OutageLog, retry_delays: tuple[float, float] = (0.1, 5.0)) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        namespaces: Mapping[str, NamespaceSettings],
+        *,
+        outages: OutageLog,
+        retry_delays: tuple[float, float] = (0.1, 5.0),
+    ) -> None:
         self._broker = broker
         self._namespaces = dict(namespaces)
         self._outages = outages

@@ -67,7 +67,7 @@ def _run(page: HistoryPage, after: int, upto: int) -> Sequence[StoredEvent] | No
     first = after + 1 - (events[0].offset if events else after + 1)
     if first < 0:
         return None
-    run = events if first == 0 and len(events) == count else events[first:first + count]
+    run = events if first == 0 and len(events) == count else events[first : first + count]
     if len(run) != count or run[0].offset != after + 1 or run[-1].offset != upto:
         return None
     return run

@@ -82,13 +82,15 @@ def prepare_dev(settings: Settings) -> tuple[Settings, DevCredentials | None]:
         return settings, None
     secret = settings.auth.secret or secrets.token_urlsafe(32)
     api_key = settings.api.keys[0] if settings.api.keys else "dev_" + secrets.token_urlsafe(24)
-    updated = settings.model_copy(update={
-        # Pinned: settings not made by load_settings may still say "auto", which outside
-        # load_settings means production.
-        "server": settings.server.model_copy(update={"mode": "development"}),
-        "auth": settings.auth.model_copy(update={"secret": secret}),
-        "api": settings.api.model_copy(update={"keys": settings.api.keys or (api_key,)}),
-    })
+    updated = settings.model_copy(
+        update={
+            # Pinned: settings not made by load_settings may still say "auto", which outside
+            # load_settings means production.
+            "server": settings.server.model_copy(update={"mode": "development"}),
+            "auth": settings.auth.model_copy(update={"secret": secret}),
+            "api": settings.api.model_copy(update={"keys": settings.api.keys or (api_key,)}),
+        }
+    )
     return updated, DevCredentials(secret, api_key)
 
 
@@ -149,22 +151,24 @@ def build_app(
             settings.auth,
             dev_mode=settings.dev_mode,
             # Only webhook rules and Python authorizers read the claims.
-            keep_claims=bool(authorizers) or any(
-                ns.rule == "webhook" for ns in settings.namespaces.values()),
+            keep_claims=bool(authorizers)
+            or any(ns.rule == "webhook" for ns in settings.namespaces.values()),
         ),
         policy=ChannelPolicy(settings.namespaces, callables=authorizers),
     )
-    app = web.Application(
-        client_max_size=settings.api.max_body_bytes
-    )
+    app = web.Application(client_max_size=settings.api.max_body_bytes)
     # No middleware, on purpose: it would add suspended frames to every idle WebSocket
     # connection. API routes carry their own JSON error handling (api.http.json_errors).
     app.router.add_get(settings.server.path, websocket_handler(gateway))
     app.router.add_route("*", settings.server.path, method_not_allowed)
     add_sse_routes(app, gateway, serve_relay=True)
-    add_api_routes(app, gateway,
-                   ApiService(settings, gateway.broker, gateway.metrics, telemetry),
-                   settings.api.keys, telemetry)
+    add_api_routes(
+        app,
+        gateway,
+        ApiService(settings, gateway.broker, gateway.metrics, telemetry),
+        settings.api.keys,
+        telemetry,
+    )
     add_client_route(app)
     if settings.console_enabled:
         dev_key = settings.api.keys[0] if settings.dev_mode and settings.api.keys else None
@@ -197,9 +201,10 @@ def add_sse_routes(app: web.Application, gateway: Gateway, *, serve_relay: bool)
         relay.serve(commands.answer)
     app.router.add_get(path, sse_handler(gateway, relay.node_id if relay else None))
     app.router.add_route("*", path, method_not_allowed)
-    app.router.add_post(path + "/commands",
-                        json_errors(commands.post, lambda kind, reason:
-                                    gateway.outages.warn(kind, reason)))
+    app.router.add_post(
+        path + "/commands",
+        json_errors(commands.post, lambda kind, reason: gateway.outages.warn(kind, reason)),
+    )
     app.router.add_route("OPTIONS", path + "/commands", commands.preflight)
     app.router.add_route("*", path + "/commands", method_not_allowed)
 
@@ -272,19 +277,23 @@ async def running(
 
     ``telemetry`` as in ``build_app``."""
     context = _ssl_context(settings)
-    app, gateway = build_app(settings, broker=broker, authorizers=authorizers,
-                             metrics=metrics, telemetry=telemetry)
+    app, gateway = build_app(
+        settings, broker=broker, authorizers=authorizers, metrics=metrics, telemetry=telemetry
+    )
     # Access lines are logged at info: below that level, skip the per-request logger.
     quiet = settings.logging.level in ("warning", "error")
 
     def runner_for(application: web.Application) -> AppRunner:
-        return AppRunner(application, handle_signals=False,
-                         shutdown_timeout=settings.server.shutdown_timeout,
-                         access_log=None if quiet else access_logger,
-                         access_log_class=QuietProbesAccessLogger,
-                         # Request heads share the WebSocket handshake's deadline.
-                         head_timeout=settings.server.handshake_timeout,
-                         on_head_timeout=gateway.metrics.request_head_timeouts.inc)
+        return AppRunner(
+            application,
+            handle_signals=False,
+            shutdown_timeout=settings.server.shutdown_timeout,
+            access_log=None if quiet else access_logger,
+            access_log_class=QuietProbesAccessLogger,
+            # Request heads share the WebSocket handshake's deadline.
+            head_timeout=settings.server.handshake_timeout,
+            on_head_timeout=gateway.metrics.request_head_timeouts.inc,
+        )
 
     server_settings = settings.server
     # With an internal listener, the full application (the console needs /ws next to the
@@ -292,8 +301,11 @@ async def running(
     # Two runners, both the head-timing AppRunner; the full app's own (which starts and
     # stops the gateway) is set up first and cleaned up last.
     runner = runner_for(app)
-    public = runner if server_settings.internal_port is None else runner_for(
-        _public_app(settings, gateway))
+    public = (
+        runner
+        if server_settings.internal_port is None
+        else runner_for(_public_app(settings, gateway))
+    )
     listening, drain_started = False, 0.0
     async with contextlib.AsyncExitStack() as stack:
         await runner.setup()
@@ -302,38 +314,57 @@ async def running(
             await public.setup()
             stack.push_async_callback(public.cleanup)
         handshake = server_settings.handshake_timeout
-        site = TCPSite(public, server_settings.host, server_settings.port,
-                       ssl_context=context, reuse_port=reuse_port or None,
-                       handshake_timeout=handshake)
-        await _start(site, server_settings.host, server_settings.port,
-                     "server.host, server.port")
+        site = TCPSite(
+            public,
+            server_settings.host,
+            server_settings.port,
+            ssl_context=context,
+            reuse_port=reuse_port or None,
+            handshake_timeout=handshake,
+        )
+        await _start(site, server_settings.host, server_settings.port, "server.host, server.port")
         internal_port: int | None = None
         if public is not runner:
-            internal = TCPSite(runner, server_settings.internal_host,
-                               server_settings.internal_port, ssl_context=context,
-                               reuse_port=reuse_port or None, handshake_timeout=handshake)
-            await _start(internal, server_settings.internal_host,
-                         server_settings.internal_port or 0,
-                         "server.internal_host, server.internal_port")
+            internal = TCPSite(
+                runner,
+                server_settings.internal_host,
+                server_settings.internal_port,
+                ssl_context=context,
+                reuse_port=reuse_port or None,
+                handshake_timeout=handshake,
+            )
+            await _start(
+                internal,
+                server_settings.internal_host,
+                server_settings.internal_port or 0,
+                "server.internal_host, server.internal_port",
+            )
             internal_port = int(runner.addresses[0][1])
         port = public.addresses[0][1]
-        server = RunningServer(settings, gateway, server_settings.host, int(port),
-                               context is not None, internal_port)
+        server = RunningServer(
+            settings, gateway, server_settings.host, int(port), context is not None, internal_port
+        )
         _log_listening(server)
         listening = True
         yield server
         gateway.draining = True
         drain_started = time.monotonic()
-        logger.info("draining %d connections%s", gateway.hub.connection_count(),
-                    f" (readiness fails {server_settings.drain_delay:g} s before they are "
-                    "closed with 1001)" if server_settings.drain_delay else
-                    " (closing them with 1001)")
+        logger.info(
+            "draining %d connections%s",
+            gateway.hub.connection_count(),
+            f" (readiness fails {server_settings.drain_delay:g} s before they are closed with 1001)"
+            if server_settings.drain_delay
+            else " (closing them with 1001)",
+        )
         if server_settings.drain_delay:
             await asyncio.sleep(server_settings.drain_delay)
         gateway.close_all()
         if not await gateway.wait_idle(server_settings.shutdown_timeout):
-            logger.warning("%d connections still open after the shutdown timeout (%g s)",
-                           gateway.hub.connection_count(), server_settings.shutdown_timeout)
+            logger.warning(
+                "%d connections still open after the shutdown timeout (%g s)",
+                gateway.hub.connection_count(),
+                server_settings.shutdown_timeout,
+            )
     if listening:
         logger.info("stopped (%.1f s after draining began)", time.monotonic() - drain_started)
 
@@ -341,9 +372,16 @@ async def running(
 def _log_listening(server: RunningServer) -> None:
     """The operator's start-up line: where, in which mode, on which broker."""
     settings = server.settings
-    internal = (f", server API, probes and metrics on {server.api_url}"
-                if server.internal_port is not None else "")
-    logger.info("listening on %s (WebSocket path %s)%s; %s mode; broker %s",
-                server.http_url, settings.server.path, internal,
-                "development" if settings.dev_mode else "production",
-                redact_url(settings.broker.url))
+    internal = (
+        f", server API, probes and metrics on {server.api_url}"
+        if server.internal_port is not None
+        else ""
+    )
+    logger.info(
+        "listening on %s (WebSocket path %s)%s; %s mode; broker %s",
+        server.http_url,
+        settings.server.path,
+        internal,
+        "development" if settings.dev_mode else "production",
+        redact_url(settings.broker.url),
+    )

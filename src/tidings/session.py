@@ -119,8 +119,16 @@ class CheckGrants:
     (but the personal one; the hub knows which), and ``revoke`` those it denies."""
 
 
-Effect = (Send | SendEvents | Close | SendPing | StartSubscribe | StartUnsubscribe
-          | StartRefresh | CheckGrants)
+Effect = (
+    Send
+    | SendEvents
+    | Close
+    | SendPing
+    | StartSubscribe
+    | StartUnsubscribe
+    | StartRefresh
+    | CheckGrants
+)
 
 
 def _command_id(raw: bytes | str | None) -> str | None:
@@ -201,15 +209,23 @@ class Session:
 
     # -- inbound ---------------------------------------------------------------------
 
-    def welcome(self, channels: list[str],
-                positions: Mapping[str, tuple[int, str]] | None = None) -> Send:
+    def welcome(
+        self, channels: list[str], positions: Mapping[str, tuple[int, str]] | None = None
+    ) -> Send:
         """The ``connected`` message. ``positions`` maps automatic channels to the
         ``(offset, epoch)`` at which they went live: the client's baseline, as in a
         ``subscribed`` reply, so that it can recover even if this connection is lost
         before any reply (sent as ``positions`` only when there is one)."""
-        return Send(Connected(self.conn_id, self.identity.user_id,
-                              format_expiry(self.identity.expires_at), self._interval,
-                              tuple(channels), dict(positions or {})))
+        return Send(
+            Connected(
+                self.conn_id,
+                self.identity.user_id,
+                format_expiry(self.identity.expires_at),
+                self._interval,
+                tuple(channels),
+                dict(positions or {}),
+            )
+        )
 
     def _admit(self, now: float, raw: bytes | str | None = None) -> list[Effect] | None:
         """Count a data frame from the client: the effects to answer with instead of
@@ -227,8 +243,11 @@ class Session:
         try:
             command = decode_command(raw)
         except BadCommand as exc:
-            return [Send(ErrorReply(ErrorCode.INVALID_REQUEST, exc.message, exc.command_id,
-                                    exc.channel))]
+            return [
+                Send(
+                    ErrorReply(ErrorCode.INVALID_REQUEST, exc.message, exc.command_id, exc.channel)
+                )
+            ]
         if isinstance(command, Ping):
             return [Send(Pong(command.id))]
         if isinstance(command, Subscribe):
@@ -260,8 +279,9 @@ class Session:
         limits = self._limits
         elapsed = max(0.0, now - self._refilled)
         self._refilled = now
-        self._tokens = min(float(limits.command_burst),
-                           self._tokens + elapsed * limits.commands_per_second)
+        self._tokens = min(
+            float(limits.command_burst), self._tokens + elapsed * limits.commands_per_second
+        )
         if self._tokens >= 1.0:
             self._tokens -= 1.0
             self._strikes = 0
@@ -270,24 +290,35 @@ class Session:
         # Name the dropped command, so a client can tell which one to send again. The
         # command that uses up the last strike gets its error too, then the close: every
         # command the server drops is answered, as docs/protocol.md promises.
-        refused: list[Effect] = [Send(ErrorReply(
-            ErrorCode.RATE_LIMITED, "too many commands; slow down", _command_id(raw)))]
+        refused: list[Effect] = [
+            Send(
+                ErrorReply(ErrorCode.RATE_LIMITED, "too many commands; slow down", _command_id(raw))
+            )
+        ]
         if self._strikes >= limits.rate_limit_strikes:
             refused += self._close(CloseCode.TOO_MANY, "command rate limit exceeded")
         return refused
 
     def _subscribe(self, command: Subscribe) -> list[Effect]:
         # The personal channel never counts, whether automatic or subscribed again.
-        at_limit = (self._counted >= self._limits.max_subscriptions
-                    and command.channel != f"user:{self.identity.user_id}")
+        at_limit = (
+            self._counted >= self._limits.max_subscriptions
+            and command.channel != f"user:{self.identity.user_id}"
+        )
         return [StartSubscribe(command, at_limit)]
 
     def too_many(self, command: Subscribe) -> list[Effect]:
         """The answer to a subscribe of a new channel at the subscription limit."""
-        return [Send(ErrorReply(
-            ErrorCode.SUBSCRIPTION_FAILED,
-            f"too many subscriptions (at most {self._limits.max_subscriptions})",
-            command.id, command.channel))]
+        return [
+            Send(
+                ErrorReply(
+                    ErrorCode.SUBSCRIPTION_FAILED,
+                    f"too many subscriptions (at most {self._limits.max_subscriptions})",
+                    command.id,
+                    command.channel,
+                )
+            )
+        ]
 
     # -- outcomes of gateway work ---------------------------------------------------
 
@@ -311,8 +342,9 @@ class Session:
         elif channel != f"user:{self.identity.user_id}":
             self._counted = max(0, self._counted - 1)
 
-    def refreshed(self, identity: Identity, command_id: str | None, now: float,
-                  wall: float) -> list[Effect]:
+    def refreshed(
+        self, identity: Identity, command_id: str | None, now: float, wall: float
+    ) -> list[Effect]:
         """Accept a new token for the same user."""
         if identity.user_id != self.identity.user_id:
             return self.unauthorized("refresh token is for another user", command_id)
@@ -320,14 +352,14 @@ class Session:
         self._deadline = self._expiry_deadline(identity, now, wall)
         # The reply first, then the check of what the new token still allows: a
         # revocation always follows the ``refreshed`` that caused it.
-        effects: list[Effect] = [Send(Refreshed(format_expiry(identity.expires_at),
-                                                command_id))]
+        effects: list[Effect] = [Send(Refreshed(format_expiry(identity.expires_at), command_id))]
         if self._counted:
             effects.append(CheckGrants())
         return effects
 
-    def subscribe_done(self, command: Subscribe, offset: int, epoch: str,
-                       replay: Replay | None, *, new: bool) -> list[Effect]:
+    def subscribe_done(
+        self, command: Subscribe, offset: int, epoch: str, replay: Replay | None, *, new: bool
+    ) -> list[Effect]:
         """The gateway subscribed ``command.channel`` (``new``) or found it subscribed
         already, live from ``offset`` in ``epoch``; ``replay`` answers its ``recover``.
         The ``subscribed`` reply goes first, then the replayed events (also under
@@ -345,8 +377,9 @@ class Session:
             effects.append(SendEvents(tuple(event.payload for event in replay.events)))
         return effects
 
-    def unsubscribe_done(self, channel: str, command_id: str | None, *,
-                         subscribed: bool) -> list[Effect]:
+    def unsubscribe_done(
+        self, channel: str, command_id: str | None, *, subscribed: bool
+    ) -> list[Effect]:
         """The client's unsubscribe was carried out; ``subscribed``: a confirmed
         subscription ended (otherwise there was nothing to end, and it is answered too)."""
         if subscribed:
@@ -368,16 +401,18 @@ class Session:
         self.unsubscribed(channel)
         return [Send(Unsubscribed(channel, reason="revoked", resubscribe=False))]
 
-    def fail(self, exc: TidingsError, command_id: str | None,
-             channel: str | None = None) -> list[Effect]:
+    def fail(
+        self, exc: TidingsError, command_id: str | None, channel: str | None = None
+    ) -> list[Effect]:
         """An error reply for a command that failed; the connection stays open."""
-        return [Send(ErrorReply(exc.wire_code, exc.message, command_id,
-                                channel or exc.channel))]
+        return [Send(ErrorReply(exc.wire_code, exc.message, command_id, channel or exc.channel))]
 
     def unauthorized(self, message: str, command_id: str | None = None) -> list[Effect]:
         """Send ``unauthorized`` and close 4401 (bad refresh or expired token)."""
-        return [Send(ErrorReply(ErrorCode.UNAUTHORIZED, message, command_id)),
-                *self._close(CloseCode.UNAUTHORIZED, "unauthorized")]
+        return [
+            Send(ErrorReply(ErrorCode.UNAUTHORIZED, message, command_id)),
+            *self._close(CloseCode.UNAUTHORIZED, "unauthorized"),
+        ]
 
     # -- time ------------------------------------------------------------------------
 

@@ -110,8 +110,19 @@ class AuthSettings(_Section):
     @classmethod
     def _algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         allowed = {
-            "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384",
-            "PS512", "ES256", "ES384", "ES512", "EdDSA",
+            "HS256",
+            "HS384",
+            "HS512",
+            "RS256",
+            "RS384",
+            "RS512",
+            "PS256",
+            "PS384",
+            "PS512",
+            "ES256",
+            "ES384",
+            "ES512",
+            "EdDSA",
         }
         if not value:
             raise ValueError(f"must name at least one of {sorted(allowed)}")
@@ -142,9 +153,11 @@ class BrokerSettings(_Section):
         if value.startswith("memory://"):
             return value
         if not is_redis_url(value):
-            raise ValueError("must be memory://, redis://host:port/db, "
-                             "redis+cluster://host:port,... or "
-                             "redis+sentinel://host:port,.../service")
+            raise ValueError(
+                "must be memory://, redis://host:port/db, "
+                "redis+cluster://host:port,... or "
+                "redis+sentinel://host:port,.../service"
+            )
         parse_url(value)  # its ValueError names what is wrong, never a password
         return value
 
@@ -195,8 +208,12 @@ class WebhooksSettings(_Section):
     url: str = ""
     #: Signs each POST (HMAC-SHA256); never logged.
     secret: str = Field(default="", repr=False)
-    events: tuple[WebhookEvent, ...] = ("channel_occupied", "channel_vacated",
-                                        "user_joined", "user_left")
+    events: tuple[WebhookEvent, ...] = (
+        "channel_occupied",
+        "channel_vacated",
+        "user_joined",
+        "user_left",
+    )
     queue_size: int = Field(default=10_000, gt=0)
     timeout: float = Field(default=5.0, gt=0)
     max_attempts: int = Field(default=8, gt=0)

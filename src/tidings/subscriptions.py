@@ -37,10 +37,19 @@ class Subscriptions:
     """See the module docstring. ``counts_changed`` is called after the number of
     confirmed subscriptions changed (metrics shared between workers)."""
 
-    def __init__(self, hub: Hub[Peer], broker: Broker, policy: ChannelPolicy,
-                 node_subscriptions: NodeSubscriptions, presence_events: PresenceEvents,
-                 metrics: Metrics, *, history_size: int, apply: Apply,
-                 counts_changed: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        hub: Hub[Peer],
+        broker: Broker,
+        policy: ChannelPolicy,
+        node_subscriptions: NodeSubscriptions,
+        presence_events: PresenceEvents,
+        metrics: Metrics,
+        *,
+        history_size: int,
+        apply: Apply,
+        counts_changed: Callable[[], None],
+    ) -> None:
         self._hub = hub
         self._broker = broker
         self._policy = policy
@@ -82,12 +91,20 @@ class Subscriptions:
         if hub.subscriber(peer, channel) is not sub:
             if hub.is_connected(peer):
                 # Continuity was lost while we set up (the client was told to resubscribe).
-                raise SubscriptionFailed("subscription interrupted; subscribe again",
-                                         channel=channel)
+                raise SubscriptionFailed(
+                    "subscription interrupted; subscribe again", channel=channel
+                )
             return  # the connection closed while we waited
-        self._apply(peer, session.subscribe_done(
-            command, position.offset, position.epoch,
-            replay if command.recover is not None else None, new=True))
+        self._apply(
+            peer,
+            session.subscribe_done(
+                command,
+                position.offset,
+                position.epoch,
+                replay if command.recover is not None else None,
+                new=True,
+            ),
+        )
         hub.confirm(sub)
         self._presence.opened(channel, session.identity.user_id)
         self._counts_changed()
@@ -96,8 +113,7 @@ class Subscriptions:
             # The replay sent what follows `since`: a later recover must not send it again.
             sub.start = min(sub.start, replay.since)
 
-    async def _resubscribe(self, peer: Peer, sub: Subscriber[Peer],
-                           effect: StartSubscribe) -> None:
+    async def _resubscribe(self, peer: Peer, sub: Subscriber[Peer], effect: StartSubscribe) -> None:
         """Idempotent subscribe; with ``recover`` it replays what the connection missed
         before its subscription went live (offsets up to ``sub.start``).
 
@@ -110,8 +126,12 @@ class Subscriptions:
         recover = command.recover
         if recover is None:
             position = await self._broker.position(channel)
-            self._apply(peer, peer.session.subscribe_done(
-                command, position.offset, position.epoch, None, new=False))
+            self._apply(
+                peer,
+                peer.session.subscribe_done(
+                    command, position.offset, position.epoch, None, new=False
+                ),
+            )
             return
         # The release below moves `start` up to the live point, but the offsets between
         # the two were sent: `start` is put back (or lowered to where a replay began), so
@@ -127,12 +147,17 @@ class Subscriptions:
         if self._hub.subscriber(peer, channel) is not sub:
             if self._hub.is_connected(peer):
                 # Continuity was lost during the read (the client was told to resubscribe).
-                raise SubscriptionFailed("subscription interrupted; subscribe again",
-                                         channel=channel)
+                raise SubscriptionFailed(
+                    "subscription interrupted; subscribe again", channel=channel
+                )
             return  # the connection closed while we waited
         replay = recover_live(recover, page, start, sub.after)
-        self._apply(peer, peer.session.subscribe_done(
-            command, live_point(sub), page.position.epoch, replay, new=False))
+        self._apply(
+            peer,
+            peer.session.subscribe_done(
+                command, live_point(sub), page.position.epoch, replay, new=False
+            ),
+        )
         self.release_held(peer, sub, live_point(sub))
         sub.start = start if replay.since is None else min(start, replay.since)
 

@@ -41,8 +41,12 @@ class _Loop:
 class Supervisor:
     """Runs loops (see the module docstring); ``sleep`` is injectable for tests."""
 
-    def __init__(self, *, delays: tuple[float, float] = RESTART_DELAY,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        *,
+        delays: tuple[float, float] = RESTART_DELAY,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._delays = delays
         self._sleep = sleep
         self._loops: list[_Loop] = []
@@ -54,8 +58,9 @@ class Supervisor:
         """False while a critical loop is down (failed and not yet running again)."""
         return not any(loop.critical and loop.down for loop in self._loops)
 
-    def spawn(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]], *,
-              critical: bool = False) -> None:
+    def spawn(
+        self, name: str, factory: Callable[[], Coroutine[Any, Any, None]], *, critical: bool = False
+    ) -> None:
         """Run ``factory()`` as a task now, and again after each failure."""
         if self._closed:
             raise RuntimeError("the supervisor is closed")
@@ -100,8 +105,12 @@ class Supervisor:
                 loop.failures += 1
                 loop.down = True
                 delay = min(high, low * 2 ** min(loop.failures - 1, 20))
-                logger.exception("background loop %s failed (%d times); restarting in %gs",
-                                 loop.name, loop.failures, delay)
+                logger.exception(
+                    "background loop %s failed (%d times); restarting in %gs",
+                    loop.name,
+                    loop.failures,
+                    delay,
+                )
                 await self._sleep(delay)
                 loop.down = False
                 continue

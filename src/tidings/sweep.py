@@ -26,8 +26,12 @@ def sweep_period(heartbeat_interval: float, heartbeat_timeout: float) -> float:
 class Sweeper:
     """See the module docstring; ``apply`` carries out a session's effects."""
 
-    def __init__(self, hub: Hub[Peer], apply: Callable[[Peer, list[Effect]], None],
-                 clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        hub: Hub[Peer],
+        apply: Callable[[Peer, list[Effect]], None],
+        clock: Callable[[], float],
+    ) -> None:
         self._hub = hub
         self._apply = apply
         self._clock = clock
@@ -55,6 +59,5 @@ class Sweeper:
                 if effects:
                     self._apply(peer, effects)
             except Exception:
-                logger.exception("a connection's heartbeat or expiry check failed; "
-                                 "closing it")
+                logger.exception("a connection's heartbeat or expiry check failed; closing it")
                 peer.close(CloseCode.INTERNAL_ERROR, "internal error")

@@ -52,14 +52,14 @@ class Telemetry:
         """``handler`` of the server API route ``route``, in a server span."""
         return handler
 
-    async def publish(self, publish: Publish, requests: Sequence[PublishRequest]
-                      ) -> list[PublishResult]:
+    async def publish(
+        self, publish: Publish, requests: Sequence[PublishRequest]
+    ) -> list[PublishResult]:
         """``publish(requests)`` in a ``publish`` span whose context, when sampled, every
         request carries as its ``trace``."""
         return await publish(requests)
 
-    def deliver(self, channel: str, offset: int, trace: str, deliver: Callable[[], int]
-                ) -> None:
+    def deliver(self, channel: str, offset: int, trace: str, deliver: Callable[[], int]) -> None:
         """``deliver()``, which hands one event to the hub and returns how many local
         subscribers it has, in a ``deliver`` span linked to the span ``trace`` names."""
         deliver()
@@ -84,7 +84,10 @@ class Tracing(Telemetry):
         self._tracer = provider.get_tracer("tidings", __version__)
         self._extract = propagate.extract
         self._server, self._producer, self._consumer = (
-            SpanKind.SERVER, SpanKind.PRODUCER, SpanKind.CONSUMER)
+            SpanKind.SERVER,
+            SpanKind.PRODUCER,
+            SpanKind.CONSUMER,
+        )
         self._error = Status(StatusCode.ERROR)
         self._link, self._context, self._flags = Link, SpanContext, TraceFlags
         # Deliveries start traces of their own (linked, not parented): otherwise the one
@@ -98,11 +101,18 @@ class Tracing(Telemetry):
         async def traced(request: web.Request) -> web.StreamResponse:
             # The method, the route and the path only: never a header (the API key), nor
             # the query string.
-            attributes = {"http.request.method": request.method, "http.route": route,
-                          "url.path": request.path, "url.scheme": request.scheme}
+            attributes = {
+                "http.request.method": request.method,
+                "http.route": route,
+                "url.path": request.path,
+                "url.scheme": request.scheme,
+            }
             with tracer.start_as_current_span(
-                    f"{request.method} {route}", context=extract(request.headers),
-                    kind=server, attributes=attributes) as span:
+                f"{request.method} {route}",
+                context=extract(request.headers),
+                kind=server,
+                attributes=attributes,
+            ) as span:
                 response = await handler(request)
                 span.set_attribute("http.response.status_code", response.status)
                 if response.status >= 500:
@@ -111,10 +121,11 @@ class Tracing(Telemetry):
 
         return traced
 
-    async def publish(self, publish: Publish, requests: Sequence[PublishRequest]
-                      ) -> list[PublishResult]:
+    async def publish(
+        self, publish: Publish, requests: Sequence[PublishRequest]
+    ) -> list[PublishResult]:
         with self._tracer.start_as_current_span(
-                "publish", kind=self._producer, attributes=_publish_attributes(requests)
+            "publish", kind=self._producer, attributes=_publish_attributes(requests)
         ) as span:
             context = span.get_span_context()
             if context.trace_flags.sampled:
@@ -122,23 +133,33 @@ class Tracing(Telemetry):
                 requests = [request._replace(trace=parent) for request in requests]
             results = await publish(requests)
             offsets = [result.offset for result in results]
-            span.set_attributes({"tidings.offset": offsets[0]} if len(offsets) == 1
-                                else {"tidings.offsets": offsets})
+            span.set_attributes(
+                {"tidings.offset": offsets[0]}
+                if len(offsets) == 1
+                else {"tidings.offsets": offsets}
+            )
             duplicates = sum(result.duplicate for result in results)
             if duplicates:
                 span.set_attribute("tidings.duplicates", duplicates)
             return results
 
-    def deliver(self, channel: str, offset: int, trace: str, deliver: Callable[[], int]
-                ) -> None:
+    def deliver(self, channel: str, offset: int, trace: str, deliver: Callable[[], int]) -> None:
         link = self._parse(trace)
         if link is None:
             deliver()
             return
         span = self._tracer.start_span(
-            "deliver", context=self._root, kind=self._consumer, links=(link,),
-            attributes={"messaging.system": "tidings", "messaging.operation.name": "deliver",
-                        "messaging.destination.name": channel, "tidings.offset": offset})
+            "deliver",
+            context=self._root,
+            kind=self._consumer,
+            links=(link,),
+            attributes={
+                "messaging.system": "tidings",
+                "messaging.operation.name": "deliver",
+                "messaging.destination.name": channel,
+                "tidings.offset": offset,
+            },
+        )
         try:
             span.set_attribute("tidings.subscribers", deliver())
         finally:
@@ -150,8 +171,12 @@ class Tracing(Telemetry):
             _, trace_id, span_id, flags = trace.split("-")
             if len(trace_id) != 32 or len(span_id) != 16:
                 return None
-            context = self._context(int(trace_id, 16), int(span_id, 16), is_remote=True,
-                                    trace_flags=self._flags(int(flags, 16)))
+            context = self._context(
+                int(trace_id, 16),
+                int(span_id, 16),
+                is_remote=True,
+                trace_flags=self._flags(int(flags, 16)),
+            )
         except ValueError:
             return None
         return self._link(context) if context.is_valid else None
@@ -164,13 +189,16 @@ class Tracing(Telemetry):
 
 def _publish_attributes(requests: Sequence[PublishRequest]) -> dict[str, Any]:
     """A publish span's attributes: one channel and type as such, several as lists."""
-    attributes: dict[str, Any] = {"messaging.system": "tidings",
-                                  "messaging.operation.name": "publish"}
+    attributes: dict[str, Any] = {
+        "messaging.system": "tidings",
+        "messaging.operation.name": "publish",
+    }
     if len(requests) > 1:
         attributes["messaging.batch.message_count"] = len(requests)
     for one, many, values in (
-            ("messaging.destination.name", "tidings.channels", [r.channel for r in requests]),
-            ("tidings.event.type", "tidings.event.types", [r.type for r in requests])):
+        ("messaging.destination.name", "tidings.channels", [r.channel for r in requests]),
+        ("tidings.event.type", "tidings.event.types", [r.type for r in requests]),
+    ):
         unique = list(dict.fromkeys(values))
         attributes.update({one: unique[0]} if len(unique) == 1 else {many: unique})
     return attributes
@@ -190,9 +218,11 @@ def make_telemetry(settings: Settings) -> Telemetry:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
-        logger.warning("tracing is asked for (telemetry.tracing, OTEL_TRACES_EXPORTER) but "
-                       "the otel extra is not installed (pip install 'tidings[otel]'); "
-                       "running without traces")
+        logger.warning(
+            "tracing is asked for (telemetry.tracing, OTEL_TRACES_EXPORTER) but "
+            "the otel extra is not installed (pip install 'tidings[otel]'); "
+            "running without traces"
+        )
         return Telemetry()
     exporters = [_exporter(name) for name in telemetry.exporters]
     # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES first; "tidings" only when unnamed.
@@ -212,8 +242,10 @@ def _exporter(name: str) -> SpanExporter:
     found = list(entry_points(group=_EXPORTERS, name=name))
     if not found:
         known = sorted({point.name for point in entry_points(group=_EXPORTERS)})
-        raise ConfigError("telemetry.exporters",
-                          f"no installed span exporter is called {name!r} (installed: "
-                          f"{', '.join(known) or 'none'})")
+        raise ConfigError(
+            "telemetry.exporters",
+            f"no installed span exporter is called {name!r} (installed: "
+            f"{', '.join(known) or 'none'})",
+        )
     exporter: SpanExporter = found[0].load()()
     return exporter

@@ -51,8 +51,7 @@ class WebhookEvent:
     body: bytes
 
 
-def events_of(change: PresenceChange, wanted: frozenset[str], wall: float
-              ) -> list[WebhookEvent]:
+def events_of(change: PresenceChange, wanted: frozenset[str], wall: float) -> list[WebhookEvent]:
     """The webhook events of one transition, among ``wanted``, in sending order (a
     channel is occupied before its first user joined, vacated after its last left)."""
     names = ["user_joined" if change.kind == "join" else "user_left"]
@@ -68,8 +67,9 @@ def events_of(change: PresenceChange, wanted: frozenset[str], wall: float
         data: dict[str, Any] = {"channel": change.channel}
         if name.startswith("user_"):
             data["user_id"] = change.user_id
-        body = json.dumps({"id": key, "event": name, "time": round(wall, 3), "data": data},
-                          separators=(",", ":")).encode()
+        body = json.dumps(
+            {"id": key, "event": name, "time": round(wall, 3), "data": data}, separators=(",", ":")
+        ).encode()
         out.append(WebhookEvent(name, key, body))
     return out
 
@@ -93,8 +93,9 @@ class Post(Protocol):
     """Sends one POST; returns the status; raises ``aiohttp.ClientError`` or
     ``TimeoutError`` when no answer came."""
 
-    def __call__(self, url: str, body: bytes, headers: Mapping[str, str],
-                 timeout: float) -> Awaitable[int]: ...
+    def __call__(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
+    ) -> Awaitable[int]: ...
 
 
 class WebhookSender:
@@ -104,10 +105,15 @@ class WebhookSender:
     injectable (tests use short delays).
     """
 
-    def __init__(self, settings: WebhooksSettings, *, on_drop: Callable[[str], None],
-                 post: Post | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: WebhooksSettings,
+        *,
+        on_drop: Callable[[str], None],
+        post: Post | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._settings = settings
         self._wanted = frozenset(settings.events)
         self._on_drop = on_drop
@@ -149,39 +155,54 @@ class WebhookSender:
         settings = self._settings
         for attempt in range(1, settings.max_attempts + 1):
             timestamp = int(self._wall_clock())
-            headers = {"Content-Type": "application/json",
-                       "Tidings-Event": event.name,
-                       "Tidings-Idempotency-Key": event.key,
-                       "Tidings-Timestamp": str(timestamp),
-                       "Tidings-Signature": sign(settings.secret, timestamp, event.body)}
+            headers = {
+                "Content-Type": "application/json",
+                "Tidings-Event": event.name,
+                "Tidings-Idempotency-Key": event.key,
+                "Tidings-Timestamp": str(timestamp),
+                "Tidings-Signature": sign(settings.secret, timestamp, event.body),
+            }
             try:
-                status = await self._post(settings.url, event.body, headers,
-                                          settings.timeout)
+                status = await self._post(settings.url, event.body, headers, settings.timeout)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 reason = type(exc).__name__
             else:
                 if 200 <= status < 300:
                     return
                 if 400 <= status < 500 and status != 429:
-                    logger.warning("presence webhook %s rejected with %d; not retried",
-                                   event.name, status)
+                    logger.warning(
+                        "presence webhook %s rejected with %d; not retried", event.name, status
+                    )
                     self._on_drop("rejected")
                     return
                 reason = f"status {status}"
             if attempt == settings.max_attempts:
                 break
             delay = min(settings.max_retry_delay, settings.retry_delay * 2 ** (attempt - 1))
-            logger.info("presence webhook %s failed (%s); retry %d in %gs", event.name,
-                        reason, attempt, delay)
+            logger.info(
+                "presence webhook %s failed (%s); retry %d in %gs",
+                event.name,
+                reason,
+                attempt,
+                delay,
+            )
             await self._sleep(delay)
-        logger.warning("presence webhook %s dropped after %d attempts", event.name,
-                       settings.max_attempts)
+        logger.warning(
+            "presence webhook %s dropped after %d attempts", event.name, settings.max_attempts
+        )
         self._on_drop("attempts")
 
-    async def _aiohttp_post(self, url: str, body: bytes, headers: Mapping[str, str],
-                            timeout: float) -> int:  # noqa: ASYNC109 (the Post protocol)
+    async def _aiohttp_post(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout: float,  # noqa: ASYNC109 (the Post protocol)
+    ) -> int:
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        async with asyncio.timeout(timeout), self._session.post(
-                url, data=body, headers=dict(headers)) as response:
+        async with (
+            asyncio.timeout(timeout),
+            self._session.post(url, data=body, headers=dict(headers)) as response,
+        ):
             return response.status

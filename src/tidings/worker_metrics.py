@@ -78,25 +78,43 @@ class GcCounters:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         generations = [str(index) for index in range(len(gc.get_stats()))]
-        collected = Counter("python_gc_objects_collected", "Objects collected during gc",
-                            ["generation"], registry=registry)
-        uncollectable = Counter("python_gc_objects_uncollectable",
-                                "Uncollectable objects found during GC", ["generation"],
-                                registry=registry)
-        collections = Counter("python_gc_collections",
-                              "Number of times this generation was collected",
-                              ["generation"], registry=registry)
+        collected = Counter(
+            "python_gc_objects_collected",
+            "Objects collected during gc",
+            ["generation"],
+            registry=registry,
+        )
+        uncollectable = Counter(
+            "python_gc_objects_uncollectable",
+            "Uncollectable objects found during GC",
+            ["generation"],
+            registry=registry,
+        )
+        collections = Counter(
+            "python_gc_collections",
+            "Number of times this generation was collected",
+            ["generation"],
+            registry=registry,
+        )
         # Per worker: a gauge per process ("liveall" labels it by pid, which a scrape
         # turns into the worker's number).
-        per_worker = Gauge("tidings_worker_gc_collections",
-                           "Collections of this generation by one worker's garbage collector",
-                           ["generation"], registry=registry, multiprocess_mode="liveall")
+        per_worker = Gauge(
+            "tidings_worker_gc_collections",
+            "Collections of this generation by one worker's garbage collector",
+            ["generation"],
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
         self._per_worker = [per_worker.labels(generation) for generation in generations]
-        self._counters = [(key, counter.labels(generation))
-                          for generation in generations
-                          for key, counter in (("collected", collected),
-                                               ("uncollectable", uncollectable),
-                                               ("collections", collections))]
+        self._counters = [
+            (key, counter.labels(generation))
+            for generation in generations
+            for key, counter in (
+                ("collected", collected),
+                ("uncollectable", uncollectable),
+                ("collections", collections),
+            )
+        ]
         self._seen = [0] * len(self._counters)
 
     def sync(self) -> None:
@@ -254,37 +272,57 @@ class _ServerProcesses(Collector):
         # The supervisor's reaped children keep the CPU total from falling when a
         # worker is replaced.
         reaped = supervisor.children_cpu_seconds if supervisor is not None else 0.0
-        yield _counter("process_cpu_seconds",
-                       "Total user and system CPU time of the server's processes in seconds",
-                       sum(p.cpu_seconds for p in every) + reaped)
-        yield _gauge("process_resident_memory_bytes",
-                     "Resident memory of the server's processes in bytes",
-                     sum(p.resident_bytes for p in every))
-        yield _gauge("process_virtual_memory_bytes",
-                     "Virtual memory of the server's processes in bytes",
-                     sum(p.virtual_bytes for p in every))
-        yield _gauge("process_open_fds", "Open file descriptors of the server's processes",
-                     sum(p.open_fds for p in every))
-        yield _gauge("process_start_time_seconds",
-                     "Start time of the server's oldest process since the epoch in seconds",
-                     min(p.start_time for p in every))
+        yield _counter(
+            "process_cpu_seconds",
+            "Total user and system CPU time of the server's processes in seconds",
+            sum(p.cpu_seconds for p in every) + reaped,
+        )
+        yield _gauge(
+            "process_resident_memory_bytes",
+            "Resident memory of the server's processes in bytes",
+            sum(p.resident_bytes for p in every),
+        )
+        yield _gauge(
+            "process_virtual_memory_bytes",
+            "Virtual memory of the server's processes in bytes",
+            sum(p.virtual_bytes for p in every),
+        )
+        yield _gauge(
+            "process_open_fds",
+            "Open file descriptors of the server's processes",
+            sum(p.open_fds for p in every),
+        )
+        yield _gauge(
+            "process_start_time_seconds",
+            "Start time of the server's oldest process since the epoch in seconds",
+            min(p.start_time for p in every),
+        )
         yield from _per_worker(workers)
 
 
 def _per_worker(workers: Iterable[tuple[str, _Proc]]) -> Iterator[Metric]:
     rows = list(workers)
-    cpu = CounterMetricFamily("tidings_worker_cpu_seconds",
-                              "User and system CPU time of one worker in seconds",
-                              labels=["worker"])
-    resident = GaugeMetricFamily("tidings_worker_resident_memory_bytes",
-                                 "Resident memory of one worker in bytes", labels=["worker"])
-    fds = GaugeMetricFamily("tidings_worker_open_fds",
-                            "Open file descriptors of one worker", labels=["worker"])
-    max_fds = GaugeMetricFamily("tidings_worker_max_fds",
-                                "File descriptor limit of one worker", labels=["worker"])
-    started = GaugeMetricFamily("tidings_worker_start_time_seconds",
-                                "Start time of one worker since the epoch in seconds",
-                                labels=["worker"])
+    cpu = CounterMetricFamily(
+        "tidings_worker_cpu_seconds",
+        "User and system CPU time of one worker in seconds",
+        labels=["worker"],
+    )
+    resident = GaugeMetricFamily(
+        "tidings_worker_resident_memory_bytes",
+        "Resident memory of one worker in bytes",
+        labels=["worker"],
+    )
+    fds = GaugeMetricFamily(
+        "tidings_worker_open_fds", "Open file descriptors of one worker", labels=["worker"]
+    )
+    max_fds = GaugeMetricFamily(
+        "tidings_worker_max_fds", "File descriptor limit of one worker", labels=["worker"]
+    )
+    started = GaugeMetricFamily(
+        "tidings_worker_start_time_seconds",
+        "Start time of one worker since the epoch in seconds",
+        labels=["worker"],
+    )
     for worker, proc in rows:
         cpu.add_metric([worker], proc.cpu_seconds)
         resident.add_metric([worker], proc.resident_bytes)

@@ -78,8 +78,12 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_workers(settings: Settings, workers: int | None = None, *,
-                restart_delay: tuple[float, float] = (0.5, 30.0)) -> int:
+def run_workers(
+    settings: Settings,
+    workers: int | None = None,
+    *,
+    restart_delay: tuple[float, float] = (0.5, 30.0),
+) -> int:
     """Run ``workers`` (default ``settings.workers``) supervised worker processes until
     SIGTERM/SIGINT; return the exit status for the command line.
 
@@ -88,12 +92,14 @@ def run_workers(settings: Settings, workers: int | None = None, *,
     """
     count = workers or settings.workers
     if settings.broker.url.startswith("memory://"):
-        print("tidings: configuration error: workers: more than one worker needs the "
-              "Redis broker (broker.url)", file=sys.stderr)
+        print(
+            "tidings: configuration error: workers: more than one worker needs the "
+            "Redis broker (broker.url)",
+            file=sys.stderr,
+        )
         return 2
     if not hasattr(socket, "SO_REUSEPORT"):
-        print("tidings: --workers needs SO_REUSEPORT, which this platform lacks",
-              file=sys.stderr)
+        print("tidings: --workers needs SO_REUSEPORT, which this platform lacks", file=sys.stderr)
         return 2
     server = settings.server
     # The internal listener (server.internal_port) is shared by the workers the same way.
@@ -106,22 +112,31 @@ def run_workers(settings: Settings, workers: int | None = None, *,
             try:
                 reservation = reservations.enter_context(_reserve_port(host, wanted))
             except OSError as exc:
-                setting = ("server.host, server.port" if key == "port"
-                           else "server.internal_host, server.internal_port")
-                print(f"tidings: cannot listen on {host}:{wanted} ({setting}): "
-                      f"{exc.strerror}", file=sys.stderr)
+                setting = (
+                    "server.host, server.port"
+                    if key == "port"
+                    else "server.internal_host, server.internal_port"
+                )
+                print(
+                    f"tidings: cannot listen on {host}:{wanted} ({setting}): {exc.strerror}",
+                    file=sys.stderr,
+                )
                 return 1
             ports[key] = int(reservation.getsockname()[1])
-        final = settings.model_copy(update={
-            "server": server.model_copy(update=ports), "workers": 1,
-        })
+        final = settings.model_copy(
+            update={
+                "server": server.model_copy(update=ports),
+                "workers": 1,
+            }
+        )
         with tempfile.TemporaryDirectory(prefix="tidings-metrics-") as metrics_dir:
             return _run(_Supervisor(final, count, restart_delay, metrics_dir).run())
 
 
 class _Supervisor:
-    def __init__(self, settings: Settings, count: int,
-                 restart_delay: tuple[float, float], metrics_dir: str) -> None:
+    def __init__(
+        self, settings: Settings, count: int, restart_delay: tuple[float, float], metrics_dir: str
+    ) -> None:
         self._settings = settings
         self._metrics_dir = metrics_dir
         self._count = count
@@ -138,8 +153,10 @@ class _Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         record_process(self._metrics_dir, os.getpid())
-        slots = [asyncio.create_task(self._keep(index), name=f"worker-{index}")
-                 for index in range(1, self._count + 1)]
+        slots = [
+            asyncio.create_task(self._keep(index), name=f"worker-{index}")
+            for index in range(1, self._count + 1)
+        ]
         await self._stop.wait()
         for proc in list(self._procs.values()):
             with contextlib.suppress(ProcessLookupError):
@@ -167,8 +184,14 @@ class _Supervisor:
         read_end, write_end = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tidings.workers", str(index), str(write_end),
-                self._metrics_dir, stdin=asyncio.subprocess.PIPE, pass_fds=(write_end,),
+                sys.executable,
+                "-m",
+                "tidings.workers",
+                str(index),
+                str(write_end),
+                self._metrics_dir,
+                stdin=asyncio.subprocess.PIPE,
+                pass_fds=(write_end,),
                 # Read when the worker first imports prometheus_client: its values go to
                 # files there, which every worker reads when scraped.
                 env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir},
@@ -188,7 +211,8 @@ class _Supervisor:
         reader = asyncio.StreamReader()
         with os.fdopen(read_end, "rb") as pipe:
             transport, _ = await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(reader), pipe)
+                lambda: asyncio.StreamReaderProtocol(reader), pipe
+            )
             try:
                 line = await reader.readline()
             finally:
@@ -223,8 +247,13 @@ class _Supervisor:
                 self._stop.set()
                 return
             delay = low if time.monotonic() - started >= STABLE_AFTER else delay
-            logger.warning("worker %d (pid %d) exited with status %s; restarting in %.1f s",
-                           index, proc.pid, code, delay)
+            logger.warning(
+                "worker %d (pid %d) exited with status %s; restarting in %.1f s",
+                index,
+                proc.pid,
+                code,
+                delay,
+            )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stop.wait()
@@ -248,15 +277,13 @@ def _worker_main(argv: Sequence[str]) -> int:
     try:
         settings = load_settings(None, json.loads(line), environ={})
     except (ValueError, ConfigError) as exc:
-        print(f"tidings: worker {index}: bad settings from the supervisor: {exc}",
-              file=sys.stderr)
+        print(f"tidings: worker {index}: bad settings from the supervisor: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.logging.level, settings.logging.format, settings.secrets)
     return _run(_serve_worker(settings, ready_fd, metrics_dir, index))
 
 
-async def _serve_worker(settings: Settings, ready_fd: int, metrics_dir: str,
-                        index: int) -> int:
+async def _serve_worker(settings: Settings, ready_fd: int, metrics_dir: str, index: int) -> int:
     from tidings.metrics import Metrics
     from tidings.server import ListenError, running, tune_gc
 
@@ -267,7 +294,8 @@ async def _serve_worker(settings: Settings, ready_fd: int, metrics_dir: str,
     # The supervisor holds our stdin open; EOF means it is gone.
     lifeline = asyncio.StreamReader()
     transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(lifeline), sys.stdin)
+        lambda: asyncio.StreamReaderProtocol(lifeline), sys.stdin
+    )
     watcher = asyncio.create_task(lifeline.read())
     watcher.add_done_callback(lambda _: stop.set())
     try:
@@ -284,8 +312,11 @@ async def _serve_worker(settings: Settings, ready_fd: int, metrics_dir: str,
         print(f"tidings: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"tidings: cannot listen on {settings.server.host}:{settings.server.port}: "
-              f"{exc.strerror}", file=sys.stderr)
+        print(
+            f"tidings: cannot listen on {settings.server.host}:{settings.server.port}: "
+            f"{exc.strerror}",
+            file=sys.stderr,
+        )
         return 1
     finally:
         orphaned = watcher.done() and not watcher.cancelled()

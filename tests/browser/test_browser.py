@@ -72,8 +72,9 @@ async def _wait_live(page: Page, channel: str) -> None:
 
 
 async def _wait_event(page: Page, channel: str, offset: int) -> None:
-    await page.wait_for_selector(f'tr.event[data-channel="{channel}"][data-offset="{offset}"]',
-                                 state="attached")
+    await page.wait_for_selector(
+        f'tr.event[data-channel="{channel}"][data-offset="{offset}"]', state="attached"
+    )
 
 
 async def _offsets(page: Page, channel: str) -> list[int]:
@@ -86,28 +87,41 @@ async def _offsets(page: Page, channel: str) -> list[int]:
 
 async def _publish_many(server: Any, channel: str, count: int, start: int = 1) -> None:
     for n in range(start, start + count):
-        await publish(server, channel, "chat_message",
-                      {"conversation_id": "c1", "sender_id": "bob", "content": f"message {n}"})
+        await publish(
+            server,
+            channel,
+            "chat_message",
+            {"conversation_id": "c1", "sender_id": "bob", "content": f"message {n}"},
+        )
 
 
 async def test_console_shows_events_published_through_the_api(page: Page) -> None:
     """The console connects, subscribes, and shows events from the server API and its form."""
     async with serve(CONSOLE) as server:
-        await _open_console(page, server.http_url, token("alice", ("demo:*",)),
-                            "channels=demo:lobby")
+        await _open_console(
+            page, server.http_url, token("alice", ("demo:*",)), "channels=demo:lobby"
+        )
         await _wait_live(page, "demo:lobby")
         await _wait_live(page, "user:alice")
         assert await page.text_content("#info-user") == "alice"
 
-        await publish(server, "demo:lobby", "chat_message",
-                      {"conversation_id": "lobby", "sender_id": "bob", "content": "Hello there!"})
+        await publish(
+            server,
+            "demo:lobby",
+            "chat_message",
+            {"conversation_id": "lobby", "sender_id": "bob", "content": "Hello there!"},
+        )
         await _wait_event(page, "demo:lobby", 1)
         row = page.locator('tr.event[data-channel="demo:lobby"][data-offset="1"]')
         assert await row.locator("td.type").text_content() == "chat_message"
         assert "Hello there!" in (await row.locator("td.data").text_content() or "")
 
-        await publish(server, "user:alice", "notification",
-                      {"message": "Your export is ready", "level": "success"})
+        await publish(
+            server,
+            "user:alice",
+            "notification",
+            {"message": "Your export is ready", "level": "success"},
+        )
         await _wait_event(page, "user:alice", 1)
 
         # The publish form, with the API key typed in (production mode: not pre-filled).
@@ -115,16 +129,21 @@ async def test_console_shows_events_published_through_the_api(page: Page) -> Non
         await page.fill("#api-key", API_KEY)
         await page.fill("#pub-channel", "demo:lobby")
         await page.fill("#pub-type", "status_update")
-        await page.fill("#pub-data",
-                        '{"entity_type": "order", "entity_id": "o-7", "status": "shipped"}')
+        await page.fill(
+            "#pub-data", '{"entity_type": "order", "entity_id": "o-7", "status": "shipped"}'
+        )
         await page.click("#publish")
         await _wait_event(page, "demo:lobby", 2)
         assert "offset 2" in (await page.text_content("#pub-result") or "")
         await page.fill("#channel", "demo:alerts")
         await page.click("#subscribe-form button")
         await _wait_live(page, "demo:alerts")
-        await publish(server, "demo:alerts", "notification",
-                      {"message": "Disk almost full", "level": "warning"})
+        await publish(
+            server,
+            "demo:alerts",
+            "notification",
+            {"message": "Disk almost full", "level": "warning"},
+        )
         await _wait_event(page, "demo:alerts", 1)
         assert await _offsets(page, "demo:lobby") == [1, 2]
 
@@ -137,8 +156,9 @@ async def test_cut_connection_recovers_missed_events_in_order(page: Page) -> Non
     """Events published while the page is cut off arrive after it reconnects, in order, once."""
     async with serve(CONSOLE) as server, fault_proxy(server.host, server.port) as proxy:
         ws = f"ws://127.0.0.1:{proxy.port}/ws"
-        await _open_console(page, server.http_url, token("alice", ("demo:*",)),
-                            f"ws={ws}&channels=demo:feed&{FAST}")
+        await _open_console(
+            page, server.http_url, token("alice", ("demo:*",)), f"ws={ws}&channels=demo:feed&{FAST}"
+        )
         await _wait_live(page, "demo:feed")
         await _publish_many(server, "demo:feed", 3)
         await _wait_event(page, "demo:feed", 3)
@@ -151,16 +171,19 @@ async def test_cut_connection_recovers_missed_events_in_order(page: Page) -> Non
         await publish(server, "user:alice", "notification", {"message": "missed", "level": "info"})
 
         proxy.refusing = False
-        await page.wait_for_selector('tr.marker[data-kind="recovered"][data-channel="demo:feed"]',
-                                     state="attached")
+        await page.wait_for_selector(
+            'tr.marker[data-kind="recovered"][data-channel="demo:feed"]', state="attached"
+        )
         await _wait_event(page, "demo:feed", 8)
         await _wait_event(page, "user:alice", 1)
         await _publish_many(server, "demo:feed", 2, start=9)
         await _wait_event(page, "demo:feed", 10)
 
         assert await _offsets(page, "demo:feed") == list(range(1, 11))
-        marker = await page.text_content(
-            'tr.marker[data-kind="recovered"][data-channel="demo:feed"]') or ""
+        marker = (
+            await page.text_content('tr.marker[data-kind="recovered"][data-channel="demo:feed"]')
+            or ""
+        )
         assert "5 missed events" in marker
         assert await page.locator('tr.marker[data-kind="unrecovered"]').count() == 0
         assert await page.locator('tr.marker[data-kind="disconnected"]').count() >= 1
@@ -179,7 +202,8 @@ async def test_restarted_memory_server_shows_that_recovery_failed(page: Page) ->
     await page.wait_for_selector('#state:not([data-state="connected"])')
     async with serve({**CONSOLE, "server": {"port": port}}) as second:
         await page.wait_for_selector(
-            'tr.marker[data-kind="unrecovered"][data-channel="demo:feed"]', state="attached")
+            'tr.marker[data-kind="unrecovered"][data-channel="demo:feed"]', state="attached"
+        )
         await _wait_state(page, "connected")
         await _wait_live(page, "demo:feed")
         await _publish_many(second, "demo:feed", 1)
@@ -193,9 +217,12 @@ async def test_restarted_memory_server_shows_that_recovery_failed(page: Page) ->
                 return marker >= 0 && fresh >= 0 && fresh < marker
                     && rows.slice(marker).filter(r => r.classList.contains('event')
                         && r.dataset.channel === 'demo:feed').length === 2;
-            }""")
-        text = await page.text_content(
-            'tr.marker[data-kind="unrecovered"][data-channel="demo:feed"]') or ""
+            }"""
+        )
+        text = (
+            await page.text_content('tr.marker[data-kind="unrecovered"][data-channel="demo:feed"]')
+            or ""
+        )
         assert "could not recover" in text
         await _leave(page)
 
@@ -225,13 +252,15 @@ async def test_forbidden_close_stops_reconnection(page: Page) -> None:
     """After a 4403 (disconnected by the application) the page stays closed."""
     async with serve(CONSOLE) as server:
         await _open_console(page, server.http_url, token("alice", ("demo:*",)), FAST)
-        status, _ = await api(server, "POST", "/api/disconnect",
-                              {"user_id": "alice", "reason": "account suspended"})
+        status, _ = await api(
+            server, "POST", "/api/disconnect", {"user_id": "alice", "reason": "account suspended"}
+        )
         assert status == 200
         await _wait_state(page, "closed")
         assert "4403" in (await page.text_content("#state-text") or "")
         assert "not reconnecting" in (
-            await page.text_content('tr.marker[data-kind="closed"]') or "")
+            await page.text_content('tr.marker[data-kind="closed"]') or ""
+        )
         assert await page.evaluate("window.tidingsConsole.client.state") == "closed"
         # "closed" is the client's terminal state: no reconnect timer is left behind.
         assert await server.gateway.wait_idle(5.0)
@@ -256,7 +285,8 @@ async def test_plain_page_iterates_events_and_refreshes_its_token(page: Page) ->
               for await (const item of sub) window.seen.push([item.kind, item.offset]);
             </script>""")
         await page.wait_for_function(
-            "window.client && window.client.subscription('demo:plain')?.state === 'subscribed'")
+            "window.client && window.client.subscription('demo:plain')?.state === 'subscribed'"
+        )
         first_connection = await page.evaluate("window.client.connectionId")
         await _publish_many(server, "demo:plain", 2)
         await page.wait_for_function("window.seen.length === 2")
@@ -274,14 +304,19 @@ async def test_console_negotiates_deflate_and_shows_events(page: Page) -> None:
     """With ``server.permessage_deflate`` on, Chromium negotiates the extension by itself
     and the console shows a compressed event."""
     async with serve({**CONSOLE, "server": {"permessage_deflate": True}}) as server:
-        await _open_console(page, server.http_url, token("alice", ("demo:*",)),
-                            "channels=demo:lobby")
+        await _open_console(
+            page, server.http_url, token("alice", ("demo:*",)), "channels=demo:lobby"
+        )
         await _wait_live(page, "demo:lobby")
         peers = list(server.gateway.hub.connections())
         assert peers and all(getattr(peer, "deflate", False) for peer in peers)
         content = "compressed " * 40
-        await publish(server, "demo:lobby", "chat_message",
-                      {"conversation_id": "lobby", "sender_id": "bob", "content": content})
+        await publish(
+            server,
+            "demo:lobby",
+            "chat_message",
+            {"conversation_id": "lobby", "sender_id": "bob", "content": content},
+        )
         await _wait_event(page, "demo:lobby", 1)
         row = page.locator('tr.event[data-channel="demo:lobby"][data-offset="1"]')
         assert content.strip() in (await row.locator("td.data").text_content() or "")
@@ -303,7 +338,8 @@ async def test_tidings_js_falls_back_to_sse_when_websockets_are_blocked(page: Pa
               for await (const item of sub) window.seen.push([item.kind, item.offset]);
             </script>""")
         await page.wait_for_function(
-            "window.client && window.client.subscription('demo:sse')?.state === 'subscribed'")
+            "window.client && window.client.subscription('demo:sse')?.state === 'subscribed'"
+        )
         assert await page.evaluate("window.client.transport") == "sse"
         await _publish_many(server, "demo:sse", 2)
         await page.wait_for_function("window.seen.length === 2")

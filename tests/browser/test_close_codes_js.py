@@ -38,9 +38,13 @@ def _js_view() -> dict[str, dict[str, str] | list[int]]:
     if node is None:
         pytest.fail("node is needed to read clients/js/tidings.js")
     codes = [str(int(code)) for code in CloseCode] + [str(code) for code in EXTRA_CODES]
-    done = subprocess.run([node, "--input-type=module", "-e", _SCRIPT, "--",
-                           CLIENT.as_uri(), *codes],
-                          capture_output=True, text=True, timeout=scaled(30), check=True)
+    done = subprocess.run(
+        [node, "--input-type=module", "-e", _SCRIPT, "--", CLIENT.as_uri(), *codes],
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+        check=True,
+    )
     view: dict[str, dict[str, str] | list[int]] = json.loads(done.stdout)
     return view
 

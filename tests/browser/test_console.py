@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     from playwright.async_api import Browser, Page
 
 
-async def _get(url: str, headers: dict[str, str] | None = None
-               ) -> tuple[int, Mapping[str, str], bytes]:
+async def _get(
+    url: str, headers: dict[str, str] | None = None
+) -> tuple[int, Mapping[str, str], bytes]:
     async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
         return response.status, response.headers, await response.read()
 
@@ -158,8 +159,11 @@ async def test_console_off_wins_over_development_mode() -> None:
 
 async def test_head_requests_are_answered() -> None:
     """HEAD on the client script answers 200 with its length and no body."""
-    async with serve(CONSOLE_ON) as server, aiohttp.ClientSession() as session, \
-            session.head(server.http_url + "/client/tidings.js") as response:
+    async with (
+        serve(CONSOLE_ON) as server,
+        aiohttp.ClientSession() as session,
+        session.head(server.http_url + "/client/tidings.js") as response,
+    ):
         assert response.status == 200
         assert int(response.headers["Content-Length"]) == len(CLIENT_SOURCE.read_bytes())
         assert await response.read() == b""
@@ -190,16 +194,21 @@ async def browser() -> AsyncIterator[Browser]:
         yield launched
 
 
-async def _console(browser: Browser, viewport: tuple[int, int], url: str,
-                   failures: list[str]) -> Page:
+async def _console(
+    browser: Browser, viewport: tuple[int, int], url: str, failures: list[str]
+) -> Page:
     """A fresh page at ``viewport`` showing the console at ``url``, connected."""
     width, height = viewport
     context = await browser.new_context(viewport={"width": width, "height": height})
     page = await context.new_page()
     page.set_default_timeout(WAIT_MS)
     page.on("pageerror", lambda error: failures.append(f"page error: {error}"))
-    page.on("response", lambda response: failures.append(
-        f"{response.status} {response.url}") if response.status >= 400 else None)
+    page.on(
+        "response",
+        lambda response: (
+            failures.append(f"{response.status} {response.url}") if response.status >= 400 else None
+        ),
+    )
     await page.goto(url)
     await page.wait_for_selector('#state[data-state="connected"]')
     return page
@@ -207,13 +216,15 @@ async def _console(browser: Browser, viewport: tuple[int, int], url: str,
 
 async def _wait_live(page: Page, channel: str) -> None:
     await page.wait_for_selector(
-        f'#subs li[data-channel="{channel}"] .sub-state[data-state="subscribed"]')
+        f'#subs li[data-channel="{channel}"] .sub-state[data-state="subscribed"]'
+    )
 
 
 async def _offsets(page: Page, channel: str) -> list[int]:
     """Offsets shown for ``channel``, oldest first (the table lists newest first)."""
     shown: list[str] = await page.eval_on_selector_all(
-        f'tr.event[data-channel="{channel}"]', "rows => rows.map(r => r.dataset.offset)")
+        f'tr.event[data-channel="{channel}"]', "rows => rows.map(r => r.dataset.offset)"
+    )
     return [int(offset) for offset in reversed(shown)]
 
 
@@ -224,8 +235,15 @@ PANELS = {
     "publish": "section[aria-labelledby=h-publish]",
     "events": "section[aria-labelledby=h-events]",
 }
-BUTTONS = ["#connect", "#disconnect", "#ping", "#subscribe-form button", "#publish", "#clear",
-           '#subs li[data-channel="demo:feed"] .sub-x']
+BUTTONS = [
+    "#connect",
+    "#disconnect",
+    "#ping",
+    "#subscribe-form button",
+    "#publish",
+    "#clear",
+    '#subs li[data-channel="demo:feed"] .sub-x',
+]
 
 _GEOMETRY = """(panels) => {
   const rect = (el) => { const r = el.getBoundingClientRect();
@@ -248,15 +266,15 @@ _HIT = """(el) => {
 
 @pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("viewport", VIEWPORTS)
-async def test_console_layout_fits_the_width(browser: Browser,
-                                             viewport: tuple[int, int]) -> None:
+async def test_console_layout_fits_the_width(browser: Browser, viewport: tuple[int, int]) -> None:
     """At desktop and phone width the panels do not overlap or stick out, every button is
     visible and clickable, and the Type field shows "notification" whole."""
     failures: list[str] = []
     async with serve(DEV) as server:
         tok = token("alice", ("demo:*",))
-        page = await _console(browser, viewport, f"{server.http_url}/console#token={tok}"
-                                                 "&channels=demo:feed", failures)
+        page = await _console(
+            browser, viewport, f"{server.http_url}/console#token={tok}&channels=demo:feed", failures
+        )
         await _wait_live(page, "demo:feed")
         await _wait_live(page, "user:alice")
 
@@ -268,10 +286,14 @@ async def test_console_layout_fits_the_width(browser: Browser,
             assert box["left"] >= 0 and box["right"] <= geometry["viewport"], (name, box)
         names = list(boxes)
         for i, first in enumerate(names):
-            for second in names[i + 1:]:
+            for second in names[i + 1 :]:
                 a, b = boxes[first], boxes[second]
-                apart = (a["right"] <= b["left"] or b["right"] <= a["left"]
-                         or a["bottom"] <= b["top"] or b["bottom"] <= a["top"])
+                apart = (
+                    a["right"] <= b["left"]
+                    or b["right"] <= a["left"]
+                    or a["bottom"] <= b["top"]
+                    or b["bottom"] <= a["top"]
+                )
                 assert apart, f"{first} {a} overlaps {second} {b}"
 
         for name, selector in PANELS.items():
@@ -282,7 +304,8 @@ async def test_console_layout_fits_the_width(browser: Browser,
         # The top bar and the events table fit: nothing is cut off at the right.
         for selector in (".topbar", ".table-wrap"):
             width, room = await page.eval_on_selector(
-                selector, "el => [el.scrollWidth, el.clientWidth]")
+                selector, "el => [el.scrollWidth, el.clientWidth]"
+            )
             assert width <= room, f"{selector} overflows ({width} > {room} px)"
 
         for selector in BUTTONS:
@@ -296,27 +319,33 @@ async def test_console_layout_fits_the_width(browser: Browser,
         for value in ("notification", "status_update", "chat_message"):
             await page.fill("#pub-type", value)
             width, room = await page.eval_on_selector(
-                "#pub-type", "el => [el.scrollWidth, el.clientWidth]")
+                "#pub-type", "el => [el.scrollWidth, el.clientWidth]"
+            )
             assert width <= room, f"the Type field cuts {value!r} ({width} > {room} px)"
 
         ARTIFACTS.mkdir(exist_ok=True)
-        await page.screenshot(path=str(ARTIFACTS / f"console-layout-{viewport[0]}.png"),
-                              full_page=True, animations="disabled")
+        await page.screenshot(
+            path=str(ARTIFACTS / f"console-layout-{viewport[0]}.png"),
+            full_page=True,
+            animations="disabled",
+        )
         await page.context.close()
     assert failures == []
 
 
 @pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("viewport", VIEWPORTS)
-async def test_disconnect_then_connect_shows_the_recovery(browser: Browser,
-                                                          viewport: tuple[int, int]) -> None:
+async def test_disconnect_then_connect_shows_the_recovery(
+    browser: Browser, viewport: tuple[int, int]
+) -> None:
     """Disconnect, a publish, then Connect: the console recovers the missed events, in
     order, and marks each channel as recovered (no silent jump)."""
     failures: list[str] = []
     async with serve(DEV) as server:
         tok = token("alice", ("demo:*",))
-        page = await _console(browser, viewport, f"{server.http_url}/console#token={tok}"
-                                                 "&channels=demo:feed", failures)
+        page = await _console(
+            browser, viewport, f"{server.http_url}/console#token={tok}&channels=demo:feed", failures
+        )
         await _wait_live(page, "demo:feed")
         await _wait_live(page, "user:alice")
         # The first connection's reply only confirms the personal channel: no marker.
@@ -324,19 +353,23 @@ async def test_disconnect_then_connect_shows_the_recovery(browser: Browser,
 
         await page.fill("#pub-channel", "demo:feed")
         await page.click("#publish")
-        await page.wait_for_selector('tr.event[data-channel="demo:feed"][data-offset="1"]',
-                                     state="attached")
+        await page.wait_for_selector(
+            'tr.event[data-channel="demo:feed"][data-offset="1"]', state="attached"
+        )
         await page.wait_for_selector('#subs li[data-channel="demo:feed"] .sub-meta:text("@1")')
 
         await page.click("#disconnect")
         await page.wait_for_selector('#state[data-state="closed"]')
         await page.wait_for_selector(
-            '#subs li[data-channel="demo:feed"] .sub-state[data-state="stopped"]')
+            '#subs li[data-channel="demo:feed"] .sub-state[data-state="stopped"]'
+        )
         for n in (2, 3):
-            await publish(server, "demo:feed", "notification",
-                          {"message": f"missed {n}", "level": "info"})
-        await publish(server, "user:alice", "notification",
-                      {"message": "missed too", "level": "info"})
+            await publish(
+                server, "demo:feed", "notification", {"message": f"missed {n}", "level": "info"}
+            )
+        await publish(
+            server, "user:alice", "notification", {"message": "missed too", "level": "info"}
+        )
 
         await page.click("#connect")
         await page.wait_for_selector('#state[data-state="connected"]')
@@ -346,36 +379,41 @@ async def test_disconnect_then_connect_shows_the_recovery(browser: Browser,
         personal = page.locator('tr.marker[data-kind="recovered"][data-channel="user:alice"]')
         await personal.wait_for(state="attached")
         assert "1 missed event replayed" in (await personal.text_content() or "")
-        await page.wait_for_selector('tr.event[data-channel="demo:feed"][data-offset="3"]',
-                                     state="attached")
-        await page.wait_for_selector('tr.event[data-channel="user:alice"][data-offset="1"]',
-                                     state="attached")
+        await page.wait_for_selector(
+            'tr.event[data-channel="demo:feed"][data-offset="3"]', state="attached"
+        )
+        await page.wait_for_selector(
+            'tr.event[data-channel="user:alice"][data-offset="1"]', state="attached"
+        )
         await _wait_live(page, "demo:feed")
         assert await _offsets(page, "demo:feed") == [1, 2, 3]
-        assert await page.text_content(
-            '#subs li[data-channel="demo:feed"] .sub-meta') == "@3"
+        assert await page.text_content('#subs li[data-channel="demo:feed"] .sub-meta') == "@3"
         assert await page.locator("tr.marker[data-kind=unrecovered]").count() == 0
 
         ARTIFACTS.mkdir(exist_ok=True)
-        await page.screenshot(path=str(ARTIFACTS / f"console-recovery-{viewport[0]}.png"),
-                              full_page=True, animations="disabled")
+        await page.screenshot(
+            path=str(ARTIFACTS / f"console-recovery-{viewport[0]}.png"),
+            full_page=True,
+            animations="disabled",
+        )
         await page.context.close()
     assert failures == []
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_console_shows_personal_events_without_waiting_for_the_hold(
-        browser: Browser) -> None:
+async def test_console_shows_personal_events_without_waiting_for_the_hold(browser: Browser) -> None:
     """With a connect-time hold of the personal channel far longer than the test waits,
     an event published to it as soon as the console is connected still shows: tidings.js
     sends its first command at once (the README promises the console never waits)."""
     failures: list[str] = []
     async with serve({**DEV, "auth": {"personal_channel_hold": 30}}) as server:
         tok = token("alice", ("demo:*",))
-        page = await _console(browser, (1280, 800), f"{server.http_url}/console#token={tok}",
-                              failures)
-        sent = await publish(server, "user:alice", "notification",
-                             {"message": "right away", "level": "info"})
+        page = await _console(
+            browser, (1280, 800), f"{server.http_url}/console#token={tok}", failures
+        )
+        sent = await publish(
+            server, "user:alice", "notification", {"message": "right away", "level": "info"}
+        )
         row = page.locator('tr.event[data-channel="user:alice"][data-offset="1"]')
         await row.wait_for(state="attached")
         assert "right away" in (await row.text_content() or ""), sent
@@ -387,20 +425,28 @@ async def test_console_shows_personal_events_without_waiting_for_the_hold(
 async def test_console_shows_joins_and_leaves(browser: Browser) -> None:
     """Another user's join and leave in a presence namespace show as markers."""
     failures: list[str] = []
-    settings = {**DEV, "namespaces": {"room": {"rule": "public", "presence_events": True,
-                                               "presence_ttl": 0.2}}}
+    settings = {
+        **DEV,
+        "namespaces": {"room": {"rule": "public", "presence_events": True, "presence_ttl": 0.2}},
+    }
     async with serve(settings) as server:
         tok = token("alice")
-        page = await _console(browser, (1280, 800), f"{server.http_url}/console#token={tok}"
-                                                    "&channels=room:lobby", failures)
+        page = await _console(
+            browser,
+            (1280, 800),
+            f"{server.http_url}/console#token={tok}&channels=room:lobby",
+            failures,
+        )
         await _wait_live(page, "room:lobby")
         async with connect(server, token("bob")) as bob:
             await bob.subscribe("room:lobby")
-            joined = page.locator('tr.marker[data-kind="join"][data-channel="room:lobby"]',
-                                  has_text="bob")
+            joined = page.locator(
+                'tr.marker[data-kind="join"][data-channel="room:lobby"]', has_text="bob"
+            )
             await joined.wait_for(state="attached")
-        left = page.locator('tr.marker[data-kind="leave"][data-channel="room:lobby"]',
-                            has_text="bob")
+        left = page.locator(
+            'tr.marker[data-kind="leave"][data-channel="room:lobby"]', has_text="bob"
+        )
         await left.wait_for(state="attached")
         assert await page.locator('tr.event[data-channel="room:lobby"]').count() == 0
         await page.context.close()

@@ -44,10 +44,18 @@ MISSING = object()
 #: Every reason the module may give: fixed texts, so none can carry token or secret bytes.
 REASONS = frozenset(
     {
-        "token missing", "token too large", "malformed token", "token algorithm not allowed",
-        "token cannot be verified", "unknown signing key", "invalid token signature",
-        "token expired", "token not yet valid", "token issuer not accepted",
-        "token audience not accepted", "token has an invalid nbf claim",
+        "token missing",
+        "token too large",
+        "malformed token",
+        "token algorithm not allowed",
+        "token cannot be verified",
+        "unknown signing key",
+        "invalid token signature",
+        "token expired",
+        "token not yet valid",
+        "token issuer not accepted",
+        "token audience not accepted",
+        "token has an invalid nbf claim",
         "token has an invalid iat claim",
     }
     | {f"token has no usable {claim} claim" for claim in ("sub", "exp", "iss", "aud")}
@@ -206,8 +214,7 @@ class JwksEndpoint:
         if self.hold:
             await self.release.wait()
         if self.body is not None:
-            return web.Response(body=self.body, status=self.status,
-                                content_type="application/json")
+            return web.Response(body=self.body, status=self.status, content_type="application/json")
         return web.json_response(self.document, status=self.status)
 
 
@@ -994,9 +1001,7 @@ def wycheproof_settings(key: dict[str, Any], tmp_path: Path) -> AuthSettings:
 
 
 @pytest.mark.parametrize(("key", "jws"), WYCHEPROOF_VECTORS)
-async def test_wycheproof_vector_is_rejected(
-    tmp_path: Path, key: dict[str, Any], jws: str
-) -> None:
+async def test_wycheproof_vector_is_rejected(tmp_path: Path, key: dict[str, Any], jws: str) -> None:
     """Every invalid Wycheproof JWS vector is refused by a verifier holding the group's key."""
     auth = Authenticator(wycheproof_settings(key, tmp_path), clock=Clock(NOW))
     await rejected(auth, jws)
@@ -1062,10 +1067,18 @@ def test_mint_token_claims() -> None:
     token = mint_token(SECRET, "u", ttl=60, now=NOW, channels=["a:1"], extra={"role": "admin"})
     decoded = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_exp": False})
     assert decoded == {
-        "sub": "u", "iat": int(NOW), "exp": int(NOW) + 60, "channels": ["a:1"], "role": "admin"
+        "sub": "u",
+        "iat": int(NOW),
+        "exp": int(NOW) + 60,
+        "channels": ["a:1"],
+        "role": "admin",
     }
-    plain = jwt.decode(mint_token(SECRET, "u", now=NOW), SECRET, algorithms=["HS256"],
-                       options={"verify_exp": False})
+    plain = jwt.decode(
+        mint_token(SECRET, "u", now=NOW),
+        SECRET,
+        algorithms=["HS256"],
+        options={"verify_exp": False},
+    )
     assert "channels" not in plain
     assert jwt.get_unverified_header(mint_token(SECRET, "u", algorithm="HS384"))["alg"] == "HS384"
 
@@ -1080,8 +1093,9 @@ def test_mint_token_writes_what_pyjwt_writes(alg: str) -> None:
     """The standard-library minter (no PyJWT import for the CLI) signs byte for byte the
     token PyJWT would."""
     claims = {"sub": "u", "iat": int(NOW), "exp": int(NOW) + 60, "channels": ["a:1", "é:2"]}
-    assert mint_token(SECRET, "u", ttl=60, now=NOW, channels=["a:1", "é:2"],
-                      algorithm=alg) == jwt.encode(claims, SECRET, algorithm=alg)
+    assert mint_token(
+        SECRET, "u", ttl=60, now=NOW, channels=["a:1", "é:2"], algorithm=alg
+    ) == jwt.encode(claims, SECRET, algorithm=alg)
 
 
 def test_mint_token_default_now_is_the_wall_clock() -> None:
@@ -1137,20 +1151,20 @@ def test_parse_duration_rejects_junk(text: str) -> None:
 
 
 @hypothesis_settings(max_examples=300, deadline=None)
-@given(position=st.integers(min_value=0, max_value=400),
-       char=st.sampled_from("AaZz09-_.=+/ \x00é"),
-       alg=st.sampled_from(["HS256", "HS384", "HS512"]))
+@given(
+    position=st.integers(min_value=0, max_value=400),
+    char=st.sampled_from("AaZz09-_.=+/ \x00é"),
+    alg=st.sampled_from(["HS256", "HS384", "HS512"]),
+)
 def test_hmac_fast_path_agrees_with_pyjwt(position: int, char: str, alg: str) -> None:
     """The HS* fast path accepts and rejects exactly the tokens PyJWT's path does."""
-    auth_settings = AuthSettings(algorithms=("HS256", "HS384", "HS512"),
-                                 secret="s" * 64, leeway=0)
+    auth_settings = AuthSettings(algorithms=("HS256", "HS384", "HS512"), secret="s" * 64, leeway=0)
     fast = Authenticator(auth_settings, clock=lambda: 1_000.0)
     slow = Authenticator(auth_settings, clock=lambda: 1_000.0)
     slow._hmac_fast = False  # the reference: every token through PyJWT
-    good = mint_token("s" * 64, "alice", channels=["news:*"], ttl=600, algorithm=alg,
-                      now=1_000.0)
+    good = mint_token("s" * 64, "alice", channels=["news:*"], ttl=600, algorithm=alg, now=1_000.0)
     index = position % (len(good) + 1)
-    token = good[:index] + char + good[index + 1:]
+    token = good[:index] + char + good[index + 1 :]
 
     def outcome(auth: Authenticator) -> object:
         try:
@@ -1182,8 +1196,9 @@ async def test_verify_now_defers_to_authenticate_until_the_jwks_is_cached(
     """A JWKS token gives None (fetch needed) until the key set is cached, then verifies
     synchronously without another fetch."""
     fetch = StubFetch({"keys": [public_jwk(ec_key, "e1")]})
-    auth = make_auth(algorithms=("ES256",), jwks_url="https://issuer.example/jwks",
-                     fetch_jwks=fetch)
+    auth = make_auth(
+        algorithms=("ES256",), jwks_url="https://issuer.example/jwks", fetch_jwks=fetch
+    )
     token = signed(ec_key, "ES256", "e1")
     assert auth.verify_now(token) is None
     assert fetch.calls == []
@@ -1202,8 +1217,13 @@ async def test_cached_header_does_not_vouch_for_the_rest_of_the_token(
     good = mint_token(SECRET, "user-1", now=NOW)
     assert (await auth.authenticate(good)).user_id == "user-1"
     header, payload, signature = good.split(".")
-    for bad in (f"{header}.{payload}", f"{header}.{payload}.", f"{header}.{payload}+.{signature}",
-                f"{header}.{payload}.{signature}=", f"{header}..{signature}"):
+    for bad in (
+        f"{header}.{payload}",
+        f"{header}.{payload}.",
+        f"{header}.{payload}+.{signature}",
+        f"{header}.{payload}.{signature}=",
+        f"{header}..{signature}",
+    ):
         await rejected(auth, bad)
 
 
@@ -1252,8 +1272,14 @@ class Issuer:
     """Signs hand-spelled tokens for one verification path and the Authenticator to
     verify them."""
 
-    def __init__(self, path: str, make_auth: MakeAuth, tmp_path: Path,
-                 rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey) -> None:
+    def __init__(
+        self,
+        path: str,
+        make_auth: MakeAuth,
+        tmp_path: Path,
+        rsa_key: rsa.RSAPrivateKey,
+        ec_key: ec.EllipticCurvePrivateKey,
+    ) -> None:
         self.header: dict[str, Any] = {"alg": "HS256"}
         self.claims = claims()
         self.key: Any = SECRET
@@ -1264,24 +1290,26 @@ class Issuer:
             self.auth = make_auth(issuer="https://issuer.example")
         elif path == "rs256-pem":
             self.header, self.key = {"alg": "RS256"}, rsa_key
-            self.auth = make_auth(algorithms=("RS256",),
-                                  public_key_file=write_pem(tmp_path, rsa_key))
+            self.auth = make_auth(
+                algorithms=("RS256",), public_key_file=write_pem(tmp_path, rsa_key)
+            )
         else:
             self.header, self.key = {"alg": "ES256", "kid": "e1"}, ec_key
             fetch = StubFetch({"keys": [public_jwk(ec_key, "e1")]})
-            self.auth = make_auth(algorithms=("ES256",), jwks_url="https://idp.example/jwks",
-                                  fetch_jwks=fetch)
+            self.auth = make_auth(
+                algorithms=("ES256",), jwks_url="https://idp.example/jwks", fetch_jwks=fetch
+            )
 
-    def token(self, spelling: Callable[[str, bytes], str] | None = None,
-              payload: bytes | None = None) -> str:
+    def token(
+        self, spelling: Callable[[str, bytes], str] | None = None, payload: bytes | None = None
+    ) -> str:
         """A correctly signed token; ``spelling(segment_name, data)`` writes each segment
         (default: canonical unpadded base64url), the signature over the spelled ones."""
         spell = spelling or (lambda _name, data: b64(data))
         header = spell("header", _unaligned(json.dumps(self.header).encode()))
         body = spell("payload", payload or _unaligned(json.dumps(self.claims).encode()))
         algorithm = jwt.get_algorithm_by_name(self.header["alg"])
-        signature = algorithm.sign(f"{header}.{body}".encode(),
-                                   algorithm.prepare_key(self.key))
+        signature = algorithm.sign(f"{header}.{body}".encode(), algorithm.prepare_key(self.key))
         return f"{header}.{body}.{spell('signature', signature)}"
 
 
@@ -1313,13 +1341,16 @@ def _standard_alphabet(data: bytes) -> str:
     return base64.b64encode(data).rstrip(b"=").decode()
 
 
-SPELLINGS = {"padded": _padded, "stray-bits": _stray_bits,
-             "standard-alphabet": _standard_alphabet}
+SPELLINGS = {"padded": _padded, "stray-bits": _stray_bits, "standard-alphabet": _standard_alphabet}
 
 
 @pytest.fixture
-def issuer_for(make_auth: MakeAuth, tmp_path: Path, rsa_key: rsa.RSAPrivateKey,
-               ec_key: ec.EllipticCurvePrivateKey) -> Callable[[str], Issuer]:
+def issuer_for(
+    make_auth: MakeAuth,
+    tmp_path: Path,
+    rsa_key: rsa.RSAPrivateKey,
+    ec_key: ec.EllipticCurvePrivateKey,
+) -> Callable[[str], Issuer]:
     return lambda path: Issuer(path, make_auth, tmp_path, rsa_key, ec_key)
 
 

@@ -33,8 +33,7 @@ from tidings.protocol import encode_message, text_frame
 from timeouts import TIMEOUT
 
 WAIT = TIMEOUT
-NAMESPACES = {"default": {"rule": "claims"}, "news": {"rule": "public"},
-              "vault": {"rule": "deny"}}
+NAMESPACES = {"default": {"rule": "claims"}, "news": {"rule": "public"}, "vault": {"rule": "deny"}}
 
 Hook = Callable[[str], Awaitable[None]]
 
@@ -122,17 +121,25 @@ async def make_gateway() -> AsyncIterator[MakeGateway]:
     """Build started gateways (closed at teardown) around a wrapped MemoryBroker."""
     gateways: list[Gateway] = []
 
-    async def make(overrides: Mapping[str, Any] | None = None,
-                   clock: Callable[[], float] = time.monotonic,
-                   broker_clock: FakeClock | None = None) -> Gateway:
+    async def make(
+        overrides: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        broker_clock: FakeClock | None = None,
+    ) -> Gateway:
         settings = make_settings({"namespaces": NAMESPACES, **(overrides or {})})
-        inner = MemoryBroker(history_size=settings.history.size,
-                             history_ttl=settings.history.ttl,
-                             idempotency_window=settings.api.idempotency_window,
-                             clock=broker_clock or FakeClock())
-        gateway = Gateway(settings, broker=WrappedBroker(inner),
-                          authenticator=Authenticator(settings.auth),
-                          policy=ChannelPolicy(settings.namespaces), clock=clock)
+        inner = MemoryBroker(
+            history_size=settings.history.size,
+            history_ttl=settings.history.ttl,
+            idempotency_window=settings.api.idempotency_window,
+            clock=broker_clock or FakeClock(),
+        )
+        gateway = Gateway(
+            settings,
+            broker=WrappedBroker(inner),
+            authenticator=Authenticator(settings.auth),
+            policy=ChannelPolicy(settings.namespaces),
+            clock=clock,
+        )
         await gateway.start()
         gateways.append(gateway)
         return gateway
@@ -153,15 +160,20 @@ def wrapped(gateway: Gateway) -> WrappedBroker:
 
 
 async def publish(gateway: Gateway, channel: str, count: int = 1) -> list[PublishResult]:
-    requests = [PublishRequest(channel, "notification", {"message": "hi", "level": "info"})
-                for _ in range(count)]
+    requests = [
+        PublishRequest(channel, "notification", {"message": "hi", "level": "info"})
+        for _ in range(count)
+    ]
     return await gateway.broker.publish(requests)
 
 
 def offsets(messages: list[dict[str, Any]], channel: str | None = None) -> list[int]:
     """Offsets of the events among ``messages`` (of ``channel`` when given)."""
-    return [m["offset"] for m in messages
-            if "offset" in m and (channel is None or m["channel"] == channel)]
+    return [
+        m["offset"]
+        for m in messages
+        if "offset" in m and (channel is None or m["channel"] == channel)
+    ]
 
 
 def only(messages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -190,8 +202,7 @@ async def test_connect_subscribes_the_personal_channel_and_welcomes(gateway: Gat
     welcome = only(peer.take())
     assert welcome["type"] == "connected"
     assert welcome["data"]["channels"] == ["user:user-1"]
-    assert welcome["data"]["positions"] == {
-        "user:user-1": {"offset": 2, "epoch": results[0].epoch}}
+    assert welcome["data"]["positions"] == {"user:user-1": {"offset": 2, "epoch": results[0].epoch}}
     assert welcome["data"]["user_id"] == "user-1"
     assert welcome["data"]["connection_id"] == peer.conn_id
     assert welcome["data"]["heartbeat_interval"] == 25
@@ -202,8 +213,7 @@ async def test_connect_subscribes_the_personal_channel_and_welcomes(gateway: Gat
     await publish(gateway, "user:user-1")
     await next_tick()
     (event,) = peer.take()
-    assert (event["type"], event["channel"], event["offset"]) == (
-        "notification", "user:user-1", 3)
+    assert (event["type"], event["channel"], event["offset"]) == ("notification", "user:user-1", 3)
 
 
 async def test_connection_ids_are_random_not_sequential(gateway: Gateway) -> None:
@@ -220,8 +230,9 @@ async def test_connection_ids_are_random_not_sequential(gateway: Gateway) -> Non
 
 
 @pytest.mark.parametrize("sub", ["has space", "a/b", "x" * 129, "tab\there"])
-async def test_no_personal_channel_for_a_sub_outside_the_grammar(gateway: Gateway,
-                                                                 sub: str) -> None:
+async def test_no_personal_channel_for_a_sub_outside_the_grammar(
+    gateway: Gateway, sub: str
+) -> None:
     """A ``sub`` that does not fit the channel grammar gets no personal channel."""
     peer = await connect_peer(gateway, sub)
     welcome = only(peer.take())
@@ -242,10 +253,12 @@ async def test_personal_channel_can_be_disabled(make_gateway: MakeGateway) -> No
 
 
 async def test_personal_channel_failure_at_connect_refuses_the_connection(
-        gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
     """When the broker cannot subscribe the personal channel the connection is refused
     (PersonalChannelUnavailable, closed with 1013 at the edge), nothing stays registered,
     and the log says so in one line without a traceback."""
+
     async def down(channel: str) -> None:
         raise BrokerUnavailable("broker down")
 
@@ -279,8 +292,13 @@ async def test_subscribe_reply_shape(gateway: Gateway) -> None:
     reply = only(peer.take())
     assert "id" not in reply
     assert reply["data"]["offset"] == 0
-    await command(gateway, peer, "subscribe",
-                  {"channel": "news:b", "recover": {"offset": 0, "epoch": "e"}}, id="s3")
+    await command(
+        gateway,
+        peer,
+        "subscribe",
+        {"channel": "news:b", "recover": {"offset": 0, "epoch": "e"}},
+        id="s3",
+    )
     reply = only(peer.take())
     assert set(reply["data"]) == {"channel", "offset", "epoch", "recovered"}
     assert set(gateway.hub.channels_of(peer)) == {"user:user-1", "news:a", "news:empty", "news:b"}
@@ -324,13 +342,21 @@ async def test_recover_replays_missed_events_then_live(gateway: Gateway) -> None
     results = await publish(gateway, "news:a", 3)
     peer = await connect_peer(gateway)
     peer.take()
-    await command(gateway, peer, "subscribe",
-                  {"channel": "news:a", "recover": {"offset": 1, "epoch": results[0].epoch}},
-                  id="r")
+    await command(
+        gateway,
+        peer,
+        "subscribe",
+        {"channel": "news:a", "recover": {"offset": 1, "epoch": results[0].epoch}},
+        id="r",
+    )
     messages = peer.take()
     assert messages[0]["type"] == "subscribed"
-    assert messages[0]["data"] == {"channel": "news:a", "offset": 3,
-                                   "epoch": results[0].epoch, "recovered": True}
+    assert messages[0]["data"] == {
+        "channel": "news:a",
+        "offset": 3,
+        "epoch": results[0].epoch,
+        "recovered": True,
+    }
     assert offsets(messages[1:]) == [2, 3]
     assert [m["id"] for m in messages[1:]] == [r.id for r in results[1:]]
     await publish(gateway, "news:a")
@@ -341,7 +367,8 @@ async def test_recover_replays_missed_events_then_live(gateway: Gateway) -> None
 @pytest.mark.parametrize("phase", ["history_before", "history_after"])
 @pytest.mark.parametrize("yield_loop", [False, True], ids=["same-tick", "flushed"])
 async def test_recovery_with_events_racing_the_history_read(
-        gateway: Gateway, phase: str, yield_loop: bool) -> None:
+    gateway: Gateway, phase: str, yield_loop: bool
+) -> None:
     """Events published while recovery reads history arrive exactly once, in order, after
     the ``subscribed`` reply and the replay."""
     results = await publish(gateway, "news:a", 3)
@@ -354,8 +381,12 @@ async def test_recovery_with_events_racing_the_history_read(
     wrapped(gateway).hooks[phase] = race
     peer = await connect_peer(gateway)
     peer.take()
-    await command(gateway, peer, "subscribe",
-                  {"channel": "news:a", "recover": {"offset": 1, "epoch": results[0].epoch}})
+    await command(
+        gateway,
+        peer,
+        "subscribe",
+        {"channel": "news:a", "recover": {"offset": 1, "epoch": results[0].epoch}},
+    )
     del wrapped(gateway).hooks[phase]
     await next_tick()
     messages = peer.take()
@@ -370,15 +401,18 @@ async def test_recovery_with_events_racing_the_history_read(
 @pytest.mark.parametrize("case", ["wrong-epoch", "too-old", "future-offset"])
 @pytest.mark.parametrize("racing", [False, True], ids=["quiet", "racing"])
 async def test_failed_recovery_sends_only_live_events(
-        make_gateway: MakeGateway, case: str, racing: bool) -> None:
+    make_gateway: MakeGateway, case: str, racing: bool
+) -> None:
     """Recovery that cannot be honoured says ``recovered: false`` and sends only events
     past the subscribed offset, once each, in order."""
     gateway = await make_gateway({"history": {"size": 2}})
     results = await publish(gateway, "news:a", 5)
     epoch = results[0].epoch
-    recover = {"wrong-epoch": {"offset": 4, "epoch": "not-" + epoch},
-               "too-old": {"offset": 1, "epoch": epoch},
-               "future-offset": {"offset": 9, "epoch": epoch}}[case]
+    recover = {
+        "wrong-epoch": {"offset": 4, "epoch": "not-" + epoch},
+        "too-old": {"offset": 1, "epoch": epoch},
+        "future-offset": {"offset": 9, "epoch": epoch},
+    }[case]
     reads: list[int] = []  # the latest offset at each history read
 
     async def race(channel: str) -> None:
@@ -399,8 +433,12 @@ async def test_failed_recovery_sends_only_live_events(
     messages = peer.take()
     reply = messages[0]
     assert reply["type"] == "subscribed"
-    assert reply["data"] == {"channel": "news:a", "offset": latest, "epoch": epoch,
-                             "recovered": False}
+    assert reply["data"] == {
+        "channel": "news:a",
+        "offset": latest,
+        "epoch": epoch,
+        "recovered": False,
+    }
     racing_after = [latest + 1, latest + 2] if racing else []
     assert offsets(messages) == racing_after
     await publish(gateway, "news:a")
@@ -409,7 +447,8 @@ async def test_failed_recovery_sends_only_live_events(
 
 
 async def test_recover_after_an_epoch_change_replays_the_new_epoch(
-        make_gateway: MakeGateway) -> None:
+    make_gateway: MakeGateway,
+) -> None:
     """After the channel's stream restarts under a new epoch, a recover naming the old one
     gets ``recovered: false`` (with ``since: 0``), the new epoch's events 1..n in order,
     the events published during that read, then live events, each once."""
@@ -431,16 +470,28 @@ async def test_recover_after_an_epoch_change_replays_the_new_epoch(
     wrapped(gateway).hooks["history_after"] = race
     peer = await connect_peer(gateway)
     peer.take()
-    await command(gateway, peer, "subscribe",
-                  {"channel": "news:a", "recover": {"offset": 5, "epoch": old[0].epoch}},
-                  id="r")
+    await command(
+        gateway,
+        peer,
+        "subscribe",
+        {"channel": "news:a", "recover": {"offset": 5, "epoch": old[0].epoch}},
+        id="r",
+    )
     wrapped(gateway).hooks.clear()
     await next_tick()
     messages = peer.take()
-    assert messages[0] == {"type": "subscribed", "id": "r",
-                           "timestamp": messages[0]["timestamp"],
-                           "data": {"channel": "news:a", "offset": 3, "epoch": new[0].epoch,
-                                    "recovered": False, "since": 0}}
+    assert messages[0] == {
+        "type": "subscribed",
+        "id": "r",
+        "timestamp": messages[0]["timestamp"],
+        "data": {
+            "channel": "news:a",
+            "offset": 3,
+            "epoch": new[0].epoch,
+            "recovered": False,
+            "since": 0,
+        },
+    }
     assert offsets(messages) == [1, 2, 3, 4, 5]
     assert [m["id"] for m in messages[1:4]] == [r.id for r in new]
     await publish(gateway, "news:a")
@@ -449,7 +500,8 @@ async def test_recover_after_an_epoch_change_replays_the_new_epoch(
 
 
 async def test_recover_after_an_epoch_change_past_history_replays_nothing(
-        make_gateway: MakeGateway) -> None:
+    make_gateway: MakeGateway,
+) -> None:
     """When the new epoch is no longer complete from offset 1 (trimmed), a recover naming
     the old epoch is ``recovered: false`` with no replay and no ``since``, then live."""
     clock = FakeClock()
@@ -460,11 +512,19 @@ async def test_recover_after_an_epoch_change_past_history_replays_nothing(
     new = await publish(gateway, "news:a", 5)
     peer = await connect_peer(gateway)
     peer.take()
-    await command(gateway, peer, "subscribe",
-                  {"channel": "news:a", "recover": {"offset": 2, "epoch": old[0].epoch}})
+    await command(
+        gateway,
+        peer,
+        "subscribe",
+        {"channel": "news:a", "recover": {"offset": 2, "epoch": old[0].epoch}},
+    )
     reply = only(peer.take())
-    assert reply["data"] == {"channel": "news:a", "offset": 5, "epoch": new[0].epoch,
-                             "recovered": False}
+    assert reply["data"] == {
+        "channel": "news:a",
+        "offset": 5,
+        "epoch": new[0].epoch,
+        "recovered": False,
+    }
     await publish(gateway, "news:a")
     await next_tick()
     assert offsets(peer.take()) == [6]
@@ -480,8 +540,11 @@ async def test_subscribe_twice_is_idempotent(gateway: Gateway) -> None:
     messages = peer.take()
     replies = [m for m in messages if m["type"] == "subscribed"]
     assert [r["id"] for r in replies] == ["1", "2"]
-    assert replies[1]["data"] == {"channel": "news:a", "offset": 1,
-                                  "epoch": replies[0]["data"]["epoch"]}
+    assert replies[1]["data"] == {
+        "channel": "news:a",
+        "offset": 1,
+        "epoch": replies[0]["data"]["epoch"],
+    }
     assert gateway.hub.channel_counts()["news:a"] == 1
     assert wrapped(gateway).subscribes["news:a"] == 1
     assert set(gateway.hub.channels_of(peer)) == {"user:user-1", "news:a"}
@@ -504,14 +567,23 @@ async def test_resubscribe_with_recover_replays_the_personal_channel(gateway: Ga
         await next_tick()
 
     wrapped(gateway).hooks["history_before"] = race
-    await command(gateway, peer, "subscribe",
-                  {"channel": "user:user-1", "recover": {"offset": 0, "epoch": epoch}}, id="p")
+    await command(
+        gateway,
+        peer,
+        "subscribe",
+        {"channel": "user:user-1", "recover": {"offset": 0, "epoch": epoch}},
+        id="p",
+    )
     wrapped(gateway).hooks.clear()
     await next_tick()
     messages = peer.take()
     assert messages[0]["type"] == "subscribed" and messages[0]["id"] == "p"
-    assert messages[0]["data"] == {"channel": "user:user-1", "offset": 3, "epoch": epoch,
-                                   "recovered": True}
+    assert messages[0]["data"] == {
+        "channel": "user:user-1",
+        "offset": 3,
+        "epoch": epoch,
+        "recovered": True,
+    }
     assert offsets(messages) == [1, 2, 3, 4, 5]
     assert wrapped(gateway).subscribes["user:user-1"] == 1
     assert gateway.hub.channel_counts()["user:user-1"] == 1
@@ -520,19 +592,27 @@ async def test_resubscribe_with_recover_replays_the_personal_channel(gateway: Ga
     assert offsets(peer.take()) == [6]
 
 
-async def test_resubscribe_with_another_epoch_replays_the_current_one(
-        gateway: Gateway) -> None:
+async def test_resubscribe_with_another_epoch_replays_the_current_one(gateway: Gateway) -> None:
     """A live subscription that sent nothing past its start, recovered with an old epoch,
     answers ``recovered: false`` with ``since: 0``, replays the current epoch up to its
     start, then stays live."""
     results = await publish(gateway, "user:user-1", 2)
     peer = await connect_peer(gateway)
     peer.take()
-    await command(gateway, peer, "subscribe",
-                  {"channel": "user:user-1", "recover": {"offset": 7, "epoch": "other"}})
+    await command(
+        gateway,
+        peer,
+        "subscribe",
+        {"channel": "user:user-1", "recover": {"offset": 7, "epoch": "other"}},
+    )
     messages = peer.take()
-    assert messages[0]["data"] == {"channel": "user:user-1", "offset": 2,
-                                   "epoch": results[0].epoch, "recovered": False, "since": 0}
+    assert messages[0]["data"] == {
+        "channel": "user:user-1",
+        "offset": 2,
+        "epoch": results[0].epoch,
+        "recovered": False,
+        "since": 0,
+    }
     assert offsets(messages) == [1, 2]
     assert [m["id"] for m in messages[1:]] == [r.id for r in results]
     await publish(gateway, "user:user-1")
@@ -541,7 +621,8 @@ async def test_resubscribe_with_another_epoch_replays_the_current_one(
 
 
 async def test_resubscribe_with_another_epoch_after_live_events_replays_nothing(
-        gateway: Gateway) -> None:
+    gateway: Gateway,
+) -> None:
     """Once a live event went out, the current epoch's older events cannot follow it:
     ``recovered: false`` without a replay (and without ``since``)."""
     await publish(gateway, "news:a", 2)
@@ -550,8 +631,9 @@ async def test_resubscribe_with_another_epoch_after_live_events_replays_nothing(
     await publish(gateway, "news:a")
     await next_tick()
     assert offsets(peer.take()) == [3]
-    await command(gateway, peer, "subscribe",
-                  {"channel": "news:a", "recover": {"offset": 9, "epoch": "old"}})
+    await command(
+        gateway, peer, "subscribe", {"channel": "news:a", "recover": {"offset": 9, "epoch": "old"}}
+    )
     reply = only(peer.take())
     assert reply["data"]["recovered"] is False and reply["data"]["offset"] == 3
     assert "since" not in reply["data"]
@@ -563,8 +645,12 @@ async def test_resubscribe_without_an_epoch_replays_nothing(gateway: Gateway) ->
     await publish(gateway, "user:user-1", 2)
     peer = await connect_peer(gateway)
     peer.take()
-    await command(gateway, peer, "subscribe",
-                  {"channel": "user:user-1", "recover": {"offset": 0, "epoch": ""}})
+    await command(
+        gateway,
+        peer,
+        "subscribe",
+        {"channel": "user:user-1", "recover": {"offset": 0, "epoch": ""}},
+    )
     reply = only(peer.take())
     assert reply["data"]["recovered"] is False and reply["data"]["offset"] == 2
     assert "since" not in reply["data"]
@@ -574,8 +660,7 @@ async def test_resubscribe_without_an_epoch_replays_nothing(gateway: Gateway) ->
 
 
 @pytest.mark.parametrize("old_epoch", [True, False], ids=["old-epoch", "same-epoch"])
-async def test_repeated_recover_never_resends_an_offset(gateway: Gateway,
-                                                        old_epoch: bool) -> None:
+async def test_repeated_recover_never_resends_an_offset(gateway: Gateway, old_epoch: bool) -> None:
     """A second ``recover`` naming the same point on a live subscription sends nothing the
     first one (replay or live) already sent."""
     results = await publish(gateway, "user:user-1", 2)
@@ -583,8 +668,7 @@ async def test_repeated_recover_never_resends_an_offset(gateway: Gateway,
     peer.take()
     recover = {"offset": 0, "epoch": "old" if old_epoch else results[0].epoch}
     for attempt in range(2):
-        await command(gateway, peer, "subscribe", {"channel": "user:user-1",
-                                                   "recover": recover})
+        await command(gateway, peer, "subscribe", {"channel": "user:user-1", "recover": recover})
         await next_tick()
         messages = peer.take()
         assert messages[0]["type"] == "subscribed"
@@ -602,11 +686,13 @@ async def test_recover_after_a_replay_cannot_resend_it(gateway: Gateway) -> None
     peer = await connect_peer(gateway)
     peer.take()
     epoch = results[0].epoch
-    await command(gateway, peer, "subscribe",
-                  {"channel": "news:a", "recover": {"offset": 1, "epoch": epoch}})
+    await command(
+        gateway, peer, "subscribe", {"channel": "news:a", "recover": {"offset": 1, "epoch": epoch}}
+    )
     assert offsets(peer.take()) == [2, 3]
-    await command(gateway, peer, "subscribe",
-                  {"channel": "news:a", "recover": {"offset": 0, "epoch": epoch}})
+    await command(
+        gateway, peer, "subscribe", {"channel": "news:a", "recover": {"offset": 0, "epoch": epoch}}
+    )
     reply = only(peer.take())
     assert reply["data"]["recovered"] is False and reply["data"]["offset"] == 3
 
@@ -622,8 +708,13 @@ async def test_continuity_lost_during_a_resubscribe_fails_it(gateway: Gateway) -
         gateway.delivery.on_continuity_lost(channel)
 
     wrapped(gateway).hooks["history_after"] = lost
-    await command(gateway, peer, "subscribe",
-                  {"channel": "news:a", "recover": {"offset": 0, "epoch": "old"}}, id="r")
+    await command(
+        gateway,
+        peer,
+        "subscribe",
+        {"channel": "news:a", "recover": {"offset": 0, "epoch": "old"}},
+        id="r",
+    )
     messages = peer.take()
     assert [m["type"] for m in messages] == ["unsubscribed", "error"]
     assert messages[1]["id"] == "r"
@@ -675,8 +766,7 @@ async def test_one_broker_subscription_per_channel_per_node(gateway: Gateway) ->
     assert broker.subscribes == {"user:user-1": 1, "user:user-2": 1, "news:a": 2}
 
 
-async def test_concurrent_first_subscribers_share_one_broker_subscription(
-        gateway: Gateway) -> None:
+async def test_concurrent_first_subscribers_share_one_broker_subscription(gateway: Gateway) -> None:
     """Two connections subscribing a new channel at once make one broker subscription."""
     broker = wrapped(gateway)
     entered = asyncio.Event()
@@ -689,8 +779,9 @@ async def test_concurrent_first_subscribers_share_one_broker_subscription(
 
     broker.hooks["subscribe"] = slow
     peers = [await connect_peer(gateway, f"user-{i}") for i in range(3)]
-    tasks = [asyncio.create_task(command(gateway, p, "subscribe", {"channel": "news:a"}))
-             for p in peers]
+    tasks = [
+        asyncio.create_task(command(gateway, p, "subscribe", {"channel": "news:a"})) for p in peers
+    ]
     await asyncio.wait_for(entered.wait(), WAIT)
     proceed.set()
     await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
@@ -744,6 +835,7 @@ async def test_broker_failure_during_subscribe_rolls_back(gateway: Gateway, wher
 
 async def test_unexpected_exception_in_subscribe_is_internal_error(gateway: Gateway) -> None:
     """An unexpected fault answers ``internal_error``; the connection stays usable."""
+
     async def bug(channel: str) -> None:
         if channel == "news:a":
             raise RuntimeError("boom")
@@ -813,15 +905,18 @@ async def test_continuity_lost_unsubscribes_with_resubscribe_advice(gateway: Gat
     results = await publish(gateway, "news:a")
     await next_tick()
     assert first.take() == [] and second.take() == []
-    await command(gateway, first, "subscribe",
-                  {"channel": "news:a", "recover": {"offset": 0, "epoch": results[0].epoch}})
+    await command(
+        gateway,
+        first,
+        "subscribe",
+        {"channel": "news:a", "recover": {"offset": 0, "epoch": results[0].epoch}},
+    )
     messages = first.take()
     assert messages[0]["data"]["recovered"] is True
     assert offsets(messages) == [1]
 
 
-async def test_disconnect_user_closes_that_users_connections_with_4403(
-        gateway: Gateway) -> None:
+async def test_disconnect_user_closes_that_users_connections_with_4403(gateway: Gateway) -> None:
     """``disconnect_user`` closes every connection of that user with 4403, no other."""
     mine = [await connect_peer(gateway, "user-1") for _ in range(2)]
     other = await connect_peer(gateway, "user-2")
@@ -875,7 +970,8 @@ HEARTBEAT = {"server": {"heartbeat_interval": 25, "heartbeat_timeout": 10}}
 
 
 async def test_a_failing_session_is_closed_1011_and_the_sweep_goes_on(
-        make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture) -> None:
+    make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture
+) -> None:
     """A session whose tick raises is closed with 1011 and logged; the sweep goes on to
     the other peers, which are still pinged and then closed for their silence (4408)."""
     clock = FakeClock()
@@ -908,8 +1004,7 @@ async def test_a_failing_session_is_closed_1011_and_the_sweep_goes_on(
     assert gateway.supervisor.healthy
 
 
-async def test_sweeper_pings_then_closes_a_silent_peer_with_4408(
-        make_gateway: MakeGateway) -> None:
+async def test_sweeper_pings_then_closes_a_silent_peer_with_4408(make_gateway: MakeGateway) -> None:
     """A silent peer is pinged one interval after connect and closed with 4408 one
     timeout after that ping, while a peer that answers pings stays open."""
     clock = FakeClock()
@@ -986,8 +1081,9 @@ async def test_metrics_count_connections_subscriptions_and_events(gateway: Gatew
     for peer in peers:
         await command(gateway, peer, "subscribe", {"channel": "news:a"})
     await command(gateway, peers[0], "subscribe", {"channel": "vault:x"})
-    await service.publish({"channel": "news:a", "type": "notification",
-                           "data": {"message": "hi", "level": "info"}})
+    await service.publish(
+        {"channel": "news:a", "type": "notification", "data": {"message": "hi", "level": "info"}}
+    )
     await next_tick()
     assert gauge(gateway, "tidings_connections") == 2
     assert gauge(gateway, "tidings_subscriptions") == 4
@@ -1031,8 +1127,12 @@ async def test_resubscribe_recovery_never_sends_offsets_out_of_order(gateway: Ga
     peer = await connect_peer(gateway)
     await publish(gateway, "user:user-1")
     await next_tick()
-    await command(gateway, peer, "subscribe", {
-        "channel": "user:user-1", "recover": {"offset": 0, "epoch": results[0].epoch}})
+    await command(
+        gateway,
+        peer,
+        "subscribe",
+        {"channel": "user:user-1", "recover": {"offset": 0, "epoch": results[0].epoch}},
+    )
     await publish(gateway, "user:user-1")
     await next_tick()
     messages = peer.take()
@@ -1077,7 +1177,8 @@ async def test_continuity_lost_during_setup_fails_the_subscribe(gateway: Gateway
 
 
 async def test_personal_channel_holds_live_events_until_the_first_command(
-        make_gateway: MakeGateway) -> None:
+    make_gateway: MakeGateway,
+) -> None:
     """Personal events published right after connect wait for the client's first command."""
     gateway = await make_gateway({"auth": {"personal_channel_hold": 30}})
     peer = await connect_peer(gateway, "user-1")
@@ -1090,7 +1191,8 @@ async def test_personal_channel_holds_live_events_until_the_first_command(
 
 
 async def test_personal_recover_right_after_connect_replays_in_order(
-        make_gateway: MakeGateway) -> None:
+    make_gateway: MakeGateway,
+) -> None:
     """A recover of the personal channel sent right after connect replays what was missed
     before connect, then the events published since, in order and exactly once."""
     gateway = await make_gateway({"auth": {"personal_channel_hold": 30}})
@@ -1099,8 +1201,13 @@ async def test_personal_recover_right_after_connect_replays_in_order(
     peer.take()
     await publish(gateway, "user:user-1", 2)  # live, while the client is about to recover
     await next_tick()
-    await command(gateway, peer, "subscribe", {
-        "channel": "user:user-1", "recover": {"offset": 1, "epoch": results[0].epoch}}, id="r")
+    await command(
+        gateway,
+        peer,
+        "subscribe",
+        {"channel": "user:user-1", "recover": {"offset": 1, "epoch": results[0].epoch}},
+        id="r",
+    )
     messages = peer.take()
     assert messages[0]["type"] == "subscribed" and messages[0]["data"]["recovered"] is True
     assert offsets(messages) == [2, 3, 4, 5]
@@ -1110,7 +1217,8 @@ async def test_personal_recover_right_after_connect_replays_in_order(
 
 
 async def test_events_delivered_counts_frames_written_not_frames_held(
-        make_gateway: MakeGateway) -> None:
+    make_gateway: MakeGateway,
+) -> None:
     """``tidings_events_delivered_total`` counts event frames written to connections:
     nothing for frames a held subscriber keeps, each one once released or replayed."""
     gateway = await make_gateway({"auth": {"personal_channel_hold": 30}})
@@ -1129,8 +1237,12 @@ async def test_events_delivered_counts_frames_written_not_frames_held(
     await command(gateway, peers[0], "ping")
     assert offsets(peers[0].take()) == [2, 3]
     assert delivered() == 2
-    await command(gateway, peers[1], "subscribe", {
-        "channel": "user:user-1", "recover": {"offset": 0, "epoch": first[0].epoch}})
+    await command(
+        gateway,
+        peers[1],
+        "subscribe",
+        {"channel": "user:user-1", "recover": {"offset": 0, "epoch": first[0].epoch}},
+    )
     assert offsets(peers[1].take()) == [1, 2, 3]
     assert delivered() == 5
     await publish(gateway, "user:user-1")
@@ -1143,8 +1255,9 @@ async def test_events_delivered_counts_frames_written_not_frames_held(
 @pytest.mark.parametrize("pad", [0, 100, 70_000], ids=["7-bit", "16-bit", "64-bit"])
 def test_delivered_metric_reads_the_type_behind_every_frame_header(pad: int) -> None:
     """The event type counted for a written frame is read past each length form."""
-    payload = encode_message("chat_message", {"pad": "x" * pad}, channel="news:a", offset=1,
-                             timestamp=0.0)
+    payload = encode_message(
+        "chat_message", {"pad": "x" * pad}, channel="news:a", offset=1, timestamp=0.0
+    )
     assert _frame_event_type(text_frame(payload)) == "chat_message"
     assert _frame_event_type(text_frame(b'{"no":"type"}')) == "unknown"
 
@@ -1160,7 +1273,8 @@ async def test_personal_hold_ends_on_its_own(make_gateway: MakeGateway) -> None:
 
 
 async def test_personal_subscribe_again_does_not_count_towards_the_limit(
-        make_gateway: MakeGateway) -> None:
+    make_gateway: MakeGateway,
+) -> None:
     """Unsubscribing and subscribing the personal channel again keeps it outside
     max_subscriptions."""
     gateway = await make_gateway({"limits": {"max_subscriptions": 1}})
@@ -1173,7 +1287,8 @@ async def test_personal_subscribe_again_does_not_count_towards_the_limit(
 
 
 async def test_the_subscription_limit_lets_a_held_channel_through(
-        make_gateway: MakeGateway) -> None:
+    make_gateway: MakeGateway,
+) -> None:
     """At ``max_subscriptions`` a subscribe of a channel already held is answered as an
     idempotent subscribe (the hub knows it is held); a new channel is refused without
     asking the policy or the broker."""

@@ -14,8 +14,9 @@ from tidings.protocol import encode_message, text_frame
 
 def frame(offset: int, channel: str = "news:a") -> bytes:
     """A real encoded event frame for ``offset``."""
-    return text_frame(encode_message("notification", {"n": offset}, channel=channel,
-                                     offset=offset, timestamp=0.0))
+    return text_frame(
+        encode_message("notification", {"n": offset}, channel=channel, offset=offset, timestamp=0.0)
+    )
 
 
 def offsets(conn: FakeConn) -> list[list[int]]:
@@ -87,8 +88,10 @@ async def test_several_channels_are_written_separately_and_in_order() -> None:
     hub.deliver("news:a", 2, frame(2, "news:a"))
     hub.deliver("news:b", 8, frame(8, "news:b"))
     await next_tick()
-    assert a.writes == [frame(1, "news:a") + frame(2, "news:a"),
-                        frame(7, "news:b") + frame(8, "news:b")]
+    assert a.writes == [
+        frame(1, "news:a") + frame(2, "news:a"),
+        frame(7, "news:b") + frame(8, "news:b"),
+    ]
     assert b.writes == [frame(7, "news:b") + frame(8, "news:b")]
 
 

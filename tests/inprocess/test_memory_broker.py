@@ -32,8 +32,9 @@ class RecordingHandler:
     presence: dict[str, dict[str, int]] = field(default_factory=dict)
     changes: list[PresenceChange] = field(default_factory=list)
 
-    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes,
-                 trace: str | None = None) -> None:
+    def on_event(
+        self, channel: str, offset: int, epoch: str, payload: bytes, trace: str | None = None
+    ) -> None:
         self.events.append((channel, offset, epoch, json.loads(payload)))
 
     def on_continuity_lost(self, channel: str) -> None:
@@ -66,9 +67,13 @@ def handler() -> RecordingHandler:
 
 
 def make_broker(clock: FakeClock, **kwargs: Any) -> MemoryBroker:
-    options: dict[str, Any] = {"history_size": 100, "history_ttl": TTL,
-                               "idempotency_window": WINDOW, "clock": clock,
-                               "wall_clock": lambda: 1_800_000_000.0}
+    options: dict[str, Any] = {
+        "history_size": 100,
+        "history_ttl": TTL,
+        "idempotency_window": WINDOW,
+        "clock": clock,
+        "wall_clock": lambda: 1_800_000_000.0,
+    }
     options.update(kwargs)
     return MemoryBroker(**options)
 
@@ -85,8 +90,9 @@ def request(channel: str = "news:a", n: int = 0, key: str | None = None) -> Publ
     return PublishRequest(channel, "notification", {"message": f"m{n}", "level": "info"}, key)
 
 
-async def publish(broker: MemoryBroker, channel: str = "news:a", count: int = 1,
-                  key: str | None = None) -> list[PublishResult]:
+async def publish(
+    broker: MemoryBroker, channel: str = "news:a", count: int = 1, key: str | None = None
+) -> list[PublishResult]:
     return await broker.publish([request(channel, n, key) for n in range(count)])
 
 
@@ -110,8 +116,7 @@ async def test_offsets_increase_by_exactly_one_per_event(broker: MemoryBroker) -
 async def test_channels_have_independent_offsets_and_epochs(broker: MemoryBroker) -> None:
     """Each channel counts from 1 under its own epoch; a mixed publish keeps request order."""
     results = await broker.publish([request("news:a"), request("news:b"), request("news:a")])
-    assert [(r.channel, r.offset) for r in results] == [("news:a", 1), ("news:b", 1),
-                                                       ("news:a", 2)]
+    assert [(r.channel, r.offset) for r in results] == [("news:a", 1), ("news:b", 1), ("news:a", 2)]
     assert results[0].epoch == results[2].epoch
     assert results[0].epoch != results[1].epoch
 
@@ -120,14 +125,18 @@ async def test_epochs_differ_between_streams_and_between_brokers() -> None:
     """Epochs are 8 hex digits, distinct per stream and per broker instance (a restarted
     server must never reuse its predecessor's epochs)."""
     first, second = MemoryBroker(), MemoryBroker()
-    epochs = [(await broker.position(f"news:{index}")).epoch
-              for broker in (first, second) for index in range(100)]
+    epochs = [
+        (await broker.position(f"news:{index}")).epoch
+        for broker in (first, second)
+        for index in range(100)
+    ]
     assert all(len(epoch) == 8 and int(epoch, 16) >= 0 for epoch in epochs)
     assert len(set(epochs)) == len(epochs)
 
 
 async def test_position_of_an_empty_channel_is_zero_with_a_stable_epoch(
-        broker: MemoryBroker) -> None:
+    broker: MemoryBroker,
+) -> None:
     """An unknown channel is at offset 0; its epoch stays the one its first event gets."""
     empty = await broker.position("news:new")
     assert empty.offset == 0
@@ -183,7 +192,8 @@ async def test_history_at_and_past_the_head(broker: MemoryBroker) -> None:
 
 
 async def test_history_is_incomplete_when_since_is_older_than_the_oldest_kept(
-        clock: FakeClock) -> None:
+    clock: FakeClock,
+) -> None:
     """With a small history, asking from before the oldest kept event is not complete."""
     broker = make_broker(clock, history_size=3)
     await publish(broker, count=5)
@@ -213,8 +223,9 @@ async def test_history_size_zero_keeps_nothing(clock: FakeClock) -> None:
 # -- idempotency ----------------------------------------------------------------------
 
 
-async def test_idempotent_retry_returns_the_first_result(broker: MemoryBroker,
-                                                         handler: RecordingHandler) -> None:
+async def test_idempotent_retry_returns_the_first_result(
+    broker: MemoryBroker, handler: RecordingHandler
+) -> None:
     """A retry with the same key and channel returns the first result, marked duplicate,
     and publishes nothing."""
     await broker.subscribe("news:a")
@@ -242,8 +253,7 @@ async def test_idempotency_is_scoped_per_channel(broker: MemoryBroker) -> None:
     assert fresh.offset == 1 and fresh.channel == "news:c"
 
 
-async def test_idempotency_expires_after_the_window(broker: MemoryBroker,
-                                                    clock: FakeClock) -> None:
+async def test_idempotency_expires_after_the_window(broker: MemoryBroker, clock: FakeClock) -> None:
     """Inside the window a retry is deduplicated; after it the same key publishes again."""
     (first,) = await publish(broker, key="k")
     clock.advance(WINDOW - 0.5)
@@ -257,8 +267,9 @@ async def test_idempotency_expires_after_the_window(broker: MemoryBroker,
     assert again == after._replace(duplicate=True)  # the new publish opened a new window
 
 
-async def test_expire_drops_stale_idempotency_records(broker: MemoryBroker,
-                                                      clock: FakeClock) -> None:
+async def test_expire_drops_stale_idempotency_records(
+    broker: MemoryBroker, clock: FakeClock
+) -> None:
     """``expire()`` forgets records older than the window but keeps fresh ones."""
     (old,) = await publish(broker, key="old")
     clock.advance(WINDOW / 2)
@@ -275,7 +286,8 @@ async def test_expire_drops_stale_idempotency_records(broker: MemoryBroker,
 
 
 async def test_idle_stream_expires_and_comes_back_under_a_new_epoch(
-        broker: MemoryBroker, clock: FakeClock) -> None:
+    broker: MemoryBroker, clock: FakeClock
+) -> None:
     """An unsubscribed stream idle for ``history_ttl`` is forgotten: new epoch, offset 0."""
     (first,) = await publish(broker)
     clock.advance(TTL - 1)
@@ -302,8 +314,7 @@ async def test_publishing_keeps_a_stream_alive(broker: MemoryBroker, clock: Fake
     assert (position.offset, position.epoch) == (2, first.epoch)
 
 
-async def test_a_subscribed_stream_does_not_expire(broker: MemoryBroker,
-                                                   clock: FakeClock) -> None:
+async def test_a_subscribed_stream_does_not_expire(broker: MemoryBroker, clock: FakeClock) -> None:
     """While this node subscribes to a channel its stream is kept; after unsubscribe it
     expires once idle for the TTL."""
     await broker.subscribe("news:a")
@@ -322,14 +333,14 @@ async def test_a_subscribed_stream_does_not_expire(broker: MemoryBroker,
 
 
 async def test_a_departure_becomes_a_leave_once_its_ttl_has_passed(
-        broker: MemoryBroker, handler: RecordingHandler, clock: FakeClock) -> None:
+    broker: MemoryBroker, handler: RecordingHandler, clock: FakeClock
+) -> None:
     """A departed user leaves when ``ttl`` has passed on the clock, not before, and one
     who comes back within the ttl never leaves (the expiry is called by hand here; the
     broker's own timer waits the real ttl, far longer than this test)."""
     await broker.presence_arrive("room:a", "alice", TTL)
     await broker.presence_arrive("room:a", "bob", TTL)
-    assert [(c.user_id, c.kind) for c in handler.changes] == [("alice", "join"),
-                                                               ("bob", "join")]
+    assert [(c.user_id, c.kind) for c in handler.changes] == [("alice", "join"), ("bob", "join")]
     await broker.presence_depart("room:a", "alice", TTL)
     await broker.presence_depart("room:a", "bob", TTL)
     clock.advance(TTL - 1)
@@ -348,11 +359,13 @@ async def test_a_departure_becomes_a_leave_once_its_ttl_has_passed(
 
 
 async def test_delivery_only_for_subscribed_channels_in_order(
-        broker: MemoryBroker, handler: RecordingHandler) -> None:
+    broker: MemoryBroker, handler: RecordingHandler
+) -> None:
     """Only node-subscribed channels reach ``on_event``, synchronously and in offset order."""
     await broker.subscribe("news:a")
-    results = await broker.publish([request("news:a", 0), request("news:b", 0),
-                                    request("news:a", 1)])
+    results = await broker.publish(
+        [request("news:a", 0), request("news:b", 0), request("news:a", 1)]
+    )
     assert [(c, o) for c, o, _, _ in handler.events] == [("news:a", 1), ("news:a", 2)]
     assert {e for _, _, e, _ in handler.events} == {results[0].epoch}
     channel, offset, _, message = handler.events[1]
@@ -383,7 +396,8 @@ async def test_no_delivery_before_start_or_after_close(clock: FakeClock) -> None
 
 
 async def test_channels_presence_and_disconnect_delegate_to_the_handler(
-        broker: MemoryBroker, handler: RecordingHandler) -> None:
+    broker: MemoryBroker, handler: RecordingHandler
+) -> None:
     """Node views come from the handler; disconnect_user is handed to it."""
     handler.channels.update({"news:a": 2, "news:b": 1, "chat:x": 3})
     handler.presence["news:a"] = {"alice": 2, "bob": 1}
@@ -407,12 +421,14 @@ async def test_views_are_empty_without_a_handler(clock: FakeClock) -> None:
 
 
 async def test_sweep_survives_a_failing_expire(
-        clock: FakeClock, handler: RecordingHandler, caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock: FakeClock,
+    handler: RecordingHandler,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """An expire() that raises is logged and the sweep runs again, so idle streams are
     still forgotten afterwards (the sweeper is supervised, not a bare task)."""
-    broker = make_broker(clock, sweep_interval=0.001,
-                         supervisor=Supervisor(delays=(0.001, 0.001)))
+    broker = make_broker(clock, sweep_interval=0.001, supervisor=Supervisor(delays=(0.001, 0.001)))
     calls = 0
     swept_again = asyncio.Event()
     real_expire = broker.expire

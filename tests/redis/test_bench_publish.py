@@ -28,8 +28,20 @@ needs_cc = pytest.mark.skipif(
     reason="the bench's load generator is compiled with a C compiler",
 )
 
-COMMAND = [sys.executable, "-m", "tidings.cli", "bench", "--scenarios", "publish",
-           "--runs", "1", "--quiet-wait", "0", "--attempts", "1"]
+COMMAND = [
+    sys.executable,
+    "-m",
+    "tidings.cli",
+    "bench",
+    "--scenarios",
+    "publish",
+    "--runs",
+    "1",
+    "--quiet-wait",
+    "0",
+    "--attempts",
+    "1",
+]
 
 
 def _needs_redis_server() -> None:
@@ -40,8 +52,12 @@ def _needs_redis_server() -> None:
 def _bench(tmp_path: Path, *options: str, timeout: float = scaled(25)) -> dict[str, Any]:
     """Run the bench with ``options``; return its JSON report (stdout checked too)."""
     output = tmp_path / "bench.json"
-    proc = subprocess.Popen([*COMMAND, *options, "--output", str(output)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*COMMAND, *options, "--output", str(output)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:
@@ -62,8 +78,16 @@ def _by_label(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_requests_are_valid_http_with_json_bodies() -> None:
     """Single requests carry one ~100-byte event each, over the channels in turn; batch
     requests carry ``batch`` events spread over the channels."""
-    single = build_requests(host="127.0.0.1", port=80, key="k", mode="single", batch=100,
-                            channels=4, prefix="bench:p", data_bytes=100)
+    single = build_requests(
+        host="127.0.0.1",
+        port=80,
+        key="k",
+        mode="single",
+        batch=100,
+        channels=4,
+        prefix="bench:p",
+        data_bytes=100,
+    )
     assert len(single) == 4
     head, _, body = single[1].partition(b"\r\n\r\n")
     assert head.startswith(b"POST /api/publish HTTP/1.1\r\n")
@@ -71,8 +95,16 @@ def test_requests_are_valid_http_with_json_bodies() -> None:
     event = msgspec.json.decode(body)
     assert event["channel"] == "bench:p1" and event["type"] == "chat_message"
     assert 90 <= len(msgspec.json.encode(event["data"])) <= 110
-    batch = build_requests(host="127.0.0.1", port=80, key="k", mode="batch", batch=10,
-                           channels=4, prefix="bench:p", data_bytes=100)
+    batch = build_requests(
+        host="127.0.0.1",
+        port=80,
+        key="k",
+        mode="batch",
+        batch=10,
+        channels=4,
+        prefix="bench:p",
+        data_bytes=100,
+    )
     head, _, body = batch[0].partition(b"\r\n\r\n")
     assert head.startswith(b"POST /api/batch HTTP/1.1\r\n")
     events = msgspec.json.decode(body)["events"]
@@ -87,10 +119,14 @@ def test_publish_scenario_against_memory(tmp_path: Path) -> None:
     report = _bench(tmp_path, "--publish-brokers", "memory", "--publish-seconds", "0.3")
     rows = _by_label(report)
     rates = {"publish 1/req x32, memory", "publish batch 100 x8, memory"}
-    latencies = {"publish latency 1 in flight p50, memory",
-                 "publish latency 1 in flight p99, memory"}
-    assert set(rows) == rates | latencies | {"Tidings CPU 1/req, memory",
-                                             "Tidings CPU batch 100, memory"}
+    latencies = {
+        "publish latency 1 in flight p50, memory",
+        "publish latency 1 in flight p99, memory",
+    }
+    assert set(rows) == rates | latencies | {
+        "Tidings CPU 1/req, memory",
+        "Tidings CPU batch 100, memory",
+    }
     for label, summary in rows.items():
         assert summary["errors"] == [], label
         [run] = summary["runs"]
@@ -101,7 +137,11 @@ def test_publish_scenario_against_memory(tmp_path: Path) -> None:
         assert rows[label]["runs"][0]["server_cpu"] > 0, label
     assert rows["publish latency 1 in flight p50, memory"]["runs"][0]["concurrency"] == 1
     assert {r["scenario"] for r in report["results"]} == {
-        "publish_single", "publish_batch", "publish_latency", "publish_node_cpu"}
+        "publish_single",
+        "publish_batch",
+        "publish_latency",
+        "publish_node_cpu",
+    }
 
 
 @needs_cc
@@ -112,8 +152,12 @@ def test_publish_scenario_through_one_redis(tmp_path: Path) -> None:
     _needs_redis_server()
     report = _bench(tmp_path, "--publish-brokers", "memory,redis", "--publish-seconds", "1")
     rows = _by_label(report)
-    for label in ("publish 1/req x32, memory", "publish 1/req x32, Redis",
-                  "publish batch 100 x8, Redis", "publish 1/req x32, Redis/memory"):
+    for label in (
+        "publish 1/req x32, memory",
+        "publish 1/req x32, Redis",
+        "publish batch 100 x8, Redis",
+        "publish 1/req x32, Redis/memory",
+    ):
         assert rows[label]["errors"] == [], label
         assert rows[label]["median"] > 0, label
     assert rows["publish latency 1 in flight p99, Redis"]["median"] > 0
@@ -159,6 +203,7 @@ def test_redis_servers_can_run_on_the_load_cpu() -> None:
         assert os.sched_getaffinity(proc.pid) == {cpus[1]}
     with start_cluster(pinning, 1, 0, cpu=cpus[1]) as cluster:
         assert {frozenset(os.sched_getaffinity(pid)) for pid in cluster.pids} == {
-            frozenset({cpus[1]})}
+            frozenset({cpus[1]})
+        }
     with start_redis(pinning) as (proc, _):
         assert os.sched_getaffinity(proc.pid) == {cpus[0]}

@@ -32,8 +32,9 @@ class FailingHandler:
         self.done = asyncio.Event()
         self.expected = 0
 
-    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes,
-                 trace: str | None = None) -> None:
+    def on_event(
+        self, channel: str, offset: int, epoch: str, payload: bytes, trace: str | None = None
+    ) -> None:
         self.offsets.append(offset)
         if len(self.offsets) >= self.expected:
             self.done.set()
@@ -61,8 +62,7 @@ class FailingHandler:
 
 
 @contextlib.asynccontextmanager
-async def started(kind: str, handler: FailingHandler,
-                  prefix: str) -> AsyncIterator[Broker]:
+async def started(kind: str, handler: FailingHandler, prefix: str) -> AsyncIterator[Broker]:
     """A started broker of ``kind`` delivering ``CHANNEL`` into ``handler``."""
     broker: Broker
     if kind == "memory":
@@ -88,7 +88,8 @@ async def prefix(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, str
 
 
 async def test_a_failing_handler_does_not_stop_the_batch(
-        prefix: tuple[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    prefix: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     """An ``on_event`` that raises mid-batch: the publish is acknowledged with every
     offset, the later events are still delivered, and each failure is logged once."""
     kind, key_prefix = prefix
@@ -107,7 +108,8 @@ async def test_a_failing_handler_does_not_stop_the_batch(
 
 
 async def test_a_failing_disconnect_handler_does_not_fail_the_call(
-        prefix: tuple[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    prefix: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     """An ``on_disconnect_user`` that raises is logged and ``disconnect_user`` returns."""
     kind, key_prefix = prefix
     handler = FailingHandler(set())
@@ -115,5 +117,4 @@ async def test_a_failing_disconnect_handler_does_not_fail_the_call(
         async with started(kind, handler, key_prefix) as broker:
             await broker.disconnect_user("pat", "logout")
     assert handler.disconnects == ["pat"]
-    assert sum("on_disconnect_user failed" in record.message
-               for record in caplog.records) == 1
+    assert sum("on_disconnect_user failed" in record.message for record in caplog.records) == 1

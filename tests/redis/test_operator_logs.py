@@ -39,8 +39,10 @@ async def test_listening_draining_and_stopped_lines_are_json(tmp_path: Path) -> 
     listeners, the mode, the broker), how many connections it drains on SIGTERM, and
     that it stopped."""
     port, internal = free_port(), free_port()
-    async with tidings_process(tmp_path, config_text(port, internal_port=internal),
-                               port=port) as tidings:
+    async with tidings_process(
+        tmp_path, config_text(port, internal_port=internal), port=port
+    ) as tidings:
+
         async def logged_listening() -> bool:
             return bool(_messages(tidings.log(), "listening on"))
 
@@ -62,8 +64,11 @@ async def test_listening_draining_and_stopped_lines_are_json(tmp_path: Path) -> 
     stopped = _messages(lines, "stopped")
     assert len(stopped) == 1
     messages = [str(line["msg"]) for line in lines]
-    assert messages.index(listening) < messages.index(
-        _messages(lines, "draining")[0]) < messages.index(stopped[0])
+    assert (
+        messages.index(listening)
+        < messages.index(_messages(lines, "draining")[0])
+        < messages.index(stopped[0])
+    )
 
 
 async def test_listening_line_hides_the_broker_password(tmp_path: Path) -> None:
@@ -72,6 +77,7 @@ async def test_listening_line_hides_the_broker_password(tmp_path: Path) -> None:
     broker = f"redis://:hunter2-not-logged@127.0.0.1:{redis_port}/0"
     config = config_text(port, broker=broker).replace("[broker]\n", "[broker]\ntimeout = 0.3\n")
     async with tidings_process(tmp_path, config, port=port) as tidings:
+
         async def logged_listening() -> bool:
             return bool(_messages(tidings.log(), "listening on"))
 
@@ -98,7 +104,8 @@ class _StalledBroker(MemoryBroker):
 
 
 async def test_a_drain_that_outlasts_the_shutdown_timeout_is_logged(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A connection still in its handshake when shutdown_timeout runs out (its broker
     stalled) gives one warning saying how many were left, and the server still logs
     that it stopped."""
@@ -111,22 +118,29 @@ async def test_a_drain_that_outlasts_the_shutdown_timeout_is_logged(
     messages = [r.getMessage() for r in caplog.records if r.name == "tidings.server"]
     late = [r for r in caplog.records if "still open" in r.getMessage()]
     assert [r.getMessage() for r in late] == [
-        "1 connections still open after the shutdown timeout (0.2 s)"], messages
+        "1 connections still open after the shutdown timeout (0.2 s)"
+    ], messages
     assert late[0].levelno == logging.WARNING
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert messages.index(late[0].getMessage()) < next(
-        i for i, m in enumerate(messages) if m.startswith("stopped"))
+        i for i, m in enumerate(messages) if m.startswith("stopped")
+    )
 
 
 async def test_probes_and_scrapes_that_succeed_get_no_access_line(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """/healthz, /readyz and /metrics answering 200 write no access line (they come every
     few seconds); other requests do, and so does /readyz failing while the node drains."""
     caplog.set_level(logging.INFO, logger="aiohttp.access")
     async with serve({"server": {"internal_port": 0}}) as server, aiohttp.ClientSession() as http:
-        for url in (f"{server.api_url}/healthz", f"{server.api_url}/readyz",
-                    f"{server.api_url}/metrics", f"{server.http_url}/client/tidings.js",
-                    f"{server.api_url}/no-such-path"):
+        for url in (
+            f"{server.api_url}/healthz",
+            f"{server.api_url}/readyz",
+            f"{server.api_url}/metrics",
+            f"{server.http_url}/client/tidings.js",
+            f"{server.api_url}/no-such-path",
+        ):
             async with http.get(url) as answer:
                 await answer.read()
         server.gateway.draining = True  # as on SIGTERM
@@ -134,8 +148,10 @@ async def test_probes_and_scrapes_that_succeed_get_no_access_line(
             assert answer.status == 503
     lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
     assert [line.split('"')[1] for line in lines] == [
-        "GET /client/tidings.js HTTP/1.1", "GET /no-such-path HTTP/1.1",
-        "GET /readyz HTTP/1.1"], lines
+        "GET /client/tidings.js HTTP/1.1",
+        "GET /no-such-path HTTP/1.1",
+        "GET /readyz HTTP/1.1",
+    ], lines
     assert '" 503 ' in lines[-1]
 
 
@@ -143,8 +159,10 @@ async def test_slow_consumer_close_is_logged(caplog: pytest.LogCaptureFixture) -
     """A subscriber closed with 1013 for reading too slowly gets one warning naming the
     connection and the user."""
     caplog.set_level(logging.WARNING, logger="tidings")
-    async with serve(SLOW) as server, raw_client(
-            server, token("slowpoke", ("bulk:*",)), rcvbuf=4096) as slow:
+    async with (
+        serve(SLOW) as server,
+        raw_client(server, token("slowpoke", ("bulk:*",)), rcvbuf=4096) as slow,
+    ):
         await slow.send({"type": "subscribe", "id": "s", "data": {"channel": "bulk:feed"}})
         assert (await slow.recv())["type"] == "subscribed"
         await overflow(server, "bulk:feed")
@@ -157,13 +175,15 @@ async def test_slow_consumer_close_is_logged(caplog: pytest.LogCaptureFixture) -
 
 
 async def test_redis_lost_and_restored_are_one_line_each(
-        redis_servers: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture) -> None:
+    redis_servers: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
     """Redis killed and started again: one warning that the connection was lost and one
     line that it was restored, however many reconnection attempts came between."""
     caplog.set_level(logging.DEBUG, logger="tidings")
     redis = redis_servers()
     await redis.start()
     async with redis_node(redis.url, "t-logs", overrides={"broker": {"timeout": 0.3}}) as node:
+
         async def ready(expected: int) -> bool:
             status, _ = await api(node, "GET", "/readyz", key=None)
             return status == expected
@@ -174,8 +194,7 @@ async def test_redis_lost_and_restored_are_one_line_each(
 
         async def retried() -> bool:
             # Debug lines, one per failed pub/sub attempt: several must have happened.
-            return sum("pub/sub connection lost" in r.getMessage()
-                       for r in caplog.records) >= 3
+            return sum("pub/sub connection lost" in r.getMessage() for r in caplog.records) >= 3
 
         await until(retried, 15, "several reconnection attempts")
         await redis.start()
@@ -193,9 +212,9 @@ async def test_worker_restart_is_logged(redis_prefix: str, tmp_path: Path) -> No
     back."""
     port, internal = free_port(), free_port()
     # The top-level key goes above the first section.
-    config = "workers = 2\n" + config_text(port, internal_port=internal,
-                                            broker=REDIS_URL).replace(
-        "[broker]\n", f'[broker]\nprefix = "{redis_prefix}"\n')
+    config = "workers = 2\n" + config_text(port, internal_port=internal, broker=REDIS_URL).replace(
+        "[broker]\n", f'[broker]\nprefix = "{redis_prefix}"\n'
+    )
     async with tidings_process(tmp_path, config, port=port) as tidings:
         # "tidings: worker 1 ready (pid 1234)", printed before the listening line.
         ready = [line.split() for line in tidings.stdout if line.startswith("tidings: worker")]
@@ -210,8 +229,11 @@ async def test_worker_restart_is_logged(redis_prefix: str, tmp_path: Path) -> No
         exited = [line for line in tidings.log() if "exited with status" in str(line["msg"])]
         assert len(exited) == 1 and exited[0]["level"] == "warning", exited
         assert exited[0]["msg"].startswith(
-            f"worker {index} (pid {victim}) exited with status -9; restarting in")
-        async with aiohttp.ClientSession() as http, \
-                http.get(f"http://127.0.0.1:{internal}/readyz") as answer:
+            f"worker {index} (pid {victim}) exited with status -9; restarting in"
+        )
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{internal}/readyz") as answer,
+        ):
             assert answer.status == 200
         assert await tidings.terminate() == 0

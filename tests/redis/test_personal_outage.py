@@ -50,9 +50,14 @@ async def node(redis: EngineNode) -> AsyncIterator[RunningServer]:
 
 async def _handshake(server: RunningServer) -> tuple[str, object]:
     """Open one connection: ("connected", channels) or ("closed", close code)."""
-    async with aiohttp.ClientSession() as session, session.ws_connect(
-            f"{server.ws_url}?token={TOK}", autoping=True,
-            timeout=aiohttp.ClientWSTimeout(ws_close=TIMEOUT)) as ws:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(
+            f"{server.ws_url}?token={TOK}",
+            autoping=True,
+            timeout=aiohttp.ClientWSTimeout(ws_close=TIMEOUT),
+        ) as ws,
+    ):
         msg = await ws.receive(TIMEOUT)
         if msg.type is aiohttp.WSMsgType.TEXT:
             hello = msg.json()
@@ -64,16 +69,22 @@ async def _handshake(server: RunningServer) -> tuple[str, object]:
 
 async def _samples(server: RunningServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """One scrape of /metrics, on a connection of its own, keyed by name and labels."""
-    async with aiohttp.ClientSession() as session, \
-            session.get(server.http_url + "/metrics") as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.http_url + "/metrics") as response,
+    ):
         assert response.status == 200
         text = await response.text()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 async def test_connect_is_refused_with_1013_while_redis_is_paused(
-        redis: EngineNode, node: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
+    redis: EngineNode, node: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
     """While Redis is paused a new connection is closed with 1013 before ``connected``,
     the outage is logged once (no traceback), tidings_broker_up reads 0; once Redis is
     back the connection opens with its personal channel and receives its events."""
@@ -109,13 +120,18 @@ async def test_connect_is_refused_with_1013_while_redis_is_paused(
 
 
 async def test_python_client_backs_off_on_1013_and_gets_in_when_redis_returns(
-        redis: EngineNode, node: RunningServer) -> None:
+    redis: EngineNode, node: RunningServer
+) -> None:
     """The Python SDK, refused with 1013 during the outage, retries with backoff and,
     once Redis answers, connects with its personal channel and receives events on it."""
     recorder = StateRecorder()
     redis.pause()
-    client = Client(node.ws_url, token=TOK, on_state=recorder,
-                    backoff=Backoff(initial=0.05, cap=0.2, random=lambda: 0.5))
+    client = Client(
+        node.ws_url,
+        token=TOK,
+        on_state=recorder,
+        backoff=Backoff(initial=0.05, cap=0.2, random=lambda: 0.5),
+    )
     try:
         await client.start(wait=False)
         refused = await recorder.wait("disconnected")
@@ -125,9 +141,16 @@ async def test_python_client_backs_off_on_1013_and_gets_in_when_redis_returns(
         await recorder.wait("connected", timeout=scaled(20))
         assert client.automatic_channels == {"user:u1"}
         personal = await client.subscribe("user:u1")
-        status, body = await api(node, "POST", "/api/publish", {
-            "channel": "user:u1", "type": "notification",
-            "data": {"message": "back", "level": "info"}})
+        status, body = await api(
+            node,
+            "POST",
+            "/api/publish",
+            {
+                "channel": "user:u1",
+                "type": "notification",
+                "data": {"message": "back", "level": "info"},
+            },
+        )
         assert status == 200, body
         item = await asyncio.wait_for(anext(personal), TIMEOUT)
         assert isinstance(item, Event) and item.data["message"] == "back"
@@ -137,16 +160,15 @@ async def test_python_client_backs_off_on_1013_and_gets_in_when_redis_returns(
 
 
 async def test_server_api_failures_during_an_outage_are_one_rate_limited_line_per_route(
-        redis: EngineNode, node: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
+    redis: EngineNode, node: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
     """While Redis is paused every publish and history read answers 503, and each route
     logs one warning line without traceback, named by its pattern (no channel); the next
     interval's line counts the requests left out."""
     now = [0.0]
-    node.gateway.outages = OutageLog(logging.getLogger("tidings.gateway"),
-                                     clock=lambda: now[0])
+    node.gateway.outages = OutageLog(logging.getLogger("tidings.gateway"), clock=lambda: now[0])
     caplog.set_level("WARNING")
-    body = {"channel": "news:a", "type": "notification",
-            "data": {"message": "m", "level": "info"}}
+    body = {"channel": "news:a", "type": "notification", "data": {"message": "m", "level": "info"}}
     redis.pause()
     try:
         for _ in range(4):
@@ -160,12 +182,13 @@ async def test_server_api_failures_during_an_outage_are_one_rate_limited_line_pe
         assert status == 503
     finally:
         redis.resume()
-    lines = [r for r in caplog.records if "failed" in r.getMessage()
-             and "/api/" in r.getMessage()]
+    lines = [r for r in caplog.records if "failed" in r.getMessage() and "/api/" in r.getMessage()]
     messages = [r.getMessage() for r in lines]
     assert [m.split(":", 1)[0] for m in messages] == [
-        "POST /api/publish failed", "GET /api/channels/{channel}/history failed",
-        "POST /api/publish failed"], messages
+        "POST /api/publish failed",
+        "GET /api/channels/{channel}/history failed",
+        "POST /api/publish failed",
+    ], messages
     assert "(3 more since the previous such line, not logged)" in messages[2]
     assert all(r.levelname == "WARNING" and r.exc_info is None for r in lines)
     assert not any("news:" in m for m in messages)

@@ -39,8 +39,9 @@ class Recorder:
         self.users: dict[str, dict[str, int]] = {}
         self._changed = asyncio.Event()
 
-    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes,
-                 trace: str | None = None) -> None:
+    def on_event(
+        self, channel: str, offset: int, epoch: str, payload: bytes, trace: str | None = None
+    ) -> None:
         self.events.append((channel, offset, epoch, payload))
         self._changed.set()
 
@@ -76,10 +77,12 @@ class Recorder:
 
 
 @contextlib.asynccontextmanager
-async def broker(prefix: str, url: str = REDIS_URL, handler: Recorder | None = None,
-                 **options: Any) -> AsyncIterator[tuple[RedisBroker, Recorder]]:
-    instance = RedisBroker(url, prefix=prefix, timeout=options.pop("timeout", 1.0),
-                           **{**FAST, **options})
+async def broker(
+    prefix: str, url: str = REDIS_URL, handler: Recorder | None = None, **options: Any
+) -> AsyncIterator[tuple[RedisBroker, Recorder]]:
+    instance = RedisBroker(
+        url, prefix=prefix, timeout=options.pop("timeout", 1.0), **{**FAST, **options}
+    )
     recorder = handler or Recorder()
     await instance.start(recorder)
     try:
@@ -111,25 +114,41 @@ async def test_offsets_increase_by_one_within_one_epoch(redis_prefix: str) -> No
 async def test_batch_keeps_order_across_channels(redis_prefix: str) -> None:
     """A batch is published in order and answers in the same order."""
     async with broker(redis_prefix) as (b, _):
-        requests = [note("news:a"), note("news:b"), note("news:a"), note("news:a"),
-                    note("news:b")]
+        requests = [note("news:a"), note("news:b"), note("news:a"), note("news:a"), note("news:b")]
         results = await b.publish(requests)
         assert [(r.channel, r.offset) for r in results] == [
-            ("news:a", 1), ("news:b", 1), ("news:a", 2), ("news:a", 3), ("news:b", 2)]
+            ("news:a", 1),
+            ("news:b", 1),
+            ("news:a", 2),
+            ("news:a", 3),
+            ("news:b", 2),
+        ]
 
 
 async def test_payload_is_byte_identical_to_the_wire_format(redis_prefix: str) -> None:
     """Stored and delivered payloads are exactly what encode_message produces."""
     moment = 1_780_000_000.123
-    async with broker(redis_prefix, wall_clock=lambda: moment) as (b, _), \
-            broker(redis_prefix) as (sub, seen):
+    async with (
+        broker(redis_prefix, wall_clock=lambda: moment) as (b, _),
+        broker(redis_prefix) as (sub, seen),
+    ):
         await sub.subscribe("chat:room-1")
-        data = {"conversation_id": "c1", "sender_id": "ü-1", "content": "héllo \"x\" ✓",
-                "nested": {"list": [1, 2.5, None, True]}}
+        data = {
+            "conversation_id": "c1",
+            "sender_id": "ü-1",
+            "content": 'héllo "x" ✓',
+            "nested": {"list": [1, 2.5, None, True]},
+        }
         for _ in range(11):  # offsets of several digits
             [result] = await b.publish([PublishRequest("chat:room-1", "chat_message", data)])
-        expected = encode_message("chat_message", data, id=result.id, channel="chat:room-1",
-                                  offset=result.offset, timestamp=moment)
+        expected = encode_message(
+            "chat_message",
+            data,
+            id=result.id,
+            channel="chat:room-1",
+            offset=result.offset,
+            timestamp=moment,
+        )
         page = await b.history("chat:room-1", 10, 5)
         assert [e.offset for e in page.events] == [11]
         assert page.events[0].payload == expected
@@ -156,12 +175,15 @@ async def test_history_pages_and_completeness(redis_prefix: str) -> None:
         assert not huge.complete
 
 
-async def test_idempotency_key_returns_the_first_result(redis_prefix: str,
-                                                        redis_client: aioredis.Redis) -> None:
+async def test_idempotency_key_returns_the_first_result(
+    redis_prefix: str, redis_client: aioredis.Redis
+) -> None:
     """A retried key answers the first offset, marked duplicate, and publishes nothing,
     per channel, until the window ends."""
-    async with broker(redis_prefix, idempotency_window=60) as (b, _), \
-            broker(redis_prefix) as (sub, seen):
+    async with (
+        broker(redis_prefix, idempotency_window=60) as (b, _),
+        broker(redis_prefix) as (sub, seen),
+    ):
         await sub.subscribe("news:i")
         [first] = await b.publish([note("news:i", key="k-1")])
         [again] = await b.publish([note("news:i", key="k-1", message="other")])
@@ -189,7 +211,8 @@ async def _gone(client: aioredis.Redis, *keys: str) -> bool:
 
 
 async def test_history_expires_after_ttl_and_a_new_epoch_starts(
-        redis_prefix: str, redis_client: aioredis.Redis) -> None:
+    redis_prefix: str, redis_client: aioredis.Redis
+) -> None:
     """Keys carry the history ttl; once they expire the channel restarts under a new epoch."""
     async with broker(redis_prefix, history_ttl=30) as (b, _):
         first, _ = await b.publish([note("news:t"), note("news:t")])
@@ -207,8 +230,9 @@ async def test_history_expires_after_ttl_and_a_new_epoch_starts(
         assert [e.offset for e in page.events] == [1] and page.complete
 
 
-async def test_stream_is_trimmed_to_about_history_size(redis_prefix: str,
-                                                       redis_client: aioredis.Redis) -> None:
+async def test_stream_is_trimmed_to_about_history_size(
+    redis_prefix: str, redis_client: aioredis.Redis
+) -> None:
     """XADD MAXLEN ~ keeps at least history.size events and drops old ones."""
     async with broker(redis_prefix, history_size=10) as (b, _):
         for start in range(0, 400, 100):
@@ -228,9 +252,15 @@ async def test_unreachable_redis_is_broker_unavailable(redis_prefix: str) -> Non
     started = time.monotonic()
     async with broker(redis_prefix, url=url, timeout=0.3) as (b, _):
         assert not await b.ready()
-        for call in (b.publish([note("news:u")]), b.position("news:u"),
-                     b.history("news:u", 0, 10), b.subscribe("news:u"),
-                     b.presence("news:u"), b.channels(""), b.disconnect_user("u", "")):
+        for call in (
+            b.publish([note("news:u")]),
+            b.position("news:u"),
+            b.history("news:u", 0, 10),
+            b.subscribe("news:u"),
+            b.presence("news:u"),
+            b.channels(""),
+            b.disconnect_user("u", ""),
+        ):
             with pytest.raises(BrokerUnavailable) as caught:
                 await call
             assert "s3cret" not in caught.value.message
@@ -281,8 +311,9 @@ async def _publish_silently(b: RedisBroker, channel: str) -> None:
     await b._router.run(event.slot, [("EVALSHA", b._scripts.publish, *command)])
 
 
-async def test_unfillable_gap_reports_continuity_lost(redis_prefix: str,
-                                                      redis_client: aioredis.Redis) -> None:
+async def test_unfillable_gap_reports_continuity_lost(
+    redis_prefix: str, redis_client: aioredis.Redis
+) -> None:
     """A gap that history no longer holds is reported, and delivery resumes after it."""
     async with broker(redis_prefix) as (pub, _), broker(redis_prefix) as (sub, seen):
         await sub.subscribe("news:l")
@@ -294,15 +325,17 @@ async def test_unfillable_gap_reports_continuity_lost(redis_prefix: str,
         await seen.until(lambda: seen.offsets("news:l") == [3])
 
 
-async def test_changed_epoch_reports_continuity_lost(redis_prefix: str,
-                                                     redis_client: aioredis.Redis) -> None:
+async def test_changed_epoch_reports_continuity_lost(
+    redis_prefix: str, redis_client: aioredis.Redis
+) -> None:
     """When a channel's history is lost (new epoch) the node says so, then goes on."""
     async with broker(redis_prefix) as (pub, _), broker(redis_prefix) as (sub, seen):
         await sub.subscribe("news:e")
         [old] = await pub.publish([note("news:e")])
         await seen.until(lambda: seen.offsets("news:e") == [1])
-        await redis_client.delete(f"{redis_prefix}:{{news:e}}:meta",
-                                  f"{redis_prefix}:{{news:e}}:stream")
+        await redis_client.delete(
+            f"{redis_prefix}:{{news:e}}:meta", f"{redis_prefix}:{{news:e}}:stream"
+        )
         [new] = await pub.publish([note("news:e")])
         assert new.offset == 1 and new.epoch != old.epoch
         await seen.until(lambda: len(seen.events) == 2)
@@ -311,8 +344,8 @@ async def test_changed_epoch_reports_continuity_lost(redis_prefix: str,
 
 
 async def test_channels_lost_together_are_one_log_line(
-        redis_prefix: str, redis_client: aioredis.Redis,
-        caplog: pytest.LogCaptureFixture) -> None:
+    redis_prefix: str, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
     """Channels whose history is lost at once (Redis emptied) are each reported to the
     handler, and logged as one rate-limited line, not one per channel."""
     caplog.set_level("INFO", logger="tidings.brokers.redis.fanout")
@@ -323,8 +356,9 @@ async def test_channels_lost_together_are_one_log_line(
             await pub.publish([note(channel)])
         await seen.until(lambda: len(seen.events) == len(channels))
         for channel in channels:
-            await redis_client.delete(f"{redis_prefix}:{{{channel}}}:meta",
-                                      f"{redis_prefix}:{{{channel}}}:stream")
+            await redis_client.delete(
+                f"{redis_prefix}:{{{channel}}}:meta", f"{redis_prefix}:{{{channel}}}:stream"
+            )
             await pub.publish([note(channel)])
         await seen.until(lambda: sorted(seen.lost) == channels)
     lines = [r for r in caplog.records if "continuity lost" in r.getMessage()]
@@ -332,8 +366,9 @@ async def test_channels_lost_together_are_one_log_line(
     assert lines[0].levelname == "INFO" and lines[0].exc_info is None
 
 
-async def test_duplicate_messages_are_dropped(redis_prefix: str,
-                                              redis_client: aioredis.Redis) -> None:
+async def test_duplicate_messages_are_dropped(
+    redis_prefix: str, redis_client: aioredis.Redis
+) -> None:
     """A message repeated on pub/sub is delivered once."""
     async with broker(redis_prefix) as (pub, _), broker(redis_prefix) as (sub, seen):
         await sub.subscribe("news:d")
@@ -347,11 +382,14 @@ async def test_duplicate_messages_are_dropped(redis_prefix: str,
 
 
 async def test_lost_pubsub_connection_is_repaired_from_history(
-        redis_prefix: str, redis_client: aioredis.Redis) -> None:
+    redis_prefix: str, redis_client: aioredis.Redis
+) -> None:
     """After the pub/sub connection is killed, the node reconnects, re-subscribes and
     delivers what it missed, once and in order."""
-    async with broker(redis_prefix) as (pub, _), \
-            broker(redis_prefix, reconnect_delay=(0.3, 0.3)) as (sub, seen):
+    async with (
+        broker(redis_prefix) as (pub, _),
+        broker(redis_prefix, reconnect_delay=(0.3, 0.3)) as (sub, seen),
+    ):
         await sub.subscribe("news:r")
         await pub.publish([note("news:r") for _ in range(3)])
         await seen.until(lambda: len(seen.events) == 3)
@@ -382,20 +420,25 @@ async def _kill_pubsub(client: aioredis.Redis, b: RedisBroker) -> int:
 async def test_presence_and_channels_across_nodes(redis_prefix: str) -> None:
     """Presence and channel counts add up over live nodes; a node that stops cleanly
     leaves at once, one that crashes leaves within its ttl."""
-    async with broker(redis_prefix, node_ttl=1.0) as (a, ha), \
-            broker(redis_prefix, node_ttl=1.0) as (b, hb), \
-            broker(redis_prefix, node_ttl=1.0) as (c, hc):
+    async with (
+        broker(redis_prefix, node_ttl=1.0) as (a, ha),
+        broker(redis_prefix, node_ttl=1.0) as (b, hb),
+        broker(redis_prefix, node_ttl=1.0) as (c, hc),
+    ):
         ha.channels, ha.users = {"room:1": 2}, {"room:1": {"u1": 2}}
-        hb.channels, hb.users = {"room:1": 1, "room:2": 1}, {"room:1": {"u2": 1},
-                                                            "room:2": {"u2": 1}}
+        hb.channels, hb.users = (
+            {"room:1": 1, "room:2": 1},
+            {"room:1": {"u2": 1}, "room:2": {"u2": 1}},
+        )
         hc.channels, hc.users = {"room:1": 1}, {"room:1": {"u1": 1}}
         await a.subscribe("room:1")
         await b.subscribe("room:1")
         await c.subscribe("room:1")
 
         async def everyone() -> bool:
-            return (await a.presence("room:1") == {"u1": 3, "u2": 1}
-                    and await a.channels("room:") == {"room:1": 4, "room:2": 1})
+            return await a.presence("room:1") == {"u1": 3, "u2": 1} and await a.channels(
+                "room:"
+            ) == {"room:1": 4, "room:2": 1}
 
         await eventually(everyone)
         assert await b.channels("room:2") == {"room:2": 1}
@@ -452,7 +495,8 @@ async def test_ready_and_close_leave_no_tasks(redis_prefix: str) -> None:
 
 
 async def test_a_failed_sync_loop_is_logged_and_restarted(
-        redis_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """The presence/channel-count sync loop is supervised: when a round raises, the
     failure is logged and the loop runs again instead of ending silently."""
     instance = RedisBroker(REDIS_URL, prefix=redis_prefix, timeout=1.0, **FAST)

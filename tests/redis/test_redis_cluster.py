@@ -119,8 +119,10 @@ def _has_events(follower: Follower) -> bool:
 
 @contextlib.asynccontextmanager
 async def two_nodes(url: str, prefix: str) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
-    async with redis_node(url, prefix, overrides=NODE) as a, \
-            redis_node(url, prefix, overrides=NODE) as b:
+    async with (
+        redis_node(url, prefix, overrides=NODE) as a,
+        redis_node(url, prefix, overrides=NODE) as b,
+    ):
         await eventually(lambda: _ready(a), timeout=scaled(20))
         await eventually(lambda: _ready(b), timeout=scaled(20))
         yield a, b
@@ -185,8 +187,9 @@ async def test_cluster_shard_restarted_with_aof(tmp_path: Path, redis_prefix: st
             assert producer.unavailable > 0
 
 
-async def test_cluster_shard_paused_past_the_node_timeout(tmp_path: Path,
-                                                          redis_prefix: str) -> None:
+async def test_cluster_shard_paused_past_the_node_timeout(
+    tmp_path: Path, redis_prefix: str
+) -> None:
     """A primary frozen (SIGSTOP) until its replica is promoted, then resumed as a stale
     replica: nothing it held unreplicated was shown, so nothing is lost or doubled."""
     async with cluster_scope(tmp_path) as cluster:
@@ -211,15 +214,20 @@ async def _primary_now(cluster: ClusterEngine, port: int) -> bool:
 
 
 async def test_cluster_events_are_shown_only_once_a_replica_has_them(
-        tmp_path: Path, redis_prefix: str) -> None:
+    tmp_path: Path, redis_prefix: str
+) -> None:
     """With the replica frozen a publish answers 503 and is neither delivered nor in
     history; retried with its key once the replica is back, it arrives exactly once."""
     async with cluster_scope(tmp_path) as cluster:
         primary = (await cluster.primaries())[0]
         (replica,) = await cluster.replicas_of(primary)
         channel = channel_on(await slots_of(cluster, primary.port))
-        body = {"channel": channel, "type": "notification", "idempotency_key": "once",
-                "data": {"message": "held back", "level": "info"}}
+        body = {
+            "channel": channel,
+            "type": "notification",
+            "idempotency_key": "once",
+            "data": {"message": "held back", "level": "info"},
+        }
         async with two_nodes(cluster.url, redis_prefix) as (a, b), Scenario(a, b) as run:
             await run.follow(channel)
             replica.pause()
@@ -227,7 +235,8 @@ async def test_cluster_events_are_shown_only_once_a_replica_has_them(
                 status, answer = await api(a, "POST", "/api/publish", body)
                 assert status == 503, answer
                 status, history = await api(
-                    b, "GET", f"/api/channels/{channel}/history?since=0&limit=10")
+                    b, "GET", f"/api/channels/{channel}/history?since=0&limit=10"
+                )
                 assert status == 200 and history["events"] == [], history
             finally:
                 replica.resume()
@@ -238,7 +247,8 @@ async def test_cluster_events_are_shown_only_once_a_replica_has_them(
                 await follower.until(partial(_has_events, follower))
                 assert follower.ids == [event_id]
             status, history = await api(
-                b, "GET", f"/api/channels/{channel}/history?since=0&limit=10")
+                b, "GET", f"/api/channels/{channel}/history?since=0&limit=10"
+            )
             assert [e["id"] for e in history["events"]] == [event_id]
 
 

@@ -25,8 +25,18 @@ async def test_cluster_forms_and_serves_hash_tagged_keys(tmp_path: Path) -> None
         owner = await cluster.primary_of_slot(ClusterEngine.keyslot(key))
         async with owner.client() as client:
             # Hash tags, empty tags, a second tag, bytes and non-ASCII, against the server.
-            for probe in (key, "{tidings}:other", "123456789", "foo", "{}x", "a{b}c{d}",
-                          "{", "x}{y", "ключ", b"\xff{\x00}"):
+            for probe in (
+                key,
+                "{tidings}:other",
+                "123456789",
+                "foo",
+                "{}x",
+                "a{b}c{d}",
+                "{",
+                "x}{y",
+                "ключ",
+                b"\xff{\x00}",
+            ):
                 server = await client.execute_command("CLUSTER", "KEYSLOT", probe)
                 assert ClusterEngine.keyslot(probe) == server, probe
             assert ClusterEngine.keyslot("123456789") == 0x31C3
@@ -35,12 +45,12 @@ async def test_cluster_forms_and_serves_hash_tagged_keys(tmp_path: Path) -> None
         other = next(node for node in primaries if node is not owner)
         async with other.client() as client:
             # redis-py turns the MOVED reply into MovedError("<slot> <host:port>").
-            with pytest.raises(MovedError, match=f"^{ClusterEngine.keyslot(key)} "
-                                                 f"{owner.address}$"):
+            with pytest.raises(MovedError, match=f"^{ClusterEngine.keyslot(key)} {owner.address}$"):
                 await client.get(key)
     # Leaving the scope stopped every process.
-    assert all(node.process is not None and node.process.poll() is not None
-               for node in cluster.nodes)
+    assert all(
+        node.process is not None and node.process.poll() is not None for node in cluster.nodes
+    )
 
 
 async def test_cluster_kill_primary_promotes_its_replica(tmp_path: Path) -> None:
@@ -99,9 +109,11 @@ async def test_sentinel_kill_primary_fails_over_to_the_replica(tmp_path: Path) -
         old = sentinel.primary
         [replica] = sentinel.replicas
         assert await sentinel.current_primary_address() == old.address
-        assert sentinel.url == ("redis+sentinel://"
-                                + ",".join(node.address for node in sentinel.sentinels)
-                                + "/tidings-test")
+        assert sentinel.url == (
+            "redis+sentinel://"
+            + ",".join(node.address for node in sentinel.sentinels)
+            + "/tidings-test"
+        )
         async with old.client() as client:
             await client.set("before", "failover")
             # Acknowledged by the replica, so the failover cannot lose it.

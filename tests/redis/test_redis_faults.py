@@ -42,15 +42,18 @@ async def _readyz_is(server: RunningServer, expected: int, timeout: float = TIME
     await eventually(check, timeout=timeout)
 
 
-async def test_sigstop_for_two_seconds(redis_servers: Callable[..., RedisServer],
-                                       redis_prefix: str) -> None:
+async def test_sigstop_for_two_seconds(
+    redis_servers: Callable[..., RedisServer], redis_prefix: str
+) -> None:
     """Redis frozen for 2 s: publishes answer 503 and are retried; nothing is lost or
     doubled; readiness fails during the freeze and comes back."""
     redis = redis_servers()
     await redis.start()
-    async with redis_node(redis.url, redis_prefix, overrides=NODE) as sub_node, \
-            redis_node(redis.url, redis_prefix, overrides=NODE) as pub_node, \
-            connect(sub_node, TOK) as client:
+    async with (
+        redis_node(redis.url, redis_prefix, overrides=NODE) as sub_node,
+        redis_node(redis.url, redis_prefix, overrides=NODE) as pub_node,
+        connect(sub_node, TOK) as client,
+    ):
         follower = Follower(client, CHANNEL)
         await follower.subscribe()
         follower.start()
@@ -68,21 +71,25 @@ async def test_sigstop_for_two_seconds(redis_servers: Callable[..., RedisServer]
         assert producer.unavailable > 0, "the freeze was not noticed by the publisher"
         producer.check_offsets()
         await follower.until(
-            lambda: set(producer.ids) <= set(follower.ids) or follower.not_recovered > 0)
+            lambda: set(producer.ids) <= set(follower.ids) or follower.not_recovered > 0
+        )
         follower.check_delivery(producer.ids)
         assert follower.not_recovered == 0  # nothing was lost: history repaired the gap
         await follower.stop()
 
 
-async def test_kill_and_restart_with_aof(redis_servers: Callable[..., RedisServer],
-                                         redis_prefix: str) -> None:
+async def test_kill_and_restart_with_aof(
+    redis_servers: Callable[..., RedisServer], redis_prefix: str
+) -> None:
     """kill -9 and restart with appendfsync always: every acknowledged event is still in
     history under the same epoch, and the subscriber gets each exactly once."""
     redis = redis_servers(appendonly=True)
     await redis.start()
-    async with redis_node(redis.url, redis_prefix, overrides=NODE) as sub_node, \
-            redis_node(redis.url, redis_prefix, overrides=NODE) as pub_node, \
-            connect(sub_node, TOK) as client:
+    async with (
+        redis_node(redis.url, redis_prefix, overrides=NODE) as sub_node,
+        redis_node(redis.url, redis_prefix, overrides=NODE) as pub_node,
+        connect(sub_node, TOK) as client,
+    ):
         follower = Follower(client, CHANNEL)
         reply = await follower.subscribe()
         epoch = reply["data"]["epoch"]
@@ -97,8 +104,9 @@ async def test_kill_and_restart_with_aof(redis_servers: Callable[..., RedisServe
         await asyncio.wait_for(producer.task, scaled(15))
         assert producer.unavailable > 0
         producer.check_offsets()
-        status, history = await api(sub_node, "GET",
-                                    f"/api/channels/{CHANNEL}/history?since=0&limit=1000")
+        status, history = await api(
+            sub_node, "GET", f"/api/channels/{CHANNEL}/history?since=0&limit=1000"
+        )
         assert status == 200, history
         assert history["epoch"] == epoch
         assert [e["id"] for e in history["events"]] == producer.ids
@@ -110,14 +118,17 @@ async def test_kill_and_restart_with_aof(redis_servers: Callable[..., RedisServe
 
 
 async def test_restart_without_persistence_changes_the_epoch(
-        redis_servers: Callable[..., RedisServer], redis_prefix: str) -> None:
+    redis_servers: Callable[..., RedisServer], redis_prefix: str
+) -> None:
     """Redis restarted empty: subscribers are told (unsubscribed, insufficient_state,
     resubscribe true), recover gets recovered false, then the new epoch flows."""
     redis = redis_servers()
     await redis.start()
-    async with redis_node(redis.url, redis_prefix, overrides=NODE) as sub_node, \
-            redis_node(redis.url, redis_prefix, overrides=NODE) as pub_node, \
-            connect(sub_node, TOK) as client:
+    async with (
+        redis_node(redis.url, redis_prefix, overrides=NODE) as sub_node,
+        redis_node(redis.url, redis_prefix, overrides=NODE) as pub_node,
+        connect(sub_node, TOK) as client,
+    ):
         follower = Follower(client, CHANNEL)
         reply = await follower.subscribe()
         old_epoch = reply["data"]["epoch"]

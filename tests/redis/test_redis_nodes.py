@@ -21,10 +21,13 @@ NEWS = ("news:*", "room:*")
 
 async def test_events_cross_nodes_once_and_in_order(redis_prefix: str) -> None:
     """Subscribers on two nodes receive every event published on a third, once, in order."""
-    async with redis_node(REDIS_URL, redis_prefix) as a, \
-            redis_node(REDIS_URL, redis_prefix) as b, \
-            redis_node(REDIS_URL, redis_prefix) as c, \
-            connect(a, token("u1", NEWS)) as ca, connect(b, token("u2", NEWS)) as cb:
+    async with (
+        redis_node(REDIS_URL, redis_prefix) as a,
+        redis_node(REDIS_URL, redis_prefix) as b,
+        redis_node(REDIS_URL, redis_prefix) as c,
+        connect(a, token("u1", NEWS)) as ca,
+        connect(b, token("u2", NEWS)) as cb,
+    ):
         followers = [Follower(ca, "news:x"), Follower(cb, "news:x")]
         for follower in followers:
             await follower.subscribe()
@@ -33,9 +36,21 @@ async def test_events_cross_nodes_once_and_in_order(redis_prefix: str) -> None:
         for i in range(20):
             result = await publish(c, "news:x", data={"message": f"m{i}", "level": "info"})
             ids.append(result["id"])
-        status, body = await api(c, "POST", "/api/batch", {"events": [
-            {"channel": "news:x", "type": "notification",
-             "data": {"message": f"b{i}", "level": "info"}} for i in range(20)]})
+        status, body = await api(
+            c,
+            "POST",
+            "/api/batch",
+            {
+                "events": [
+                    {
+                        "channel": "news:x",
+                        "type": "notification",
+                        "data": {"message": f"b{i}", "level": "info"},
+                    }
+                    for i in range(20)
+                ]
+            },
+        )
         assert status == 200, body
         ids += [r["id"] for r in body["results"]]
         for follower in followers:
@@ -47,10 +62,13 @@ async def test_events_cross_nodes_once_and_in_order(redis_prefix: str) -> None:
 
 async def test_presence_and_channels_span_nodes(redis_prefix: str) -> None:
     """Presence and /api/channels count subscribers on every node."""
-    async with redis_node(REDIS_URL, redis_prefix) as a, \
-            redis_node(REDIS_URL, redis_prefix) as b, \
-            connect(a, token("u1", NEWS)) as c1, connect(b, token("u2", NEWS)) as c2, \
-            connect(b, token("u1", NEWS)) as c3:
+    async with (
+        redis_node(REDIS_URL, redis_prefix) as a,
+        redis_node(REDIS_URL, redis_prefix) as b,
+        connect(a, token("u1", NEWS)) as c1,
+        connect(b, token("u2", NEWS)) as c2,
+        connect(b, token("u1", NEWS)) as c3,
+    ):
         for client in (c1, c2, c3):
             assert (await client.subscribe("room:1"))["type"] == "subscribed"
 
@@ -58,8 +76,10 @@ async def test_presence_and_channels_span_nodes(redis_prefix: str) -> None:
             for server in (a, b):
                 status, body = await api(server, "GET", "/api/channels/room:1/presence")
                 assert status == 200, body
-                if body["users"] != [{"user_id": "u1", "connections": 2},
-                                     {"user_id": "u2", "connections": 1}]:
+                if body["users"] != [
+                    {"user_id": "u1", "connections": 2},
+                    {"user_id": "u2", "connections": 1},
+                ]:
                     return False
             return True
 
@@ -67,8 +87,10 @@ async def test_presence_and_channels_span_nodes(redis_prefix: str) -> None:
         status, body = await api(a, "GET", "/api/channels?prefix=room:")
         assert (status, body) == (200, {"channels": [{"channel": "room:1", "subscribers": 3}]})
         status, body = await api(b, "GET", "/api/channels?prefix=user:")
-        assert body["channels"] == [{"channel": "user:u1", "subscribers": 2},
-                                    {"channel": "user:u2", "subscribers": 1}]
+        assert body["channels"] == [
+            {"channel": "user:u1", "subscribers": 2},
+            {"channel": "user:u2", "subscribers": 1},
+        ]
         await c2.send("unsubscribe", {"channel": "room:1"})
 
         async def u2_left() -> bool:
@@ -80,12 +102,16 @@ async def test_presence_and_channels_span_nodes(redis_prefix: str) -> None:
 
 async def test_disconnect_on_one_node_closes_connections_on_all(redis_prefix: str) -> None:
     """POST /api/disconnect on node A closes the user's connections on A and B with 4403."""
-    async with redis_node(REDIS_URL, redis_prefix) as a, \
-            redis_node(REDIS_URL, redis_prefix) as b, \
-            connect(b, token("bad-user")) as on_b, connect(a, token("bad-user")) as on_a, \
-            connect(b, token("good-user")) as other:
-        status, body = await api(a, "POST", "/api/disconnect",
-                                 {"user_id": "bad-user", "reason": "banned"})
+    async with (
+        redis_node(REDIS_URL, redis_prefix) as a,
+        redis_node(REDIS_URL, redis_prefix) as b,
+        connect(b, token("bad-user")) as on_b,
+        connect(a, token("bad-user")) as on_a,
+        connect(b, token("good-user")) as other,
+    ):
+        status, body = await api(
+            a, "POST", "/api/disconnect", {"user_id": "bad-user", "reason": "banned"}
+        )
         assert status == 200, body
         assert await on_b.expect_close() == 4403
         assert await on_a.expect_close() == 4403
@@ -96,8 +122,7 @@ async def test_disconnect_on_one_node_closes_connections_on_all(redis_prefix: st
 async def test_recovery_after_reconnecting_to_another_node(redis_prefix: str) -> None:
     """A client that leaves node A and comes back on node B recovers exactly what it
     missed, then gets live events."""
-    async with redis_node(REDIS_URL, redis_prefix) as a, \
-            redis_node(REDIS_URL, redis_prefix) as b:
+    async with redis_node(REDIS_URL, redis_prefix) as a, redis_node(REDIS_URL, redis_prefix) as b:
         tok = token("u1", NEWS)
         async with connect(a, tok) as first:
             follower = Follower(first, "news:r")
@@ -125,8 +150,7 @@ async def test_recovery_after_reconnecting_to_another_node(redis_prefix: str) ->
 
 async def test_readyz_on_every_node(redis_prefix: str) -> None:
     """Every node on a reachable Redis is ready."""
-    async with redis_node(REDIS_URL, redis_prefix) as a, \
-            redis_node(REDIS_URL, redis_prefix) as b:
+    async with redis_node(REDIS_URL, redis_prefix) as a, redis_node(REDIS_URL, redis_prefix) as b:
         for server in (a, b):
             assert await api(server, "GET", "/readyz", key=None) == (200, {"status": "ready"})
 
@@ -160,13 +184,20 @@ def _alive(pid: int) -> bool:
 
 
 def _start_supervisor(config: Path) -> Any:
-    script = ("import sys\nfrom tidings.config import load_settings\n"
-              "from tidings.workers import run_workers\n"
-              "sys.exit(run_workers(load_settings(sys.argv[1], environ={}), 2, "
-              "restart_delay=(0.1, 1.0)))\n")
+    script = (
+        "import sys\nfrom tidings.config import load_settings\n"
+        "from tidings.workers import run_workers\n"
+        "sys.exit(run_workers(load_settings(sys.argv[1], environ={}), 2, "
+        "restart_delay=(0.1, 1.0)))\n"
+    )
     return asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, str(config), stdout=asyncio.subprocess.PIPE,
-        stderr=subprocess.DEVNULL)
+        sys.executable,
+        "-c",
+        script,
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _write_config(tmp_path: Path, prefix: str) -> Path:
@@ -188,8 +219,7 @@ async def _worker_pids(stdout: asyncio.StreamReader) -> dict[str, int]:
     return pids
 
 
-async def test_workers_share_a_port_restart_and_drain(redis_prefix: str,
-                                                      tmp_path: Path) -> None:
+async def test_workers_share_a_port_restart_and_drain(redis_prefix: str, tmp_path: Path) -> None:
     """--workers: N processes serve one port; a killed worker is replaced; SIGTERM drains
     all and the supervisor exits 0."""
     proc = await _start_supervisor(_write_config(tmp_path, redis_prefix))
@@ -202,8 +232,11 @@ async def test_workers_share_a_port_restart_and_drain(redis_prefix: str,
             async with http.get(f"{url}/readyz") as response:
                 assert response.status == 200
             headers = {"Authorization": f"Bearer {API_KEY}"}
-            body: dict[str, Any] = {"channel": "news:w", "type": "notification",
-                                    "data": {"message": "m", "level": "info"}}
+            body: dict[str, Any] = {
+                "channel": "news:w",
+                "type": "notification",
+                "data": {"message": "m", "level": "info"},
+            }
             async with http.post(f"{url}/api/publish", json=body, headers=headers) as response:
                 assert response.status == 200
 
@@ -224,8 +257,9 @@ async def test_workers_share_a_port_restart_and_drain(redis_prefix: str,
             await proc.wait()
 
 
-async def test_workers_stop_when_the_supervisor_is_killed(redis_prefix: str,
-                                                          tmp_path: Path) -> None:
+async def test_workers_stop_when_the_supervisor_is_killed(
+    redis_prefix: str, tmp_path: Path
+) -> None:
     """Workers whose supervisor died by kill -9 drain and exit instead of living on."""
     proc = await _start_supervisor(_write_config(tmp_path, redis_prefix))
     assert proc.stdout is not None

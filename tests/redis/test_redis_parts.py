@@ -23,8 +23,10 @@ from tidings.brokers.redis.urls import parse_url
 from tidings.errors import BrokerUnavailable
 
 
-@pytest.mark.parametrize("key", [b"", b"abc", b"x:{news:1}:meta", b"{}a", b"a{b}{c}",
-                                 b"{user1000}.following", "é{ü}".encode()])
+@pytest.mark.parametrize(
+    "key",
+    [b"", b"abc", b"x:{news:1}:meta", b"{}a", b"a{b}{c}", b"{user1000}.following", "é{ü}".encode()],
+)
 def test_key_slot_matches_redis_py(key: bytes) -> None:
     """The pure slot function agrees with redis-py's, hash tags included."""
     assert key_slot(key) == redis_key_slot(key)
@@ -36,17 +38,23 @@ def test_channel_keys_and_pubsub_share_a_slot() -> None:
 
     keys = KeyLayout("p")
     slot = key_slot(b"news:1")
-    for key in (keys.meta("news:1"), keys.stream("news:1"), keys.presence("news:1"),
-                keys.idempotency("news:1", "k")):
+    for key in (
+        keys.meta("news:1"),
+        keys.stream("news:1"),
+        keys.presence("news:1"),
+        keys.idempotency("news:1", "k"),
+    ):
         assert key_slot(key.encode()) == slot
     assert key_slot(keys.events("news:1")) == slot
 
 
 def test_cluster_slots_reply_becomes_a_slot_map() -> None:
     """CLUSTER SLOTS ranges map to their primaries; an empty host is the node asked."""
-    reply = [[0, 5460, [b"10.0.0.1", 7000, b"id1"], [b"10.0.0.4", 7003, b"id4"]],
-             [5461, 10922, [b"", 7001, b"id2"]],
-             [10923, 16383, [b"10.0.0.3", 7002, b"id3"]]]
+    reply = [
+        [0, 5460, [b"10.0.0.1", 7000, b"id1"], [b"10.0.0.4", 7003, b"id4"]],
+        [5461, 10922, [b"", 7001, b"id2"]],
+        [10923, 16383, [b"10.0.0.3", 7002, b"id3"]],
+    ]
     slots = parse_cluster_slots(reply, ("10.0.0.2", 7001))
     assert slots is not None and len(slots) == SLOTS
     assert slots[0] == ("10.0.0.1", 7000) and slots[5460] == ("10.0.0.1", 7000)
@@ -79,16 +87,19 @@ def _subscriber(sharded: bool) -> Subscriber:
     async def opener(address: Any) -> Any:
         raise OSError("not used")
 
-    return Subscriber(("h", 1), opener, _Events(), sharded=sharded, timeout=1.0,
-                      ping_interval=1.0)
+    return Subscriber(("h", 1), opener, _Events(), sharded=sharded, timeout=1.0, ping_interval=1.0)
 
 
 def test_sharded_batches_one_command_per_slot_and_kind() -> None:
     """Sharded (un)subscriptions of one tick become one command per slot, kinds in order."""
     sub = _subscriber(sharded=True)
     a, b = b"p:{news:1}", b"p:{news:2}"
-    queue = [(b"SSUBSCRIBE", a), (b"SSUBSCRIBE", b), (b"SSUBSCRIBE", b"x:{news:1}"),
-             (b"SUNSUBSCRIBE", a)]
+    queue = [
+        (b"SSUBSCRIBE", a),
+        (b"SSUBSCRIBE", b),
+        (b"SSUBSCRIBE", b"x:{news:1}"),
+        (b"SUNSUBSCRIBE", a),
+    ]
     commands = sub._batches(queue)
     assert commands[0] == (b"SSUBSCRIBE", a, b"x:{news:1}")
     assert commands[1] == (b"SSUBSCRIBE", b)
@@ -108,8 +119,12 @@ def test_pack_commands_matches_redis_py() -> None:
     refused as redis-py refuses it."""
     from redis.asyncio.connection import Connection
 
-    commands = [("EVALSHA", "ab" * 20, 2, "k:{c}", b"\x00bin\r\n", 10**20, -3, 1.5, "ünï"),
-                ("PING",), ("WAIT", 1, 250), ("SPUBLISH", memoryview(b"ch"), bytearray(b"x"))]
+    commands = [
+        ("EVALSHA", "ab" * 20, 2, "k:{c}", b"\x00bin\r\n", 10**20, -3, 1.5, "ünï"),
+        ("PING",),
+        ("WAIT", 1, 250),
+        ("SPUBLISH", memoryview(b"ch"), bytearray(b"x")),
+    ]
     expected = b"".join(Connection().pack_commands(commands))
     assert pack_commands(commands) == expected
     with pytest.raises(TypeError):
@@ -120,9 +135,17 @@ def test_pack_commands_matches_redis_py() -> None:
 def test_prepacked_publish_commands_are_what_they_say(key: str | None) -> None:
     """An event's command packed ahead (per-channel parts cached) is byte for byte the
     packing of its argument tuple, with and without an idempotency key, twice over."""
-    publisher = Publisher(None, KeyLayout("t"), Scripts("a" * 40, "b" * 40, "c", "d"),  # type: ignore[arg-type]
-                          pubsub_command="PUBLISH", history_size=100, ttl_ms=300_000,
-                          window_ms=60_000, ack_replicas=0, timeout=1.0)
+    publisher = Publisher(
+        None,  # type: ignore[arg-type]
+        KeyLayout("t"),
+        Scripts("a" * 40, "b" * 40, "c", "d"),
+        pubsub_command="PUBLISH",
+        history_size=100,
+        ttl_ms=300_000,
+        window_ms=60_000,
+        ack_replicas=0,
+        timeout=1.0,
+    )
     for _ in range(2):
         event = publisher._event(PublishRequest("news:p", "notification", {"n": 1}, key))
         packed = publisher._packed("a" * 40, event)
@@ -199,8 +222,9 @@ async def test_uncommitted_events_are_never_shown(redis_prefix: str) -> None:
     try:
         await broker.publish([PublishRequest("news:u", "notification", {"n": 1})])
         event = broker._publisher._event(PublishRequest("news:u", "notification", {"n": 2}))
-        (reply,) = await broker._router.run(event.slot, [
-            ("EVALSHA", broker._scripts.append, *event.command)])
+        (reply,) = await broker._router.run(
+            event.slot, [("EVALSHA", broker._scripts.append, *event.command)]
+        )
         assert int(reply[1]) == 2
         page = await broker.history("news:u", 0, 10)
         assert page.position.offset == 1 and [e.offset for e in page.events] == [1]
@@ -210,9 +234,22 @@ async def test_uncommitted_events_are_never_shown(redis_prefix: str) -> None:
         beyond = await broker.history("news:u", 3, 10)
         assert not beyond.complete
         meta = broker._keys.meta("news:u")
-        (committed,) = await broker._router.run(event.slot, [(
-            "EVALSHA", broker._scripts.commit, 2, meta, broker._keys.stream("news:u"),
-            reply[0], 2, "PUBLISH", broker._keys.events("news:u"))])
+        (committed,) = await broker._router.run(
+            event.slot,
+            [
+                (
+                    "EVALSHA",
+                    broker._scripts.commit,
+                    2,
+                    meta,
+                    broker._keys.stream("news:u"),
+                    reply[0],
+                    2,
+                    "PUBLISH",
+                    broker._keys.events("news:u"),
+                )
+            ],
+        )
         assert committed == 2
         page = await broker.history("news:u", 0, 10)
         assert [e.offset for e in page.events] == [1, 2] and page.position.offset == 2
@@ -220,8 +257,7 @@ async def test_uncommitted_events_are_never_shown(redis_prefix: str) -> None:
         await broker.close()
 
 
-async def test_ack_replicas_without_replicas_refuses_and_shows_nothing(
-        redis_prefix: str) -> None:
+async def test_ack_replicas_without_replicas_refuses_and_shows_nothing(redis_prefix: str) -> None:
     """ack_replicas = 1 on a primary with no replica: the publish fails and nothing of it
     can be read."""
     broker = RedisBroker(REDIS_URL, prefix=redis_prefix, timeout=0.4, ack_replicas=1)

@@ -15,10 +15,12 @@ from webhook_receiver import SECRET, receiver
 
 
 def _presence(ttl: float) -> dict[str, Any]:
-    return {"namespaces": {
-        "default": {"rule": "public"},
-        "room": {"rule": "public", "presence_events": True, "presence_ttl": ttl},
-    }}
+    return {
+        "namespaces": {
+            "default": {"rule": "public"},
+            "room": {"rule": "public", "presence_events": True, "presence_ttl": ttl},
+        }
+    }
 
 
 async def _until(client: Client, kind: str, **data: Any) -> list[dict[str, Any]]:
@@ -27,8 +29,7 @@ async def _until(client: Client, kind: str, **data: Any) -> list[dict[str, Any]]
     while True:
         message = await client.recv()
         seen.append(message)
-        if message["type"] == kind and all(message["data"].get(k) == v
-                                           for k, v in data.items()):
+        if message["type"] == kind and all(message["data"].get(k) == v for k, v in data.items()):
             return seen
 
 
@@ -39,11 +40,12 @@ def _about(messages: list[dict[str, Any]], kind: str, user: str) -> int:
 async def test_one_join_and_one_leave_per_transition_across_nodes(redis_prefix: str) -> None:
     """A user on two nodes joins and leaves once for watchers on either node."""
     overrides = _presence(0.3)
-    async with redis_node(REDIS_URL, redis_prefix, overrides=overrides,
-                          presence_interval=0.05) as a, \
-            redis_node(REDIS_URL, redis_prefix, overrides=overrides,
-                       presence_interval=0.05) as b, \
-            connect(a, token("w1")) as w1, connect(b, token("w2")) as w2:
+    async with (
+        redis_node(REDIS_URL, redis_prefix, overrides=overrides, presence_interval=0.05) as a,
+        redis_node(REDIS_URL, redis_prefix, overrides=overrides, presence_interval=0.05) as b,
+        connect(a, token("w1")) as w1,
+        connect(b, token("w2")) as w2,
+    ):
         for watcher in (w1, w2):
             await watcher.subscribe("room:p")
         async with connect(a, token("bob")) as bob_a, connect(b, token("bob")) as bob_b:
@@ -67,11 +69,12 @@ async def test_one_join_and_one_leave_per_transition_across_nodes(redis_prefix: 
 async def test_crashed_nodes_users_leave_after_the_ttl(redis_prefix: str) -> None:
     """Users of a node that stops without cleanup leave once the ttl has passed."""
     overrides = _presence(0.4)
-    async with redis_node(REDIS_URL, redis_prefix, overrides=overrides,
-                          presence_interval=0.05) as a, \
-            redis_node(REDIS_URL, redis_prefix, overrides=overrides,
-                       presence_interval=0.05) as b, \
-            connect(a, token("w1")) as w1, connect(b, token("bob")) as bob:
+    async with (
+        redis_node(REDIS_URL, redis_prefix, overrides=overrides, presence_interval=0.05) as a,
+        redis_node(REDIS_URL, redis_prefix, overrides=overrides, presence_interval=0.05) as b,
+        connect(a, token("w1")) as w1,
+        connect(b, token("bob")) as bob,
+    ):
         await w1.subscribe("room:c")
         await bob.subscribe("room:c")
         await _until(w1, "join", user_id="bob")
@@ -85,11 +88,11 @@ async def test_crashed_nodes_users_leave_after_the_ttl(redis_prefix: str) -> Non
 async def test_reconnect_to_another_node_within_ttl_is_silent(redis_prefix: str) -> None:
     """A user who moves from one node to another within the ttl causes no message."""
     overrides = _presence(30)
-    async with redis_node(REDIS_URL, redis_prefix, overrides=overrides,
-                          presence_interval=0.05) as a, \
-            redis_node(REDIS_URL, redis_prefix, overrides=overrides,
-                       presence_interval=0.05) as b, \
-            connect(a, token("w1")) as w1:
+    async with (
+        redis_node(REDIS_URL, redis_prefix, overrides=overrides, presence_interval=0.05) as a,
+        redis_node(REDIS_URL, redis_prefix, overrides=overrides, presence_interval=0.05) as b,
+        connect(a, token("w1")) as w1,
+    ):
         await w1.subscribe("room:m")
         async with connect(a, token("bob")) as bob:
             await bob.subscribe("room:m")
@@ -106,12 +109,14 @@ async def test_reconnect_to_another_node_within_ttl_is_silent(redis_prefix: str)
 async def test_each_transition_is_posted_by_one_node(redis_prefix: str) -> None:
     """With webhooks on both nodes, a user on both is posted once per event, crash included."""
     async with receiver() as hooks:
-        overrides = {**_presence(0.3), "webhooks": {"url": hooks.url, "secret": SECRET,
-                                                    "retry_delay": 0.01}}
-        async with redis_node(REDIS_URL, redis_prefix, overrides=overrides,
-                              presence_interval=0.05) as a, \
-                redis_node(REDIS_URL, redis_prefix, overrides=overrides,
-                           presence_interval=0.05) as b:
+        overrides = {
+            **_presence(0.3),
+            "webhooks": {"url": hooks.url, "secret": SECRET, "retry_delay": 0.01},
+        }
+        async with (
+            redis_node(REDIS_URL, redis_prefix, overrides=overrides, presence_interval=0.05) as a,
+            redis_node(REDIS_URL, redis_prefix, overrides=overrides, presence_interval=0.05) as b,
+        ):
             async with connect(a, token("bob")) as bob_a, connect(b, token("bob")) as bob_b:
                 await bob_a.subscribe("room:h")
                 await bob_b.subscribe("room:h")
@@ -124,17 +129,21 @@ async def test_each_transition_is_posted_by_one_node(redis_prefix: str) -> None:
             assert names == ["user_left", "channel_vacated"]
             bodies = [json.loads(body) for _, body in hooks.requests]
             assert [body["event"] for body in bodies] == [
-                "channel_occupied", "user_joined", "user_left", "channel_vacated"]
+                "channel_occupied",
+                "user_joined",
+                "user_left",
+                "channel_vacated",
+            ]
 
 
 async def test_presence_on_redis_cluster(tmp_path: Path, redis_prefix: str) -> None:
     """On Redis Cluster (sharded pub/sub), joins and a crashed node's leaves cross nodes."""
     overrides = {**_presence(0.4), "broker": {"timeout": 0.5}}
-    async with cluster_scope(tmp_path) as cluster, \
-            redis_node(cluster.url, redis_prefix, overrides=overrides,
-                       presence_interval=0.05) as a, \
-            redis_node(cluster.url, redis_prefix, overrides=overrides,
-                       presence_interval=0.05) as b:
+    async with (
+        cluster_scope(tmp_path) as cluster,
+        redis_node(cluster.url, redis_prefix, overrides=overrides, presence_interval=0.05) as a,
+        redis_node(cluster.url, redis_prefix, overrides=overrides, presence_interval=0.05) as b,
+    ):
         for server in (a, b):
             await eventually(lambda s=server: _ready(s), timeout=scaled(20))  # type: ignore[misc]
         async with connect(a, token("w1")) as w1, connect(b, token("bob")) as bob:
@@ -166,14 +175,14 @@ async def _ready(server: Any) -> bool:
 async def test_two_survivors_sweep_a_crashed_nodes_leave_once(redis_prefix: str) -> None:
     """Both surviving nodes sweep the crashed node's channel; each watcher gets one leave."""
     overrides = _presence(0.3)
-    async with redis_node(REDIS_URL, redis_prefix, overrides=overrides,
-                          presence_interval=0.02) as a, \
-            redis_node(REDIS_URL, redis_prefix, overrides=overrides,
-                       presence_interval=0.02) as b, \
-            redis_node(REDIS_URL, redis_prefix, overrides=overrides,
-                       presence_interval=0.02) as c, \
-            connect(a, token("w1")) as w1, connect(b, token("w2")) as w2, \
-            connect(c, token("bob")) as bob:
+    async with (
+        redis_node(REDIS_URL, redis_prefix, overrides=overrides, presence_interval=0.02) as a,
+        redis_node(REDIS_URL, redis_prefix, overrides=overrides, presence_interval=0.02) as b,
+        redis_node(REDIS_URL, redis_prefix, overrides=overrides, presence_interval=0.02) as c,
+        connect(a, token("w1")) as w1,
+        connect(b, token("w2")) as w2,
+        connect(c, token("bob")) as bob,
+    ):
         for watcher in (w1, w2):
             await watcher.subscribe("room:s")
         await bob.subscribe("room:s")

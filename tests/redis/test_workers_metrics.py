@@ -25,8 +25,9 @@ from timeouts import scaled
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="--workers needs SO_REUSEPORT and /proc (Linux)")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="--workers needs SO_REUSEPORT and /proc (Linux)"
+)
 
 #: Scrapes per check, each on a fresh TCP connection (so each may reach either worker).
 SCRAPES = 8
@@ -42,15 +43,20 @@ def _alive(pid: int) -> bool:
 
 
 def _parse(text: str) -> Samples:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 async def _scrape(url: str) -> Samples:
     """One scrape on a connection of its own (no keep-alive)."""
     connector = aiohttp.TCPConnector(force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as http, \
-            http.get(f"{url}/metrics", timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as response:
+    async with (
+        aiohttp.ClientSession(connector=connector) as http,
+        http.get(f"{url}/metrics", timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as response,
+    ):
         assert response.status == 200
         return _parse(await response.text())
 
@@ -59,31 +65,44 @@ async def _scrapes(url: str) -> list[Samples]:
     return [await _scrape(url) for _ in range(SCRAPES)]
 
 
-def _values(scrapes: list[Samples], key: tuple[str, tuple[tuple[str, str], ...]]
-            ) -> list[float | None]:
+def _values(
+    scrapes: list[Samples], key: tuple[str, tuple[tuple[str, str], ...]]
+) -> list[float | None]:
     return [samples.get(key) for samples in scrapes]
 
 
 async def _publish(url: str, count: int) -> None:
     """``count`` publishes, each on a connection of its own."""
-    body = {"channel": "news:w", "type": "notification",
-            "data": {"message": "m", "level": "info"}}
+    body = {"channel": "news:w", "type": "notification", "data": {"message": "m", "level": "info"}}
     for _ in range(count):
         connector = aiohttp.TCPConnector(force_close=True)
-        async with aiohttp.ClientSession(connector=connector) as http, http.post(
-                f"{url}/api/publish", json=body,
-                headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        async with (
+            aiohttp.ClientSession(connector=connector) as http,
+            http.post(
+                f"{url}/api/publish", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+            ) as response,
+        ):
             assert response.status == 200, await response.text()
 
 
-async def _start(prefix: str, tmp: Path) -> tuple[asyncio.subprocess.Process, dict[str, int],
-                                                  str]:
+async def _start(prefix: str, tmp: Path) -> tuple[asyncio.subprocess.Process, dict[str, int], str]:
     """``tidings serve --workers 2`` on a free port: the process, its workers' pids by
     number, and its URL once every worker is ready."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tidings.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-        "--workers", "2", env=_environment(prefix, tmp), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL)
+        sys.executable,
+        "-m",
+        "tidings.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--workers",
+        "2",
+        env=_environment(prefix, tmp),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     assert proc.stdout is not None
     try:
         pids = {}
@@ -100,19 +119,23 @@ async def _start(prefix: str, tmp: Path) -> tuple[asyncio.subprocess.Process, di
 
 def _environment(prefix: str, tmp: Path) -> Mapping[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TIDINGS_")}
-    env.update({
-        "TIDINGS_AUTH__SECRET": SECRET, "TIDINGS_API__KEYS": API_KEY,
-        "TIDINGS_BROKER__URL": REDIS_URL, "TIDINGS_BROKER__PREFIX": prefix,
-        "TIDINGS_LOGGING__LEVEL": "warning", "TIDINGS_SERVER__SHUTDOWN_TIMEOUT": "3",
-        # The supervisor's private metrics directory goes here, where the test can see it.
-        "TMPDIR": str(tmp),
-    })
+    env.update(
+        {
+            "TIDINGS_AUTH__SECRET": SECRET,
+            "TIDINGS_API__KEYS": API_KEY,
+            "TIDINGS_BROKER__URL": REDIS_URL,
+            "TIDINGS_BROKER__PREFIX": prefix,
+            "TIDINGS_LOGGING__LEVEL": "warning",
+            "TIDINGS_SERVER__SHUTDOWN_TIMEOUT": "3",
+            # The supervisor's private metrics directory goes here, where the test can see it.
+            "TMPDIR": str(tmp),
+        }
+    )
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return env
 
 
-async def test_every_scrape_describes_the_whole_server(redis_prefix: str,
-                                                       tmp_path: Path) -> None:
+async def test_every_scrape_describes_the_whole_server(redis_prefix: str, tmp_path: Path) -> None:
     """With one WebSocket open, all 8 scrapes read one connection; counters are sums over
     the workers and keep a killed worker's counts; process_* covers the server and
     tidings_worker_* each worker; the metrics directory is removed at exit."""
@@ -130,8 +153,10 @@ async def test_every_scrape_describes_the_whole_server(redis_prefix: str,
             scrapes = await _scrapes(url)
             assert _values(scrapes, ("tidings_connections", ())) == [1] * SCRAPES
             assert _values(scrapes, ("tidings_subscriptions", ())) == [1] * SCRAPES
-            assert _values(scrapes, ("tidings_handshakes_total", (("outcome", "ok"),))) == \
-                [1] * SCRAPES
+            assert (
+                _values(scrapes, ("tidings_handshakes_total", (("outcome", "ok"),)))
+                == [1] * SCRAPES
+            )
         await _publish(url, SCRAPES)
 
         published = ("tidings_events_published_total", (("type", "notification"),))
@@ -148,11 +173,12 @@ async def test_every_scrape_describes_the_whole_server(redis_prefix: str,
                 label = (("worker", worker),)
                 assert samples[("tidings_worker_resident_memory_bytes", label)] > 0
                 assert samples[("tidings_worker_open_fds", label)] > 0
-                assert ("tidings_worker_gc_collections",
-                        (("generation", "0"), *label)) in samples
+                assert ("tidings_worker_gc_collections", (("generation", "0"), *label)) in samples
             whole = samples[("process_resident_memory_bytes", ())]
-            assert whole > sum(samples[("tidings_worker_resident_memory_bytes", (("worker", w),))]
-                               for w in ("1", "2"))  # the supervisor counts too
+            assert whole > sum(
+                samples[("tidings_worker_resident_memory_bytes", (("worker", w),))]
+                for w in ("1", "2")
+            )  # the supervisor counts too
 
         async def closed() -> bool:
             return (await _scrape(url))[("tidings_connections", ())] == 0
@@ -160,14 +186,16 @@ async def test_every_scrape_describes_the_whole_server(redis_prefix: str,
         await eventually(closed)
 
         os.kill(pids["1"], signal.SIGKILL)
-        replacement = int((await line_starting(proc.stdout, "tidings: worker 1 ready"))
-                          .rsplit(" ", 1)[1].rstrip(")"))
+        replacement = int(
+            (await line_starting(proc.stdout, "tidings: worker 1 ready"))
+            .rsplit(" ", 1)[1]
+            .rstrip(")")
+        )
         assert replacement != pids["1"]
         scrapes = await _scrapes(url)
         # Whichever worker counted them, the dead worker's counts are still in the sums.
         assert _values(scrapes, published) == [SCRAPES] * SCRAPES
-        assert _values(scrapes, ("tidings_handshakes_total", (("outcome", "ok"),))) == \
-            [1] * SCRAPES
+        assert _values(scrapes, ("tidings_handshakes_total", (("outcome", "ok"),))) == [1] * SCRAPES
         assert _values(scrapes, ("tidings_connections", ())) == [0] * SCRAPES
 
         proc.send_signal(signal.SIGTERM)
@@ -180,7 +208,8 @@ async def test_every_scrape_describes_the_whole_server(redis_prefix: str,
 
 
 async def test_workers_remove_the_metrics_directory_when_the_supervisor_is_killed(
-        redis_prefix: str, tmp_path: Path) -> None:
+    redis_prefix: str, tmp_path: Path
+) -> None:
     """kill -9 of the supervisor: the workers drain and exit, and the last one removes
     the metrics directory the supervisor could not."""
     tmp = tmp_path / "tmp"

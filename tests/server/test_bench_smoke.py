@@ -26,9 +26,26 @@ def test_bench_runs_a_tiny_fanout_and_writes_json(tmp_path: Path) -> None:
     """A 20-subscriber fan-out of 300 events, run once, completes and writes the JSON."""
     output = tmp_path / "bench.json"
     proc = subprocess.Popen(
-        [*COMMAND, "--scenarios", "fanout", "--subscribers", "20", "--events", "300",
-         "--runs", "1", "--quiet-wait", "0", "--attempts", "1", "--output", str(output)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            *COMMAND,
+            "--scenarios",
+            "fanout",
+            "--subscribers",
+            "20",
+            "--events",
+            "300",
+            "--runs",
+            "1",
+            "--quiet-wait",
+            "0",
+            "--attempts",
+            "1",
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         stdout, stderr = proc.communicate(timeout=scaled(45))

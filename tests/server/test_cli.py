@@ -32,8 +32,9 @@ PROCESS_TIMEOUT = scaled(8.0)
 
 
 @pytest.fixture(autouse=True)
-def _private_runtime_dir(tmp_path_factory: pytest.TempPathFactory,
-                         monkeypatch: pytest.MonkeyPatch) -> Path:
+def _private_runtime_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
     """Each test's CLI processes get a runtime directory of their own, so the development
     state files they write or read are never the user's nor another test's."""
     runtime = tmp_path_factory.mktemp("runtime")
@@ -48,21 +49,29 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, env: Mapping[str, str] | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run one short CLI command to completion (killed by ``subprocess.run`` on timeout)."""
     return subprocess.run(
-        [*CLI, *args], env=clean_env(env), cwd=cwd, capture_output=True, text=True,
-        timeout=PROCESS_TIMEOUT, check=False,
+        [*CLI, *args],
+        env=clean_env(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+        check=False,
     )
 
 
-async def run_cli_async(*args: str, env: Mapping[str, str] | None = None
-                        ) -> tuple[int, str, str]:
+async def run_cli_async(*args: str, env: Mapping[str, str] | None = None) -> tuple[int, str, str]:
     """Run a CLI command without blocking the event loop (an in-process server needs it)."""
     proc = await asyncio.create_subprocess_exec(
-        *CLI, *args, env=clean_env(env),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *CLI,
+        *args,
+        env=clean_env(env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), PROCESS_TIMEOUT)
@@ -96,15 +105,14 @@ class Served:
         for line in self.stdout:
             text = line.strip()
             if text.startswith(label + " "):
-                return text[len(label):].strip()
+                return text[len(label) :].strip()
         raise AssertionError(f"no {label!r} in the banner: {self.stdout}")
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
 
-async def _read_until(proc: asyncio.subprocess.Process, done: Callable[[str], bool]
-                      ) -> list[str]:
+async def _read_until(proc: asyncio.subprocess.Process, done: Callable[[str], bool]) -> list[str]:
     assert proc.stdout is not None
     lines: list[str] = []
     async with asyncio.timeout(PROCESS_TIMEOUT):
@@ -119,14 +127,22 @@ async def _read_until(proc: asyncio.subprocess.Process, done: Callable[[str], bo
 
 
 @contextlib.asynccontextmanager
-async def serve_process(tmp_path: Path, *args: str, env: Mapping[str, str] | None = None,
-                        done: Callable[[str], bool]) -> AsyncIterator[Served]:
+async def serve_process(
+    tmp_path: Path, *args: str, env: Mapping[str, str] | None = None, done: Callable[[str], bool]
+) -> AsyncIterator[Served]:
     """``tidings serve --port 0 ...`` until its stdout shows ``done``; killed on exit."""
     stderr_path = tmp_path / "serve-stderr.log"
     with stderr_path.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
-            *CLI, "serve", "--port", "0", *args, env=clean_env(env), cwd=tmp_path,
-            stdout=asyncio.subprocess.PIPE, stderr=stderr,
+            *CLI,
+            "serve",
+            "--port",
+            "0",
+            *args,
+            env=clean_env(env),
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
         )
         try:
             try:
@@ -166,8 +182,10 @@ async def _run_curl(command: str) -> tuple[int, Any]:
             index += 1
         else:
             url, index = word, index + 1
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session, \
-            session.request(method, url, data=data, headers=headers) as response:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session,
+        session.request(method, url, data=data, headers=headers) as response,
+    ):
         return response.status, json.loads(await response.text())
 
 
@@ -176,8 +194,11 @@ async def test_serve_dev_mode_banner_works_end_to_end(tmp_path: Path) -> None:
     async with serve_process(tmp_path, done=_is_curl) as served:
         text = "\n".join(served.stdout)
         assert "DEVELOPMENT MODE" in text
-        api_key, secret, tok = served.field("API key"), served.field("JWT secret"), \
-            served.field("Token")
+        api_key, secret, tok = (
+            served.field("API key"),
+            served.field("JWT secret"),
+            served.field("Token"),
+        )
         ws_url = served.field("WebSocket")
         assert ws_url.startswith("ws://127.0.0.1:")
         port = int(ws_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
@@ -212,8 +233,10 @@ async def test_sigterm_drains_clients_with_1001_and_exits_0(tmp_path: Path) -> N
     """SIGTERM closes connected clients with 1001 and the process exits with status 0."""
     async with serve_process(tmp_path, done=_is_curl) as served:
         ws_url = served.field("WebSocket")
-        async with aiohttp.ClientSession() as session, \
-                session.ws_connect(ws_url, autoclose=False) as ws:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(ws_url, autoclose=False) as ws,
+        ):
             hello = json.loads((await ws.receive(timeout=TIMEOUT)).data)
             assert hello["type"] == "connected"
             served.proc.send_signal(signal.SIGTERM)
@@ -229,8 +252,7 @@ async def test_sigterm_drains_clients_with_1001_and_exits_0(tmp_path: Path) -> N
 async def test_serve_production_mode_and_sigint(tmp_path: Path) -> None:
     """With a secret configured the server starts in production mode; SIGINT exits 0."""
     env = {"TIDINGS_AUTH__SECRET": SECRET, "TIDINGS_API__KEYS": API_KEY}
-    async with serve_process(tmp_path, env=env,
-                             done=lambda line: "listening on" in line) as served:
+    async with serve_process(tmp_path, env=env, done=lambda line: "listening on" in line) as served:
         line = served.stdout[-1]
         assert "DEVELOPMENT MODE" not in "\n".join(served.stdout)
         url = line.split("listening on", 1)[1].strip()
@@ -247,10 +269,13 @@ async def test_stray_environment_variables_do_not_stop_the_server(tmp_path: Path
     """TIDINGS_KEY (as docs/server-api.md exports it) and a mistyped TIDINGS_BROKER_URL
     are not settings: the server starts, warns about the lookalike without its value,
     and exits 0."""
-    env = {"TIDINGS_AUTH__SECRET": SECRET, "TIDINGS_API__KEYS": API_KEY,
-           "TIDINGS_KEY": "STRAYKEYVALUE", "TIDINGS_BROKER_URL": "redis://STRAYURLVALUE:1/0"}
-    async with serve_process(tmp_path, env=env,
-                             done=lambda line: "listening on" in line) as served:
+    env = {
+        "TIDINGS_AUTH__SECRET": SECRET,
+        "TIDINGS_API__KEYS": API_KEY,
+        "TIDINGS_KEY": "STRAYKEYVALUE",
+        "TIDINGS_BROKER_URL": "redis://STRAYURLVALUE:1/0",
+    }
+    async with serve_process(tmp_path, env=env, done=lambda line: "listening on" in line) as served:
         url = served.stdout[-1].split("listening on", 1)[1].strip()
         async with aiohttp.ClientSession() as session, session.get(url + "/readyz") as r:
             assert r.status == 200
@@ -267,8 +292,9 @@ async def test_stray_environment_variables_do_not_stop_the_server(tmp_path: Path
 
 def test_misspelled_key_in_a_known_section() -> None:
     """TIDINGS_SERVER__PORTT names a key the server section does not have: exit 2."""
-    result = run_cli("serve", "--port", "0", env={"TIDINGS_SERVER__PORTT": "8001",
-                                                  "TIDINGS_KEY": "k"})
+    result = run_cli(
+        "serve", "--port", "0", env={"TIDINGS_SERVER__PORTT": "8001", "TIDINGS_KEY": "k"}
+    )
     assert_config_error(result, "server.portt")
 
 
@@ -276,22 +302,22 @@ def test_unknown_key_in_config_file(tmp_path: Path) -> None:
     """An unknown key in the TOML file exits 2 naming it."""
     config = tmp_path / "tidings.toml"
     config.write_text("[server]\nbogus = 1\n")
-    assert_config_error(run_cli("serve", "--port", "0", "--config", str(config)),
-                        "server.bogus")
+    assert_config_error(run_cli("serve", "--port", "0", "--config", str(config)), "server.bogus")
 
 
 def test_config_file_from_environment(tmp_path: Path) -> None:
     """TIDINGS_CONFIG names the file when --config is absent."""
     config = tmp_path / "tidings.toml"
     config.write_text("[limits]\nmax_subscriptions = -1\n")
-    assert_config_error(run_cli("serve", "--port", "0", env={"TIDINGS_CONFIG": str(config)}),
-                        "limits.max_subscriptions")
+    assert_config_error(
+        run_cli("serve", "--port", "0", env={"TIDINGS_CONFIG": str(config)}),
+        "limits.max_subscriptions",
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("failing", ["port", "internal_port", "internal_host"])
-def test_a_listener_that_cannot_open_is_named(tmp_path: Path, failing: str,
-                                              workers: int) -> None:
+def test_a_listener_that_cannot_open_is_named(tmp_path: Path, failing: str, workers: int) -> None:
     """A busy public or internal port, or an internal host that does not resolve, exits 1
     with one line naming that listener's address and settings, without a traceback."""
     with socket.socket() as busy:
@@ -304,13 +330,16 @@ def test_a_listener_that_cannot_open_is_named(tmp_path: Path, failing: str,
         config.write_text(
             f'workers = {workers}\n[server]\nmode = "production"\nhost = "127.0.0.1"\n'
             + "".join(f"{key} = {value}\n" for key, value in server.items())
-            + f'[auth]\nsecret = "{SECRET}"\n[broker]\nurl = "{REDIS_URL}"\n')
+            + f'[auth]\nsecret = "{SECRET}"\n[broker]\nurl = "{REDIS_URL}"\n'
+        )
         result = run_cli("serve", "--config", str(config))
     assert result.returncode == 1, result.stderr
-    address = ("no-such-host.invalid:0" if failing == "internal_host"
-               else f"127.0.0.1:{taken}")
-    keys = ("server.host, server.port" if failing == "port"
-            else "server.internal_host, server.internal_port")
+    address = "no-such-host.invalid:0" if failing == "internal_host" else f"127.0.0.1:{taken}"
+    keys = (
+        "server.host, server.port"
+        if failing == "port"
+        else "server.internal_host, server.internal_port"
+    )
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"tidings: cannot listen on {address} ({keys}): "), line
     assert "Traceback" not in result.stderr
@@ -318,8 +347,7 @@ def test_a_listener_that_cannot_open_is_named(tmp_path: Path, failing: str,
 
 def test_unreadable_config_file(tmp_path: Path) -> None:
     """A missing or invalid TOML file exits 2 naming --config."""
-    assert_config_error(run_cli("serve", "--config", str(tmp_path / "missing.toml")),
-                        "--config")
+    assert_config_error(run_cli("serve", "--config", str(tmp_path / "missing.toml")), "--config")
     broken = tmp_path / "broken.toml"
     broken.write_text("[server\n")
     assert_config_error(run_cli("serve", "--config", str(broken)), "--config")
@@ -333,8 +361,10 @@ def test_bad_environment_value() -> None:
 
 def test_short_secret_in_production() -> None:
     """A secret under 32 bytes outside development mode exits 2 naming auth.secret."""
-    for env in ({"TIDINGS_AUTH__SECRET": "short"},
-                {"TIDINGS_AUTH__SECRET": "short", "TIDINGS_SERVER__MODE": "production"}):
+    for env in (
+        {"TIDINGS_AUTH__SECRET": "short"},
+        {"TIDINGS_AUTH__SECRET": "short", "TIDINGS_SERVER__MODE": "production"},
+    ):
         assert_config_error(run_cli("serve", "--port", "0", env=env), "auth.secret")
 
 
@@ -349,10 +379,17 @@ def test_workers_need_redis() -> None:
     assert_config_error(run_cli("serve", "--port", "0", "--workers", "2"), "workers")
 
 
-@pytest.mark.parametrize("args", [
-    ("serve", "--port", "abc"), ("serve", "--bogus"), ("nonsense",), (),
-    ("token",), ("publish", "news:a"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("serve", "--port", "abc"),
+        ("serve", "--bogus"),
+        ("nonsense",),
+        (),
+        ("token",),
+        ("publish", "news:a"),
+    ],
+)
 def test_bad_usage_exits_2(args: tuple[str, ...]) -> None:
     """Bad arguments exit 2 with a usage message."""
     result = run_cli(*args)
@@ -374,8 +411,16 @@ def test_version() -> None:
 def test_token_verifies_with_the_secret() -> None:
     """``tidings token`` prints a JWT signed with the configured secret and the claims."""
     before = time.time()
-    result = run_cli("token", "--sub", "alice", "--channel", "news:*", "--ttl", "10m",
-                     env={"TIDINGS_AUTH__SECRET": SECRET})
+    result = run_cli(
+        "token",
+        "--sub",
+        "alice",
+        "--channel",
+        "news:*",
+        "--ttl",
+        "10m",
+        env={"TIDINGS_AUTH__SECRET": SECRET},
+    )
     assert result.returncode == 0, result.stderr
     tok = result.stdout.strip()
     assert len(result.stdout.strip().splitlines()) == 1
@@ -391,8 +436,17 @@ def test_token_with_several_channels_and_config_file(tmp_path: Path) -> None:
     """--channel repeats; the secret may come from the TOML file."""
     config = tmp_path / "tidings.toml"
     config.write_text(f'[auth]\nsecret = "{SECRET}"\n')
-    result = run_cli("token", "--sub", "bob", "--channel", "news:a", "--channel", "chat:*",
-                     "--config", str(config))
+    result = run_cli(
+        "token",
+        "--sub",
+        "bob",
+        "--channel",
+        "news:a",
+        "--channel",
+        "chat:*",
+        "--config",
+        str(config),
+    )
     assert result.returncode == 0, result.stderr
     claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
     assert claims["channels"] == ["news:a", "chat:*"]
@@ -410,8 +464,12 @@ def test_token_refuses_a_secret_the_server_would_refuse() -> None:
     result = run_cli("token", "--sub", "alice", env={"TIDINGS_AUTH__SECRET": "short-secret"})
     assert_config_error(result, "auth.secret")
     assert "short-secret" not in result.stderr + result.stdout
-    result = run_cli("token", "--sub", "alice", env={"TIDINGS_AUTH__SECRET": "short-secret",
-                                                     "TIDINGS_SERVER__MODE": "development"})
+    result = run_cli(
+        "token",
+        "--sub",
+        "alice",
+        env={"TIDINGS_AUTH__SECRET": "short-secret", "TIDINGS_SERVER__MODE": "development"},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().count(".") == 2
 
@@ -419,8 +477,9 @@ def test_token_refuses_a_secret_the_server_would_refuse() -> None:
 @pytest.mark.parametrize("ttl", ["ten", "10x", "-5", "", "1e999", "nan"])
 def test_token_bad_ttl(ttl: str) -> None:
     """An unparsable --ttl exits 2 naming --ttl."""
-    result = run_cli("token", "--sub", "alice", f"--ttl={ttl}",
-                     env={"TIDINGS_AUTH__SECRET": SECRET})
+    result = run_cli(
+        "token", "--sub", "alice", f"--ttl={ttl}", env={"TIDINGS_AUTH__SECRET": SECRET}
+    )
     assert_config_error(result, "--ttl")
     assert result.stdout == ""
 
@@ -432,8 +491,15 @@ async def test_publish_prints_results() -> None:
     """``tidings publish`` against a running server prints the results JSON and exits 0."""
     async with serve() as server:
         code, out, err = await run_cli_async(
-            "publish", "news:cli", "notification", '{"message": "from cli", "level": "info"}',
-            "--url", server.http_url, "--api-key", API_KEY)
+            "publish",
+            "news:cli",
+            "notification",
+            '{"message": "from cli", "level": "info"}',
+            "--url",
+            server.http_url,
+            "--api-key",
+            API_KEY,
+        )
         assert code == 0, err
         answer = json.loads(out)
         [result] = answer["results"]
@@ -451,8 +517,16 @@ async def test_publish_with_idempotency_key_and_env_key() -> None:
         results = []
         for _ in range(2):
             code, out, err = await run_cli_async(
-                "publish", "news:cli", "custom_event", '{"n": 1}', "--url", server.http_url,
-                "--idempotency-key", "once", env=env)
+                "publish",
+                "news:cli",
+                "custom_event",
+                '{"n": 1}',
+                "--url",
+                server.http_url,
+                "--idempotency-key",
+                "once",
+                env=env,
+            )
             assert code == 0, err
             results.append(json.loads(out)["results"][0])
         assert "duplicate" not in results[0]
@@ -466,8 +540,15 @@ async def test_publish_bad_data_json(data: str) -> None:
     """DATA_JSON that is not a JSON object exits 2 and publishes nothing."""
     async with serve() as server:
         code, out, err = await run_cli_async(
-            "publish", "news:cli", "notification", data, "--url", server.http_url,
-            "--api-key", API_KEY)
+            "publish",
+            "news:cli",
+            "notification",
+            data,
+            "--url",
+            server.http_url,
+            "--api-key",
+            API_KEY,
+        )
         assert code == 2, (out, err)
         assert "DATA_JSON" in err
         status, page = await api(server, "GET", "/api/channels/news:cli/history")
@@ -478,8 +559,15 @@ async def test_publish_wrong_key_exits_1() -> None:
     """A wrong API key exits 1 with the server's error message."""
     async with serve() as server:
         code, out, err = await run_cli_async(
-            "publish", "news:cli", "notification", '{"message": "x", "level": "info"}',
-            "--url", server.http_url, "--api-key", "wrong-key")
+            "publish",
+            "news:cli",
+            "notification",
+            '{"message": "x", "level": "info"}',
+            "--url",
+            server.http_url,
+            "--api-key",
+            "wrong-key",
+        )
         assert code == 1, (out, err)
         assert "401" in err and "invalid API key" in err
         assert out == ""
@@ -489,8 +577,15 @@ async def test_publish_invalid_event_exits_1() -> None:
     """An event the server rejects exits 1 with the server's reason."""
     async with serve() as server:
         code, out, err = await run_cli_async(
-            "publish", "news:cli", "notification", '{"message": "x"}',
-            "--url", server.http_url, "--api-key", API_KEY)
+            "publish",
+            "news:cli",
+            "notification",
+            '{"message": "x"}',
+            "--url",
+            server.http_url,
+            "--api-key",
+            API_KEY,
+        )
         assert code == 1, (out, err)
         assert "400" in err and "level" in err
 
@@ -500,16 +595,29 @@ async def test_publish_unreachable_server_exits_1() -> None:
     async with serve() as server:
         url = server.http_url
     code, out, err = await run_cli_async(
-        "publish", "news:cli", "notification", '{"message": "x", "level": "info"}',
-        "--url", url, "--api-key", API_KEY)
+        "publish",
+        "news:cli",
+        "notification",
+        '{"message": "x", "level": "info"}',
+        "--url",
+        url,
+        "--api-key",
+        API_KEY,
+    )
     assert code == 1, (out, err)
     assert "cannot reach" in err
 
 
 def test_publish_without_any_key() -> None:
     """Without --api-key and without api.keys ``tidings publish`` exits 2."""
-    result = run_cli("publish", "news:cli", "notification", '{"message": "x", "level": "info"}',
-                     "--url", "http://127.0.0.1:9")
+    result = run_cli(
+        "publish",
+        "news:cli",
+        "notification",
+        '{"message": "x", "level": "info"}',
+        "--url",
+        "http://127.0.0.1:9",
+    )
     assert_config_error(result, "--api-key")
 
 
@@ -521,8 +629,11 @@ def test_serve_help_explains_every_flag() -> None:
     result = run_cli("serve", "--help")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    for flag, metavar, words in (("--host", "HOST", "address"), ("--port", "PORT", "port"),
-                                 ("--workers", "WORKERS", "worker processes")):
+    for flag, metavar, words in (
+        ("--host", "HOST", "address"),
+        ("--port", "PORT", "port"),
+        ("--workers", "WORKERS", "worker processes"),
+    ):
         [line] = [line for line in lines if line.strip().startswith(f"{flag} {metavar}")]
         assert words in line.split(metavar, 1)[1], result.stdout
 
@@ -548,8 +659,11 @@ def _readme_commands() -> list[str]:
     trailing comment."""
     readme = (REPO / "README.md").read_text()
     prefix = "    .venv/bin/tidings "
-    return [line.removeprefix(prefix).split("  #", 1)[0].strip()
-            for line in readme.splitlines() if line.startswith(prefix)]
+    return [
+        line.removeprefix(prefix).split("  #", 1)[0].strip()
+        for line in readme.splitlines()
+        if line.startswith(prefix)
+    ]
 
 
 def _home_env(tmp_path: Path) -> dict[str, str]:
@@ -573,28 +687,43 @@ async def test_cli_works_against_the_dev_server_with_nothing_exported(tmp_path: 
         assert "listen --sub alice news:a" in banner
         assert "publish news:a notification" in banner
         # The README's quick start shows the banner's command lines, word for word.
-        shown = [line.strip().split("tidings ", 1)[1] for line in served.stdout
-                 if line.strip().split(" ", 1)[0].endswith("tidings")]
+        shown = [
+            line.strip().split("tidings ", 1)[1]
+            for line in served.stdout
+            if line.strip().split(" ", 1)[0].endswith("tidings")
+        ]
         assert sorted(_readme_commands()) == sorted(shown), served.stdout
         assert state.stat().st_mode & 0o777 == 0o600
         assert state.parent.stat().st_mode & 0o777 == 0o700
         assert api_key in state.read_text()
 
         code, out, err = await run_cli_async(
-            "token", "--sub", "alice", "--channel", "news:*", env=env)
+            "token", "--sub", "alice", "--channel", "news:*", env=env
+        )
         assert code == 0, err
         claims = jwt.decode(out.strip(), secret, algorithms=["HS256"])
         assert (claims["sub"], claims["channels"]) == ("alice", ["news:*"])
 
         listener = await asyncio.create_subprocess_exec(
-            *CLI, "listen", "--sub", "alice", "news:a", env=clean_env(env),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            *CLI,
+            "listen",
+            "--sub",
+            "alice",
+            "news:a",
+            env=clean_env(env),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         assert listener.stdout is not None and listener.stderr is not None
         try:
             await _read_stream_until(listener.stderr, "subscribed to news:a")
             code, out, err = await run_cli_async(
-                "publish", "news:a", "notification",
-                '{"message": "first", "level": "info"}', env=env)
+                "publish",
+                "news:a",
+                "notification",
+                '{"message": "first", "level": "info"}',
+                env=env,
+            )
             assert code == 0, err
             [result] = json.loads(out)["results"]
             async with asyncio.timeout(PROCESS_TIMEOUT):
@@ -619,8 +748,11 @@ async def test_cli_works_against_the_dev_server_with_nothing_exported(tmp_path: 
     logs = served.stderr()
     assert not any(line.startswith("{") for line in logs.splitlines()), logs
     assert "listening on http://127.0.0.1:" in logs
-    connected = [line for line in logs.splitlines() if "connected: user alice" in line
-                 and "disconnected" not in line]
+    connected = [
+        line
+        for line in logs.splitlines()
+        if "connected: user alice" in line and "disconnected" not in line
+    ]
     assert len(connected) == 1, logs
     conn_id = connected[0].split("websocket ", 1)[1].split()[0]
     assert conn_id.startswith("c_")
@@ -635,8 +767,14 @@ async def test_dev_key_is_not_sent_to_another_server(tmp_path: Path) -> None:
     env = _home_env(tmp_path)
     async with serve_process(tmp_path, env=env, done=_is_curl), serve() as other:
         code, out, err = await run_cli_async(
-            "publish", "news:a", "notification", '{"message": "x", "level": "info"}',
-            "--url", other.http_url, env=env)
+            "publish",
+            "news:a",
+            "notification",
+            '{"message": "x", "level": "info"}',
+            "--url",
+            other.http_url,
+            env=env,
+        )
         assert code == 2, (out, err)
         assert "--api-key" in err
         status, page = await api(other, "GET", "/api/channels/news:a/history")
@@ -658,8 +796,16 @@ async def test_production_server_writes_no_state_file(tmp_path: Path) -> None:
 # -- start-up cost -----------------------------------------------------------------------
 
 #: Modules whose import is most of a slow start-up; the quick commands need none of them.
-HEAVY = ("aiohttp", "pydantic", "pydantic_settings", "jwt", "cryptography", "tidings.server",
-         "tidings.client", "tidings.bench.runner")
+HEAVY = (
+    "aiohttp",
+    "pydantic",
+    "pydantic_settings",
+    "jwt",
+    "cryptography",
+    "tidings.server",
+    "tidings.client",
+    "tidings.bench.runner",
+)
 
 _REPORT_IMPORTS = (
     "import atexit, sys\n"
@@ -672,8 +818,14 @@ _REPORT_IMPORTS = (
 
 async def _heavy_imports(*args: str, env: Mapping[str, str] | None = None) -> list[str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _REPORT_IMPORTS, *args, env=clean_env(env),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-c",
+        _REPORT_IMPORTS,
+        *args,
+        env=clean_env(env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), PROCESS_TIMEOUT)
     assert proc.returncode == 0, (out, err)
     line = next(line for line in err.decode().splitlines() if line.startswith("IMPORTED "))
@@ -686,15 +838,28 @@ async def test_quick_commands_import_no_heavy_module(tmp_path: Path) -> None:
     what made every call cost most of a second."""
     assert await _heavy_imports("--version") == []
     async with serve() as server:
-        assert await _heavy_imports(
-            "publish", "news:a", "notification", '{"message": "x", "level": "info"}',
-            "--url", server.http_url, "--api-key", API_KEY) == []
+        assert (
+            await _heavy_imports(
+                "publish",
+                "news:a",
+                "notification",
+                '{"message": "x", "level": "info"}',
+                "--url",
+                server.http_url,
+                "--api-key",
+                API_KEY,
+            )
+            == []
+        )
     env = _home_env(tmp_path)
     async with serve_process(tmp_path, env=env, done=_is_curl):
         assert await _heavy_imports("token", "--sub", "alice", env=env) == []
-        assert await _heavy_imports(
-            "publish", "news:a", "notification", '{"message": "x", "level": "info"}',
-            env=env) == []
+        assert (
+            await _heavy_imports(
+                "publish", "news:a", "notification", '{"message": "x", "level": "info"}', env=env
+            )
+            == []
+        )
 
 
 # -- development mode is asked for; the file is checked as a whole ---------------------------
@@ -716,17 +881,23 @@ def test_environment_settings_without_a_secret_refuse_to_start() -> None:
     assert_config_error(result, "auth.secret")
 
 
-@pytest.mark.parametrize(("text", "key"), [('[server]\nport = "eighty"\n', "server.port"),
-                                           ('[server]\nport = "8106"\n', "server.port"),
-                                           ('[auth]\npersonal_channel = "yes"\n',
-                                            "auth.personal_channel")])
-def test_bad_file_value_exits_2_even_when_a_flag_overrides_it(tmp_path: Path, text: str,
-                                                              key: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[server]\nport = "eighty"\n', "server.port"),
+        ('[server]\nport = "8106"\n', "server.port"),
+        ('[auth]\npersonal_channel = "yes"\n', "auth.personal_channel"),
+    ],
+)
+def test_bad_file_value_exits_2_even_when_a_flag_overrides_it(
+    tmp_path: Path, text: str, key: str
+) -> None:
     """A file value of the wrong type exits 2 naming the key, also under --port."""
     config = tmp_path / "tidings.toml"
     config.write_text(text + f'[api]\nkeys = ["{API_KEY}"]\n')
-    result = run_cli("serve", "--port", "8108", "--config", str(config),
-                     env={"TIDINGS_AUTH__SECRET": SECRET})
+    result = run_cli(
+        "serve", "--port", "8108", "--config", str(config), env={"TIDINGS_AUTH__SECRET": SECRET}
+    )
     assert_config_error(result, key)
     assert "must be" in result.stderr and "Input should" not in result.stderr
 

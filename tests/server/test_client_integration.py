@@ -51,8 +51,7 @@ async def next_items(sub: Subscription, count: int) -> list[Item]:
 
 
 def offsets(items: list[Item]) -> list[int | str]:
-    return [i.offset if isinstance(i, Event) else f"gap:{i.last_offset}->{i.offset}"
-            for i in items]
+    return [i.offset if isinstance(i, Event) else f"gap:{i.last_offset}->{i.offset}" for i in items]
 
 
 async def open_client(server: RunningServer | str, **options: object) -> Client:
@@ -64,8 +63,10 @@ async def open_client(server: RunningServer | str, **options: object) -> Client:
 
 @pytest.fixture
 async def proxied() -> AsyncIterator[tuple[RunningServer, FaultProxy]]:
-    async with serve({"server": {"heartbeat_interval": 0.2, "heartbeat_timeout": 2}}) as server, \
-            FaultProxy(server.port) as proxy:
+    async with (
+        serve({"server": {"heartbeat_interval": 0.2, "heartbeat_timeout": 2}}) as server,
+        FaultProxy(server.port) as proxy,
+    ):
         yield server, proxy
 
 
@@ -78,16 +79,26 @@ def proxy_url(proxy: FaultProxy) -> str:
 
 async def test_subscribe_and_iterate_typed_events() -> None:
     """Events arrive through ``async for`` as typed objects matching what was published."""
-    async with serve() as server, client_connect(
-            server.ws_url, token=token("u1", CHANNELS)) as client:
+    async with (
+        serve() as server,
+        client_connect(server.ws_url, token=token("u1", CHANNELS)) as client,
+    ):
         sub = await client.subscribe("news:a")
         assert sub.confirmed and sub.epoch is not None and sub.offset == 0
-        result = await publish(server, "news:a", "chat_message",
-                               {"conversation_id": "c1", "sender_id": "u2", "content": "hi"})
+        result = await publish(
+            server,
+            "news:a",
+            "chat_message",
+            {"conversation_id": "c1", "sender_id": "u2", "content": "hi"},
+        )
         event = await next_item(sub)
         assert isinstance(event, Event)
         assert (event.type, event.channel, event.offset, event.id) == (
-            "chat_message", "news:a", 1, result["id"])
+            "chat_message",
+            "news:a",
+            1,
+            result["id"],
+        )
         assert isinstance(event.timestamp, datetime) and event.timestamp.tzinfo is not None
         assert event.data == {"conversation_id": "c1", "sender_id": "u2", "content": "hi"}
         assert await client.subscribe("news:a") is sub
@@ -95,8 +106,10 @@ async def test_subscribe_and_iterate_typed_events() -> None:
 
 async def test_callback_form_delivers_events() -> None:
     """``subscribe(on_event=..., on_gap=...)`` calls the callbacks in offset order."""
-    async with serve() as server, client_connect(
-            server.ws_url, token=token("u1", CHANNELS)) as client:
+    async with (
+        serve() as server,
+        client_connect(server.ws_url, token=token("u1", CHANNELS)) as client,
+    ):
         seen: list[Event] = []
         gaps: list[Gap] = []
         third = asyncio.Event()
@@ -115,8 +128,10 @@ async def test_callback_form_delivers_events() -> None:
 
 async def test_unsubscribe_ends_the_stream() -> None:
     """After ``unsubscribe`` the iterator ends and no further event is queued."""
-    async with serve() as server, client_connect(
-            server.ws_url, token=token("u1", CHANNELS)) as client:
+    async with (
+        serve() as server,
+        client_connect(server.ws_url, token=token("u1", CHANNELS)) as client,
+    ):
         sub = await client.subscribe("news:a")
         await publish(server, "news:a")
         assert offsets([await next_item(sub)]) == [1]
@@ -129,16 +144,20 @@ async def test_unsubscribe_ends_the_stream() -> None:
 
 async def test_ping_returns_the_round_trip_time() -> None:
     """``ping()`` answers with a positive round trip time in seconds."""
-    async with serve() as server, client_connect(
-            server.ws_url, token=token("u1", CHANNELS)) as client:
+    async with (
+        serve() as server,
+        client_connect(server.ws_url, token=token("u1", CHANNELS)) as client,
+    ):
         rtt = await client.ping()
         assert 0 < rtt < TIMEOUT
 
 
 async def test_refused_subscription_raises() -> None:
     """A channel outside the token's claims raises ``SubscriptionError`` (unauthorized)."""
-    async with serve() as server, client_connect(
-            server.ws_url, token=token("u1", CHANNELS)) as client:
+    async with (
+        serve() as server,
+        client_connect(server.ws_url, token=token("u1", CHANNELS)) as client,
+    ):
         with pytest.raises(SubscriptionError) as caught:
             await client.subscribe("secret:x")
         assert caught.value.code == "unauthorized" and caught.value.channel == "secret:x"
@@ -148,8 +167,10 @@ async def test_refused_subscription_raises() -> None:
 
 async def test_personal_channel_is_delivered_automatically() -> None:
     """The personal channel has a subscription from connect on, without a subscribe call."""
-    async with serve() as server, client_connect(
-            server.ws_url, token=token("u1", CHANNELS)) as client:
+    async with (
+        serve() as server,
+        client_connect(server.ws_url, token=token("u1", CHANNELS)) as client,
+    ):
         assert client.automatic_channels == {"user:u1"}
         personal = await client.subscribe("user:u1")
         assert personal is client.subscriptions["user:u1"]
@@ -159,8 +180,10 @@ async def test_personal_channel_is_delivered_automatically() -> None:
 
 async def test_overflow_is_reported_as_a_gap() -> None:
     """A subscription whose bounded queue is full reports the dropped events as one Gap."""
-    async with serve() as server, client_connect(
-            server.ws_url, token=token("u1", CHANNELS)) as client:
+    async with (
+        serve() as server,
+        client_connect(server.ws_url, token=token("u1", CHANNELS)) as client,
+    ):
         sub = await client.subscribe("news:a", queue_size=2)
         for _ in range(5):
             await publish(server, "news:a")
@@ -191,8 +214,9 @@ async def test_forbidden_4403_stops_for_good() -> None:
     async with serve() as server:
         client = await open_client(server, on_state=recorder)
         sub = await client.subscribe("news:a")
-        status, _ = await api(server, "POST", "/api/disconnect",
-                              {"user_id": "u1", "reason": "banned"})
+        status, _ = await api(
+            server, "POST", "/api/disconnect", {"user_id": "u1", "reason": "banned"}
+        )
         assert status == 200
         closed = await recorder.wait("closed")
         assert closed.code == 4403 and "banned" in closed.reason
@@ -228,8 +252,9 @@ async def test_provider_supplies_a_new_token_after_4401() -> None:
         return token("u1", CHANNELS)
 
     async with serve() as server:
-        client = await open_client(server, token=token("u1", ttl=-60),
-                                   token_provider=provider, on_state=recorder)
+        client = await open_client(
+            server, token=token("u1", ttl=-60), token_provider=provider, on_state=recorder
+        )
         assert calls == 1
         assert recorder.states() == ["connecting", "disconnected", "connecting", "connected"]
         assert recorder.changes[1].code == 4401
@@ -238,6 +263,7 @@ async def test_provider_supplies_a_new_token_after_4401() -> None:
 
 async def test_failing_provider_stops_with_a_clear_error() -> None:
     """When the token provider raises after a 4401, the client stops with that reason."""
+
     def provider() -> str:
         raise RuntimeError("identity provider down")
 
@@ -262,8 +288,7 @@ async def test_token_is_refreshed_before_it_expires() -> None:
 
     overrides = {"auth": {"leeway": 0}, "server": {"heartbeat_interval": 0.4}}
     async with serve(overrides) as server:
-        client = await open_client(server, token=None, token_provider=provider,
-                                   on_state=recorder)
+        client = await open_client(server, token=None, token_provider=provider, on_state=recorder)
         await asyncio.wait_for(past_first.wait(), scaled(6))
         assert await client.ping() > 0
         assert recorder.states() == ["connecting", "connected"]
@@ -286,8 +311,9 @@ async def test_too_many_connections_reconnects_after_a_longer_floor() -> None:
     backoff = Backoff(initial=0.01, cap=0.05, slow_floor=3.0, random=lambda: 0.5)
     async with serve({"limits": {"max_connections_per_user": 1}}) as server:
         async with connect(server, token("u1")):
-            client = Client(server.ws_url, token=token("u1"), backoff=backoff, sleep=sleep,
-                            on_state=recorder)
+            client = Client(
+                server.ws_url, token=token("u1"), backoff=backoff, sleep=sleep, on_state=recorder
+            )
             started = asyncio.create_task(client.start())
             await asyncio.wait_for(first_delay.wait(), TIMEOUT)
         assert delays == [3.0 + 0.5 * 0.01]
@@ -301,8 +327,10 @@ async def test_too_many_connections_reconnects_after_a_longer_floor() -> None:
 async def test_server_initiated_unsubscribe_resubscribes_with_recovery() -> None:
     """``unsubscribed`` with ``resubscribe: true`` is followed by a recovering subscribe:
     nothing is lost or duplicated."""
-    async with serve() as server, client_connect(
-            server.ws_url, token=token("u1", CHANNELS)) as client:
+    async with (
+        serve() as server,
+        client_connect(server.ws_url, token=token("u1", CHANNELS)) as client,
+    ):
         sub = await client.subscribe("news:a")
         await publish(server, "news:a")
         assert offsets([await next_item(sub)]) == [1]
@@ -316,12 +344,18 @@ async def test_server_initiated_unsubscribe_resubscribes_with_recovery() -> None
 
 async def test_revoked_subscription_ends_with_an_error() -> None:
     """``unsubscribed`` with ``resubscribe: false`` ends the subscription with an error."""
-    async with serve() as server, client_connect(
-            server.ws_url, token=token("u1", CHANNELS)) as client:
+    async with (
+        serve() as server,
+        client_connect(server.ws_url, token=token("u1", CHANNELS)) as client,
+    ):
         sub = await client.subscribe("news:a")
-        revoke = text_frame(encode_message(
-            "unsubscribed", {"channel": "news:a", "reason": "revoked", "resubscribe": False},
-            timestamp=time.time()))
+        revoke = text_frame(
+            encode_message(
+                "unsubscribed",
+                {"channel": "news:a", "reason": "revoked", "resubscribe": False},
+                timestamp=time.time(),
+            )
+        )
         for peer in server.gateway.hub.subscribers("news:a"):
             peer.send(revoke)
         with pytest.raises(SubscriptionError) as caught:
@@ -334,7 +368,8 @@ async def test_revoked_subscription_ends_with_an_error() -> None:
 
 
 async def test_cut_connection_recovers_missed_events(
-        proxied: tuple[RunningServer, FaultProxy]) -> None:
+    proxied: tuple[RunningServer, FaultProxy],
+) -> None:
     """Events published while the connection is cut are replayed once, in order, on every
     channel including the personal one."""
     server, proxy = proxied
@@ -364,12 +399,14 @@ async def test_cut_connection_recovers_missed_events(
 
 
 async def test_stalled_connection_is_detected_and_replaced(
-        proxied: tuple[RunningServer, FaultProxy]) -> None:
+    proxied: tuple[RunningServer, FaultProxy],
+) -> None:
     """No frame for heartbeat interval + liveness timeout: the client reconnects."""
     server, proxy = proxied
     recorder = StateRecorder()
-    client = await open_client(proxy_url(proxy), on_state=recorder, liveness_timeout=0.3,
-                               connect_timeout=1.0)
+    client = await open_client(
+        proxy_url(proxy), on_state=recorder, liveness_timeout=0.3, connect_timeout=1.0
+    )
     assert client.heartbeat_interval == 0.2
     sub = await client.subscribe("news:a")
     proxy.stall()
@@ -428,8 +465,7 @@ async def test_server_restart_gap_is_followed_by_the_new_epochs_events() -> None
             assert offsets(items) == ["gap:3->0", 1, 2]
             gap = items[0]
             assert isinstance(gap, Gap) and gap.epoch != gap.last_epoch
-            assert [i.id for i in items[1:] if isinstance(i, Event)] == [
-                r["id"] for r in published]
+            assert [i.id for i in items[1:] if isinstance(i, Event)] == [r["id"] for r in published]
             await publish(second, "news:a")
             assert offsets([await next_item(sub)]) == [3]
             await client.close()
@@ -451,8 +487,7 @@ async def read_until(stream: asyncio.StreamReader, needle: str) -> str:
             return line
 
 
-async def test_listen_prints_events_and_recovers(
-        proxied: tuple[RunningServer, FaultProxy]) -> None:
+async def test_listen_prints_events_and_recovers(proxied: tuple[RunningServer, FaultProxy]) -> None:
     """``tidings listen`` prints JSON lines, reports state on stderr, reconnects and
     recovers without duplicates, says how many missed events each recovery brought, and
     exits 0 on SIGTERM."""
@@ -460,9 +495,18 @@ async def test_listen_prints_events_and_recovers(
     src = str(SRC)
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tidings.client.listen", "--token", token("u1", CHANNELS),
-        "--url", proxy_url(proxy), "news:a",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+        sys.executable,
+        "-m",
+        "tidings.client.listen",
+        "--token",
+        token("u1", CHANNELS),
+        "--url",
+        proxy_url(proxy),
+        "news:a",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
     assert process.stdout is not None and process.stderr is not None
     try:
         await read_until(process.stderr, "connected (connection")
@@ -478,10 +522,11 @@ async def test_listen_prints_events_and_recovers(
         await publish(server, "user:u1")
         proxy.refuse = False
         lines = [json.loads(await read_line(process.stdout)) for _ in range(2)]
-        assert sorted((x["channel"], x["offset"]) for x in lines) == [("news:a", 2),
-                                                                       ("user:u1", 1)]
-        wanted = {"tidings: news:a: recovered 1 missed event (offsets 2 to 2, epoch ",
-                  "tidings: user:u1: recovered 1 missed event (offsets 1 to 1, epoch "}
+        assert sorted((x["channel"], x["offset"]) for x in lines) == [("news:a", 2), ("user:u1", 1)]
+        wanted = {
+            "tidings: news:a: recovered 1 missed event (offsets 2 to 2, epoch ",
+            "tidings: user:u1: recovered 1 missed event (offsets 1 to 1, epoch ",
+        }
         while wanted:
             line = await read_line(process.stderr)
             wanted = {text for text in wanted if not line.startswith(text)}
@@ -519,9 +564,16 @@ async def test_listen_gets_personal_events_without_waiting_for_the_hold() -> Non
     without waiting out the connect-time hold."""
     async with serve(LONG_HOLD) as server:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tidings.client.listen", "--token", token("u1"),
-            "--url", server.ws_url,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "tidings.client.listen",
+            "--token",
+            token("u1"),
+            "--url",
+            server.ws_url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         assert process.stdout is not None and process.stderr is not None
         try:
             await read_until(process.stderr, "subscribed to user:u1")
@@ -540,8 +592,15 @@ async def test_listen_exits_1_when_stopped_for_good() -> None:
     """``tidings listen`` with a rejected token prints the reason and exits with status 1."""
     async with serve() as server:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tidings.client.listen", "--token", token("u1", ttl=-60),
-            "--url", server.ws_url, stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "tidings.client.listen",
+            "--token",
+            token("u1", ttl=-60),
+            "--url",
+            server.ws_url,
+            stderr=asyncio.subprocess.PIPE,
+        )
         assert process.stderr is not None
         try:
             err = (await asyncio.wait_for(process.stderr.read(), TIMEOUT)).decode()

@@ -84,8 +84,11 @@ class Publisher:
             while not self._stop:
                 for channel in CHANNELS:
                     n += 1
-                    body = {"channel": channel, "type": "notification",
-                            "data": {"message": f"#{n}", "level": "info"}}
+                    body = {
+                        "channel": channel,
+                        "type": "notification",
+                        "data": {"message": f"#{n}", "level": "info"},
+                    }
                     async with http.post(server.http_url + "/api/publish", json=body) as reply:
                         assert reply.status == 200, await reply.text()
                         result = (await reply.json())["results"][0]
@@ -129,9 +132,15 @@ class Application:
 
 def caught_up(app: Application, publisher: Publisher) -> Callable[[], bool]:
     """Every channel's last received event is its last acknowledged one."""
+
     def check() -> bool:
-        return all(app.events(c) and publisher.acked[c]
-                   and app.events(c)[-1].id == publisher.acked[c][-1].id for c in CHANNELS)
+        return all(
+            app.events(c)
+            and publisher.acked[c]
+            and app.events(c)[-1].id == publisher.acked[c][-1].id
+            for c in CHANNELS
+        )
+
     return check
 
 
@@ -151,9 +160,13 @@ async def test_nothing_lost_through_cuts_and_a_restart() -> None:
         cleanup.push_async_callback(publisher.stop)
         server_a = await first_server.enter_async_context(serve(SETTINGS))
         proxy.target_port = server_a.port
-        client = Client(f"ws://127.0.0.1:{proxy.port}/ws", token=token(USER, ("room:*",)),
-                        backoff=Backoff(initial=0.005, cap=0.05, random=lambda: 0.5),
-                        on_state=recorder, queue_size=100_000)
+        client = Client(
+            f"ws://127.0.0.1:{proxy.port}/ws",
+            token=token(USER, ("room:*",)),
+            backoff=Backoff(initial=0.005, cap=0.05, random=lambda: 0.5),
+            on_state=recorder,
+            queue_size=100_000,
+        )
         cleanup.push_async_callback(client.close)
         await client.start()
         for channel in CHANNELS:
@@ -177,8 +190,9 @@ async def test_nothing_lost_through_cuts_and_a_restart() -> None:
         proxy.refuse = True
         proxy.cut()
         at_cut = {c: publisher.count(c, 0) for c in CHANNELS}
-        await signal.until(lambda: all(publisher.count(c, 0) > at_cut[c] + HISTORY + 10
-                                       for c in CHANNELS))
+        await signal.until(
+            lambda: all(publisher.count(c, 0) > at_cut[c] + HISTORY + 10 for c in CHANNELS)
+        )
         proxy.refuse = False
         connects += 1
         await recorder.wait("connected", connects)
@@ -228,17 +242,17 @@ def check_channel(channel: str, items: list[Item], acked: list[Ack], epoch_a: st
     assert restart.last_offset == acked_a[-1][0]
     # Server B's first events are replayed (the Gap ends at 0) unless they had already
     # fallen out of its history by the time the client was back.
-    assert restart.offset == 0 or HISTORY < restart.offset <= acked_b[-1][0], (
-        channel, restart)
+    assert restart.offset == 0 or HISTORY < restart.offset <= acked_b[-1][0], (channel, restart)
 
     def received(part: list[Item]) -> list[tuple[int, str]]:
         return [(e.offset, e.id) for e in part if isinstance(e, Event)]
 
-    before_restart = received(items[:gaps[1]])
-    after_restart = received(items[gaps[1]:])
+    before_restart = received(items[: gaps[1]])
+    after_restart = received(items[gaps[1] :])
     # Exactly once, in offset order, with the acknowledged ids: everything acknowledged
     # except the offsets each Gap reports.
-    assert before_restart == [a for a in acked_a
-                              if not window.last_offset < a[0] <= window.offset], channel
+    assert before_restart == [
+        a for a in acked_a if not window.last_offset < a[0] <= window.offset
+    ], channel
     assert after_restart == [b for b in acked_b if b[0] > restart.offset], channel
     assert [o for o, _ in before_restart] == sorted({o for o, _ in before_restart})

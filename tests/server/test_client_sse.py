@@ -13,8 +13,12 @@ async def test_client_over_sse_subscribes_receives_and_recovers() -> None:
     """``transport="sse"``: subscribe via POST, events from the stream, and after the
     stream ends the client reconnects and recovers what it missed, in order."""
     async with serve() as server:
-        client = Client(server.ws_url, token=token("u1", ("news:*",)), transport="sse",
-                        backoff=Backoff(initial=0.01, cap=0.05, random=lambda: 0.5))
+        client = Client(
+            server.ws_url,
+            token=token("u1", ("news:*",)),
+            transport="sse",
+            backoff=Backoff(initial=0.01, cap=0.05, random=lambda: 0.5),
+        )
         async with client:
             sub = await client.subscribe("news:a")
             first = await publish(server, "news:a")
@@ -28,6 +32,7 @@ async def test_client_over_sse_subscribes_receives_and_recovers() -> None:
             missed = [await publish(server, "news:a") for _ in range(3)]
             items = [await asyncio.wait_for(anext(sub), TIMEOUT) for _ in missed]
             assert [i.offset for i in items if isinstance(i, Event)] == [
-                m["offset"] for m in missed]
+                m["offset"] for m in missed
+            ]
             assert client.connection_id != peer.conn_id
             await client.unsubscribe("news:a")

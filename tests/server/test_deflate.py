@@ -45,8 +45,7 @@ def _compressed_client_frame(payload: bytes) -> bytes:
 
 async def _raw_deflate(server: Any, tok: str) -> RawClient:
     """A raw client that negotiated deflate (``connected`` not yet read)."""
-    client, head = await RawClient.request(server, tok,
-                                           headers={"Sec-WebSocket-Extensions": OFFER})
+    client, head = await RawClient.request(server, tok, headers={"Sec-WebSocket-Extensions": OFFER})
     assert head.startswith(b"HTTP/1.1 101"), head
     assert f"sec-websocket-extensions: {ACCEPTED}".encode() in head.lower(), head
     return client
@@ -75,6 +74,7 @@ def _parse_rsv(client: RawClient) -> tuple[int, bytes] | None:
 
 # -- codec and negotiation ----------------------------------------------------------------
 
+
 def test_deflate_frame_round_trips_and_leaves_small_and_control_frames() -> None:
     """A large text frame gets RSV1 and inflates back; small and control frames, and
     every frame of a joined write, are handled frame by frame."""
@@ -90,7 +90,7 @@ def test_deflate_frame_round_trips_and_leaves_small_and_control_frames() -> None
     big = text_frame(b"y" * 70_000)
     joined = deflate_frames(small + big + ping_frame())
     assert joined.startswith(small) and joined.endswith(ping_frame())
-    middle = joined[len(small):-len(ping_frame())]
+    middle = joined[len(small) : -len(ping_frame())]
     assert middle[0] == 0xC1 and _inflate(middle[2:]) == b"y" * 70_000
 
 
@@ -103,18 +103,23 @@ def test_negotiate_accepts_what_it_can_honour_and_declines_the_rest() -> None:
     assert negotiate(OFFER) == ACCEPTED
     assert negotiate("permessage-deflate; client_max_window_bits=10") == ACCEPTED
     assert negotiate("permessage-deflate; server_max_window_bits=15") == (
-        ACCEPTED + "; server_max_window_bits=15")
+        ACCEPTED + "; server_max_window_bits=15"
+    )
     assert negotiate("permessage-deflate; server_max_window_bits=10") is None
-    assert negotiate("permessage-deflate; server_max_window_bits=10, permessage-deflate"
-                     ) == ACCEPTED
+    assert (
+        negotiate("permessage-deflate; server_max_window_bits=10, permessage-deflate") == ACCEPTED
+    )
     assert negotiate("permessage-deflate; client_max_window_bits=16") is None
     assert negotiate("permessage-deflate; server_no_context_takeover=1") is None
     assert negotiate("permessage-deflate; unknown") is None
-    assert negotiate("permessage-deflate; server_no_context_takeover; "
-                     "server_no_context_takeover") is None
+    assert (
+        negotiate("permessage-deflate; server_no_context_takeover; server_no_context_takeover")
+        is None
+    )
 
 
 # -- fan-out --------------------------------------------------------------------------------
+
 
 async def test_hub_compresses_each_frame_once_for_all_deflate_subscribers() -> None:
     """Two deflate subscribers and a plain one: each frame is compressed once, the
@@ -151,6 +156,7 @@ async def test_hub_compresses_each_frame_once_for_all_deflate_subscribers() -> N
 
 # -- through the real server ------------------------------------------------------------------
 
+
 async def test_deflate_clients_and_plain_client_get_the_same_events() -> None:
     """Two clients that negotiated deflate (aiohttp and raw) and a plain one receive the
     same event; the raw one sees it compressed and the reply too."""
@@ -164,8 +170,7 @@ async def test_deflate_clients_and_plain_client_get_the_same_events() -> None:
                 assert zipped.ws.compress == 15 and plain.ws.compress == 0
                 for client in (zipped, plain):
                     assert (await client.subscribe("news:d"))["type"] == "subscribed"
-                await raw.send({"type": "subscribe", "id": "s",
-                                "data": {"channel": "news:d"}})
+                await raw.send({"type": "subscribe", "id": "s", "data": {"channel": "news:d"}})
                 _, reply = await _raw_message(raw)
                 assert reply["type"] == "subscribed", reply
                 data = {"message": "m" * 500, "level": "info"}
@@ -187,14 +192,18 @@ async def test_compressed_client_commands_and_replay() -> None:
         async with connect(server, tok, compress=15) as client:
             reply = await client.subscribe("news:r")
             epoch = reply["data"]["epoch"]
-        missed = [await publish(server, "news:r", data={"message": f"m{i}" * 40,
-                                                         "level": "info"})
-                  for i in range(3)]
+        missed = [
+            await publish(server, "news:r", data={"message": f"m{i}" * 40, "level": "info"})
+            for i in range(3)
+        ]
         raw = await _raw_deflate(server, tok)
         try:
             await _raw_message(raw)
-            command = {"type": "subscribe", "id": "r",
-                       "data": {"channel": "news:r", "recover": {"offset": 0, "epoch": epoch}}}
+            command = {
+                "type": "subscribe",
+                "id": "r",
+                "data": {"channel": "news:r", "recover": {"offset": 0, "epoch": epoch}},
+            }
             await raw.send_raw(_compressed_client_frame(json.dumps(command).encode()))
             compressed, reply = await _raw_message(raw)
             assert reply["type"] == "subscribed" and reply["data"]["recovered"], reply
@@ -202,8 +211,9 @@ async def test_compressed_client_commands_and_replay() -> None:
             for result in missed:
                 compressed, event = await _raw_message(raw)
                 assert compressed and event["id"] == result["id"]
-            await raw.send_raw(_compressed_client_frame(
-                json.dumps({"type": "ping", "id": "p"}).encode()))
+            await raw.send_raw(
+                _compressed_client_frame(json.dumps({"type": "ping", "id": "p"}).encode())
+            )
             _, pong = await _raw_message(raw)
             assert pong["type"] == "pong"
         finally:
@@ -263,8 +273,13 @@ async def test_errors_are_compressed_too() -> None:
         try:
             compressed, hello = await _raw_message(raw)
             assert hello["type"] == "connected" and compressed
-            await raw.send_raw(_compressed_client_frame(json.dumps(
-                {"type": "subscribe", "id": "bad", "data": {"channel": "no such"}}).encode()))
+            await raw.send_raw(
+                _compressed_client_frame(
+                    json.dumps(
+                        {"type": "subscribe", "id": "bad", "data": {"channel": "no such"}}
+                    ).encode()
+                )
+            )
             compressed, error = await _raw_message(raw)
             assert error["type"] == "error" and compressed, error
         finally:
@@ -283,8 +298,9 @@ async def test_deflate_off_or_declined_offer_means_no_extension() -> None:
     """With the key off (the default) an offer is ignored and RSV1 from the client is a
     protocol error; with it on, an offer the server cannot honour is declined."""
     async with serve() as server:
-        client, head = await RawClient.request(server, token("reader", NEWS),
-                                               headers={"Sec-WebSocket-Extensions": OFFER})
+        client, head = await RawClient.request(
+            server, token("reader", NEWS), headers={"Sec-WebSocket-Extensions": OFFER}
+        )
         try:
             assert head.startswith(b"HTTP/1.1 101") and b"extensions" not in head.lower()
             opcode, _ = await client.frame()
@@ -296,8 +312,10 @@ async def test_deflate_off_or_declined_offer_means_no_extension() -> None:
             client.close()
     async with serve(ON) as server:
         client, head = await RawClient.request(
-            server, token("reader", NEWS),
-            headers={"Sec-WebSocket-Extensions": "permessage-deflate; server_max_window_bits=9"})
+            server,
+            token("reader", NEWS),
+            headers={"Sec-WebSocket-Extensions": "permessage-deflate; server_max_window_bits=9"},
+        )
         client.close()
         assert head.startswith(b"HTTP/1.1 101") and b"extensions" not in head.lower()
         async with connect(server, token("reader", NEWS)) as plain:

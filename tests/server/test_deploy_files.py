@@ -81,8 +81,11 @@ def _ignored(relative: str, patterns: list[str]) -> bool:
 
 
 def _build_context() -> Iterator[Path]:
-    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert not any(p.startswith("!") for p in patterns), "exceptions are not handled here"
     for copied in _copied_sources():
         root = REPO / copied
@@ -121,14 +124,23 @@ def test_dockerignore_keeps_what_the_image_copies_and_drops_the_rest() -> None:
     """Every file the COPY instructions need is in the build context; the virtualenv,
     tests, caches and egg-info are not."""
     context = {str(path.relative_to(REPO)) for path in _build_context()}
-    for needed in ("pyproject.toml", "README.md", "src/tidings/cli.py",
-                   "src/tidings/static/console.js", "deploy/docker/install.sh",
-                   "deploy/docker/tidings.toml"):
+    for needed in (
+        "pyproject.toml",
+        "README.md",
+        "src/tidings/cli.py",
+        "src/tidings/static/console.js",
+        "deploy/docker/install.sh",
+        "deploy/docker/tidings.toml",
+    ):
         assert needed in context, needed
     assert not any("__pycache__" in p or ".egg-info" in p for p in context)
     patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()]
-    for left_out in (".venv/bin/python", "tests/server/test_cli.py", ".git/HEAD",
-                     "src/tidings/__pycache__/cli.cpython-311.pyc"):
+    for left_out in (
+        ".venv/bin/python",
+        "tests/server/test_cli.py",
+        ".git/HEAD",
+        "src/tidings/__pycache__/cli.cpython-311.pyc",
+    ):
         assert _ignored(left_out, patterns), left_out
 
 
@@ -150,11 +162,16 @@ async def test_the_dockerfile_install_steps_make_a_working_tidings(tmp_path: Pat
     """The script the Dockerfile runs builds a wheel of the build context and installs
     it into a new virtualenv whose `tidings serve` answers the image's HEALTHCHECK
     command."""
-    runs = [rest for word, rest in dockerfile_instructions() if word == "RUN"
-            and "tidings-install" in rest]
+    runs = [
+        rest
+        for word, rest in dockerfile_instructions()
+        if word == "RUN" and "tidings-install" in rest
+    ]
     assert runs == ["sh /usr/local/bin/tidings-install /src /opt/tidings"]
-    assert ("COPY", "deploy/docker/install.sh /usr/local/bin/tidings-install") in \
-        dockerfile_instructions()
+    assert (
+        "COPY",
+        "deploy/docker/install.sh /usr/local/bin/tidings-install",
+    ) in dockerfile_instructions()
     # The build context as the image's build stage sees it in /src.
     source = tmp_path / "src"
     for path in _build_context():
@@ -169,30 +186,57 @@ async def test_the_dockerfile_install_steps_make_a_working_tidings(tmp_path: Pat
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=scaled(60))
     site = next(venv.glob("lib/python*/site-packages"))
     (site / "_test_deps.pth").write_text(f"{_filtered_site_packages(tmp_path)}\n")
-    env = {**os.environ, "PYTHON": sys.executable, "PIP_NO_DEPS": "1",
-           "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "PIP_NO_DEPS": "1",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
     env.pop("PYTHONPATH", None)
     installed = subprocess.run(
         ["sh", str(REPO / "deploy" / "docker" / "install.sh"), str(source), str(venv)],
-        env=env, capture_output=True, text=True, timeout=scaled(90), check=False)
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=scaled(90),
+        check=False,
+    )
     assert installed.returncode == 0, installed.stdout + installed.stderr
     assert installed.stdout.strip().endswith("tidings 0.1.0")
-    where = subprocess.run([str(venv / "bin" / "python"), "-c",
-                            "import tidings; print(tidings.__file__)"],
-                           capture_output=True, text=True, timeout=scaled(30), check=True)
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import tidings; print(tidings.__file__)"],
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+        check=True,
+    )
     assert where.stdout.startswith(str(site)), where.stdout
 
     port, internal = free_port(), free_port()
     config = tmp_path / "tidings.toml"
-    config.write_text(IMAGE_CONFIG.read_text().replace("port = 8000", f"port = {port}")
-                      .replace("internal_port = 9000", f"internal_port = {internal}")
-                      .replace('"0.0.0.0"', '"127.0.0.1"'))
+    config.write_text(
+        IMAGE_CONFIG.read_text()
+        .replace("port = 8000", f"port = {port}")
+        .replace("internal_port = 9000", f"internal_port = {internal}")
+        .replace('"0.0.0.0"', '"127.0.0.1"')
+    )
     serve_env = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")}
-    serve_env.update({CONFIG_VARIABLE: str(config), "TIDINGS_AUTH__SECRET": SECRET,
-                      "TIDINGS_API__KEYS": API_KEY, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"})
+    serve_env.update(
+        {
+            CONFIG_VARIABLE: str(config),
+            "TIDINGS_AUTH__SECRET": SECRET,
+            "TIDINGS_API__KEYS": API_KEY,
+            "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
+        }
+    )
     proc = await asyncio.create_subprocess_exec(
-        str(venv / "bin" / "tidings"), "serve", env=serve_env, cwd=tmp_path,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        str(venv / "bin" / "tidings"),
+        "serve",
+        env=serve_env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     try:
         health = next(rest for word, rest in dockerfile_instructions() if word == "HEALTHCHECK")
         command = yaml.safe_load(health.split(" CMD ", 1)[1])
@@ -200,13 +244,18 @@ async def test_the_dockerfile_install_steps_make_a_working_tidings(tmp_path: Pat
 
         async def healthy() -> bool:
             check = await asyncio.create_subprocess_exec(
-                *command, env=serve_env, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL)
+                *command,
+                env=serve_env,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
             return await check.wait() == 0
 
         await until(healthy, 20, "the image's HEALTHCHECK command")
-        async with aiohttp.ClientSession() as http, \
-                http.get(f"http://127.0.0.1:{port}/client/tidings.js") as answer:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/client/tidings.js") as answer,
+        ):
             assert answer.status == 200
     finally:
         if proc.returncode is None:
@@ -251,8 +300,10 @@ def test_compose_and_image_agree_with_the_settings() -> None:
     for name, node in nodes.items():
         environment = {k: _interpolate(v) for k, v in node["environment"].items()}
         assert_settings(environment)
-        mounts = {target: source for source, target, *_ in
-                  (volume.split(":") for volume in node["volumes"])}
+        mounts = {
+            target: source
+            for source, target, *_ in (volume.split(":") for volume in node["volumes"])
+        }
         config = (COMPOSE.parent / mounts[image_env[CONFIG_VARIABLE]]).resolve()
         settings = load_settings(config, environ=environment)
         assert not settings.dev_mode
@@ -276,12 +327,17 @@ def test_compose_and_image_agree_with_the_settings() -> None:
 def test_the_host_configuration_loads() -> None:
     """deploy/tidings.toml (the systemd unit's) loads in production mode with the secret
     from the environment and keeps the internal listener on loopback."""
-    settings = load_settings(HOST_CONFIG, environ={"TIDINGS_AUTH__SECRET": SECRET,
-                                                   "TIDINGS_API__KEYS": API_KEY})
+    settings = load_settings(
+        HOST_CONFIG, environ={"TIDINGS_AUTH__SECRET": SECRET, "TIDINGS_API__KEYS": API_KEY}
+    )
     assert not settings.dev_mode
     assert settings.server.internal_host == "127.0.0.1"
-    assert settings.server.internal_port == load_settings(
-        IMAGE_CONFIG, environ={"TIDINGS_AUTH__SECRET": SECRET}).server.internal_port
+    assert (
+        settings.server.internal_port
+        == load_settings(
+            IMAGE_CONFIG, environ={"TIDINGS_AUTH__SECRET": SECRET}
+        ).server.internal_port
+    )
     with pytest.raises(ConfigError) as error:
         load_settings(HOST_CONFIG, environ={})
     assert error.value.key == "auth.secret"
@@ -329,14 +385,25 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     tidings = shutil.which("tidings") or str(Path(sys.executable).parent / "tidings")
     unit = tmp_path / "tidings.service"
     unit.write_text(UNIT.read_text().replace("/opt/tidings/bin/tidings", tidings))
-    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
-                            timeout=scaled(30), check=False)
-    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), \
+    result = subprocess.run(
+        [analyze, "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+        check=False,
+    )
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
         result.stdout + result.stderr
+    )
     broken = tmp_path / "broken.service"
     broken.write_text(unit.read_text().replace("ProtectSystem=strict", "ProtectSystm=strict"))
-    result = subprocess.run([analyze, "verify", str(broken)], capture_output=True, text=True,
-                            timeout=scaled(30), check=False)
+    result = subprocess.run(
+        [analyze, "verify", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+        check=False,
+    )
     assert "ProtectSystm" in result.stdout + result.stderr
 
 
@@ -359,8 +426,13 @@ def test_kubernetes_manifests_validate_strictly() -> None:
     version = kubernetes_validate.latest_version()
     documents = manifests()
     assert {key.split("/")[0] for key in documents} >= {
-        "Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget",
-        "HorizontalPodAutoscaler"}
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "Secret",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+    }
     for key, document in documents.items():
         try:
             kubernetes_validate.validate(document, version, strict=True)
@@ -386,8 +458,9 @@ def test_kubernetes_manifests_agree_with_the_configuration(tmp_path: Path) -> No
     documents = manifests()
     secret = documents["Secret/tidings-secrets"]["stringData"]
     assert_settings(secret)
-    settings = _configmap_settings(tmp_path, {"TIDINGS_AUTH__SECRET": SECRET,
-                                              "TIDINGS_API__KEYS": API_KEY})
+    settings = _configmap_settings(
+        tmp_path, {"TIDINGS_AUTH__SECRET": SECRET, "TIDINGS_API__KEYS": API_KEY}
+    )
     assert not settings.dev_mode and settings.broker.url.startswith("redis://")
     with pytest.raises(ConfigError) as error:  # the placeholder cannot run by mistake
         _configmap_settings(tmp_path, secret)
@@ -406,10 +479,14 @@ def test_kubernetes_manifests_agree_with_the_configuration(tmp_path: Path) -> No
     assert container["resources"]["requests"] and container["resources"]["limits"]
     assert container["envFrom"] == [{"secretRef": {"name": "tidings-secrets"}}]
     mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
-    assert f"{mount['mountPath']}/tidings.toml" == container["args"][-1] == \
-        dockerfile_env()[CONFIG_VARIABLE]
+    assert (
+        f"{mount['mountPath']}/tidings.toml"
+        == container["args"][-1]
+        == dockerfile_env()[CONFIG_VARIABLE]
+    )
     assert pod["securityContext"]["runAsUser"] == int(
-        next(rest for word, rest in dockerfile_instructions() if word == "USER").split(":")[0])
+        next(rest for word, rest in dockerfile_instructions() if word == "USER").split(":")[0]
+    )
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
     assert documents["Service/tidings"]["spec"]["ports"][0]["targetPort"] == "ws"
@@ -434,6 +511,7 @@ def test_the_deployment_guide_configurations_load(tmp_path: Path) -> None:
     for number, block in enumerate(blocks):
         path = tmp_path / f"block-{number}.toml"
         path.write_text(block)
-        settings = load_settings(path, environ={"TIDINGS_AUTH__SECRET": SECRET,
-                                                "TIDINGS_API__KEYS": API_KEY})
+        settings = load_settings(
+            path, environ={"TIDINGS_AUTH__SECRET": SECRET, "TIDINGS_API__KEYS": API_KEY}
+        )
         assert not settings.dev_mode and settings.server.internal_port is not None

@@ -44,22 +44,45 @@ from tidings.transport.sse_format import BadResumeToken, decode_token
 
 pytestmark = pytest.mark.timeout(120)
 
-PROPERTY = settings(max_examples=200, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROPERTY = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # -- strategies ---------------------------------------------------------------------------
 
 #: JSON scalars chosen to hurt: huge numbers (msgspec refuses 1e400, keeps 10**400),
 #: lone surrogate escapes, NUL.
 _JSON_SCALARS = [
-    b"null", b"true", b"0", b"-0", b"1.5", b"1e400", b"-1e400", b"1e-400",
-    b"1" + b"0" * 400, b"-" + b"9" * 400, b'"x"', b'""', b'"\\ud800"', b'"\\udc00\\ud800"',
+    b"null",
+    b"true",
+    b"0",
+    b"-0",
+    b"1.5",
+    b"1e400",
+    b"-1e400",
+    b"1e-400",
+    b"1" + b"0" * 400,
+    b"-" + b"9" * 400,
+    b'"x"',
+    b'""',
+    b'"\\ud800"',
+    b'"\\udc00\\ud800"',
     b'"\\u0000"',
 ]
 #: Near-JSON that is not: literals JSON lacks, invalid UTF-8 and escapes, nothing.
 _BROKEN_SCALARS = [
-    b"NaN", b"Infinity", b"-Infinity", b'"\xff"', b'"\xc3\x28"', b'"\xed\xa0\x80"', b"\xff",
-    b"", b"'x'", b'"\\x"',
+    b"NaN",
+    b"Infinity",
+    b"-Infinity",
+    b'"\xff"',
+    b'"\xc3\x28"',
+    b'"\xed\xa0\x80"',
+    b"\xff",
+    b"",
+    b"'x'",
+    b'"\\x"',
 ]
 _scalar_text = st.one_of(
     st.sampled_from(_JSON_SCALARS),
@@ -78,15 +101,17 @@ def _nest(fragment: bytes, levels: int, kind: str) -> bytes:
 
 
 #: Nesting depths: around the limit, around msgspec's recursion limit, anything to 2,000.
-_levels = st.one_of(st.sampled_from([63, 64, 65, 999, 1000, 2000]),
-                    st.integers(min_value=1, max_value=2000))
+_levels = st.one_of(
+    st.sampled_from([63, 64, 65, 999, 1000, 2000]), st.integers(min_value=1, max_value=2000)
+)
 #: JSON-shaped text: arrays, objects and long nestings (to 2,000 levels) of the above.
 _fragments = st.recursive(
     _scalar_text,
     lambda inner: st.one_of(
         st.lists(inner, max_size=4).map(lambda items: b"[" + b",".join(items) + b"]"),
         st.lists(st.tuples(_scalar_text, inner), max_size=3).map(
-            lambda pairs: b"{" + b",".join(key + b":" + value for key, value in pairs) + b"}"),
+            lambda pairs: b"{" + b",".join(key + b":" + value for key, value in pairs) + b"}"
+        ),
         st.tuples(inner, _levels, st.sampled_from("[{")).map(lambda args: _nest(*args)),
     ),
     max_leaves=12,
@@ -98,7 +123,7 @@ def _mutated(draw: st.DrawFn, document: bytes) -> bytes:
     """``document``, sometimes truncated, spliced with random bytes, or unbalanced."""
     how = draw(st.sampled_from(["as-is"] * 3 + ["truncate", "splice", "unclosed"]))
     if how == "truncate" and document:
-        return document[:draw(st.integers(min_value=0, max_value=len(document) - 1))]
+        return document[: draw(st.integers(min_value=0, max_value=len(document) - 1))]
     if how == "splice":
         at = draw(st.integers(min_value=0, max_value=len(document)))
         return document[:at] + draw(st.binary(min_size=1, max_size=4)) + document[at:]
@@ -120,11 +145,15 @@ def commands(draw: st.DrawFn) -> bytes:
     channel = draw(_mostly(b'"news:a"'))
     recover = draw(_mostly(b'{"offset":1,"epoch":"e"}'))
     refresh_token = draw(_mostly(b'"a.b.c"'))
-    data = draw(st.sampled_from([
-        b'{"channel":' + channel + b',"recover":' + recover + b"}",
-        b'{"token":' + refresh_token + b"}",
-        channel,
-    ]))
+    data = draw(
+        st.sampled_from(
+            [
+                b'{"channel":' + channel + b',"recover":' + recover + b"}",
+                b'{"token":' + refresh_token + b"}",
+                channel,
+            ]
+        )
+    )
     shaped = b'{"type":' + kind + b',"id":' + command_id + b',"data":' + data + b"}"
     document = draw(_mostly(shaped, shaped, data))
     return draw(_mutated(document))
@@ -144,14 +173,19 @@ def publish_bodies(draw: st.DrawFn) -> bytes:
 
 
 _scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.sampled_from([10**400, -(10**400)]),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.sampled_from([10**400, -(10**400)]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
 )
 #: Decoded values of any shape, as an embedding program might hand to ApiService.
 _values = st.recursive(
     _scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -166,8 +200,16 @@ def _as_text(raw: bytes) -> str:
 
 def _session() -> Session:
     identity = Identity(user_id="alice", expires_at=2e9, claims={"sub": "alice"})
-    return Session(identity, conn_id="c_prop", limits=LimitsSettings(), heartbeat_interval=25,
-                   heartbeat_timeout=10, leeway=30, now=0.0, wall=1.7e9)
+    return Session(
+        identity,
+        conn_id="c_prop",
+        limits=LimitsSettings(),
+        heartbeat_interval=25,
+        heartbeat_timeout=10,
+        leeway=30,
+        now=0.0,
+        wall=1.7e9,
+    )
 
 
 def _check_decoded(raw: bytes | str) -> Command | None:
@@ -249,8 +291,11 @@ def test_publish_bodies_raise_only_invalid_request(raw: bytes, batch: bool) -> N
 def test_publish_validator_takes_any_decoded_value(value: Any, data: Any) -> None:
     """Decoded values of any type (huge ints, inf, NaN included) are refused with
     InvalidRequest or published as JSON clients can read."""
-    for body in (value, {"channel": "news:a", "type": "custom_kind", "data": data},
-                 {"channel": "news:a", "type": "notification", "data": value}):
+    for body in (
+        value,
+        {"channel": "news:a", "type": "custom_kind", "data": data},
+        {"channel": "news:a", "type": "notification", "data": value},
+    ):
         _run_publish(body, batch=False)
 
 
@@ -271,8 +316,15 @@ def test_published_huge_and_non_finite_numbers_stay_json() -> None:
 def resume_tokens(draw: st.DrawFn) -> str:
     """A ``Last-Event-ID``: base64url of a token's JSON shape with hostile values, of
     anything at all, or not base64url."""
-    entry = (b'[' + draw(_mostly(b'"news:a"')) + b"," + draw(_mostly(b"3")) + b","
-             + draw(_mostly(b'"e1"')) + b"]")
+    entry = (
+        b"["
+        + draw(_mostly(b'"news:a"'))
+        + b","
+        + draw(_mostly(b"3"))
+        + b","
+        + draw(_mostly(b'"e1"'))
+        + b"]"
+    )
     shaped = b"[" + entry + b"]"
     deep = _nest(entry, draw(_levels), draw(st.sampled_from("[{")))
     document = draw(_mutated(draw(st.sampled_from([shaped, deep]) | _mostly(shaped))))
@@ -338,11 +390,13 @@ async def test_deep_commands_get_invalid_request_and_the_socket_stays_open(
             assert reply["data"]["code"] == "invalid_request", reply
         await ws_assert_open(client)
         # 64 levels in all: the command object, data, then 62 arrays.
-        await client.ws.send_str('{"type":"ping","id":"edge","data":{"x":'
-                                 + _deep(MAX_JSON_DEPTH - 2) + "}}")
+        await client.ws.send_str(
+            '{"type":"ping","id":"edge","data":{"x":' + _deep(MAX_JSON_DEPTH - 2) + "}}"
+        )
         assert (await client.recv())["type"] == "pong"
-        await client.ws.send_str('{"type":"ping","id":"over","data":{"x":'
-                                 + _deep(MAX_JSON_DEPTH - 1) + "}}")
+        await client.ws.send_str(
+            '{"type":"ping","id":"over","data":{"x":' + _deep(MAX_JSON_DEPTH - 1) + "}}"
+        )
         over = await client.recv()
         assert over["data"]["code"] == "invalid_request"
         assert "deeper than 64 levels" in over["data"]["message"]
@@ -378,8 +432,7 @@ async def test_deep_token_claims_are_unauthorized_at_connect_and_refresh(
             await client.send("refresh", {"token": deep}, id="r")
             messages, code = await ws_until_close(client.ws)
             assert code == 4401
-            assert [(m["type"], m["data"]["code"]) for m in messages] == [
-                ("error", "unauthorized")]
+            assert [(m["type"], m["data"]["code"]) for m in messages] == [("error", "unauthorized")]
 
 
 def _respelled(segment_index: int, padded: bool) -> str:

@@ -19,20 +19,33 @@ from timeouts import TIMEOUT
 pytestmark = pytest.mark.timeout(30)
 
 INTERNAL = {"server": {"internal_port": 0}, "console": {"enabled": "on"}}
-PUBLISH = {"channel": "news:internal", "type": "notification",
-           "data": {"message": "hi", "level": "info"}}
+PUBLISH = {
+    "channel": "news:internal",
+    "type": "notification",
+    "data": {"message": "hi", "level": "info"},
+}
 #: Paths the internal listener takes away from the public port.
-INTERNAL_PATHS = [("POST", "/api/publish"), ("POST", "/api/batch"),
-                  ("POST", "/api/disconnect"), ("GET", "/api/channels"),
-                  ("GET", "/api/channels/news:x/history"), ("GET", "/healthz"),
-                  ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/console")]
+INTERNAL_PATHS = [
+    ("POST", "/api/publish"),
+    ("POST", "/api/batch"),
+    ("POST", "/api/disconnect"),
+    ("GET", "/api/channels"),
+    ("GET", "/api/channels/news:x/history"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/console"),
+]
 
 
 async def _request(url: str, method: str = "GET", body: Any = None) -> tuple[int, str]:
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    async with aiohttp.ClientSession() as http, http.request(
-            method, url, json=body, headers=headers,
-            timeout=aiohttp.ClientTimeout(total=5)) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(
+            method, url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=5)
+        ) as response,
+    ):
         return response.status, await response.text()
 
 
@@ -42,8 +55,9 @@ async def test_public_port_serves_only_the_websocket_path_and_the_client() -> No
     async with serve(INTERNAL) as server:
         assert server.internal_port is not None and server.internal_port != server.port
         for method, path in INTERNAL_PATHS:
-            status, _ = await _request(server.http_url + path, method,
-                                       PUBLISH if method == "POST" else None)
+            status, _ = await _request(
+                server.http_url + path, method, PUBLISH if method == "POST" else None
+            )
             assert status == 404, (method, path, status)
         status, body = await _request(server.http_url + "/client/tidings.js")
         assert status == 200 and "Tidings" in body
@@ -81,8 +95,9 @@ async def test_without_an_internal_port_one_port_serves_everything() -> None:
 async def test_internal_readiness_fails_during_the_drain() -> None:
     """On shutdown the internal /readyz answers 503 during drain_delay, before the
     public client is closed with 1001."""
-    settings = make_settings({**INTERNAL, "server": {
-        "internal_port": 0, "drain_delay": 1.0, "shutdown_timeout": 3}})
+    settings = make_settings(
+        {**INTERNAL, "server": {"internal_port": 0, "drain_delay": 1.0, "shutdown_timeout": 3}}
+    )
     stack = contextlib.AsyncExitStack()
     server: RunningServer = await stack.enter_async_context(running(settings))
     stopping: asyncio.Task[Any] | None = None
@@ -105,15 +120,25 @@ def test_internal_port_settings() -> None:
     and may not equal the public port."""
     base = {"server": {"mode": "production"}, "auth": {"secret": SECRET}}
     assert load_settings(None, base, environ={}).server.internal_port is None
-    settings = load_settings(None, base, environ={"TIDINGS_SERVER__INTERNAL_PORT": "9000",
-                                                  "TIDINGS_SERVER__INTERNAL_HOST": "0.0.0.0"})
+    settings = load_settings(
+        None,
+        base,
+        environ={
+            "TIDINGS_SERVER__INTERNAL_PORT": "9000",
+            "TIDINGS_SERVER__INTERNAL_HOST": "0.0.0.0",
+        },
+    )
     assert settings.server.internal_port == 9000
     assert settings.server.internal_host == "0.0.0.0"
     with pytest.raises(ConfigError) as error:
-        load_settings(None, {**base, "server": {"mode": "production", "port": 8000,
-                                                "internal_port": 8000}}, environ={})
+        load_settings(
+            None,
+            {**base, "server": {"mode": "production", "port": 8000, "internal_port": 8000}},
+            environ={},
+        )
     assert error.value.key == "server.internal_port"
     with pytest.raises(ConfigError) as error:
-        load_settings(None, {**base, "server": {"mode": "production",
-                                                "internal_port": 70000}}, environ={})
+        load_settings(
+            None, {**base, "server": {"mode": "production", "internal_port": 70000}}, environ={}
+        )
     assert error.value.key == "server.internal_port"

@@ -76,19 +76,22 @@ async def _raw_http(server: RunningServer, request: bytes) -> bytes:
             await writer.wait_closed()
 
 
-async def _rejected_ws(server: RunningServer, *, query: str = "",
-                       headers: dict[str, str] | None = None) -> int | None:
+async def _rejected_ws(
+    server: RunningServer, *, query: str = "", headers: dict[str, str] | None = None
+) -> int | None:
     """Connect with a token the server must refuse; return the close code it sent."""
-    async with aiohttp.ClientSession() as session, session.ws_connect(
-        server.ws_url + query, headers=headers or {}
-    ) as ws:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(server.ws_url + query, headers=headers or {}) as ws,
+    ):
         messages, code = await ws_until_close(ws)
         assert [m["data"]["code"] for m in messages] == ["unauthorized"]
         return code
 
 
-async def _too_long_for_aiohttp(server: RunningServer, *, query: str = "",
-                                headers: dict[str, str] | None = None) -> None:
+async def _too_long_for_aiohttp(
+    server: RunningServer, *, query: str = "", headers: dict[str, str] | None = None
+) -> None:
     """A request line or header over aiohttp's 8190-byte limit is refused with 400."""
     async with aiohttp.ClientSession() as session:
         with pytest.raises(aiohttp.WSServerHandshakeError) as raised:
@@ -107,17 +110,42 @@ async def test_no_secret_reaches_the_logs(fmt: str) -> None:
     bad_jwtish = "eyJMARKERBAD" + "b" * 40 + ".e30.c2ln"
     bad_plain = "PLAINBADMARK-" + "p" * 20
     header_bad = "HEADERBADMARK_" + "h" * 20
-    mid_long = "eyJMIDLONGMARK" + "m" * 7900          # fits aiohttp, refused by auth
-    huge_query = "HUGEQUERYMARK" + "q" * 20000        # request line over 8190 bytes
+    mid_long = "eyJMIDLONGMARK" + "m" * 7900  # fits aiohttp, refused by auth
+    huge_query = "HUGEQUERYMARK" + "q" * 20000  # request line over 8190 bytes
     huge_jwtish = "eyJHUGEJWTMARK" + "j" * 20000
-    huge_header = "HUGEHEADERMARK" + "h" * 20000      # header field over 8190 bytes
+    huge_header = "HUGEHEADERMARK" + "h" * 20000  # header field over 8190 bytes
     wrong_key = "WRONGKEYMARK-0123456789"
     raw_bad = "RAWLINEMARK" + "w" * 9000
-    markers = [CLAIM_MARK, "REFRESHMARK", "MARKERBAD", "PLAINBADMARK", "HEADERBADMARK",
-               "MIDLONGMARK", "HUGEQUERYMARK", "HUGEJWTMARK", "HUGEHEADERMARK",
-               "WRONGKEYMARK", "RAWLINEMARK", "HOOKURLMARK", SECRET, API_KEY]
-    secrets = [good_query, good_header, refresh_bad, bad_jwtish, bad_plain, header_bad,
-               mid_long, huge_query, huge_jwtish, huge_header, wrong_key, raw_bad]
+    markers = [
+        CLAIM_MARK,
+        "REFRESHMARK",
+        "MARKERBAD",
+        "PLAINBADMARK",
+        "HEADERBADMARK",
+        "MIDLONGMARK",
+        "HUGEQUERYMARK",
+        "HUGEJWTMARK",
+        "HUGEHEADERMARK",
+        "WRONGKEYMARK",
+        "RAWLINEMARK",
+        "HOOKURLMARK",
+        SECRET,
+        API_KEY,
+    ]
+    secrets = [
+        good_query,
+        good_header,
+        refresh_bad,
+        bad_jwtish,
+        bad_plain,
+        header_bad,
+        mid_long,
+        huge_query,
+        huge_jwtish,
+        huge_header,
+        wrong_key,
+        raw_bad,
+    ]
 
     with captured_logs(fmt) as stream:
         async with webhook_answering(500) as hook:
@@ -142,26 +170,36 @@ async def test_no_secret_reaches_the_logs(fmt: str) -> None:
                 # to aiohttp.
                 assert await _rejected_ws(server, query=f"?token={bad_jwtish}") == 4401
                 assert await _rejected_ws(server, query=f"?x=1&token={bad_plain}") == 4401
-                assert await _rejected_ws(
-                    server, headers={"Authorization": f"Bearer {header_bad}"}) == 4401
+                assert (
+                    await _rejected_ws(server, headers={"Authorization": f"Bearer {header_bad}"})
+                    == 4401
+                )
                 assert await _rejected_ws(server, query=f"?token={mid_long}") == 4401
                 # Requests aiohttp itself refuses: it logs the start of the bad line.
                 await _too_long_for_aiohttp(server, query=f"?token={huge_query}")
                 await _too_long_for_aiohttp(server, query=f"?token={huge_jwtish}")
                 await _too_long_for_aiohttp(
-                    server, headers={"Authorization": f"Bearer {huge_header}"})
+                    server, headers={"Authorization": f"Bearer {huge_header}"}
+                )
                 answer = await _raw_http(
-                    server, f"GET /ws?token={raw_bad} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                    server, f"GET /ws?token={raw_bad} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                )
                 assert answer.startswith(b"HTTP/1.") and b" 400 " in answer[:20]
                 # The server API: a wrong key, the right key, and both secrets in a URL.
                 status, _ = await api(server, "GET", "/api/channels", key=wrong_key)
                 assert status == 401
-                status, _ = await api(server, "POST", "/api/publish", {
-                    "channel": "news:a", "type": "notification",
-                    "data": {"message": "m", "level": "info"}})
+                status, _ = await api(
+                    server,
+                    "POST",
+                    "/api/publish",
+                    {
+                        "channel": "news:a",
+                        "type": "notification",
+                        "data": {"message": "m", "level": "info"},
+                    },
+                )
                 assert status == 200
-                status, _ = await api(server, "GET",
-                                      f"/healthz?key={API_KEY}&s={SECRET}", key=None)
+                status, _ = await api(server, "GET", f"/healthz?key={API_KEY}&s={SECRET}", key=None)
                 assert status == 200
         text = stream.getvalue()
 
@@ -175,7 +213,7 @@ async def test_no_secret_reaches_the_logs(fmt: str) -> None:
     # The capture really covered every path that handled a token.
     assert "token=[redacted]" in text
     assert text.count("aiohttp.access") >= 10
-    assert text.count("bad request from") == 4     # the requests aiohttp cannot parse
+    assert text.count("bad request from") == 4  # the requests aiohttp cannot parse
     assert "Error handling request" not in text
     assert "Traceback" not in text
     assert "webhook authorizer failed" in text
@@ -191,10 +229,21 @@ async def test_no_secret_reaches_the_logs(fmt: str) -> None:
 def test_library_loggers_reach_the_redacting_handler() -> None:
     """No logger that can see a token writes anywhere but through the root handler."""
     with captured_logs("json"):
-        names = ["aiohttp", "aiohttp.access", "aiohttp.server", "aiohttp.web",
-                 "aiohttp.websocket", "aiohttp.client", "asyncio", "tidings",
-                 "tidings.transport.websocket", "tidings.channels", "tidings.api.http",
-                 "tidings.auth", "tidings.gateway"]
+        names = [
+            "aiohttp",
+            "aiohttp.access",
+            "aiohttp.server",
+            "aiohttp.web",
+            "aiohttp.websocket",
+            "aiohttp.client",
+            "asyncio",
+            "tidings",
+            "tidings.transport.websocket",
+            "tidings.channels",
+            "tidings.api.http",
+            "tidings.auth",
+            "tidings.gateway",
+        ]
         for name in names:
             logger: logging.Logger | None = logging.getLogger(name)
             while logger is not None and logger is not logging.getLogger():
@@ -211,8 +260,16 @@ def _percent_encoded(text: str) -> str:
 
 @pytest.mark.parametrize(
     "spelling",
-    ["tok%65n", "%74oken", "%74%6F%6B%65%6E", "TOKEN", "T%6fKeN", "tok%2565n",
-     "refresh_token", "access%5Ftoken"],
+    [
+        "tok%65n",
+        "%74oken",
+        "%74%6F%6B%65%6E",
+        "TOKEN",
+        "T%6fKeN",
+        "tok%2565n",
+        "refresh_token",
+        "access%5Ftoken",
+    ],
 )
 def test_redactor_decodes_parameter_names(spelling: str) -> None:
     """A query parameter whose name decodes to a token name, in any case or encoding,
@@ -222,10 +279,14 @@ def test_redactor_decodes_parameter_names(spelling: str) -> None:
     assert out == f"GET /ws?a=1&{spelling}=[redacted]&b=2 HTTP/1.1"
 
 
-@pytest.mark.parametrize("text", [
-    "GET /ws?tokens=3&toke=4&broken=5 HTTP/1.1", "level=info user=u-1 count=2",
-    "a+b=c&%41=%42",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "GET /ws?tokens=3&toke=4&broken=5 HTTP/1.1",
+        "level=info user=u-1 count=2",
+        "a+b=c&%41=%42",
+    ],
+)
 def test_redactor_keeps_other_parameters(text: str) -> None:
     """Parameters whose names do not decode to a token name are left as they are."""
     assert Redactor()(text) == text
@@ -242,15 +303,17 @@ async def test_percent_encoded_token_names_stay_out_of_the_access_log() -> None:
     with captured_logs("json") as stream:
         async with serve() as server:
             for query in queries:
-                async with aiohttp.ClientSession() as session, session.ws_connect(
-                    server.ws_url + query, headers={"Referer": f"https://app.test/{query}"}
-                ) as ws:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.ws_connect(
+                        server.ws_url + query, headers={"Referer": f"https://app.test/{query}"}
+                    ) as ws,
+                ):
                     hello = json.loads((await ws.receive(timeout=TIMEOUT)).data)
                     assert hello["type"] == "connected", hello
                     assert hello["data"]["user_id"] == "encoded-name"
         text = stream.getvalue()
-    access = [json.loads(line)["msg"] for line in text.splitlines()
-              if '"aiohttp.access"' in line]
+    access = [json.loads(line)["msg"] for line in text.splitlines() if '"aiohttp.access"' in line]
     assert len([line for line in access if "app.test" in line]) == len(queries)
     for leaked in (plain, encoded, dotted, *plain.split("."), encoded[:60], dotted[:60]):
         assert leaked not in text, f"{leaked[:40]!r} leaked into the logs"
@@ -279,18 +342,26 @@ async def test_unparsable_requests_log_one_line_without_their_bytes() -> None:
     assert {r["logger"] for r in failures} == {"tidings.server"}
     assert not any("exc" in r for r in records), text
     assert "Traceback" not in text and "Error handling request" not in text
-    for marker in ("RAWMETHODMARK", "LONGLINEMARK", "LONGHEADERMARK", "HEADERMARK", "qqqq",
-                   "hhhh"):
+    for marker in ("RAWMETHODMARK", "LONGLINEMARK", "LONGHEADERMARK", "HEADERMARK", "qqqq", "hhhh"):
         assert marker not in text, f"{marker} leaked into the logs"
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("https://u:pw@keys.example/jwks.json?tenant=t-secret#frag", "https://u:***@keys.example/jwks.json"),
-    ("redis+cluster://u:a/b,c:d@h1:1,h2:2", "redis+cluster://u:***@h1:1,h2:2"),
-    ("redis+sentinel://:p?w#d@s1:26380,s2/mymaster?db=4", "redis+sentinel://:***@s1:26380,s2/mymaster"),
-    ("redis://user@h:6379/0", "redis://user@h:6379/0"),
-    ("http://[::1", "http://[::1"),
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "https://u:pw@keys.example/jwks.json?tenant=t-secret#frag",
+            "https://u:***@keys.example/jwks.json",
+        ),
+        ("redis+cluster://u:a/b,c:d@h1:1,h2:2", "redis+cluster://u:***@h1:1,h2:2"),
+        (
+            "redis+sentinel://:p?w#d@s1:26380,s2/mymaster?db=4",
+            "redis+sentinel://:***@s1:26380,s2/mymaster",
+        ),
+        ("redis://user@h:6379/0", "redis://user@h:6379/0"),
+        ("http://[::1", "http://[::1"),
+    ],
+)
 def test_one_url_redactor_masks_passwords_and_drops_queries(url: str, expected: str) -> None:
     """The single URL redactor, used for JWKS and broker URLs alike, masks the password and
     drops the query string and fragment, also for URLs that do not parse."""
@@ -300,14 +371,19 @@ def test_one_url_redactor_masks_passwords_and_drops_queries(url: str, expected: 
 
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_every_process_redacts_every_configured_secret(
-        workers: int, redis_prefix: str, tmp_path: Path) -> None:
+    workers: int, redis_prefix: str, tmp_path: Path
+) -> None:
     """A real ``tidings serve`` (and each of its ``--workers`` processes) redacts the
     signing secret, the API keys and the webhook secret from its access lines."""
     webhook_secret = "webhook-secret-zq0123456789abcdefzq"
     port = free_port()
-    config = f"workers = {workers}\n" + config_text(port, broker=REDIS_URL).replace(
-        "[broker]\n", f'[broker]\nprefix = "{redis_prefix}"\n') + (
-        f'[webhooks]\nurl = "http://127.0.0.1:9/hook"\nsecret = "{webhook_secret}"\n')
+    config = (
+        f"workers = {workers}\n"
+        + config_text(port, broker=REDIS_URL).replace(
+            "[broker]\n", f'[broker]\nprefix = "{redis_prefix}"\n'
+        )
+        + (f'[webhooks]\nurl = "http://127.0.0.1:9/hook"\nsecret = "{webhook_secret}"\n')
+    )
     secrets = (SECRET, API_KEY, webhook_secret)
     async with tidings_process(tmp_path, config, port=port) as tidings:
         async with aiohttp.ClientSession() as http:

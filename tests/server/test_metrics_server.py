@@ -11,8 +11,7 @@ from tidings.server import RunningServer
 
 async def api_text(server: RunningServer, path: str) -> tuple[int, str]:
     """GET ``path`` without a key; the status and the body as text."""
-    async with aiohttp.ClientSession() as session, \
-            session.get(server.http_url + path) as response:
+    async with aiohttp.ClientSession() as session, session.get(server.http_url + path) as response:
         return response.status, await response.text()
 
 
@@ -20,8 +19,12 @@ async def test_publish_and_fanout_latency_through_a_server() -> None:
     """A publish is timed once to its acknowledgement and its fan-out once per event,
     however many subscribers; labels carry no secret, token or channel."""
     tok = token("u1", ("news:*",))
-    async with serve() as server, connect(server, tok) as first, \
-            connect(server, tok) as second, connect(server, tok) as third:
+    async with (
+        serve() as server,
+        connect(server, tok) as first,
+        connect(server, tok) as second,
+        connect(server, tok) as third,
+    ):
         for client in (first, second, third):
             assert (await client.subscribe("news:lat"))["type"] == "subscribed"
         await publish(server, "news:lat")
@@ -29,8 +32,11 @@ async def test_publish_and_fanout_latency_through_a_server() -> None:
             assert (await client.recv())["channel"] == "news:lat"
         status, text = await api_text(server, "/metrics")
     assert status == 200
-    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
-              for family in text_string_to_metric_families(text) for s in family.samples}
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
     assert values[("tidings_publish_seconds_count", ())] == 1
     assert values[("tidings_fanout_seconds_count", ())] == 1
     assert values[("tidings_events_delivered_total", (("type", "notification"),))] == 3

@@ -13,10 +13,12 @@ from timeouts import TIMEOUT
 
 
 def _presence(ttl: float) -> dict[str, Any]:
-    return {"namespaces": {
-        "default": {"rule": "public"},
-        "room": {"rule": "public", "presence_events": True, "presence_ttl": ttl},
-    }}
+    return {
+        "namespaces": {
+            "default": {"rule": "public"},
+            "room": {"rule": "public", "presence_events": True, "presence_ttl": ttl},
+        }
+    }
 
 
 async def _next_other(client: Client, me: str) -> dict[str, Any]:
@@ -115,16 +117,22 @@ async def test_namespace_without_presence_events_gets_none() -> None:
 async def test_presence_types_cannot_be_published() -> None:
     """``join`` and ``leave`` are reserved: the API refuses them as event types."""
     async with serve(_presence(0.2)) as server:
-        status, answer = await api(server, "POST", "/api/publish", {
-            "channel": "room:a", "type": "join", "data": {"user_id": "x"}})
+        status, answer = await api(
+            server,
+            "POST",
+            "/api/publish",
+            {"channel": "room:a", "type": "join", "data": {"user_id": "x"}},
+        )
         assert status == 400, answer
 
 
 async def test_python_sdk_surfaces_joins_and_leaves() -> None:
     """``Client.subscribe(on_presence=...)`` gets a ``Presence`` per join and leave."""
     seen: asyncio.Queue[Presence] = asyncio.Queue()
-    async with serve(_presence(0.2)) as server, client_connect(
-            server.ws_url, token=token("alice")) as client:
+    async with (
+        serve(_presence(0.2)) as server,
+        client_connect(server.ws_url, token=token("alice")) as client,
+    ):
         sub = await client.subscribe("room:sdk", on_presence=seen.put_nowait)
         async with connect(server, token("bob")) as bob:
             await bob.subscribe("room:sdk")

@@ -69,8 +69,9 @@ def _process(args: list[str], log: Path) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def nginx(tmp_path: Path, upstream: int, internal: int | None, *,
-                more_upstreams: Sequence[int] = ()) -> AsyncIterator[tuple[int, Path]]:
+async def nginx(
+    tmp_path: Path, upstream: int, internal: int | None, *, more_upstreams: Sequence[int] = ()
+) -> AsyncIterator[tuple[int, Path]]:
     """nginx with deploy/nginx/tidings.conf in its http block (the same file whether or
     not Tidings has an ``internal`` port), its upstream's server line repeated for
     ``more_upstreams`` as docs/deployment.md says; yields its port and the access log."""
@@ -81,8 +82,12 @@ async def nginx(tmp_path: Path, upstream: int, internal: int | None, *,
     snippet = _replace(NGINX_CONF.read_text(), "listen 8080;", f"listen 127.0.0.1:{port};")
     line = re.search(r"^ *server 127\.0\.0\.1:8000 .*$", snippet, re.M)
     assert line, "no upstream server line"
-    snippet = snippet.replace(line.group(0), "\n".join(
-        line.group(0).replace(":8000 ", f":{node} ") for node in (upstream, *more_upstreams)))
+    snippet = snippet.replace(
+        line.group(0),
+        "\n".join(
+            line.group(0).replace(":8000 ", f":{node} ") for node in (upstream, *more_upstreams)
+        ),
+    )
     snippet = _replace(snippet, "/var/log/nginx/", f"{prefix}/")
     (prefix / "tidings.conf").write_text(snippet)
     # As root, nginx's workers would switch to "nobody", who cannot enter pytest's tmp.
@@ -91,12 +96,24 @@ async def nginx(tmp_path: Path, upstream: int, internal: int | None, *,
         f"{user}worker_processes 1;\nerror_log {prefix}/error.log info;\n"
         "events { worker_connections 256; }\n"
         "http {\n"
-        + "".join(f"    {kind}_temp_path {prefix}/{kind}_temp;\n"
-                  for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        + "".join(
+            f"    {kind}_temp_path {prefix}/{kind}_temp;\n"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
         + f"    access_log {prefix}/default-access.log;\n"
-        f"    include {prefix}/tidings.conf;\n}}\n")
-    args = [binary, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c",
-            str(prefix / "nginx.conf"), "-g", f"daemon off; pid {prefix}/nginx.pid;"]
+        f"    include {prefix}/tidings.conf;\n}}\n"
+    )
+    args = [
+        binary,
+        "-p",
+        str(prefix),
+        "-e",
+        str(prefix / "error.log"),
+        "-c",
+        str(prefix / "nginx.conf"),
+        "-g",
+        f"daemon off; pid {prefix}/nginx.pid;",
+    ]
     with _process(args, prefix / "stdout.log") as proc:
         try:
             await wait_for_port(port)
@@ -107,8 +124,9 @@ async def nginx(tmp_path: Path, upstream: int, internal: int | None, *,
 
 
 @contextlib.asynccontextmanager
-async def haproxy(tmp_path: Path, upstream: int,
-                  internal: int | None) -> AsyncIterator[tuple[int, Path]]:
+async def haproxy(
+    tmp_path: Path, upstream: int, internal: int | None
+) -> AsyncIterator[tuple[int, Path]]:
     """HAProxy with deploy/haproxy/tidings.cfg, checking readiness on Tidings'
     ``internal`` port (without one, with "port 9000" dropped as the file says); yields
     its port and its output, where its access lines go."""
@@ -116,45 +134,55 @@ async def haproxy(tmp_path: Path, upstream: int,
     port = free_port()
     config = _replace(HAPROXY_CFG.read_text(), "bind :8080", f"bind 127.0.0.1:{port}")
     config = _replace(config, "127.0.0.1:8000", f"127.0.0.1:{upstream}")
-    config = _replace(config, "check port 9000 ",
-                      "check " if internal is None else f"check port {internal} ")
+    config = _replace(
+        config, "check port 9000 ", "check " if internal is None else f"check port {internal} "
+    )
     path = tmp_path / "haproxy.cfg"
     path.write_text(config)
-    check = subprocess.run([binary, "-c", "-f", str(path)], capture_output=True, text=True,
-                           timeout=TIMEOUT, check=False)
+    check = subprocess.run(
+        [binary, "-c", "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     with _process([binary, "-db", "-f", str(path)], tmp_path / "haproxy.log"):
         await wait_for_port(port)
         yield port, tmp_path / "haproxy.log"
 
 
-Proxy = Callable[[Path, int, int | None],
-                 contextlib.AbstractAsyncContextManager[tuple[int, Path]]]
+Proxy = Callable[[Path, int, int | None], contextlib.AbstractAsyncContextManager[tuple[int, Path]]]
 PROXIES = [pytest.param(nginx, id="nginx"), pytest.param(haproxy, id="haproxy")]
 #: Whether Tidings has an internal listener: the deploy/ configurations' shape first.
 SHAPES = [pytest.param(True, id="internal-port"), pytest.param(False, id="one-port")]
 
 
 @contextlib.asynccontextmanager
-async def behind(proxy: Proxy, tmp_path: Path, with_internal: bool = True
-                 ) -> AsyncIterator[tuple[TidingsProcess, str, str, Path]]:
+async def behind(
+    proxy: Proxy, tmp_path: Path, with_internal: bool = True
+) -> AsyncIterator[tuple[TidingsProcess, str, str, Path]]:
     """A Tidings process with ``proxy`` in front; yields it, the proxy's base URL, the
     server API's base URL (the internal port, or the proxy without one) and the proxy's
     access log, once a request through the proxy reaches Tidings."""
     port = free_port()
     internal = free_port() if with_internal else None
-    async with tidings_process(tmp_path, config_text(port, internal_port=internal),
-                               port=port) as tidings, \
-            proxy(tmp_path, port, internal) as (proxy_port, access_log):
+    async with (
+        tidings_process(tmp_path, config_text(port, internal_port=internal), port=port) as tidings,
+        proxy(tmp_path, port, internal) as (proxy_port, access_log),
+    ):
         base = f"http://127.0.0.1:{proxy_port}"
         api_base = base if internal is None else f"http://127.0.0.1:{internal}"
 
         async def through() -> bool:
             # HAProxy forwards once its first health check has passed.
             with contextlib.suppress(aiohttp.ClientError):
-                async with aiohttp.ClientSession() as http, http.get(
-                        base + "/client/tidings.js",
-                        timeout=aiohttp.ClientTimeout(total=2)) as answer:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(
+                        base + "/client/tidings.js", timeout=aiohttp.ClientTimeout(total=2)
+                    ) as answer,
+                ):
                     return answer.status == 200
             return False
 
@@ -165,8 +193,10 @@ async def behind(proxy: Proxy, tmp_path: Path, with_internal: bool = True
 @contextlib.asynccontextmanager
 async def ws_client(base: str, tok: str) -> AsyncIterator[Client]:
     url = base.replace("http://", "ws://") + f"/ws?token={tok}"
-    async with aiohttp.ClientSession() as http, http.ws_connect(
-            url, timeout=aiohttp.ClientWSTimeout(ws_close=TIMEOUT)) as ws:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=TIMEOUT)) as ws,
+    ):
         client = Client(ws)
         hello = await client.recv()
         assert hello["type"] == "connected", hello
@@ -175,16 +205,20 @@ async def ws_client(base: str, tok: str) -> AsyncIterator[Client]:
 
 async def _publish(base: str, data: dict[str, Any]) -> tuple[int, Any]:
     body = {"channel": CHANNEL, "type": "notification", "data": data}
-    async with aiohttp.ClientSession() as http, http.post(
-            base + "/api/publish", json=body,
-            headers={"Authorization": f"Bearer {API_KEY}"}) as answer:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            base + "/api/publish", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+        ) as answer,
+    ):
         return answer.status, await answer.json()
 
 
 @pytest.mark.parametrize("with_internal", SHAPES)
 @pytest.mark.parametrize("proxy", PROXIES)
-async def test_session_and_publish_through_the_proxy(proxy: Proxy, with_internal: bool,
-                                                     tmp_path: Path) -> None:
+async def test_session_and_publish_through_the_proxy(
+    proxy: Proxy, with_internal: bool, tmp_path: Path
+) -> None:
     """Through the proxy a client connects and subscribes, a publish (to the internal
     port when there is one, where the proxy answers 404) is accepted, and the event
     reaches the client; the proxy's access log names the requests without the token."""
@@ -196,8 +230,7 @@ async def test_session_and_publish_through_the_proxy(proxy: Proxy, with_internal
             if with_internal:
                 status, _ = await _publish(base, {"message": "public", "level": "info"})
                 assert status == 404  # the server API does not face the proxy
-            status, answer = await _publish(api_base, {"message": "through",
-                                                       "level": "info"})
+            status, answer = await _publish(api_base, {"message": "through", "level": "info"})
             assert status == 200, answer
             event = await client.recv()
             assert event["type"] == "notification"
@@ -216,12 +249,15 @@ async def test_session_and_publish_through_the_proxy(proxy: Proxy, with_internal
 
 @pytest.mark.parametrize("with_internal", SHAPES)
 @pytest.mark.parametrize("proxy", PROXIES)
-async def test_drain_reaches_the_client_through_the_proxy(proxy: Proxy, with_internal: bool,
-                                                          tmp_path: Path) -> None:
+async def test_drain_reaches_the_client_through_the_proxy(
+    proxy: Proxy, with_internal: bool, tmp_path: Path
+) -> None:
     """SIGTERM to Tidings: the client behind the proxy reads close 1001, and Tidings
     exits 0."""
-    async with behind(proxy, tmp_path, with_internal) as (tidings, base, _, _), \
-            ws_client(base, token("drained-user", ("news:*",))) as client:
+    async with (
+        behind(proxy, tmp_path, with_internal) as (tidings, base, _, _),
+        ws_client(base, token("drained-user", ("news:*",))) as client,
+    ):
         await client.subscribe(CHANNEL)
         tidings.sigterm()
         assert await client.expect_close() == 1001
@@ -250,8 +286,9 @@ def test_proxy_timeouts_are_above_the_heartbeat() -> None:
     haproxy_text = HAPROXY_CFG.read_text()
     match = re.search(r"^\s*timeout tunnel\s+(\S+)", haproxy_text, re.M)
     assert match and _seconds(match.group(1)) > floor
-    assert f"127.0.0.1:{defaults.port}" in nginx_text and f"127.0.0.1:{defaults.port}" \
-        in haproxy_text
+    assert (
+        f"127.0.0.1:{defaults.port}" in nginx_text and f"127.0.0.1:{defaults.port}" in haproxy_text
+    )
 
 
 def test_haproxy_checks_the_internal_port_of_the_shipped_configurations() -> None:
@@ -269,8 +306,10 @@ def test_haproxy_checks_the_internal_port_of_the_shipped_configurations() -> Non
 
 async def _connections(internal: int) -> float:
     """A node's tidings_connections gauge, read from its internal /metrics."""
-    async with aiohttp.ClientSession() as http, \
-            http.get(f"http://127.0.0.1:{internal}/metrics") as answer:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{internal}/metrics") as answer,
+    ):
         text = await answer.text()
     match = re.search(r"^tidings_connections (\S+)$", text, re.M)
     assert match, text
@@ -278,7 +317,8 @@ async def _connections(internal: int) -> float:
 
 
 async def test_two_redis_nodes_behind_nginx_a_drained_client_recovers_on_the_other(
-        redis_prefix: str, tmp_path: Path) -> None:
+    redis_prefix: str, tmp_path: Path
+) -> None:
     """docs/deployment.md's shape: two nodes on Redis behind the shipped nginx file, the
     API on their internal ports. A client gets an event published on the other node;
     its node drains (1001); it reconnects through nginx, lands on the other node, and
@@ -287,13 +327,17 @@ async def test_two_redis_nodes_behind_nginx_a_drained_client_recovers_on_the_oth
     nodes = {}
     async with contextlib.AsyncExitStack() as stack:
         for port, internal in (ports[0:2], ports[2:4]):
-            config = config_text(port, internal_port=internal, broker=REDIS_URL).replace(
-                "[broker]\n", f'[broker]\nprefix = "{redis_prefix}"\n').replace(
-                "shutdown_timeout = 5\n", "shutdown_timeout = 5\ndrain_delay = 0.5\n")
+            config = (
+                config_text(port, internal_port=internal, broker=REDIS_URL)
+                .replace("[broker]\n", f'[broker]\nprefix = "{redis_prefix}"\n')
+                .replace("shutdown_timeout = 5\n", "shutdown_timeout = 5\ndrain_delay = 0.5\n")
+            )
             nodes[internal] = await stack.enter_async_context(
-                tidings_process(tmp_path, config, port=port))
+                tidings_process(tmp_path, config, port=port)
+            )
         proxy_port, _ = await stack.enter_async_context(
-            nginx(tmp_path, ports[0], None, more_upstreams=[ports[2]]))
+            nginx(tmp_path, ports[0], None, more_upstreams=[ports[2]])
+        )
         base = f"http://127.0.0.1:{proxy_port}"
         tok = token("roaming-user", ("news:*",))
         async with ws_client(base, tok) as client:
@@ -303,19 +347,22 @@ async def test_two_redis_nodes_behind_nginx_a_drained_client_recovers_on_the_oth
             serving = [i for i in nodes if await _connections(i) == 1]
             assert len(serving) == 1, serving
             (other,) = set(nodes) - set(serving)
-            status, _ = await _publish(f"http://127.0.0.1:{other}", {"message": "before",
-                                                                     "level": "info"})
+            status, _ = await _publish(
+                f"http://127.0.0.1:{other}", {"message": "before", "level": "info"}
+            )
             assert status == 200
             seen = await client.recv()
             assert seen["data"]["message"] == "before"
             nodes[serving[0]].sigterm()
             assert await client.expect_close(timeout=10) == 1001
-        status, missed = await _publish(f"http://127.0.0.1:{other}",
-                                        {"message": "while away", "level": "info"})
+        status, missed = await _publish(
+            f"http://127.0.0.1:{other}", {"message": "while away", "level": "info"}
+        )
         assert status == 200
         async with ws_client(base, tok) as client:
             reply = await client.subscribe(
-                CHANNEL, recover={"offset": seen["offset"], "epoch": epoch})
+                CHANNEL, recover={"offset": seen["offset"], "epoch": epoch}
+            )
             assert reply["data"]["recovered"] is True, reply
             event = await client.recv()
             assert event["data"]["message"] == "while away"

@@ -62,8 +62,10 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, An
 
 def head(path: str, credential: str, fields: str) -> bytes:
     """A POST request head to ``path`` with a bearer credential and extra ``fields``."""
-    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {credential}\r\n"
-            f"Content-Type: application/json\r\n{fields}\r\n").encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {credential}\r\n"
+        f"Content-Type: application/json\r\n{fields}\r\n"
+    ).encode()
 
 
 def reading_body(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
@@ -82,25 +84,36 @@ def reading_body(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 @pytest.mark.parametrize("route", ["/api/publish", "/sse/commands"])
-async def test_body_that_does_not_decode_is_400(records: pytest.LogCaptureFixture,
-                                                route: str, encoding: str) -> None:
+async def test_body_that_does_not_decode_is_400(
+    records: pytest.LogCaptureFixture, route: str, encoding: str
+) -> None:
     """A body that is not in its ``Content-Encoding`` is 400 ``invalid_request`` (JSON)
     and the connection is closed, with one log line and no traceback."""
     credential = API_KEY if route.startswith("/api") else token("u1")
     body = b"this is not compressed"
     async with serve() as server, raw(server) as (reader, writer):
-        writer.write(head(route, credential, f"Content-Encoding: {encoding}\r\n"
-                                             f"Content-Length: {len(body)}\r\n") + body)
+        writer.write(
+            head(
+                route,
+                credential,
+                f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n",
+            )
+            + body
+        )
         status, answer = await read_response(reader)
         assert status == 400, answer
         assert answer["error"]["code"] == "invalid_request"
         assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
-    assert [r for r in records.records if "could not be read" in r.getMessage()
-            and r.name == "tidings.api.http"]
+    assert [
+        r
+        for r in records.records
+        if "could not be read" in r.getMessage() and r.name == "tidings.api.http"
+    ]
 
 
 async def test_chunked_framing_broken_after_the_head_is_400(
-        records: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    records: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A chunk size that is not hex, arriving after the head has been handled, is
     answered 400 ``invalid_request`` at once instead of leaving the request waiting on
     its body until the client gives up."""
@@ -130,7 +143,8 @@ class _Watch(logging.Handler):
 
 
 async def test_client_leaving_in_the_middle_of_its_body_is_not_an_error(
-        records: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    records: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A client that closes its connection before its body is complete leaves a debug
     line, not an error with a traceback, and the server goes on serving."""
     started = reading_body(monkeypatch)
@@ -140,8 +154,9 @@ async def test_client_leaving_in_the_middle_of_its_body_is_not_an_error(
     try:
         async with serve() as server:
             async with raw(server) as (_, writer):
-                writer.write(head("/api/publish", API_KEY, "Content-Length: 100\r\n")
-                             + b'{"channel":')
+                writer.write(
+                    head("/api/publish", API_KEY, "Content-Length: 100\r\n") + b'{"channel":'
+                )
                 await asyncio.wait_for(started.wait(), TIMEOUT)
             await asyncio.wait_for(watch.seen.wait(), TIMEOUT)
             assert watch.first is not None

@@ -81,8 +81,10 @@ async def test_partial_heads_are_closed_and_counted() -> None:
         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
         b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Le",
     ]
-    async with serve({"server": {"handshake_timeout": DEADLINE}}) as server, \
-            contextlib.AsyncExitStack() as stack:
+    async with (
+        serve({"server": {"handshake_timeout": DEADLINE}}) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
         streams = [await stack.enter_async_context(raw(server)) for _ in partials]
         for (_, writer), partial in zip(streams, partials, strict=True):
             writer.write(partial)
@@ -99,8 +101,10 @@ async def test_partial_heads_are_closed_and_counted() -> None:
 async def test_dripped_head_is_cut_although_bytes_keep_arriving() -> None:
     """A head sent one byte at a time is closed at the deadline: arriving bytes do not
     extend it."""
-    async with serve({"server": {"handshake_timeout": DEADLINE}}) as server, \
-            raw(server) as (reader, writer):
+    async with (
+        serve({"server": {"handshake_timeout": DEADLINE}}) as server,
+        raw(server) as (reader, writer),
+    ):
         writer.write(b"GET /ws HTTP/1.1\r\nX-Drip: ")
         sent = 0
         # Each pause is a wait for the close itself, so the drip ends as soon as the
@@ -120,9 +124,11 @@ async def test_dripped_head_is_cut_although_bytes_keep_arriving() -> None:
 async def test_keep_alive_heads_are_timed_from_their_first_byte() -> None:
     """After a response, an idle keep-alive connection stays open past the deadline,
     while a second head left unfinished is cut."""
-    async with serve({"server": {"handshake_timeout": DEADLINE}}) as server, \
-            raw(server) as (idle_reader, idle_writer), \
-            raw(server) as (reader, writer):
+    async with (
+        serve({"server": {"handshake_timeout": DEADLINE}}) as server,
+        raw(server) as (idle_reader, idle_writer),
+        raw(server) as (reader, writer),
+    ):
         for stream_reader, stream_writer in ((idle_reader, idle_writer), (reader, writer)):
             stream_writer.write(GET_HEALTHZ)
             status, _ = await read_response(stream_reader)
@@ -140,12 +146,17 @@ async def test_keep_alive_heads_are_timed_from_their_first_byte() -> None:
 
 async def test_slow_body_is_not_cut() -> None:
     """A complete head whose body arrives after the deadline is served normally."""
-    body = json.dumps({"channel": "news:a", "type": "notification",
-                       "data": {"message": "slow", "level": "info"}}).encode()
-    head = (f"POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-    async with serve({"server": {"handshake_timeout": DEADLINE}}) as server, \
-            raw(server) as (reader, writer):
+    body = json.dumps(
+        {"channel": "news:a", "type": "notification", "data": {"message": "slow", "level": "info"}}
+    ).encode()
+    head = (
+        f"POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    async with (
+        serve({"server": {"handshake_timeout": DEADLINE}}) as server,
+        raw(server) as (reader, writer),
+    ):
         writer.write(head)
         # Each time, a partial head started later has been cut: the body's pieces come
         # more than a deadline after the head and after each other.
@@ -160,8 +171,10 @@ async def test_slow_body_is_not_cut() -> None:
 
 async def test_websocket_outlives_the_deadline() -> None:
     """An established WebSocket connection is not closed by the head deadline."""
-    async with serve({"server": {"handshake_timeout": DEADLINE}}) as server, \
-            connect(server, token("long-lived")) as client:
+    async with (
+        serve({"server": {"handshake_timeout": DEADLINE}}) as server,
+        connect(server, token("long-lived")) as client,
+    ):
         await cut_partial_head(server)
         await client.send("ping", id="p")
         assert (await client.recv())["type"] == "pong"

@@ -10,8 +10,11 @@ async def test_event_reaches_subscriber() -> None:
     async with serve() as server, connect(server, token("u1", ("news:*",))) as client:
         reply = await client.subscribe("news:today")
         assert reply["type"] == "subscribed"
-        assert reply["data"] == {"channel": "news:today", "offset": 0,
-                                 "epoch": reply["data"]["epoch"]}
+        assert reply["data"] == {
+            "channel": "news:today",
+            "offset": 0,
+            "epoch": reply["data"]["epoch"],
+        }
         result = await publish(server, "news:today")
         event = await client.recv()
         assert event["type"] == "notification"

@@ -50,8 +50,12 @@ class SseStream:
                 fields[name] = value
         if "id" in fields:
             self.last_id = fields["id"]
-        return {"event": fields.get("event", "message"), "id": fields.get("id"),
-                "raw": fields.get("data", ""), "data": json.loads(fields.get("data", "null"))}
+        return {
+            "event": fields.get("event", "message"),
+            "id": fields.get("id"),
+            "raw": fields.get("data", ""),
+            "data": json.loads(fields.get("data", "null")),
+        }
 
     async def message(self, kind: str, timeout: float = TIMEOUT) -> dict[str, Any]:
         """Skip to the next message of type ``kind``."""
@@ -71,27 +75,40 @@ class SseStream:
 
 
 @contextlib.asynccontextmanager
-async def sse(server: RunningServer, tok: str | None = None, *, channels: tuple[str, ...] = (),
-              last_id: str | None = None, headers: dict[str, str] | None = None
-              ) -> AsyncIterator[SseStream]:
+async def sse(
+    server: RunningServer,
+    tok: str | None = None,
+    *,
+    channels: tuple[str, ...] = (),
+    last_id: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> AsyncIterator[SseStream]:
     params = [("channel", c) for c in channels]
     if tok is not None:
         params.append(("token", tok))
     sent = dict(headers or {})
     if last_id is not None:
         sent["Last-Event-ID"] = last_id
-    async with aiohttp.ClientSession() as session, session.get(
-            server.http_url + "/sse", params=params, headers=sent) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.http_url + "/sse", params=params, headers=sent) as response,
+    ):
         assert response.status == 200, await response.text()
         yield SseStream(response)
 
 
-async def command(server: RunningServer, session_id: str, body: dict[str, Any],
-                  tok: str | None) -> tuple[int, Any]:
+async def command(
+    server: RunningServer, session_id: str, body: dict[str, Any], tok: str | None
+) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {tok}"} if tok else {}
-    async with aiohttp.ClientSession() as session, session.post(
-            server.http_url + "/sse/commands", json={"session": session_id, "command": body},
-            headers=headers) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            server.http_url + "/sse/commands",
+            json={"session": session_id, "command": body},
+            headers=headers,
+        ) as response,
+    ):
         return response.status, await response.json()
 
 
@@ -133,8 +150,10 @@ async def test_stream_format_connected_first_data_is_ws_json() -> None:
 
 async def test_heartbeat_is_a_comment_and_keeps_the_stream() -> None:
     """Heartbeats are ``: ping`` comments and no pong is needed to stay connected."""
-    async with serve({"server": {"heartbeat_interval": 0.1, "heartbeat_timeout": 0.1}}
-                     ) as server, sse(server, token("u1")) as stream:
+    async with (
+        serve({"server": {"heartbeat_interval": 0.1, "heartbeat_timeout": 0.1}}) as server,
+        sse(server, token("u1")) as stream,
+    ):
         await stream.message("connected")
         for _ in range(5):  # longer than interval + timeout: no heartbeat close
             await stream.response.content.readline()
@@ -172,10 +191,14 @@ async def test_last_event_id_recovers_every_channel() -> None:
             assert replies["news:a"]["recovered"] is True
             assert replies["user:u1"]["recovered"] is True
             assert sorted((e["channel"], e["offset"]) for e in events) == sorted(
-                (m["channel"], m["offset"]) for m in missed)
-        async with aiohttp.ClientSession() as session, session.get(
+                (m["channel"], m["offset"]) for m in missed
+            )
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
                 server.http_url + "/sse", params={"token": tok, "last_event_id": resume}
-                ) as response:
+            ) as response,
+        ):
             stream = SseStream(response)
             reply = await stream.message("subscribed")
             assert "recovered" in reply["data"]["data"]
@@ -187,8 +210,11 @@ async def test_recovered_false_when_history_is_gone() -> None:
         tok = token("u1")
         async with sse(server, tok, channels=("news:a",)) as stream:
             await stream.message("subscribed")
-        stale = base64.urlsafe_b64encode(
-            json.dumps([["news:a", 5, "gone-epoch"]]).encode()).decode().rstrip("=")
+        stale = (
+            base64.urlsafe_b64encode(json.dumps([["news:a", 5, "gone-epoch"]]).encode())
+            .decode()
+            .rstrip("=")
+        )
         async with sse(server, tok, last_id=stale) as stream:
             reply = await stream.message("subscribed")
             assert reply["data"]["data"]["recovered"] is False
@@ -201,27 +227,37 @@ async def test_commands_subscribe_unsubscribe_refresh() -> None:
         tok = token("u1")
         async with sse(server, tok) as stream:
             session_id = (await stream.message("connected"))["data"]["data"]["connection_id"]
-            status, body = await command(server, session_id, {
-                "type": "subscribe", "id": "s1", "data": {"channel": "news:b"}}, tok)
+            status, body = await command(
+                server,
+                session_id,
+                {"type": "subscribe", "id": "s1", "data": {"channel": "news:b"}},
+                tok,
+            )
             assert (status, body) == (202, {"status": "accepted"})
             reply = await stream.message("subscribed")
             assert reply["data"]["id"] == "s1"
             result = await publish(server, "news:b")
             assert (await stream.message("notification"))["data"]["offset"] == result["offset"]
             fresh = token("u1", ttl=7200)
-            status, _ = await command(server, session_id, {
-                "type": "refresh", "id": "r1", "data": {"token": fresh}}, tok)
+            status, _ = await command(
+                server, session_id, {"type": "refresh", "id": "r1", "data": {"token": fresh}}, tok
+            )
             assert status == 202
             assert (await stream.message("refreshed"))["data"]["id"] == "r1"
-            status, _ = await command(server, session_id, {
-                "type": "unsubscribe", "id": "u1", "data": {"channel": "news:b"}}, fresh)
+            status, _ = await command(
+                server,
+                session_id,
+                {"type": "unsubscribe", "id": "u1", "data": {"channel": "news:b"}},
+                fresh,
+            )
             assert status == 202
             assert (await stream.message("unsubscribed"))["data"]["id"] == "u1"
             assert "news:b" not in {e[0] for e in _decode(stream.last_id)}
 
 
 async def test_bad_inputs_answer_4xx_json_without_traceback(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Garbage or deeply nested Last-Event-ID, bad channel, no token, unknown session,
     wrong user or credential, bad or oversize bodies: 4xx JSON, no traceback, no token in
     the log."""
@@ -231,16 +267,23 @@ async def test_bad_inputs_answer_4xx_json_without_traceback(
         async with aiohttp.ClientSession() as session:
             base = server.http_url + "/sse"
             for params, headers, status in (
-                    ({"token": tok}, {"Last-Event-ID": "!!garbage!!"}, 400),
-                    ({"token": tok}, {"Last-Event-ID": "W10K" * 1500}, 400),
-                    # Base64url JSON nesting past the protocol's 64 levels: 1,100 levels
-                    # would make json.loads raise RecursionError, 65 are just too deep.
-                    ({"token": tok}, {"Last-Event-ID": _encode("[" * 1100 + "]" * 1100)}, 400),
-                    ({"token": tok, "last_event_id": _encode(
-                        '[["news:a",0,"e"],' + "[" * 64 + "]" * 64 + "]")}, {}, 400),
-                    ({"token": tok, "last_event_id": "e30"}, {}, 400),
-                    ({"token": tok, "channel": "no channel"}, {}, 400),
-                    ({"token": "nope"}, {}, 401)):
+                ({"token": tok}, {"Last-Event-ID": "!!garbage!!"}, 400),
+                ({"token": tok}, {"Last-Event-ID": "W10K" * 1500}, 400),
+                # Base64url JSON nesting past the protocol's 64 levels: 1,100 levels
+                # would make json.loads raise RecursionError, 65 are just too deep.
+                ({"token": tok}, {"Last-Event-ID": _encode("[" * 1100 + "]" * 1100)}, 400),
+                (
+                    {
+                        "token": tok,
+                        "last_event_id": _encode('[["news:a",0,"e"],' + "[" * 64 + "]" * 64 + "]"),
+                    },
+                    {},
+                    400,
+                ),
+                ({"token": tok, "last_event_id": "e30"}, {}, 400),
+                ({"token": tok, "channel": "no channel"}, {}, 400),
+                ({"token": "nope"}, {}, 401),
+            ):
                 async with session.get(base, params=params, headers=headers) as response:
                     assert response.status == status
                     assert "error" in await response.json()
@@ -254,23 +297,29 @@ async def test_bad_inputs_answer_4xx_json_without_traceback(
             assert (await command(server, session_id, ping, token("u2")))[0] == 403
             big = {"type": "ping", "id": "p", "data": {"pad": "x" * 5000}}
             assert (await command(server, session_id, big, tok))[0] == 413
-            async with aiohttp.ClientSession() as session, session.post(
-                    base + "/commands", data=b"{not json",
-                    headers={"Authorization": f"Bearer {tok}"}) as response:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    base + "/commands",
+                    data=b"{not json",
+                    headers={"Authorization": f"Bearer {tok}"},
+                ) as response,
+            ):
                 assert response.status == 400
                 assert (await response.json())["error"]["code"] == "invalid_request"
             assert (await command(server, session_id, ping, tok))[0] == 202
             assert (await stream.message("pong"))["data"]["id"] == "p"
     assert not [r for r in caplog.records if r.exc_info]
     # Access lines are redacted by the server's log handler, which caplog bypasses.
-    assert not [r for r in caplog.records
-                if r.name != "aiohttp.access" and tok in r.getMessage()]
+    assert not [r for r in caplog.records if r.name != "aiohttp.access" and tok in r.getMessage()]
 
 
 async def test_slow_consumer_ends_the_stream() -> None:
     """Past limits.send_buffer_bytes the stream ends with a close event 1013."""
-    async with serve({"limits": {"send_buffer_bytes": 20_000}}) as server, sse(
-            server, token("u1")) as stream:
+    async with (
+        serve({"limits": {"send_buffer_bytes": 20_000}}) as server,
+        sse(server, token("u1")) as stream,
+    ):
         await stream.message("connected")
         gateway = server.gateway
         peer = next(gateway.hub.connections())
@@ -288,8 +337,7 @@ async def test_slow_consumer_ends_the_stream() -> None:
 
 async def test_token_expiry_closes_4401() -> None:
     """An expired token ends the stream with ``unauthorized`` and close 4401."""
-    async with serve({"auth": {"leeway": 0}}) as server, sse(server, token("u1", ttl=1)
-                                                            ) as stream:
+    async with serve({"auth": {"leeway": 0}}) as server, sse(server, token("u1", ttl=1)) as stream:
         await stream.message("connected")
         assert (await stream.message("error"))["data"]["data"]["code"] == "unauthorized"
         assert (await stream.closed())["code"] == 4401
@@ -301,19 +349,25 @@ async def test_drain_closes_1001_and_refuses_new_streams() -> None:
         await stream.message("connected")
         server.gateway.begin_drain()
         assert (await stream.closed())["code"] == 1001
-        async with aiohttp.ClientSession() as session, session.get(
-                server.http_url + "/sse", params={"token": token("u1")}) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(server.http_url + "/sse", params={"token": token("u1")}) as response,
+        ):
             assert response.status == 503
         assert await server.gateway.wait_idle(TIMEOUT)
 
 
 async def test_connection_limit_applies() -> None:
     """SSE streams count against limits.max_connections_per_user (429 JSON)."""
-    async with serve({"limits": {"max_connections_per_user": 1}}) as server, sse(
-            server, token("u1")) as stream:
+    async with (
+        serve({"limits": {"max_connections_per_user": 1}}) as server,
+        sse(server, token("u1")) as stream,
+    ):
         await stream.message("connected")
-        async with aiohttp.ClientSession() as session, session.get(
-                server.http_url + "/sse", params={"token": token("u1")}) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(server.http_url + "/sse", params={"token": token("u1")}) as response,
+        ):
             assert response.status == 429
             assert (await response.json())["error"]["code"] == "rate_limited"
 
@@ -321,14 +375,21 @@ async def test_connection_limit_applies() -> None:
 async def test_cross_node_command_is_relayed() -> None:
     """A POST that lands on another node (same Redis) is relayed to the session's node:
     the reply comes on the stream; unknown sessions there are 404."""
-    async with prefix_scope(REDIS_URL) as prefix, redis_node(REDIS_URL, prefix) as one, \
-            redis_node(REDIS_URL, prefix) as two:
+    async with (
+        prefix_scope(REDIS_URL) as prefix,
+        redis_node(REDIS_URL, prefix) as one,
+        redis_node(REDIS_URL, prefix) as two,
+    ):
         tok = token("u1")
         async with sse(one, tok) as stream:
             session_id = (await stream.message("connected"))["data"]["data"]["connection_id"]
             assert "." in session_id
-            status, body = await command(two, session_id, {
-                "type": "subscribe", "id": "x1", "data": {"channel": "news:z"}}, tok)
+            status, body = await command(
+                two,
+                session_id,
+                {"type": "subscribe", "id": "x1", "data": {"channel": "news:z"}},
+                tok,
+            )
             assert (status, body) == (202, {"status": "accepted"})
             assert (await stream.message("subscribed"))["data"]["id"] == "x1"
 
@@ -352,9 +413,11 @@ async def test_sse_path_is_configurable_and_can_be_off() -> None:
     async with serve({"server": {"sse_path": ""}}) as server:
         status, body = await api(server, "GET", "/sse?token=" + token("u1"), key=None)
         assert status == 404 and body["error"]["code"] == "not_found"
-    async with serve({"server": {"sse_path": "/events"}}) as server, \
-            aiohttp.ClientSession() as session, session.get(
-                server.http_url + "/events", params={"token": token("u1")}) as response:
+    async with (
+        serve({"server": {"sse_path": "/events"}}) as server,
+        aiohttp.ClientSession() as session,
+        session.get(server.http_url + "/events", params={"token": token("u1")}) as response,
+    ):
         assert response.status == 200
         assert (await SseStream(response).next())["data"]["type"] == "connected"
     with pytest.raises(ConfigError):
@@ -364,10 +427,13 @@ async def test_sse_path_is_configurable_and_can_be_off() -> None:
 async def test_more_channels_than_the_limit_is_400() -> None:
     """``channel`` parameters and resume-token channels together are bounded by
     ``limits.max_subscriptions`` (plus the personal channel): 400 JSON past it."""
-    async with serve({"limits": {"max_subscriptions": 1}}) as server, \
-            aiohttp.ClientSession() as session, session.get(
-                server.http_url + "/sse", params=[("token", token("u1")),
-                                                  ("channel", "news:a"), ("channel", "news:b")]
-            ) as response:
+    async with (
+        serve({"limits": {"max_subscriptions": 1}}) as server,
+        aiohttp.ClientSession() as session,
+        session.get(
+            server.http_url + "/sse",
+            params=[("token", token("u1")), ("channel", "news:a"), ("channel", "news:b")],
+        ) as response,
+    ):
         assert response.status == 400
         assert (await response.json())["error"]["code"] == "invalid_request"

@@ -92,8 +92,11 @@ def _linked_to(deliver: ReadableSpan, publish: ReadableSpan) -> bool:
     contexts = [(link.context.trace_id, link.context.span_id) for link in deliver.links]
     published = _context(publish)
     assert published is not None
-    return (contexts == [(published.trace_id, published.span_id)] and deliver.parent is None
-            and _context(deliver).trace_id != published.trace_id)
+    return (
+        contexts == [(published.trace_id, published.span_id)]
+        and deliver.parent is None
+        and _context(deliver).trace_id != published.trace_id
+    )
 
 
 async def test_api_request_span_has_method_route_status_and_no_secret(traced: Traced) -> None:
@@ -102,11 +105,14 @@ async def test_api_request_span_has_method_route_status_and_no_secret(traced: Tr
     async with serve(telemetry=traced.tracing) as server, aiohttp.ClientSession() as http:
         headers = {"Authorization": f"Bearer {API_KEY}", "traceparent": TRACEPARENT}
         body = {"channel": "news:a", "type": "notification", "data": NOTE}
-        async with http.post(server.http_url + "/api/publish", json=body,
-                             headers=headers) as response:
+        async with http.post(
+            server.http_url + "/api/publish", json=body, headers=headers
+        ) as response:
             assert response.status == 200
-        async with http.get(server.http_url + "/api/channels/news:a/history",
-                            headers={"Authorization": "Bearer wrong-key"}) as response:
+        async with http.get(
+            server.http_url + "/api/channels/news:a/history",
+            headers={"Authorization": "Bearer wrong-key"},
+        ) as response:
             assert response.status == 401
         async with http.get(server.http_url + "/healthz") as response:
             assert response.status == 200
@@ -118,15 +124,18 @@ async def test_api_request_span_has_method_route_status_and_no_secret(traced: Tr
     assert request.attributes["http.request.method"] == "POST"
     assert request.attributes["http.route"] == "/api/publish"
     assert request.attributes["http.response.status_code"] == 200
-    assert request.parent is not None and request.parent.span_id == 0xb7ad6b7169203331
-    assert _context(request).trace_id == 0x0af7651916cd43dd8448eb211c80319c
+    assert request.parent is not None and request.parent.span_id == 0xB7AD6B7169203331
+    assert _context(request).trace_id == 0x0AF7651916CD43DD8448EB211C80319C
     refused = traced.one("GET /api/channels/{channel}/history")
     assert refused.attributes is not None
     assert refused.attributes["http.response.status_code"] == 401
     assert refused.attributes["url.path"] == "/api/channels/news:a/history"
     # Probes, scrapes and the WebSocket handshake are not traced.
     assert {span.name for span in traced.spans()} == {
-        "POST /api/publish", "GET /api/channels/{channel}/history", "publish"}
+        "POST /api/publish",
+        "GET /api/channels/{channel}/history",
+        "publish",
+    }
     secrets = (API_KEY, "wrong-key", SECRET, token("u", ("news:*",)))
     for text in _values(traced.spans()):
         assert not any(secret in text for secret in secrets), text
@@ -136,8 +145,10 @@ async def test_memory_broker_publish_span_and_linked_deliver_span(traced: Traced
     """A publish through the memory broker is a ``publish`` span (channel, type, offset)
     under the request's span, and its delivery a ``deliver`` span linked to it with the
     local subscriber count; the client's frame carries no trace."""
-    async with serve(telemetry=traced.tracing) as server, \
-            connect(server, token("u", ("news:*",))) as client:
+    async with (
+        serve(telemetry=traced.tracing) as server,
+        connect(server, token("u", ("news:*",))) as client,
+    ):
         assert (await client.subscribe("news:a"))["type"] == "subscribed"
         result = await publish(server, "news:a", data=NOTE)
         raw = await client.ws.receive(timeout=TIMEOUT)
@@ -173,8 +184,9 @@ async def test_batch_publish_span_lists_channels_types_and_offsets(traced: Trace
         def __init__(self) -> None:
             self.traces: list[str | None] = []
 
-        def on_event(self, channel: str, offset: int, epoch: str, payload: bytes,
-                     trace: str | None = None) -> None:
+        def on_event(
+            self, channel: str, offset: int, epoch: str, payload: bytes, trace: str | None = None
+        ) -> None:
             self.traces.append(trace)
             traced.tracing.deliver(channel, offset, trace or "", lambda: 3)
 
@@ -183,9 +195,11 @@ async def test_batch_publish_span_lists_channels_types_and_offsets(traced: Trace
     try:
         await broker.subscribe("a:1")
         await broker.subscribe("b:1")
-        requests = [PublishRequest("a:1", "notification", NOTE),
-                    PublishRequest("b:1", "chat_message", NOTE),
-                    PublishRequest("a:1", "notification", NOTE)]
+        requests = [
+            PublishRequest("a:1", "notification", NOTE),
+            PublishRequest("b:1", "chat_message", NOTE),
+            PublishRequest("a:1", "notification", NOTE),
+        ]
         results = await traced.tracing.publish(broker.publish, requests)
     finally:
         await broker.close()
@@ -206,8 +220,10 @@ async def test_unsampled_publish_carries_no_trace_and_gets_no_deliver_span() -> 
     """A publish the sampler drops sends no ``traceparent``: no ``deliver`` span anywhere."""
     node = Traced(sampler=ALWAYS_OFF)
     try:
-        async with serve(telemetry=node.tracing) as server, \
-                connect(server, token("u", ("news:*",))) as client:
+        async with (
+            serve(telemetry=node.tracing) as server,
+            connect(server, token("u", ("news:*",))) as client,
+        ):
             await client.subscribe("news:a")
             await publish(server, "news:a", data=NOTE)
             assert (await client.recv())["data"] == NOTE
@@ -216,19 +232,19 @@ async def test_unsampled_publish_carries_no_trace_and_gets_no_deliver_span() -> 
         node.provider.shutdown()
 
 
-async def test_redis_deliver_span_on_another_node_links_to_the_publish(
-        redis_prefix: str) -> None:
+async def test_redis_deliver_span_on_another_node_links_to_the_publish(redis_prefix: str) -> None:
     """Through Redis, the node that delivers (not the one that published) records a
     ``deliver`` span linked to the publishing node's ``publish`` span; the client gets the
     same frame as without tracing."""
     publisher, receiver = Traced(), Traced()
     overrides = broker_settings(REDIS_URL, redis_prefix)
     try:
-        brokers = [RedisBroker.from_settings(make_settings(overrides), **FAST)
-                   for _ in range(2)]
-        async with serve(overrides, broker=brokers[0], telemetry=publisher.tracing) as a, \
-                serve(overrides, broker=brokers[1], telemetry=receiver.tracing) as b, \
-                connect(b, token("u", ("news:*",))) as client:
+        brokers = [RedisBroker.from_settings(make_settings(overrides), **FAST) for _ in range(2)]
+        async with (
+            serve(overrides, broker=brokers[0], telemetry=publisher.tracing) as a,
+            serve(overrides, broker=brokers[1], telemetry=receiver.tracing) as b,
+            connect(b, token("u", ("news:*",))) as client,
+        ):
             assert (await client.subscribe("news:a"))["type"] == "subscribed"
             result = await publish(a, "news:a", data=NOTE)
             raw = await client.ws.receive(timeout=TIMEOUT)
@@ -259,15 +275,43 @@ async def test_commit_script_puts_the_trace_in_the_message_only(redis_prefix: st
         await pubsub.subscribe(channel)
         await pubsub.get_message(timeout=TIMEOUT)  # the subscription's confirmation
         for index in (1, 2):
-            head, tail = split_payload(encode_message("notification", NOTE, id=f"e{index}",
-                                                      channel="news:a", offset=0,
-                                                      timestamp=1.0))
-            reply = await client.eval(APPEND_SCRIPT, 2, meta, stream, "ep", head, tail, 10,
-                                      60_000, 60_000, channel, f"e{index}")
+            head, tail = split_payload(
+                encode_message(
+                    "notification", NOTE, id=f"e{index}", channel="news:a", offset=0, timestamp=1.0
+                )
+            )
+            reply = await client.eval(
+                APPEND_SCRIPT,
+                2,
+                meta,
+                stream,
+                "ep",
+                head,
+                tail,
+                10,
+                60_000,
+                60_000,
+                channel,
+                f"e{index}",
+            )
             payloads.append(head + reply[1] + tail)
         epoch = reply[0].decode()
-        committed = await client.eval(COMMIT_SCRIPT, 2, meta, stream, epoch, 2, "PUBLISH",
-                                      channel, 1, payloads[0], TRACEPARENT, 2, payloads[1], "")
+        committed = await client.eval(
+            COMMIT_SCRIPT,
+            2,
+            meta,
+            stream,
+            epoch,
+            2,
+            "PUBLISH",
+            channel,
+            1,
+            payloads[0],
+            TRACEPARENT,
+            2,
+            payloads[1],
+            "",
+        )
         assert committed == 2
         messages = [await _next_message(pubsub) for _ in range(2)]
         stored = await client.xrange(stream) or []
@@ -300,49 +344,70 @@ def test_event_messages_with_and_without_a_trace() -> None:
         assert decode_event(data) is None, data
 
 
-@pytest.mark.parametrize(("settings", "environ", "expected"), [
-    ({}, {}, ("off", ())),
-    ({}, {"OTEL_TRACES_EXPORTER": "otlp"}, ("on", ("otlp_proto_http",))),
-    ({}, {"OTEL_TRACES_EXPORTER": "OTLP, console"}, ("on", ("otlp_proto_http", "console"))),
-    ({}, {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
-     ("on", ("otlp_proto_grpc",))),
-    ({}, {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-          "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}, ("on", ("otlp_proto_http",))),
-    ({}, {"OTEL_TRACES_EXPORTER": "none"}, ("off", ())),
-    ({}, {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "TRUE"}, ("off", ())),
-    ({"tracing": "on"}, {}, ("on", ("otlp_proto_http",))),
-    ({"tracing": "on"}, {"OTEL_SDK_DISABLED": "true"}, ("off", ())),
-    ({"tracing": "off"}, {"OTEL_TRACES_EXPORTER": "otlp"}, ("off", ())),
-    ({"exporters": ["console"]}, {}, ("on", ("console",))),
-    ({"exporters": ["console"]}, {"OTEL_TRACES_EXPORTER": "otlp"}, ("on", ("console",))),
-])
-def test_tracing_is_on_only_when_asked_for(settings: dict[str, Any], environ: dict[str, str],
-                                           expected: tuple[str, tuple[str, ...]]) -> None:
+@pytest.mark.parametrize(
+    ("settings", "environ", "expected"),
+    [
+        ({}, {}, ("off", ())),
+        ({}, {"OTEL_TRACES_EXPORTER": "otlp"}, ("on", ("otlp_proto_http",))),
+        ({}, {"OTEL_TRACES_EXPORTER": "OTLP, console"}, ("on", ("otlp_proto_http", "console"))),
+        (
+            {},
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+            ("on", ("otlp_proto_grpc",)),
+        ),
+        (
+            {},
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+            },
+            ("on", ("otlp_proto_http",)),
+        ),
+        ({}, {"OTEL_TRACES_EXPORTER": "none"}, ("off", ())),
+        ({}, {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "TRUE"}, ("off", ())),
+        ({"tracing": "on"}, {}, ("on", ("otlp_proto_http",))),
+        ({"tracing": "on"}, {"OTEL_SDK_DISABLED": "true"}, ("off", ())),
+        ({"tracing": "off"}, {"OTEL_TRACES_EXPORTER": "otlp"}, ("off", ())),
+        ({"exporters": ["console"]}, {}, ("on", ("console",))),
+        ({"exporters": ["console"]}, {"OTEL_TRACES_EXPORTER": "otlp"}, ("on", ("console",))),
+    ],
+)
+def test_tracing_is_on_only_when_asked_for(
+    settings: dict[str, Any], environ: dict[str, str], expected: tuple[str, tuple[str, ...]]
+) -> None:
     """``telemetry.tracing`` resolves from the settings and the standard ``OTEL_*``
     variables; ``OTEL_SDK_DISABLED=true`` always wins."""
-    resolved = load_settings(None, {"telemetry": settings}, environ=environ,
-                             require_auth=False).telemetry
+    resolved = load_settings(
+        None, {"telemetry": settings}, environ=environ, require_auth=False
+    ).telemetry
     assert (resolved.tracing, resolved.exporters) == expected
 
 
 def test_resolved_telemetry_survives_a_worker_reload() -> None:
     """A worker loads its supervisor's resolved settings without an environment and
     keeps tracing on, with the same exporters."""
-    parent = load_settings(None, {}, environ={"OTEL_TRACES_EXPORTER": "otlp"},
-                           require_auth=False)
-    child = load_settings(None, json.loads(parent.model_dump_json()), environ={},
-                          require_auth=False)
-    assert child.telemetry == parent.telemetry == TelemetrySettings(
-        tracing="on", exporters=("otlp_proto_http",))
+    parent = load_settings(None, {}, environ={"OTEL_TRACES_EXPORTER": "otlp"}, require_auth=False)
+    child = load_settings(
+        None, json.loads(parent.model_dump_json()), environ={}, require_auth=False
+    )
+    assert (
+        child.telemetry
+        == parent.telemetry
+        == TelemetrySettings(tracing="on", exporters=("otlp_proto_http",))
+    )
 
 
 def test_bad_protocol_and_unknown_exporter_are_configuration_errors() -> None:
     """An OTLP protocol the SDK cannot speak, or an exporter no package provides, stops
     the server naming the variable or the key."""
     with pytest.raises(ConfigError) as raised:
-        load_settings(None, {}, environ={"OTEL_TRACES_EXPORTER": "otlp",
-                                         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
-                      require_auth=False)
+        load_settings(
+            None,
+            {},
+            environ={"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+            require_auth=False,
+        )
     assert raised.value.key == "OTEL_EXPORTER_OTLP_PROTOCOL"
     settings = make_settings({"telemetry": {"tracing": "on", "exporters": ["nope"]}})
     with pytest.raises(ConfigError) as raised:
@@ -350,8 +415,7 @@ def test_bad_protocol_and_unknown_exporter_are_configuration_errors() -> None:
     assert raised.value.key == "telemetry.exporters" and "console" in raised.value.reason
 
 
-async def test_make_telemetry_names_the_service_and_closes(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_make_telemetry_names_the_service_and_closes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tracing off is the no-op; on, the provider is named ``tidings`` unless
     ``OTEL_SERVICE_NAME`` names it, and ``close`` shuts it down."""
     assert type(make_telemetry(make_settings())) is Telemetry
@@ -389,15 +453,23 @@ _NO_OTEL = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("extra", [{}, {"OTEL_TRACES_EXPORTER": "otlp",
-                                        "OTEL_SDK_DISABLED": "true"}])
+@pytest.mark.parametrize(
+    "extra", [{}, {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}]
+)
 def test_tracing_off_never_imports_opentelemetry(extra: dict[str, str]) -> None:
     """A server with tracing off (nothing asked for, or ``OTEL_SDK_DISABLED``) serves a
     publish without importing opentelemetry at all."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("OTEL_", "TIDINGS_"))}
-    done = subprocess.run([sys.executable, "-c", _NO_OTEL], env={**env, **extra},
-                          capture_output=True, text=True, timeout=scaled(20), check=False)
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "TIDINGS_"))
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_OTEL],
+        env={**env, **extra},
+        capture_output=True,
+        text=True,
+        timeout=scaled(20),
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "off []", done.stdout
 
@@ -408,8 +480,14 @@ async def test_otlp_export_reaches_a_receiver(monkeypatch: pytest.MonkeyPatch) -
     with otlp_sink() as sink:
         for name, value in sink.env().items():
             monkeypatch.setenv(name, value)
-        settings = load_settings(None, {"server": {"port": 0, "mode": "production"},
-                                        "auth": {"secret": SECRET}, "api": {"keys": [API_KEY]}})
+        settings = load_settings(
+            None,
+            {
+                "server": {"port": 0, "mode": "production"},
+                "auth": {"secret": SECRET},
+                "api": {"keys": [API_KEY]},
+            },
+        )
         assert settings.telemetry.exporters == ("otlp_proto_http",)
         async with running(settings) as server:
             assert server.gateway.telemetry.enabled
@@ -431,7 +509,8 @@ def test_bench_servers_trace_only_with_otel(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 async def test_tracing_logs_its_exporters_or_that_the_extra_is_missing(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """Tracing on logs one line naming its exporters; asked for without the otel extra
     (the SDK cannot be imported), it logs one warning naming the extra and runs with the
     no-op telemetry instead of failing."""
@@ -447,5 +526,4 @@ async def test_tracing_logs_its_exporters_or_that_the_extra_is_missing(
     assert type(make_telemetry(settings)) is Telemetry
     (missing,) = caplog.records
     assert missing.levelno == logging.WARNING
-    assert "the otel extra is not installed (pip install 'tidings[otel]')" in \
-        missing.getMessage()
+    assert "the otel extra is not installed (pip install 'tidings[otel]')" in missing.getMessage()

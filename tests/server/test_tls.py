@@ -33,8 +33,9 @@ def _tls(files: tuple[Path, Path]) -> dict[str, Any]:
     return {"server": {"tls_cert": str(files[0]), "tls_key": str(files[1])}}
 
 
-async def test_wss_connect_subscribe_and_receive(tls_files: tuple[Path, Path],
-                                                 client_context: ssl.SSLContext) -> None:
+async def test_wss_connect_subscribe_and_receive(
+    tls_files: tuple[Path, Path], client_context: ssl.SSLContext
+) -> None:
     """Over wss:// a client is welcomed, subscribes and gets an event published over https."""
     async with serve(_tls(tls_files)) as server:
         assert server.tls
@@ -43,9 +44,17 @@ async def test_wss_connect_subscribe_and_receive(tls_files: tuple[Path, Path],
         async with connect(server, token("u1", ("news:*",)), ssl=client_context) as client:
             reply = await client.subscribe("news:tls")
             assert reply["type"] == "subscribed"
-            status, answer = await https_api(server, client_context, "POST", "/api/publish", {
-                "channel": "news:tls", "type": "notification",
-                "data": {"message": "secure", "level": "success"}})
+            status, answer = await https_api(
+                server,
+                client_context,
+                "POST",
+                "/api/publish",
+                {
+                    "channel": "news:tls",
+                    "type": "notification",
+                    "data": {"message": "secure", "level": "success"},
+                },
+            )
             assert status == 200, answer
             event = await client.recv()
             assert event["type"] == "notification"
@@ -56,12 +65,14 @@ async def test_wss_connect_subscribe_and_receive(tls_files: tuple[Path, Path],
         assert status == 200, answer
 
 
-async def test_token_in_header_over_wss(tls_files: tuple[Path, Path],
-                                        client_context: ssl.SSLContext) -> None:
+async def test_token_in_header_over_wss(
+    tls_files: tuple[Path, Path], client_context: ssl.SSLContext
+) -> None:
     """The Authorization header works over wss:// as well."""
-    async with serve(_tls(tls_files)) as server, connect(
-        server, token("u2"), query=False, welcome=False, ssl=client_context
-    ) as client:
+    async with (
+        serve(_tls(tls_files)) as server,
+        connect(server, token("u2"), query=False, welcome=False, ssl=client_context) as client,
+    ):
         hello = await client.recv()
         assert hello["type"] == "connected"
         assert hello["data"]["user_id"] == "u2"
@@ -71,9 +82,7 @@ async def test_plain_ws_client_fails_against_tls(tls_files: tuple[Path, Path]) -
     """A ws:// (plain text) client cannot talk to a TLS server."""
     async with serve(_tls(tls_files)) as server:
         plain = server.ws_url.replace("wss://", "ws://", 1) + f"?token={token('u1')}"
-        async with aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=TIMEOUT)
-        ) as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session:
             with pytest.raises(aiohttp.ClientError):
                 async with session.ws_connect(plain):
                     pass
@@ -83,9 +92,10 @@ async def test_plain_ws_client_fails_against_tls(tls_files: tuple[Path, Path]) -
 
 async def test_untrusted_certificate_is_refused(tls_files: tuple[Path, Path]) -> None:
     """A client with default trust rejects the self-signed certificate."""
-    async with serve(_tls(tls_files)) as server, aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=TIMEOUT)
-    ) as session:
+    async with (
+        serve(_tls(tls_files)) as server,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session,
+    ):
         with pytest.raises(aiohttp.ClientConnectorCertificateError):
             async with session.ws_connect(server.ws_url + f"?token={token('u1')}"):
                 pass
@@ -105,17 +115,18 @@ def test_key_without_cert_names_tls_key(tls_files: tuple[Path, Path]) -> None:
     assert raised.value.key.startswith("server.tls_")
 
 
-def test_missing_certificate_file_is_named(tmp_path: Path, tls_files: tuple[Path, Path]
-                                           ) -> None:
+def test_missing_certificate_file_is_named(tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
     """A tls_cert path that does not exist is a ConfigError naming server.tls_cert."""
     with pytest.raises(ConfigError) as raised:
-        make_settings({"server": {"tls_cert": str(tmp_path / "missing.pem"),
-                                  "tls_key": str(tls_files[1])}})
+        make_settings(
+            {"server": {"tls_cert": str(tmp_path / "missing.pem"), "tls_key": str(tls_files[1])}}
+        )
     assert raised.value.key == "server.tls_cert"
 
 
-async def test_unusable_certificate_is_config_error(tmp_path: Path,
-                                                    tls_files: tuple[Path, Path]) -> None:
+async def test_unusable_certificate_is_config_error(
+    tmp_path: Path, tls_files: tuple[Path, Path]
+) -> None:
     """A certificate file that is not PEM stops start-up with a ConfigError."""
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
@@ -126,7 +137,8 @@ async def test_unusable_certificate_is_config_error(tmp_path: Path,
 
 
 async def test_a_stalled_tls_handshake_is_cut_at_the_handshake_timeout(
-        tls_files: tuple[Path, Path]) -> None:
+    tls_files: tuple[Path, Path],
+) -> None:
     """A client that opens a TCP connection to the TLS port and never sends its
     ClientHello is disconnected after server.handshake_timeout, not asyncio's 60 s."""
     settings = _tls(tls_files)

@@ -63,13 +63,20 @@ async def _error(client: Client) -> dict[str, Any]:
         pytest.param('{"type": "ping", "id": "' + "i" * 65 + '"}', id="id-too-long"),
         pytest.param('{"type": "subscribe", "data": {}}', id="channel-missing"),
         pytest.param('{"type": "subscribe", "data": {"channel": 5}}', id="channel-not-string"),
-        pytest.param('{"type": "subscribe", "data": {"channel": "news:x", "recover": 3}}',
-                     id="recover-not-object"),
-        pytest.param('{"type": "subscribe", "data": {"channel": "news:x",'
-                     ' "recover": {"offset": "1", "epoch": "e"}}}', id="recover-offset-string"),
+        pytest.param(
+            '{"type": "subscribe", "data": {"channel": "news:x", "recover": 3}}',
+            id="recover-not-object",
+        ),
+        pytest.param(
+            '{"type": "subscribe", "data": {"channel": "news:x",'
+            ' "recover": {"offset": "1", "epoch": "e"}}}',
+            id="recover-offset-string",
+        ),
         pytest.param('{"type": "refresh", "data": {"token": 5}}', id="token-not-string"),
-        pytest.param('{"type": "unsubscribe", "data": {"channel": ["news:x"]}}',
-                     id="unsubscribe-channel-list"),
+        pytest.param(
+            '{"type": "unsubscribe", "data": {"channel": ["news:x"]}}',
+            id="unsubscribe-channel-list",
+        ),
     ],
 )
 async def test_invalid_request_keeps_connection_open(frame: str) -> None:
@@ -93,8 +100,16 @@ async def test_binary_frame_is_invalid_request() -> None:
 
 @pytest.mark.parametrize(
     "channel",
-    ["no-colon", "Upper:x", ":x", "news:", "news:has space", "news:" + "x" * 129,
-     "9news:x", "news:a/b"],
+    [
+        "no-colon",
+        "Upper:x",
+        ":x",
+        "news:",
+        "news:has space",
+        "news:" + "x" * 129,
+        "9news:x",
+        "news:a/b",
+    ],
 )
 async def test_bad_channel_name_is_invalid_request(channel: str) -> None:
     """A subscribe to a channel outside the name grammar gets ``invalid_request``."""
@@ -129,8 +144,9 @@ async def test_invalid_request_echoes_command_id(command: dict[str, Any]) -> Non
 async def test_unknown_extra_fields_are_ignored() -> None:
     """Unknown extra fields in a command are ignored rather than rejected."""
     async with serve() as server, connect(server, token()) as client:
-        await client.ws.send_str(json.dumps(
-            {"type": "ping", "id": "x", "data": {"extra": 1}, "color": "blue"}))
+        await client.ws.send_str(
+            json.dumps({"type": "ping", "id": "x", "data": {"extra": 1}, "color": "blue"})
+        )
         reply = ws_checked(json.dumps(await client.recv()))
         assert reply["type"] == "pong"
         assert reply["id"] == "x"
@@ -165,9 +181,10 @@ async def test_subscribe_to_another_users_personal_channel_is_unauthorized() -> 
 
 async def test_deny_namespace_is_unauthorized() -> None:
     """A namespace whose rule is ``deny`` is ``unauthorized`` even with a matching claim."""
-    async with serve({"namespaces": {"audit": {"rule": "deny"}}}) as server, connect(
-        server, token("u", ("audit:*",))
-    ) as client:
+    async with (
+        serve({"namespaces": {"audit": {"rule": "deny"}}}) as server,
+        connect(server, token("u", ("audit:*",))) as client,
+    ):
         await client.send("subscribe", {"channel": "audit:log"}, id="s1")
         error = await _error(client)
         assert error["data"]["code"] == "unauthorized"
@@ -199,9 +216,10 @@ async def test_unknown_namespace_without_default_is_subscription_failed() -> Non
 async def test_too_many_subscriptions_is_subscription_failed() -> None:
     """A subscription beyond ``limits.max_subscriptions`` is ``subscription_failed``; the
     personal channel does not count and a repeat of an existing one still succeeds."""
-    async with serve({"limits": {"max_subscriptions": 1}}) as server, connect(
-        server, token("u", ("news:*",))
-    ) as client:
+    async with (
+        serve({"limits": {"max_subscriptions": 1}}) as server,
+        connect(server, token("u", ("news:*",))) as client,
+    ):
         assert (await client.subscribe("news:a"))["type"] == "subscribed"
         await client.send("subscribe", {"channel": "news:b"}, id="over")
         error = await _error(client)
@@ -239,9 +257,11 @@ async def _webhook(status: int, calls: list[dict[str, Any]]) -> AsyncIterator[st
 async def test_webhook_error_status_is_subscription_failed() -> None:
     """A webhook authorizer answering 500 makes the subscribe ``subscription_failed``."""
     calls: list[dict[str, Any]] = []
-    async with _webhook(500, calls) as url, serve(
-        {"namespaces": {"room": {"rule": "webhook", "url": url, "timeout": 2}}}
-    ) as server, connect(server, token("u")) as client:
+    async with (
+        _webhook(500, calls) as url,
+        serve({"namespaces": {"room": {"rule": "webhook", "url": url, "timeout": 2}}}) as server,
+        connect(server, token("u")) as client,
+    ):
         await client.send("subscribe", {"channel": "room:1"}, id="w")
         error = await _error(client)
         assert error["id"] == "w"
@@ -256,9 +276,11 @@ async def test_webhook_denial_is_unauthorized() -> None:
     """A webhook authorizer answering 403 makes the subscribe ``unauthorized``, not a
     failure; the connection stays open."""
     calls: list[dict[str, Any]] = []
-    async with _webhook(403, calls) as url, serve(
-        {"namespaces": {"room": {"rule": "webhook", "url": url}}}
-    ) as server, connect(server, token("u")) as client:
+    async with (
+        _webhook(403, calls) as url,
+        serve({"namespaces": {"room": {"rule": "webhook", "url": url}}}) as server,
+        connect(server, token("u")) as client,
+    ):
         await client.send("subscribe", {"channel": "room:1"}, id="w")
         error = await _error(client)
         assert error["data"]["code"] == "unauthorized"
@@ -286,9 +308,13 @@ async def test_raising_authorizer_callable_is_subscription_failed() -> None:
 class FaultyBroker:
     """A memory broker whose reads fail for chosen channels (``broken:*`` by default)."""
 
-    def __init__(self, *, history_error: Exception | None = None,
-                 position_error: Exception | None = None,
-                 prefixes: Sequence[str] = ("broken:",)) -> None:
+    def __init__(
+        self,
+        *,
+        history_error: Exception | None = None,
+        position_error: Exception | None = None,
+        prefixes: Sequence[str] = ("broken:",),
+    ) -> None:
         self.inner = MemoryBroker()
         self.history_error = history_error
         self.position_error = position_error
@@ -312,9 +338,10 @@ async def test_broker_unavailable_is_subscription_failed() -> None:
     """A broker that cannot answer makes the subscribe ``subscription_failed``; the
     connection stays open and other channels still work."""
     broker = FaultyBroker(position_error=BrokerUnavailable("broker timed out"))
-    async with serve(broker=broker) as server, connect(
-        server, token("u", ("broken:*", "news:*"))
-    ) as client:
+    async with (
+        serve(broker=broker) as server,
+        connect(server, token("u", ("broken:*", "news:*"))) as client,
+    ):
         await client.send("subscribe", {"channel": "broken:x"}, id="b")
         error = await _error(client)
         assert error["id"] == "b"
@@ -352,11 +379,18 @@ async def test_command_flood_closes_4429() -> None:
             await client.send("ping", id=f"p{index}")
         messages, code = await ws_until_close(client.ws, TIMEOUT)
         assert code == 4429
-        kinds = [(m.get("id"), m["type"] if m["type"] != "error" else m["data"]["code"])
-                 for m in messages]
+        kinds = [
+            (m.get("id"), m["type"] if m["type"] != "error" else m["data"]["code"])
+            for m in messages
+        ]
         # Burst 2, then 3 strikes: p2..p4 are dropped and answered; p5.. are never read.
-        assert kinds == [("p0", "pong"), ("p1", "pong"), ("p2", "rate_limited"),
-                         ("p3", "rate_limited"), ("p4", "rate_limited")]
+        assert kinds == [
+            ("p0", "pong"),
+            ("p1", "pong"),
+            ("p2", "rate_limited"),
+            ("p3", "rate_limited"),
+            ("p4", "rate_limited"),
+        ]
 
 
 # -- internal_error ---------------------------------------------------------------------------
@@ -366,11 +400,10 @@ async def test_unexpected_fault_is_internal_error() -> None:
     """An unexpected fault while handling a command is ``internal_error`` with a safe
     message; the connection stays open and the failed subscription is not left behind."""
     broker = FaultyBroker(history_error=RuntimeError("secret stack detail"))
-    async with serve(broker=broker) as server, connect(
-        server, token("u", ("broken:*",))
-    ) as client:
-        await client.send("subscribe", {"channel": "broken:x",
-                                        "recover": {"offset": 0, "epoch": "e"}}, id="r")
+    async with serve(broker=broker) as server, connect(server, token("u", ("broken:*",))) as client:
+        await client.send(
+            "subscribe", {"channel": "broken:x", "recover": {"offset": 0, "epoch": "e"}}, id="r"
+        )
         error = await _error(client)
         assert error["id"] == "r"
         assert error["data"]["code"] == "internal_error"

@@ -50,8 +50,7 @@ def _no_tracebacks(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Nothing a client does in this module may log an error or a traceback."""
     yield
     # get_records: after the yield, caplog.records holds the teardown's records only.
-    bad = [r for r in caplog.get_records("call")
-           if r.exc_info or r.levelno >= logging.ERROR]
+    bad = [r for r in caplog.get_records("call") if r.exc_info or r.levelno >= logging.ERROR]
     assert not bad, [r.getMessage() for r in bad]
 
 
@@ -61,8 +60,7 @@ def command(kind: str, id: str, size: int | None = None) -> bytes:
     if size is None:
         return body
     assert size >= len(body), size
-    return json.dumps({"type": kind, "id": id, "data": {"pad": "x" * (size - len(body))}}
-                      ).encode()
+    return json.dumps({"type": kind, "id": id, "data": {"pad": "x" * (size - len(body))}}).encode()
 
 
 class TlsRawClient(RawClient):
@@ -75,14 +73,16 @@ class TlsRawClient(RawClient):
         self.buffer = b""
 
     @classmethod
-    async def open_tls(cls, server: RunningServer, tok: str, context: ssl.SSLContext,
-                       rcvbuf: int) -> TlsRawClient:
+    async def open_tls(
+        cls, server: RunningServer, tok: str, context: ssl.SSLContext, rcvbuf: int
+    ) -> TlsRawClient:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, (server.host, server.port))
         reader, writer = await asyncio.open_connection(
-            sock=sock, ssl=context, server_hostname=server.host, limit=rcvbuf)
+            sock=sock, ssl=context, server_hostname=server.host, limit=rcvbuf
+        )
         client = cls(reader, writer)
         await client.send_raw(upgrade_request(server, tok))
         head = await client.response_head()
@@ -104,8 +104,7 @@ def _closes(server: RunningServer, code: int) -> float:
     return metric(server, "tidings_closes_total", {"code": str(code)})
 
 
-def _record_finish(monkeypatch: pytest.MonkeyPatch
-                   ) -> tuple[asyncio.Event, dict[str, Any]]:
+def _record_finish(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, dict[str, Any]]:
     """Wrap ``WsConnection.finish``: an event set once a closing handshake has ended,
     and what the server-side transport held when it began and after it ended."""
     done = asyncio.Event()
@@ -129,13 +128,15 @@ def _record_finish(monkeypatch: pytest.MonkeyPatch
 
 # -- 1. a reader too slow reads close 1013 ------------------------------------------------
 
+
 async def test_slow_reader_reads_every_queued_event_then_close_1013() -> None:
     """A subscriber that stopped reading until the send-buffer cap was passed, and then
     reads again, gets a gap-free prefix of the channel followed by close 1013, and the
     connection ends once it answers the close."""
-    async with serve(SLOW) as server, raw_client(
-        server, token("slow", ("bulk:*",)), rcvbuf=4096
-    ) as slow:
+    async with (
+        serve(SLOW) as server,
+        raw_client(server, token("slow", ("bulk:*",)), rcvbuf=4096) as slow,
+    ):
         await slow.send({"type": "subscribe", "id": "s", "data": {"channel": "bulk:feed"}})
         assert (await slow.recv())["type"] == "subscribed"
         published = await overflow(server, "bulk:feed")
@@ -164,8 +165,7 @@ async def test_slow_reader_over_tls_reads_every_queued_event_then_close_1013(
         slow = await TlsRawClient.open_tls(server, token("slow", ("bulk:*",)), context, 4096)
         try:
             assert (await slow.recv())["type"] == "connected"
-            await slow.send({"type": "subscribe", "id": "s",
-                             "data": {"channel": "bulk:feed"}})
+            await slow.send({"type": "subscribe", "id": "s", "data": {"channel": "bulk:feed"}})
             assert (await slow.recv())["type"] == "subscribed"
             await overflow(server, "bulk:feed", context)
             frames, code = await slow.until_close()
@@ -187,9 +187,10 @@ async def test_reader_that_never_reads_again_is_dropped_after_close_timeout(
     dropped and its buffer freed."""
     monkeypatch.setattr(websocket, "CLOSE_TIMEOUT", 0.2)
     done, seen = _record_finish(monkeypatch)
-    async with serve(SLOW) as server, raw_client(
-        server, token("stuck", ("bulk:*",)), rcvbuf=4096
-    ) as stuck:
+    async with (
+        serve(SLOW) as server,
+        raw_client(server, token("stuck", ("bulk:*",)), rcvbuf=4096) as stuck,
+    ):
         await stuck.send({"type": "subscribe", "id": "s", "data": {"channel": "bulk:feed"}})
         assert (await stuck.recv())["type"] == "subscribed"
         await overflow(server, "bulk:feed")
@@ -215,9 +216,10 @@ LIMIT = 1024
 async def test_message_of_exactly_max_message_bytes_is_accepted(fragments: int) -> None:
     """A message of exactly ``limits.max_message_bytes`` is handled; one byte more, on the
     same connection, closes it with 1009."""
-    async with serve({"limits": {"max_message_bytes": LIMIT}}) as server, raw_client(
-        server, token()
-    ) as client:
+    async with (
+        serve({"limits": {"max_message_bytes": LIMIT}}) as server,
+        raw_client(server, token()) as client,
+    ):
         for size, id in ((LIMIT, "at"), (LIMIT + 1, "over")):
             payload = command("ping", id, size)
             assert len(payload) == size
@@ -225,8 +227,10 @@ async def test_message_of_exactly_max_message_bytes_is_accepted(fragments: int) 
                 await client.send_raw(frame_bytes(OP_TEXT, payload))
             else:
                 half = size // 2
-                await client.send_raw(frame_bytes(OP_TEXT, payload[:half], fin=False)
-                                      + frame_bytes(OP_CONTINUATION, payload[half:]))
+                await client.send_raw(
+                    frame_bytes(OP_TEXT, payload[:half], fin=False)
+                    + frame_bytes(OP_CONTINUATION, payload[half:])
+                )
             if id == "at":
                 reply = await client.recv()
                 assert (reply["type"], reply["id"]) == ("pong", "at")
@@ -248,10 +252,16 @@ PING = command("ping", "p")
         pytest.param(b"", True, id="text"),
         pytest.param(b"", False, id="with-the-request-head"),
         pytest.param(frame_bytes(OP_TEXT, PING), True, id="after-a-masked-frame"),
-        pytest.param(frame_bytes(OP_TEXT, command("ping", "p", 300)), True,
-                     id="after-a-masked-16-bit-length-frame"),
-        pytest.param(frame_bytes(OP_TEXT, command("ping", "p", 70000)), True,
-                     id="after-a-masked-64-bit-length-frame"),
+        pytest.param(
+            frame_bytes(OP_TEXT, command("ping", "p", 300)),
+            True,
+            id="after-a-masked-16-bit-length-frame",
+        ),
+        pytest.param(
+            frame_bytes(OP_TEXT, command("ping", "p", 70000)),
+            True,
+            id="after-a-masked-64-bit-length-frame",
+        ),
     ],
 )
 async def test_unmasked_text_frame_closes_1002(before: bytes, after_handshake: bool) -> None:
@@ -270,8 +280,7 @@ async def test_unmasked_text_frame_closes_1002(before: bytes, after_handshake: b
             frames, code = await client.until_close()
             assert code == 1002
             replies = [json.loads(payload) for _, payload in frames]
-            assert [(r["type"], r["id"]) for r in replies] == (
-                [("pong", "p")] if before else [])
+            assert [(r["type"], r["id"]) for r in replies] == ([("pong", "p")] if before else [])
             await client.send_raw(frame_bytes(OP_CLOSE, struct.pack("!H", 1002)))
             assert await client.read_to_end() == []
         assert await server.gateway.wait_idle(TIMEOUT)
@@ -281,12 +290,14 @@ async def test_unmasked_text_frame_closes_1002(before: bytes, after_handshake: b
 async def test_unmasked_frame_sent_a_byte_at_a_time_closes_1002() -> None:
     """Masked and unmasked frames written one byte per send are told apart all the
     same: the masked ping and control frame are answered, the unmasked one closes 1002."""
-    stream = (frame_bytes(OP_TEXT, command("ping", "p", 200))
-              + frame_bytes(OP_PING, b"hb")
-              + frame_bytes(OP_PING, b"x", mask=False))
+    stream = (
+        frame_bytes(OP_TEXT, command("ping", "p", 200))
+        + frame_bytes(OP_PING, b"hb")
+        + frame_bytes(OP_PING, b"x", mask=False)
+    )
     async with serve() as server, raw_client(server, token()) as client:
         for index in range(len(stream)):
-            await client.send_raw(stream[index:index + 1])
+            await client.send_raw(stream[index : index + 1])
         frames, code = await client.until_close()
         assert code == 1002
         assert [opcode for opcode, _ in frames] == [OP_TEXT, OP_PONG]
@@ -302,7 +313,7 @@ async def test_mask_check_keeps_at_most_a_header_between_reads() -> None:
     reader = MaskCheckingReader(queue, 2**20, False, True)
     stream = b"".join(frame_bytes(OP_TEXT, b"y" * size) for size in (0, 5, 125, 126, 70000))
     for index in range(len(stream)):
-        assert reader.feed_data(stream[index:index + 1]) == (False, b"")
+        assert reader.feed_data(stream[index : index + 1]) == (False, b"")
         assert len(reader._head) <= 9
     sizes = []
     while queue._buffer:

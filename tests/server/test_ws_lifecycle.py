@@ -48,9 +48,10 @@ ANY_TIMESTAMP: Any = _AnyTimestamp()
 
 
 async def _metric(server: RunningServer, name: str) -> float:
-    async with aiohttp.ClientSession() as session, session.get(
-        server.http_url + "/metrics"
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.http_url + "/metrics") as response,
+    ):
         text = await response.text()
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -64,9 +65,10 @@ async def _metric(server: RunningServer, name: str) -> float:
 async def test_slow_reader_closed_1013_others_unaffected() -> None:
     """A client that stops reading is closed with 1013 while a normal subscriber of the
     same channel still receives every event in order."""
-    async with serve({"limits": {"send_buffer_bytes": 16384}}) as server, connect(
-        server, token("fast", ("bulk:*",))
-    ) as fast:
+    async with (
+        serve({"limits": {"send_buffer_bytes": 16384}}) as server,
+        connect(server, token("fast", ("bulk:*",))) as fast,
+    ):
         assert (await fast.subscribe("bulk:feed"))["type"] == "subscribed"
         slow = await RawClient.open(server, token("slow", ("bulk:*",)), rcvbuf=4096)
         try:
@@ -80,8 +82,9 @@ async def test_slow_reader_closed_1013_others_unaffected() -> None:
             offsets: list[int] = []
             published = 0
             for _ in range(2000):
-                status, answer = await api(server, "POST", "/api/batch",
-                                           {"events": [event] * per_batch})
+                status, answer = await api(
+                    server, "POST", "/api/batch", {"events": [event] * per_batch}
+                )
                 assert status == 200, answer
                 published += per_batch
                 while len(offsets) < published:
@@ -122,11 +125,9 @@ def _bad_token(kind: str) -> str | None:
     if kind == "expired":
         return mint_token(SECRET, "user-1", channels=("news:*",), ttl=10, now=now - 100)
     if kind == "not_yet_valid":
-        return mint_token(SECRET, "user-1", channels=("news:*",),
-                          extra={"nbf": int(now) + 3600})
+        return mint_token(SECRET, "user-1", channels=("news:*",), extra={"nbf": int(now) + 3600})
     if kind == "wrong_signature":
-        return mint_token("another-secret-0123456789-abcdefghijkl", "user-1",
-                          channels=("news:*",))
+        return mint_token("another-secret-0123456789-abcdefghijkl", "user-1", channels=("news:*",))
     raise AssertionError(kind)
 
 
@@ -145,8 +146,9 @@ async def test_bad_token_gets_one_error_then_4401(kind: str, reason: str) -> Non
     and a command sent right away is not acted on."""
     async with serve(LEEWAY_0) as server, ws_bare(server, _bad_token(kind)) as ws:
         with contextlib.suppress(ConnectionError):
-            await ws.send_str(json.dumps(
-                {"type": "subscribe", "id": "s1", "data": {"channel": "news:today"}}))
+            await ws.send_str(
+                json.dumps({"type": "subscribe", "id": "s1", "data": {"channel": "news:today"}})
+            )
         messages, code = await ws_until_close(ws)
         assert code == 4401
         assert len(messages) == 1, messages
@@ -161,8 +163,10 @@ async def test_bad_token_gets_one_error_then_4401(kind: str, reason: str) -> Non
 
 async def test_token_in_authorization_header() -> None:
     """A token in an ``Authorization: Bearer`` header is accepted instead of ``?token=``."""
-    async with serve() as server, connect(server, token("hdr"), welcome=False,
-                                          query=False) as client:
+    async with (
+        serve() as server,
+        connect(server, token("hdr"), welcome=False, query=False) as client,
+    ):
         hello = await client.recv()
         assert hello["type"] == "connected"
         assert hello["data"]["user_id"] == "hdr"
@@ -179,13 +183,17 @@ async def test_disallowed_origin_refused_with_403() -> None:
             async with ws_bare(server, token(), origin="https://evil.example"):
                 pass
         assert refused.value.status == 403
-        headers = {"Upgrade": "websocket", "Connection": "Upgrade",
-                   "Sec-WebSocket-Version": "13",
-                   "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
-                   "Origin": "https://evil.example"}
-        async with aiohttp.ClientSession() as session, session.get(
-            f"{server.ws_url}?token={token()}", headers=headers
-        ) as response:
+        headers = {
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+            "Origin": "https://evil.example",
+        }
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{server.ws_url}?token={token()}", headers=headers) as response,
+        ):
             assert response.status == 403
             body = await response.json()
         assert body["error"]["code"] == "forbidden"
@@ -194,8 +202,10 @@ async def test_disallowed_origin_refused_with_403() -> None:
 
 async def test_allowed_origin_connects() -> None:
     """An Origin on the allow-list connects normally."""
-    async with serve(ORIGINS) as server, connect(server, token(),
-                                                 origin="https://app.example") as client:
+    async with (
+        serve(ORIGINS) as server,
+        connect(server, token(), origin="https://app.example") as client,
+    ):
         await ws_assert_open(client)
 
 
@@ -214,18 +224,22 @@ async def test_plain_get_without_upgrade_is_4xx_json() -> None:
         assert isinstance(body["error"]["message"], str)
 
 
-@pytest.mark.parametrize("headers", [
-    {"Sec-WebSocket-Version": "99", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="},
-    {"Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "too-short"},
-    {"Sec-WebSocket-Version": "13"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Sec-WebSocket-Version": "99", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="},
+        {"Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "too-short"},
+        {"Sec-WebSocket-Version": "13"},
+    ],
+)
 async def test_broken_upgrade_request_is_4xx_json(headers: dict[str, str]) -> None:
     """An upgrade request that fails the WebSocket handshake rules gets a JSON 426, before
     any authentication, and registers nothing."""
     async with serve() as server, aiohttp.ClientSession() as session:
         url = f"{server.ws_url}?token={token()}".replace("ws://", "http://", 1)
-        async with session.get(url, headers={"Upgrade": "websocket", "Connection": "Upgrade",
-                                             **headers}) as response:
+        async with session.get(
+            url, headers={"Upgrade": "websocket", "Connection": "Upgrade", **headers}
+        ) as response:
             assert response.status == 426
             body = await response.json()
         assert body["error"]["code"] == "invalid_request"
@@ -260,9 +274,10 @@ async def test_shutdown_closes_with_1001() -> None:
 
 async def test_message_too_big_closes_1009() -> None:
     """A message over ``limits.max_message_bytes`` closes the connection with 1009."""
-    async with serve({"limits": {"max_message_bytes": 1024}}) as server, connect(
-        server, token()
-    ) as client:
+    async with (
+        serve({"limits": {"max_message_bytes": 1024}}) as server,
+        connect(server, token()) as client,
+    ):
         await ws_assert_open(client)
         padding = "x" * 2048
         await client.ws.send_str(json.dumps({"type": "ping", "data": {"pad": padding}}))
@@ -275,6 +290,7 @@ async def test_unexpected_fault_closes_1011(monkeypatch: pytest.MonkeyPatch) -> 
     """An exception escaping the read loop closes the connection with 1011; the server
     keeps serving other connections."""
     async with serve() as server:
+
         async def broken(*args: Any, **kwargs: Any) -> None:
             raise RuntimeError("bug")
 
@@ -321,9 +337,11 @@ async def test_refresh_keeps_connection_alive_past_old_expiry() -> None:
     """A successful ``refresh`` answers ``refreshed`` with the new expiry and the
     connection outlives the old token, while one that did not refresh is closed."""
     short, exp = _expiring_token("renew", 1.0)
-    async with serve(LEEWAY_0) as server, connect(server, short) as kept, connect(
-        server, short
-    ) as control:
+    async with (
+        serve(LEEWAY_0) as server,
+        connect(server, short) as kept,
+        connect(server, short) as control,
+    ):
         new_exp = int(time.time()) + 3600
         fresh = mint_token(SECRET, "renew", extra={"exp": new_exp})
         await kept.send("refresh", {"token": fresh}, id="r")
@@ -331,7 +349,8 @@ async def test_refresh_keeps_connection_alive_past_old_expiry() -> None:
         assert reply["type"] == "refreshed"
         assert reply["id"] == "r"
         assert reply["data"] == {
-            "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(new_exp))}
+            "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(new_exp))
+        }
         # The control connection shares the old expiry: its 4401 proves it has passed.
         messages, code = await ws_until_close(control.ws)
         assert code == 4401
@@ -342,12 +361,16 @@ async def test_refresh_keeps_connection_alive_past_old_expiry() -> None:
 
 async def test_api_disconnect_closes_4403() -> None:
     """POST /api/disconnect closes every connection of that user with 4403, no one else's."""
-    async with serve() as server, connect(server, token("banned")) as first, connect(
-        server, token("banned")
-    ) as second, connect(server, token("bystander")) as other:
+    async with (
+        serve() as server,
+        connect(server, token("banned")) as first,
+        connect(server, token("banned")) as second,
+        connect(server, token("bystander")) as other,
+    ):
         closing = [asyncio.create_task(ws_until_close(c.ws)) for c in (first, second)]
-        status, body = await api(server, "POST", "/api/disconnect",
-                                 {"user_id": "banned", "reason": "logout"})
+        status, body = await api(
+            server, "POST", "/api/disconnect", {"user_id": "banned", "reason": "logout"}
+        )
         assert status == 200, body
         for task in closing:
             messages, code = await task
@@ -377,9 +400,11 @@ async def test_heartbeat_timeout_closes_4408() -> None:
 
 async def test_answering_pings_keeps_connection_open() -> None:
     """A client that answers protocol pings (autoping) stays connected over many intervals."""
-    async with serve(HEARTBEAT) as server, connect(server, token("steady")) as steady, ws_bare(
-        server, token("watcher"), autoping=False
-    ) as watcher:
+    async with (
+        serve(HEARTBEAT) as server,
+        connect(server, token("steady")) as steady,
+        ws_bare(server, token("watcher"), autoping=False) as watcher,
+    ):
         # aiohttp answers pings only while someone reads: keep a receive() pending.
         reading = asyncio.create_task(steady.ws.receive())
         # The watcher answers by hand, so that the test can count the server's pings.
@@ -395,15 +420,22 @@ async def test_answering_pings_keeps_connection_open() -> None:
         await steady.send("ping", id="still")
         reply = await asyncio.wait_for(reading, TIMEOUT)
         assert reply.type is aiohttp.WSMsgType.TEXT, reply
-        assert ws_checked(reply.data) == {"type": "pong", "id": "still",
-                                        "timestamp": ANY_TIMESTAMP, "data": {}}
+        assert ws_checked(reply.data) == {
+            "type": "pong",
+            "id": "still",
+            "timestamp": ANY_TIMESTAMP,
+            "data": {},
+        }
 
 
 async def test_too_many_connections_per_user_closes_4429() -> None:
     """A connection beyond ``limits.max_connections_per_user`` is closed with 4429."""
-    async with serve({"limits": {"max_connections_per_user": 2}}) as server, connect(
-        server, token("busy")
-    ) as first, connect(server, token("busy")) as second, ws_bare(server, token("busy")) as third:
+    async with (
+        serve({"limits": {"max_connections_per_user": 2}}) as server,
+        connect(server, token("busy")) as first,
+        connect(server, token("busy")) as second,
+        ws_bare(server, token("busy")) as third,
+    ):
         messages, code = await ws_until_close(third)
         assert code == 4429
         assert messages == []
@@ -430,8 +462,12 @@ async def test_handshake_timeout_closes_with_try_again_later() -> None:
     await site.start()
     port = runner.addresses[0][1]
     overrides = {
-        "auth": {"algorithms": ["RS256"], "secret": "", "jwks_url":
-                 f"http://127.0.0.1:{port}/jwks", "jwks_timeout": 30},
+        "auth": {
+            "algorithms": ["RS256"],
+            "secret": "",
+            "jwks_url": f"http://127.0.0.1:{port}/jwks",
+            "jwks_timeout": 30,
+        },
         "server": {"handshake_timeout": 0.2},
     }
     try:

@@ -42,8 +42,7 @@ async def _event(client: Client, offset: int, channel: str = "news:r") -> dict[s
     return message
 
 
-async def _subscribed_at(server: Any, channel: str, events: int = 0
-                         ) -> tuple[int, str]:
+async def _subscribed_at(server: Any, channel: str, events: int = 0) -> tuple[int, str]:
     """Subscribe once, receive ``events`` published events, return (offset, epoch)."""
     async with connect(server, token("reader", NEWS)) as client:
         reply = await client.subscribe(channel)
@@ -62,13 +61,18 @@ async def test_recover_replays_missed_events_in_order_then_live() -> None:
     async with serve() as server:
         offset, epoch = await _subscribed_at(server, "news:r", events=1)
         assert offset == 1
-        missed = [await publish(server, "news:r", data={"message": f"m{i}", "level": "info"})
-                  for i in range(3)]
+        missed = [
+            await publish(server, "news:r", data={"message": f"m{i}", "level": "info"})
+            for i in range(3)
+        ]
         async with connect(server, token("reader", NEWS)) as client:
             reply = await client.subscribe("news:r", recover={"offset": offset, "epoch": epoch})
-            assert reply == {"type": "subscribed", "id": "s", "timestamp": reply["timestamp"],
-                             "data": {"channel": "news:r", "offset": 4, "epoch": epoch,
-                                      "recovered": True}}
+            assert reply == {
+                "type": "subscribed",
+                "id": "s",
+                "timestamp": reply["timestamp"],
+                "data": {"channel": "news:r", "offset": 4, "epoch": epoch, "recovered": True},
+            }
             for index, result in enumerate(missed):
                 event = await _event(client, result["offset"])
                 assert event["id"] == result["id"]
@@ -83,8 +87,12 @@ async def test_recover_with_nothing_missed_replays_nothing() -> None:
         offset, epoch = await _subscribed_at(server, "news:r", events=2)
         async with connect(server, token("reader", NEWS)) as client:
             reply = await client.subscribe("news:r", recover={"offset": offset, "epoch": epoch})
-            assert reply["data"] == {"channel": "news:r", "offset": 2, "epoch": epoch,
-                                     "recovered": True}
+            assert reply["data"] == {
+                "channel": "news:r",
+                "offset": 2,
+                "epoch": epoch,
+                "recovered": True,
+            }
             await publish(server, "news:r")
             await _event(client, 3)
 
@@ -98,8 +106,7 @@ async def test_recover_while_subscribed_sends_no_duplicates() -> None:
         for offset in (1, 2):
             await publish(server, "news:r")
             await _event(client, offset)
-        again = await client.subscribe("news:r", id="again",
-                                       recover={"offset": 0, "epoch": epoch})
+        again = await client.subscribe("news:r", id="again", recover={"offset": 0, "epoch": epoch})
         assert again["type"] == "subscribed"
         assert again["data"]["recovered"] is True
         await publish(server, "news:r")
@@ -116,8 +123,12 @@ async def test_recover_beyond_history_is_not_recovered() -> None:
         async with connect(server, token("reader", NEWS)) as client:
             reply = await client.subscribe("news:r", recover={"offset": offset, "epoch": epoch})
             assert reply["type"] == "subscribed"
-            assert reply["data"] == {"channel": "news:r", "offset": 3, "epoch": epoch,
-                                     "recovered": False}
+            assert reply["data"] == {
+                "channel": "news:r",
+                "offset": 3,
+                "epoch": epoch,
+                "recovered": False,
+            }
             await publish(server, "news:r")
             await _event(client, 4)
 
@@ -130,9 +141,15 @@ async def test_recover_with_another_epoch_replays_the_current_one() -> None:
         await publish(server, "news:r")
         async with connect(server, token("reader", NEWS)) as client:
             reply = await client.subscribe(
-                "news:r", recover={"offset": offset, "epoch": "other-" + epoch})
-            assert reply["data"] == {"channel": "news:r", "offset": 2, "epoch": epoch,
-                                     "recovered": False, "since": 0}
+                "news:r", recover={"offset": offset, "epoch": "other-" + epoch}
+            )
+            assert reply["data"] == {
+                "channel": "news:r",
+                "offset": 2,
+                "epoch": epoch,
+                "recovered": False,
+                "since": 0,
+            }
             await _event(client, 1)
             await _event(client, 2)
             await publish(server, "news:r")
@@ -148,8 +165,7 @@ async def test_recover_after_server_restart_replays_the_new_epoch() -> None:
     async with serve() as second:
         published = [await publish(second, "news:r") for _ in range(2)]
         async with connect(second, token("reader", NEWS)) as client:
-            reply = await client.subscribe(
-                "news:r", recover={"offset": offset, "epoch": old_epoch})
+            reply = await client.subscribe("news:r", recover={"offset": offset, "epoch": old_epoch})
             assert reply["type"] == "subscribed"
             assert reply["data"]["recovered"] is False
             assert reply["data"]["offset"] == 2 and reply["data"]["since"] == 0
@@ -169,8 +185,7 @@ async def test_recover_after_server_restart_past_history_replays_nothing() -> No
         for _ in range(5):
             await publish(second, "news:r")
         async with connect(second, token("reader", NEWS)) as client:
-            reply = await client.subscribe(
-                "news:r", recover={"offset": offset, "epoch": old_epoch})
+            reply = await client.subscribe("news:r", recover={"offset": offset, "epoch": old_epoch})
             assert reply["data"]["recovered"] is False and reply["data"]["offset"] == 5
             assert "since" not in reply["data"]
             await publish(second, "news:r")
@@ -185,8 +200,9 @@ async def test_personal_channel_is_automatic(sub: str) -> None:
         assert hello["type"] == "connected"
         assert hello["data"]["user_id"] == sub
         assert hello["data"]["channels"] == [f"user:{sub}"]
-        result = await publish(server, f"user:{sub}",
-                               data={"message": "for you", "level": "success"})
+        result = await publish(
+            server, f"user:{sub}", data={"message": "for you", "level": "success"}
+        )
         event = await _event(client, result["offset"], f"user:{sub}")
         assert event["type"] == "notification"
         assert event["data"] == {"message": "for you", "level": "success"}
@@ -225,7 +241,10 @@ async def test_unsubscribe_stops_delivery() -> None:
         await client.send("unsubscribe", {"channel": "news:r"}, id="u1")
         reply = ws_checked(json.dumps(await client.recv()))
         assert (reply["type"], reply["id"], reply["data"]) == (
-            "unsubscribed", "u1", {"channel": "news:r"})
+            "unsubscribed",
+            "u1",
+            {"channel": "news:r"},
+        )
         await publish(server, "news:r")
         await ws_assert_open(client)
 
@@ -236,7 +255,10 @@ async def test_unsubscribe_not_subscribed_succeeds() -> None:
         await client.send("unsubscribe", {"channel": "news:never"}, id="u1")
         reply = ws_checked(json.dumps(await client.recv()))
         assert (reply["type"], reply["id"], reply["data"]) == (
-            "unsubscribed", "u1", {"channel": "news:never"})
+            "unsubscribed",
+            "u1",
+            {"channel": "news:never"},
+        )
         await ws_assert_open(client)
 
 
@@ -258,11 +280,16 @@ async def test_every_message_has_object_data_and_no_null() -> None:
         assert "id" not in await take("pong")
         await client.send("subscribe", {"channel": "news:r"})
         assert "id" not in await take("subscribed")
-        await publish(server, "news:r", "chat_message",
-                      {"conversation_id": "c", "sender_id": "s", "content": "hi"})
+        await publish(
+            server,
+            "news:r",
+            "chat_message",
+            {"conversation_id": "c", "sender_id": "s", "content": "hi"},
+        )
         await take("chat_message")
-        await client.send("subscribe", {"channel": "news:r",
-                                        "recover": {"offset": 0, "epoch": "x"}})
+        await client.send(
+            "subscribe", {"channel": "news:r", "recover": {"offset": 0, "epoch": "x"}}
+        )
         await take("subscribed")
         await client.send("subscribe", {"channel": "secret:x"})
         assert "id" not in await take("error")
@@ -272,8 +299,15 @@ async def test_every_message_has_object_data_and_no_null() -> None:
         assert "id" not in await take("unsubscribed")
         await client.ws.send_str("not json")
         await take("error")
-        assert set(seen) == {"connected", "pong", "subscribed", "chat_message", "error",
-                             "refreshed", "unsubscribed"}
+        assert set(seen) == {
+            "connected",
+            "pong",
+            "subscribed",
+            "chat_message",
+            "error",
+            "refreshed",
+            "unsubscribed",
+        }
 
 
 async def test_personal_channel_recovers_in_order_despite_live_events_at_connect() -> None:
@@ -287,8 +321,7 @@ async def test_personal_channel_recovers_in_order_despite_live_events_at_connect
             await publish(server, "user:pat")
         async with connect(server, token("pat")) as client:
             await publish(server, "user:pat")  # live, before the client's first command
-            again = await client.subscribe("user:pat",
-                                           recover={"offset": seen, "epoch": epoch})
+            again = await client.subscribe("user:pat", recover={"offset": seen, "epoch": epoch})
             assert again["data"]["recovered"] is True
             got = [(await client.recv())["offset"] for _ in range(4)]
             assert got == [seen + 1, seen + 2, seen + 3, seen + 4]

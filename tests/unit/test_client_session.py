@@ -54,15 +54,29 @@ class Clock:
         return self.now
 
 
-def make(*, provider: bool = False, clock: Clock | None = None, token: str | None = "t",
-         max_auth_failures: int = 3, burst: int = 2, rate: float = 4.0) -> Session:
+def make(
+    *,
+    provider: bool = False,
+    clock: Clock | None = None,
+    token: str | None = "t",
+    max_auth_failures: int = 3,
+    burst: int = 2,
+    rate: float = 4.0,
+) -> Session:
     clock = clock or Clock()
     return Session(
-        token=token, token_provider=(lambda: "fresh") if provider else None,
+        token=token,
+        token_provider=(lambda: "fresh") if provider else None,
         backoff=Backoff(initial=0.5, cap=20.0, slow_floor=5.0, random=lambda: 1.0),
-        refresh_margin=30.0, liveness_timeout=3.0, connect_timeout=7.0,
-        resubscribe_burst=burst, resubscribe_rate=rate, max_auth_failures=max_auth_failures,
-        clock=clock, wall_clock=clock)
+        refresh_margin=30.0,
+        liveness_timeout=3.0,
+        connect_timeout=7.0,
+        resubscribe_burst=burst,
+        resubscribe_rate=rate,
+        max_auth_failures=max_auth_failures,
+        clock=clock,
+        wall_clock=clock,
+    )
 
 
 def frame(kind: str, data: dict[str, Any] | None = None, reply_to: str | None = None) -> str:
@@ -75,15 +89,27 @@ def frame(kind: str, data: dict[str, Any] | None = None, reply_to: str | None = 
 
 
 def event(channel: str, offset: int) -> str:
-    return json.dumps({"type": "notification", "channel": channel, "offset": offset,
-                       "id": f"evt_{offset}", "timestamp": STAMP, "data": {"n": offset}})
+    return json.dumps(
+        {
+            "type": "notification",
+            "channel": channel,
+            "offset": offset,
+            "id": f"evt_{offset}",
+            "timestamp": STAMP,
+            "data": {"n": offset},
+        }
+    )
 
 
-def welcome(session: Session, channels: tuple[str, ...] = (USER,),
-            **extra: Any) -> list[Effect]:
+def welcome(session: Session, channels: tuple[str, ...] = (USER,), **extra: Any) -> list[Effect]:
     session.connection_opened()
-    data = {"connection_id": "conn_1", "user_id": "u1", "heartbeat_interval": 25,
-            "channels": list(channels), **extra}
+    data = {
+        "connection_id": "conn_1",
+        "user_id": "u1",
+        "heartbeat_interval": 25,
+        "channels": list(channels),
+        **extra,
+    }
     return session.receive(frame("connected", data))
 
 
@@ -101,8 +127,14 @@ def subscribe(session: Session, state: ChannelState) -> tuple[str, dict[str, Any
     return message["id"], message["data"]
 
 
-def reply(session: Session, state: ChannelState, offset: int, epoch: str = "e1",
-          recovered: bool | None = None, since: int | None = None) -> list[Effect]:
+def reply(
+    session: Session,
+    state: ChannelState,
+    offset: int,
+    epoch: str = "e1",
+    recovered: bool | None = None,
+    since: int | None = None,
+) -> list[Effect]:
     """Subscribe ``state`` and apply the server's ``subscribed`` reply."""
     command_id, _ = subscribe(session, state)
     data: dict[str, Any] = {"channel": state.channel, "offset": offset, "epoch": epoch}
@@ -117,8 +149,10 @@ def delivered(effects: list[Effect]) -> list[int | str]:
     out: list[int | str] = []
     for effect in effects:
         if isinstance(effect, Deliver):
-            out += [i.offset if isinstance(i, Event) else f"gap:{i.last_offset}->{i.offset}"
-                    for i in effect.items]
+            out += [
+                i.offset if isinstance(i, Event) else f"gap:{i.last_offset}->{i.offset}"
+                for i in effect.items
+            ]
     return out
 
 
@@ -138,7 +172,10 @@ def test_connected_records_the_connection_and_plans_the_resubscription() -> None
     effects = welcome(session, expires_at="1970-01-01T01:00:00Z")
     assert session.connected and session.welcomed and session.gen == 1
     assert (session.connection_id, session.user_id, session.heartbeat_interval) == (
-        "conn_1", "u1", 25.0)
+        "conn_1",
+        "u1",
+        25.0,
+    )
     assert session.tokens.expires_at == 3600
     assert session.automatic == {USER}
     personal = session.channels[USER]
@@ -157,8 +194,9 @@ def test_connected_tolerates_missing_or_malformed_fields() -> None:
     """A ``connected`` without channels or heartbeat leaves them empty, not broken."""
     session = make()
     session.connection_opened()
-    effects = session.receive(frame("connected", {"channels": "user:u1",
-                                                  "heartbeat_interval": "25"}))
+    effects = session.receive(
+        frame("connected", {"channels": "user:u1", "heartbeat_interval": "25"})
+    )
     assert session.automatic == frozenset() and session.heartbeat_interval is None
     assert effects == [Resubscribe(1, (), ()), Connected()]
 
@@ -195,10 +233,13 @@ def test_subscribe_message_carries_the_recovery_point() -> None:
     assert news.pending_id == command_id and news.sent_on == 1
     _, data = subscribe(session, session.channels[USER])
     assert data == {"channel": USER, "recover": FIRST_RECOVER}
-    session.receive(frame("subscribed", {"channel": "news:a", "offset": 4, "epoch": "e1"},
-                          command_id))
-    assert subscribe(session, news)[1] == {"channel": "news:a",
-                                          "recover": {"offset": 4, "epoch": "e1"}}
+    session.receive(
+        frame("subscribed", {"channel": "news:a", "offset": 4, "epoch": "e1"}, command_id)
+    )
+    assert subscribe(session, news)[1] == {
+        "channel": "news:a",
+        "recover": {"offset": 4, "epoch": "e1"},
+    }
 
 
 def test_subscribe_message_for_a_gone_connection_is_none() -> None:
@@ -259,13 +300,23 @@ def test_recovery_is_announced_only_for_a_subscription_confirmed_before() -> Non
     welcome(session, positions={USER: {"offset": 3, "epoch": "e1"}})
     personal = session.channels[USER]
     command_id, _ = subscribe(session, personal)
-    first = session.receive(frame("subscribed", {"channel": USER, "offset": 3, "epoch": "e1",
-                                                 "recovered": True}, command_id))
+    first = session.receive(
+        frame(
+            "subscribed",
+            {"channel": USER, "offset": 3, "epoch": "e1", "recovered": True},
+            command_id,
+        )
+    )
     assert not any(isinstance(effect, Recovered) for effect in first)
     reconnect(session)
     command_id, _ = subscribe(session, personal)
-    again = session.receive(frame("subscribed", {"channel": USER, "offset": 3, "epoch": "e1",
-                                                 "recovered": True}, command_id))
+    again = session.receive(
+        frame(
+            "subscribed",
+            {"channel": USER, "offset": 3, "epoch": "e1", "recovered": True},
+            command_id,
+        )
+    )
     assert again == [Recovered(USER, Recovery(USER, 3, 3, "e1")), Confirm(USER)]
 
 
@@ -277,8 +328,10 @@ def test_recovery_failure_delivers_a_gap_before_confirming() -> None:
     reply(session, news, 2)
     reconnect(session)
     effects = reply(session, news, 250, recovered=False)
-    assert effects == [Deliver("news:a", [Gap("news:a", "recovery_failed", 2, "e1", 250, "e1")]),
-                       Confirm("news:a")]
+    assert effects == [
+        Deliver("news:a", [Gap("news:a", "recovery_failed", 2, "e1", 250, "e1")]),
+        Confirm("news:a"),
+    ]
 
 
 def test_new_epoch_replay_follows_the_gap() -> None:
@@ -292,8 +345,10 @@ def test_new_epoch_replay_follows_the_gap() -> None:
     session.receive(event("news:a", 41))
     reconnect(session)
     effects = reply(session, news, 3, "new", recovered=False, since=0)
-    assert effects == [Deliver("news:a", [Gap("news:a", "recovery_failed", 41, "old", 0, "new")]),
-                       Confirm("news:a")]
+    assert effects == [
+        Deliver("news:a", [Gap("news:a", "recovery_failed", 41, "old", 0, "new")]),
+        Confirm("news:a"),
+    ]
     replayed = [o for n in (1, 2, 3, 4) for o in delivered(session.receive(event("news:a", n)))]
     assert replayed == [1, 2, 3, 4]
     assert news.tracker.recover_point() == (4, "new")
@@ -425,9 +480,13 @@ def test_first_connection_lost_before_the_personal_reply_misses_nothing() -> Non
     assert not personal.tracker.baseline_lost
     command_id, data = subscribe(session, personal)
     assert data == recover
-    effects = session.receive(frame("subscribed", {"channel": USER, "offset": 6,
-                                                   "epoch": "e1", "recovered": True},
-                                    command_id))
+    effects = session.receive(
+        frame(
+            "subscribed",
+            {"channel": USER, "offset": 6, "epoch": "e1", "recovered": True},
+            command_id,
+        )
+    )
     assert effects == [Confirm(USER)]
     replayed = [effect for offset in (4, 5, 6) for effect in session.receive(event(USER, offset))]
     assert delivered(replayed) == [4, 5, 6]
@@ -441,9 +500,13 @@ def test_personal_position_in_connected_is_the_first_baseline() -> None:
     personal = session.channels[USER]
     command_id, _ = subscribe(session, personal)
     assert session.receive(event(USER, 4)) == []
-    effects = session.receive(frame("subscribed", {"channel": USER, "offset": 3,
-                                                   "epoch": "e1", "recovered": True},
-                                    command_id))
+    effects = session.receive(
+        frame(
+            "subscribed",
+            {"channel": USER, "offset": 3, "epoch": "e1", "recovered": True},
+            command_id,
+        )
+    )
     assert delivered(effects) == [4] and effects[-1] == Confirm(USER)
     # A later connection's announcement does not move a baseline the client already has.
     session.connection_lost()
@@ -451,18 +514,27 @@ def test_personal_position_in_connected_is_the_first_baseline() -> None:
     assert subscribe(session, personal)[1]["recover"] == {"offset": 4, "epoch": "e1"}
 
 
-@pytest.mark.parametrize("positions", [
-    "garbage", {USER: {"offset": "3", "epoch": "e1"}}, {USER: {"offset": -1, "epoch": "e1"}},
-    {USER: {"offset": True, "epoch": "e1"}}, {USER: {"offset": 3, "epoch": ""}},
-    {USER: [3, "e1"]}, {"user:other": {"offset": 3, "epoch": "e1"}},
-])
+@pytest.mark.parametrize(
+    "positions",
+    [
+        "garbage",
+        {USER: {"offset": "3", "epoch": "e1"}},
+        {USER: {"offset": -1, "epoch": "e1"}},
+        {USER: {"offset": True, "epoch": "e1"}},
+        {USER: {"offset": 3, "epoch": ""}},
+        {USER: [3, "e1"]},
+        {"user:other": {"offset": 3, "epoch": "e1"}},
+    ],
+)
 def test_malformed_positions_fall_back_to_the_first_recover(positions: object) -> None:
     """A ``positions`` entry that is missing or malformed is ignored: the first subscribe
     asks for a baseline (``FIRST_RECOVER``) as from a server that sends none."""
     session = make()
     welcome(session, positions=positions)
     assert subscribe(session, session.channels[USER])[1] == {
-        "channel": USER, "recover": FIRST_RECOVER}
+        "channel": USER,
+        "recover": FIRST_RECOVER,
+    }
 
 
 def test_personal_channel_live_before_without_a_baseline_reports_a_gap() -> None:
@@ -486,8 +558,7 @@ def test_dropped_personal_channel_is_unsubscribed_at_connect() -> None:
     session.remove(USER)
     effects = reconnect(session)
     assert USER not in session.channels
-    assert effects[0] == Resubscribe(
-        2, ({"type": "unsubscribe", "data": {"channel": USER}},), ())
+    assert effects[0] == Resubscribe(2, ({"type": "unsubscribe", "data": {"channel": USER}},), ())
     session.want(USER)
     assert reconnect(session)[0] == Added(session.channels[USER])
 
@@ -501,8 +572,7 @@ def test_server_unsubscribe_with_resubscribe_subscribes_again() -> None:
     news = add(session, "news:a")
     welcome(session)
     reply(session, news, 1)
-    effects = session.receive(frame("unsubscribed", {"channel": "news:a",
-                                                     "resubscribe": True}))
+    effects = session.receive(frame("unsubscribed", {"channel": "news:a", "resubscribe": True}))
     assert effects == [SubscribeNow(news, 1)] and news.tracker.awaiting
 
 
@@ -518,8 +588,9 @@ def test_server_unsubscribe_without_resubscribe_ends_the_subscription() -> None:
     assert (effects[0].channel, effects[0].error.code) == ("news:a", "banned")
     assert "news:a" not in session.channels and not session.is_current(news)
     [end] = session.receive(frame("unsubscribed", {"channel": "room:b", "reason": 7}))
-    assert isinstance(end, End) and end.error.args == ("room:b: revoked: the server ended "
-                                                       "the subscription",)
+    assert isinstance(end, End) and end.error.args == (
+        "room:b: revoked: the server ended the subscription",
+    )
     assert not session.is_current(room)
     assert session.receive(frame("unsubscribed", {"channel": "news:zzz"})) == []
 
@@ -529,9 +600,11 @@ def test_command_replies_are_handed_over() -> None:
     session = make()
     assert session.receive(frame("pong", {}, "7")) == [Reply("7", {})]
     assert session.receive(frame("refreshed", {"expires_at": "x"}, "8")) == [
-        Reply("8", {"expires_at": "x"})]
+        Reply("8", {"expires_at": "x"})
+    ]
     assert session.receive(frame("unsubscribed", {"channel": "news:a"}, "9")) == [
-        Reply("9", {"channel": "news:a"})]
+        Reply("9", {"channel": "news:a"})
+    ]
 
 
 def test_refused_first_subscription_ends_it() -> None:
@@ -540,8 +613,9 @@ def test_refused_first_subscription_ends_it() -> None:
     news = add(session, "news:a")
     welcome(session)
     command_id, _ = subscribe(session, news)
-    effects = session.receive(frame("error", {"code": "subscription_failed",
-                                              "message": "down"}, command_id))
+    effects = session.receive(
+        frame("error", {"code": "subscription_failed", "message": "down"}, command_id)
+    )
     assert len(effects) == 1 and isinstance(effects[0], End)
     assert isinstance(effects[0].error, SubscriptionError)
     assert effects[0].error.code == "subscription_failed"
@@ -596,9 +670,11 @@ def test_other_errors_go_to_the_command_or_are_remembered() -> None:
     session = make()
     welcome(session)
     assert session.receive(frame("error", {"code": 5, "message": None}, "42")) == [
-        Failed("42", "internal_error", "")]
-    assert session.receive(frame("error", {"code": "unauthorized",
-                                           "message": "token expired"})) == []
+        Failed("42", "internal_error", "")
+    ]
+    assert (
+        session.receive(frame("error", {"code": "unauthorized", "message": "token expired"})) == []
+    )
     assert session.outcome(4401, "") == Outcome(4401, "token expired", True)
     assert session.outcome(1011, "oops") == Outcome(1011, "oops", True)
     session.connection_opened()

@@ -29,13 +29,18 @@ from timeouts import TIMEOUT
 
 
 def ev(offset: int, channel: str = "news:a") -> Event:
-    return Event("notification", channel, offset, f"evt_{offset}",
-                 datetime(2026, 1, 1, tzinfo=UTC), {"n": offset})
+    return Event(
+        "notification",
+        channel,
+        offset,
+        f"evt_{offset}",
+        datetime(2026, 1, 1, tzinfo=UTC),
+        {"n": offset},
+    )
 
 
 def offsets(items: list[Item]) -> list[int | str]:
-    return [i.offset if isinstance(i, Event) else f"gap:{i.last_offset}->{i.offset}"
-            for i in items]
+    return [i.offset if isinstance(i, Event) else f"gap:{i.last_offset}->{i.offset}" for i in items]
 
 
 # -- backoff ---------------------------------------------------------------------------
@@ -165,6 +170,7 @@ async def test_token_for_connection_asks_the_provider_when_needed() -> None:
 
 async def test_failing_or_empty_provider_is_an_authentication_failure() -> None:
     """A provider that raises or returns no token raises AuthenticationFailed."""
+
     def broken() -> str:
         raise RuntimeError("down")
 
@@ -195,8 +201,13 @@ def test_tracker_recovered_replay_is_delivered_in_order_once() -> None:
     tracker.subscribed(7, "e1", None)
     tracker.begin()
     assert tracker.subscribed(10, "e1", True) == []
-    delivered = [*tracker.event(ev(8)), *tracker.event(ev(8)), *tracker.event(ev(9)),
-                 *tracker.event(ev(10)), *tracker.event(ev(11))]
+    delivered = [
+        *tracker.event(ev(8)),
+        *tracker.event(ev(8)),
+        *tracker.event(ev(9)),
+        *tracker.event(ev(10)),
+        *tracker.event(ev(11)),
+    ]
     assert offsets(delivered) == [8, 9, 10, 11]
 
 
@@ -218,7 +229,8 @@ def test_tracker_epoch_change_restarts_offsets() -> None:
     tracker.event(ev(41))
     tracker.begin()
     assert tracker.subscribed(3, "new", False) == [
-        Gap("news:a", "recovery_failed", 41, "old", 3, "new")]
+        Gap("news:a", "recovery_failed", 41, "old", 3, "new")
+    ]
     assert offsets(tracker.event(ev(4))) == [4]
     assert tracker.recover_point() == (4, "new")
 
@@ -232,9 +244,15 @@ def test_tracker_new_epoch_replay_after_a_gap_is_delivered() -> None:
     tracker.event(ev(41))
     tracker.begin()
     assert tracker.subscribed(3, "new", False, since=0) == [
-        Gap("news:a", "recovery_failed", 41, "old", 0, "new")]
-    delivered = [*tracker.event(ev(1)), *tracker.event(ev(2)), *tracker.event(ev(3)),
-                 *tracker.event(ev(3)), *tracker.event(ev(4))]
+        Gap("news:a", "recovery_failed", 41, "old", 0, "new")
+    ]
+    delivered = [
+        *tracker.event(ev(1)),
+        *tracker.event(ev(2)),
+        *tracker.event(ev(3)),
+        *tracker.event(ev(3)),
+        *tracker.event(ev(4)),
+    ]
     assert offsets(delivered) == [1, 2, 3, 4]
     assert tracker.recover_point() == (4, "new")
 
@@ -464,9 +482,14 @@ async def test_callbacks_get_items_in_order_and_survive_errors() -> None:
 
 def test_event_round_trips_its_wire_form() -> None:
     """An event message parses into typed fields and serialises back unchanged."""
-    message = {"type": "chat_message", "channel": "conversation:c1", "offset": 42,
-               "id": "evt_1", "timestamp": "2026-11-27T16:45:46.123Z",
-               "data": {"content": "hi"}}
+    message = {
+        "type": "chat_message",
+        "channel": "conversation:c1",
+        "offset": 42,
+        "id": "evt_1",
+        "timestamp": "2026-11-27T16:45:46.123Z",
+        "data": {"content": "hi"},
+    }
     event = Event.from_message(message)
     assert event.timestamp == datetime(2026, 11, 27, 16, 45, 46, 123000, tzinfo=UTC)
     assert event.to_dict() == message

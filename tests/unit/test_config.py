@@ -26,24 +26,39 @@ def toml(tmp_path: Path) -> Callable[[str], Path]:
     return write
 
 
-def load(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
-         config_file: Path | None = None, *, require_auth: bool = True) -> Settings:
+def load(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+    *,
+    require_auth: bool = True,
+) -> Settings:
     """Load settings isolated from the real environment."""
-    return load_settings(config_file, overrides, environ={} if environ is None else environ,
-                         require_auth=require_auth)
+    return load_settings(
+        config_file,
+        overrides,
+        environ={} if environ is None else environ,
+        require_auth=require_auth,
+    )
 
 
-def layers(overrides: Mapping[str, Any] | None = None,
-           environ: Mapping[str, str] | None = None,
-           config_file: Path | None = None) -> Settings:
+def layers(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
     """Load settings for a test about layers and types: a file or environment means
     production mode, whose signing-key check is not what these tests are about."""
     return load(overrides, environ, config_file, require_auth=False)
 
 
-def error_of(overrides: Mapping[str, Any] | None = None,
-             environ: Mapping[str, str] | None = None,
-             config_file: Path | None = None, *, require_auth: bool = True) -> ConfigError:
+def error_of(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+    *,
+    require_auth: bool = True,
+) -> ConfigError:
     """Return the ConfigError that loading these layers raises."""
     with pytest.raises(ConfigError) as info:
         load(overrides, environ, config_file, require_auth=require_auth)
@@ -92,8 +107,11 @@ def test_precedence_across_all_layers(toml: Callable[..., Path]) -> None:
         max_subscriptions = 7
         """
     )
-    environ = {"TIDINGS_SERVER__PORT": "8002", "TIDINGS_SERVER__HEARTBEAT_INTERVAL": "6",
-               "TIDINGS_LIMITS__COMMAND_BURST": "9"}
+    environ = {
+        "TIDINGS_SERVER__PORT": "8002",
+        "TIDINGS_SERVER__HEARTBEAT_INTERVAL": "6",
+        "TIDINGS_LIMITS__COMMAND_BURST": "9",
+    }
     overrides = {"server": {"port": 8003}}
 
     assert layers(config_file=path).server.port == 8001
@@ -111,8 +129,7 @@ def test_precedence_across_all_layers(toml: Callable[..., Path]) -> None:
 
 def test_overrides_merge_into_sections() -> None:
     """An override of one key keeps the other keys of its section from lower layers."""
-    settings = layers({"limits": {"max_subscriptions": 3}},
-                    {"TIDINGS_LIMITS__COMMAND_BURST": "4"})
+    settings = layers({"limits": {"max_subscriptions": 3}}, {"TIDINGS_LIMITS__COMMAND_BURST": "4"})
     assert settings.limits.max_subscriptions == 3
     assert settings.limits.command_burst == 4
 
@@ -139,15 +156,17 @@ def test_tidings_config_is_not_a_setting(toml: Callable[..., Path]) -> None:
 
 def test_environment_types_and_names() -> None:
     """Environment strings are converted to the key's type; names are case-insensitive."""
-    settings = layers(environ={
-        "TIDINGS_AUTH__PERSONAL_CHANNEL": "false",
-        "tidings_server__port": "9001",
-        "TIDINGS_SERVER__HEARTBEAT_INTERVAL": "2.5",
-        "TIDINGS_LOGGING__LEVEL": "debug",
-        "TIDINGS_NAMESPACES__NEWS__RULE": "public",
-        "PATH": "/usr/bin",
-        "OTHER_SERVER__PORT": "1",
-    })
+    settings = layers(
+        environ={
+            "TIDINGS_AUTH__PERSONAL_CHANNEL": "false",
+            "tidings_server__port": "9001",
+            "TIDINGS_SERVER__HEARTBEAT_INTERVAL": "2.5",
+            "TIDINGS_LOGGING__LEVEL": "debug",
+            "TIDINGS_NAMESPACES__NEWS__RULE": "public",
+            "PATH": "/usr/bin",
+            "OTHER_SERVER__PORT": "1",
+        }
+    )
     assert settings.auth.personal_channel is False
     assert settings.server.port == 9001
     assert settings.server.heartbeat_interval == 2.5
@@ -180,10 +199,12 @@ def test_environment_list_replaces_file_list(toml: Callable[..., Path]) -> None:
     """A list from the environment replaces the file's list rather than extending it."""
     path = toml('[api]\nkeys = ["file-key"]\n')
     assert layers(config_file=path).api.keys == ("file-key",)
-    assert layers(environ={"TIDINGS_API__KEYS": "env-key"}, config_file=path).api.keys == \
-        ("env-key",)
-    assert layers({"api": {"keys": ["flag-key"]}}, {"TIDINGS_API__KEYS": "env-key"},
-                path).api.keys == ("flag-key",)
+    assert layers(environ={"TIDINGS_API__KEYS": "env-key"}, config_file=path).api.keys == (
+        "env-key",
+    )
+    assert layers(
+        {"api": {"keys": ["flag-key"]}}, {"TIDINGS_API__KEYS": "env-key"}, path
+    ).api.keys == ("flag-key",)
 
 
 def test_operations_example_file(toml: Callable[..., Path]) -> None:
@@ -250,7 +271,10 @@ def test_operations_example_file(toml: Callable[..., Path]) -> None:
     assert settings.namespaces["orders"].url == "http://127.0.0.1:9000/authorize"
     assert settings.namespaces["orders"].timeout == 2.0
     assert {name: ns.rule for name, ns in settings.namespaces.items()} == {
-        "default": "claims", "news": "public", "orders": "webhook"}
+        "default": "claims",
+        "news": "public",
+        "orders": "webhook",
+    }
 
 
 # -- namespaces ---------------------------------------------------------------------------
@@ -344,8 +368,9 @@ def test_public_key_file_must_exist(tmp_path: Path) -> None:
     assert error.key == "auth.public_key_file"
     pem = tmp_path / "key.pem"
     pem.write_text("-----BEGIN PUBLIC KEY-----\n", encoding="utf-8")
-    assert load({"auth": {"algorithms": ["RS256"],
-                          "public_key_file": str(pem)}}).auth.public_key_file == str(pem)
+    assert load(
+        {"auth": {"algorithms": ["RS256"], "public_key_file": str(pem)}}
+    ).auth.public_key_file == str(pem)
 
 
 def test_workers_need_redis() -> None:
@@ -363,10 +388,8 @@ def test_tls_pair(tmp_path: Path) -> None:
     assert error_of({"server": {"tls_cert": str(cert)}}).key == "server.tls_key"
     assert error_of({"server": {"tls_key": str(key)}}).key == "server.tls_key"
     missing = str(tmp_path / "missing.pem")
-    assert error_of({"server": {"tls_cert": missing, "tls_key": str(key)}}).key == \
-        "server.tls_cert"
-    assert error_of({"server": {"tls_cert": str(cert), "tls_key": missing}}).key == \
-        "server.tls_key"
+    assert error_of({"server": {"tls_cert": missing, "tls_key": str(key)}}).key == "server.tls_cert"
+    assert error_of({"server": {"tls_cert": str(cert), "tls_key": missing}}).key == "server.tls_key"
     settings = load({"server": {"tls_cert": str(cert), "tls_key": str(key)}})
     assert settings.server.tls_cert == str(cert)
 
@@ -438,10 +461,10 @@ def test_validation_errors_name_the_key(overrides: dict[str, Any], key: str) -> 
     ("text", "key"),
     [
         ("[limits]\nmax_subscriptions = -5\n", "limits.max_subscriptions"),
-        ("[limits]\nmax_subscriptions = \"ten\"\n", "limits.max_subscriptions"),
+        ('[limits]\nmax_subscriptions = "ten"\n', "limits.max_subscriptions"),
         ("[limits]\nmax_subscription = 5\n", "limits.max_subscription"),
         ("[bogus]\nx = 1\n", "bogus"),
-        ("[server]\nport = \"http\"\n", "server.port"),
+        ('[server]\nport = "http"\n', "server.port"),
     ],
 )
 def test_file_errors_name_the_key(toml: Callable[..., Path], text: str, key: str) -> None:
@@ -476,18 +499,27 @@ def test_malformed_variable_names(variable: str) -> None:
 
 def test_conflicting_variables() -> None:
     """A variable for a namespace and one for a key inside it cannot both be set."""
-    error = error_of(environ={"TIDINGS_NAMESPACES__NEWS": "5",
-                              "TIDINGS_NAMESPACES__NEWS__RULE": "public"})
+    error = error_of(
+        environ={"TIDINGS_NAMESPACES__NEWS": "5", "TIDINGS_NAMESPACES__NEWS__RULE": "public"}
+    )
     assert error.key in {"TIDINGS_NAMESPACES__NEWS__RULE", "namespaces.news"}
 
 
 #: Variables that start with TIDINGS_ without being settings, and whether they look like
 #: a mistyped setting (and so are worth a warning).
 STRAY_VARIABLES = {
-    "TIDINGS_KEY": False, "tidings_key": False, "TIDINGS_URL": False, "TIDINGS_": False,
-    "TIDINGS_REQUIRE_REDIS": False, "TIDINGS_REQUIRE_BROWSER": False,
-    "TIDINGS_CONFIG_DIR": False, "TIDINGS_BROKER_URL": True, "TIDINGS_SERVER": True,
-    "TIDINGS_API_KEY": True, "TIDINGS_SERVR__PORT": True, "TIDINGS_WORKERS__COUNT": True,
+    "TIDINGS_KEY": False,
+    "tidings_key": False,
+    "TIDINGS_URL": False,
+    "TIDINGS_": False,
+    "TIDINGS_REQUIRE_REDIS": False,
+    "TIDINGS_REQUIRE_BROWSER": False,
+    "TIDINGS_CONFIG_DIR": False,
+    "TIDINGS_BROKER_URL": True,
+    "TIDINGS_SERVER": True,
+    "TIDINGS_API_KEY": True,
+    "TIDINGS_SERVR__PORT": True,
+    "TIDINGS_WORKERS__COUNT": True,
     "TIDINGS___PORT": True,
 }
 
@@ -513,15 +545,19 @@ def test_stray_variables_are_ignored(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_documented_names_are_read() -> None:
     """The top-level key TIDINGS_WORKERS and the nested namespace keys are settings."""
-    settings = layers(environ={"TIDINGS_WORKERS": "3", "TIDINGS_BROKER__URL": "redis://r:6379/0",
-                             "TIDINGS_NAMESPACES__CHAT__RULE": "public"})
+    settings = layers(
+        environ={
+            "TIDINGS_WORKERS": "3",
+            "TIDINGS_BROKER__URL": "redis://r:6379/0",
+            "TIDINGS_NAMESPACES__CHAT__RULE": "public",
+        }
+    )
     assert settings.workers == 3
     assert settings.broker.url == "redis://r:6379/0"
     assert settings.namespaces["chat"].rule == "public"
 
 
-def test_flag_error_names_the_key_even_with_valid_lower_layers(
-        toml: Callable[..., Path]) -> None:
+def test_flag_error_names_the_key_even_with_valid_lower_layers(toml: Callable[..., Path]) -> None:
     """A bad flag value is reported even when the file and environment are fine."""
     path = toml("[server]\nport = 8001\n")
     error = error_of({"server": {"port": "x"}}, {"TIDINGS_SERVER__PORT": "8002"}, path)
@@ -570,7 +606,7 @@ def test_real_environment_is_used_by_default(monkeypatch: pytest.MonkeyPatch) ->
 def test_a_file_without_auth_is_production(toml: Callable[..., Path]) -> None:
     """A configuration file that lacks [auth] does not start a development server: it
     is production, and the missing secret names auth.secret."""
-    error = error_of(config_file=toml('[server]\nport = 8100\n'))
+    error = error_of(config_file=toml("[server]\nport = 8100\n"))
     assert error.key == "auth.secret"
     assert "production" in error.reason
     assert error_of(config_file=toml("")).key == "auth.secret"
@@ -587,8 +623,10 @@ def test_environment_settings_alone_are_production() -> None:
 def test_only_no_configuration_at_all_is_development() -> None:
     """Nothing configured (flags such as --port and --broker are not configuration) and
     stray TIDINGS_ variables that are not settings: development mode, resolved."""
-    settings = load({"server": {"port": 9000}, "broker": {"url": "memory://"}},
-                    {"TIDINGS_KEY": "mine", "TIDINGS_REQUIRE_REDIS": "1"})
+    settings = load(
+        {"server": {"port": 9000}, "broker": {"url": "memory://"}},
+        {"TIDINGS_KEY": "mine", "TIDINGS_REQUIRE_REDIS": "1"},
+    )
     assert settings.dev_mode and settings.server.mode == "development"
 
 
@@ -597,8 +635,10 @@ def test_explicit_development_mode_without_a_secret(toml: Callable[..., Path]) -
     mode, secret or not."""
     assert load(config_file=toml('[server]\nmode = "development"\n')).dev_mode
     assert load(environ={"TIDINGS_SERVER__MODE": "development"}).dev_mode
-    assert load(environ={"TIDINGS_SERVER__MODE": "auto", "TIDINGS_AUTH__SECRET": SECRET}
-                ).server.mode == "production"
+    assert (
+        load(environ={"TIDINGS_SERVER__MODE": "auto", "TIDINGS_AUTH__SECRET": SECRET}).server.mode
+        == "production"
+    )
 
 
 def test_settings_built_directly_with_auto_are_production() -> None:
@@ -616,20 +656,26 @@ def test_settings_built_directly_with_auto_are_production() -> None:
         ("[server]\nport = 8106.0\n", "server.port", "must be an integer"),
         ('[auth]\npersonal_channel = "yes"\n', "auth.personal_channel", "must be true or false"),
         ("[auth]\npersonal_channel = 1\n", "auth.personal_channel", "must be true or false"),
-        ('[server]\npermessage_deflate = "on"\n', "server.permessage_deflate",
-         "must be true or false"),
-        ('[server]\nallowed_origins = "https://a"\n', "server.allowed_origins",
-         "must be a list of strings"),
+        (
+            '[server]\npermessage_deflate = "on"\n',
+            "server.permessage_deflate",
+            "must be true or false",
+        ),
+        (
+            '[server]\nallowed_origins = "https://a"\n',
+            "server.allowed_origins",
+            "must be a list of strings",
+        ),
         ("[api]\nkeys = [1, 2]\n", "api.keys", "must be a list of strings"),
-        ('[server]\nheartbeat_interval = "5"\n', "server.heartbeat_interval",
-         "must be a number"),
-        ("[server]\nheartbeat_interval = inf\n", "server.heartbeat_interval",
-         "must be a number"),
+        ('[server]\nheartbeat_interval = "5"\n', "server.heartbeat_interval", "must be a number"),
+        ("[server]\nheartbeat_interval = inf\n", "server.heartbeat_interval", "must be a number"),
         ("[server]\nhost = 127\n", "server.host", "must be a string"),
-        ('[broker]\nack_replicas = "2"\n', "broker.ack_replicas",
-         'must be "auto" or an integer'),
-        ('[logging]\nlevel = "loud"\n', "logging.level",
-         'must be one of "debug", "info", "warning", "error"'),
+        ('[broker]\nack_replicas = "2"\n', "broker.ack_replicas", 'must be "auto" or an integer'),
+        (
+            '[logging]\nlevel = "loud"\n',
+            "logging.level",
+            'must be one of "debug", "info", "warning", "error"',
+        ),
         ("[server]\nportt = 1\n", "server.portt", "unknown key"),
         ("[bogus]\nx = 1\n", "bogus", "unknown key"),
         ("limits = 5\n", "limits", "must be a table"),
@@ -640,7 +686,8 @@ def test_settings_built_directly_with_auto_are_production() -> None:
     ],
 )
 def test_file_values_must_have_their_documented_types(
-        toml: Callable[..., Path], text: str, key: str, reason: str) -> None:
+    toml: Callable[..., Path], text: str, key: str, reason: str
+) -> None:
     """TOML values are not coerced: a wrong type or range names the key, in the project's
     words and the file's name, never the validation library's."""
     path = toml(text)
@@ -661,8 +708,9 @@ def test_file_values_must_have_their_documented_types(
         ('workers = "4"\n', {"workers": 1}, "workers"),
     ],
 )
-def test_the_file_is_checked_before_flags_apply(toml: Callable[..., Path], text: str,
-                                                flags: dict[str, Any], key: str) -> None:
+def test_the_file_is_checked_before_flags_apply(
+    toml: Callable[..., Path], text: str, flags: dict[str, Any], key: str
+) -> None:
     """A bad file value is an error even where a flag overrides it."""
     assert error_of(flags, config_file=toml(text), require_auth=False).key == key
 
@@ -670,20 +718,23 @@ def test_the_file_is_checked_before_flags_apply(toml: Callable[..., Path], text:
 def test_an_environment_value_is_checked_before_flags_apply() -> None:
     """A bad environment value is an error even where a flag overrides it, and the
     message names the variable."""
-    error = error_of({"server": {"port": 8108}}, {"TIDINGS_SERVER__PORT": "eighty"},
-                     require_auth=False)
+    error = error_of(
+        {"server": {"port": 8108}}, {"TIDINGS_SERVER__PORT": "eighty"}, require_auth=False
+    )
     assert error.key == "server.port"
     assert error.reason == "must be an integer (from TIDINGS_SERVER__PORT)"
-    error = error_of({"limits": {"max_subscriptions": 5}},
-                     {"TIDINGS_LIMITS__MAX_SUBSCRIPTIONS": "-1"}, require_auth=False)
+    error = error_of(
+        {"limits": {"max_subscriptions": 5}},
+        {"TIDINGS_LIMITS__MAX_SUBSCRIPTIONS": "-1"},
+        require_auth=False,
+    )
     assert error.key == "limits.max_subscriptions"
     assert error.reason == "must be at least 0 (from TIDINGS_LIMITS__MAX_SUBSCRIPTIONS)"
 
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("true", True), ("TRUE", True), ("1", True), ("false", False), ("False", False),
-     ("0", False)],
+    [("true", True), ("TRUE", True), ("1", True), ("false", False), ("False", False), ("0", False)],
 )
 def test_environment_booleans(value: str, expected: bool) -> None:
     """Booleans from the environment are true/false (any case) or 1/0."""
@@ -703,8 +754,7 @@ def test_environment_booleans(value: str, expected: bool) -> None:
         ("TIDINGS_SERVER__PORTT", "1", "unknown key"),
     ],
 )
-def test_environment_values_are_parsed_per_type(variable: str, value: str,
-                                                reason: str) -> None:
+def test_environment_values_are_parsed_per_type(variable: str, value: str, reason: str) -> None:
     """Environment strings are parsed by the key's type; what does not parse names the
     key and the variable."""
     error = error_of(environ={variable: value}, require_auth=False)
@@ -713,22 +763,28 @@ def test_environment_values_are_parsed_per_type(variable: str, value: str,
 
 def test_environment_numbers_and_union_values() -> None:
     """Integers, numbers and "auto"-or-integer keys parse from their text."""
-    settings = layers(environ={"TIDINGS_SERVER__PORT": " 8101 ",
-                               "TIDINGS_SERVER__HEARTBEAT_INTERVAL": "7",
-                               "TIDINGS_BROKER__ACK_REPLICAS": "2"})
+    settings = layers(
+        environ={
+            "TIDINGS_SERVER__PORT": " 8101 ",
+            "TIDINGS_SERVER__HEARTBEAT_INTERVAL": "7",
+            "TIDINGS_BROKER__ACK_REPLICAS": "2",
+        }
+    )
     assert settings.server.port == 8101
     assert settings.server.heartbeat_interval == 7.0
     assert settings.broker.ack_replicas == 2
     assert layers(environ={"TIDINGS_BROKER__ACK_REPLICAS": "auto"}).broker.ack_replicas == "auto"
 
 
-@pytest.mark.parametrize(("source", "key"), [
-    ({"TIDINGS_SERVER__HOST": ""}, "server.host"),
-    ({"TIDINGS_SERVER__HOST": " "}, "server.host"),
-    ({"TIDINGS_SERVER__INTERNAL_HOST": ""}, "server.internal_host"),
-])
-def test_an_empty_host_is_an_error_not_every_interface(source: dict[str, str],
-                                                       key: str) -> None:
+@pytest.mark.parametrize(
+    ("source", "key"),
+    [
+        ({"TIDINGS_SERVER__HOST": ""}, "server.host"),
+        ({"TIDINGS_SERVER__HOST": " "}, "server.host"),
+        ({"TIDINGS_SERVER__INTERNAL_HOST": ""}, "server.internal_host"),
+    ],
+)
+def test_an_empty_host_is_an_error_not_every_interface(source: dict[str, str], key: str) -> None:
     """An empty host (an unset variable in a compose file) would listen on every
     interface; it is an error naming the key and the way to ask for that."""
     error = error_of(environ=source, require_auth=False)

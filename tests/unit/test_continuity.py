@@ -27,8 +27,9 @@ def d(offset: int, epoch: str = E) -> Deliver:
     return Deliver(offset, epoch, payload(offset, epoch))
 
 
-def page(position: int, offsets: Sequence[int], *, epoch: str = E,
-         complete: bool = True) -> HistoryPage:
+def page(
+    position: int, offsets: Sequence[int], *, epoch: str = E, complete: bool = True
+) -> HistoryPage:
     events = [StoredEvent(o, payload(o, epoch)) for o in offsets]
     return HistoryPage(StreamPosition(position, epoch), events, complete)
 
@@ -393,8 +394,14 @@ _STEP = st.one_of(
     chunk=st.integers(1, 4),
 )
 def test_any_arrival_order_gives_gap_free_increasing_output_or_an_explicit_loss(
-        top: int, oldest_back: int, start: int, early: list[int],
-        steps: list[tuple[str, int]], limit: int, chunk: int) -> None:
+    top: int,
+    oldest_back: int,
+    start: int,
+    early: list[int],
+    steps: list[tuple[str, int]],
+    limit: int,
+    chunk: int,
+) -> None:
     """Random reordering, duplication and loss of messages, disconnects, any buffer
     bound and any history trimming: delivered offsets always go up by exactly 1 except
     right after a Lost; with full history nothing is ever Lost nor missing."""

@@ -22,8 +22,14 @@ from tidings.devstate import (
 
 
 def state(pid: int | None = None) -> DevState:
-    return DevState(os.getpid() if pid is None else pid, "http://127.0.0.1:8000",
-                    "ws://127.0.0.1:8000/ws", "dev-secret", "dev_key", "HS256")
+    return DevState(
+        os.getpid() if pid is None else pid,
+        "http://127.0.0.1:8000",
+        "ws://127.0.0.1:8000/ws",
+        "dev-secret",
+        "dev_key",
+        "HS256",
+    )
 
 
 def dead_pid() -> int:
@@ -36,12 +42,15 @@ def dead_pid() -> int:
 def test_state_dir_prefers_the_runtime_dir_then_state_home_then_home() -> None:
     """$XDG_RUNTIME_DIR, else $XDG_STATE_HOME, else ~/.local/state; relative ones are
     ignored, as the XDG specification asks."""
-    assert state_dir({"XDG_RUNTIME_DIR": "/run/user/7", "XDG_STATE_HOME": "/s",
-                      "HOME": "/h"}) == Path("/run/user/7/tidings")
-    assert state_dir({"XDG_RUNTIME_DIR": "relative", "XDG_STATE_HOME": "/s",
-                      "HOME": "/h"}) == Path("/s/tidings")
-    assert state_dir({"XDG_RUNTIME_DIR": "", "XDG_STATE_HOME": "rel",
-                      "HOME": "/h"}) == Path("/h/.local/state/tidings")
+    assert state_dir(
+        {"XDG_RUNTIME_DIR": "/run/user/7", "XDG_STATE_HOME": "/s", "HOME": "/h"}
+    ) == Path("/run/user/7/tidings")
+    assert state_dir({"XDG_RUNTIME_DIR": "relative", "XDG_STATE_HOME": "/s", "HOME": "/h"}) == Path(
+        "/s/tidings"
+    )
+    assert state_dir({"XDG_RUNTIME_DIR": "", "XDG_STATE_HOME": "rel", "HOME": "/h"}) == Path(
+        "/h/.local/state/tidings"
+    )
 
 
 def test_written_state_is_private_and_reads_back(tmp_path: Path) -> None:
@@ -85,13 +94,26 @@ def test_a_symlinked_state_file_is_ignored(tmp_path: Path) -> None:
     assert read_state(tmp_path) is None
 
 
-@pytest.mark.parametrize("content", [
-    "not json", "[]", "{}", json.dumps({"pid": "1", "url": "u", "ws_url": "w", "secret": "s",
-                                        "api_key": "k"}),
-    json.dumps({"pid": os.getpid(), "url": "u", "ws_url": "w", "secret": "", "api_key": "k"}),
-    json.dumps({"pid": os.getpid(), "url": "u", "ws_url": "w", "secret": "s", "api_key": "k",
-                "extra": 1}),
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        "[]",
+        "{}",
+        json.dumps({"pid": "1", "url": "u", "ws_url": "w", "secret": "s", "api_key": "k"}),
+        json.dumps({"pid": os.getpid(), "url": "u", "ws_url": "w", "secret": "", "api_key": "k"}),
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "url": "u",
+                "ws_url": "w",
+                "secret": "s",
+                "api_key": "k",
+                "extra": 1,
+            }
+        ),
+    ],
+)
 def test_malformed_state_is_ignored(tmp_path: Path, content: str) -> None:
     """Anything but the exact fields with non-empty values reads as no server."""
     path = tmp_path / FILE_NAME

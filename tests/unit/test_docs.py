@@ -26,7 +26,7 @@ def _section(text: str, heading: str) -> str:
     """The text under ``heading`` up to the next heading of the same or a higher level."""
     level = heading.split(" ", 1)[0]
     start = text.index(heading + "\n")
-    rest = text[start + len(heading) + 1:]
+    rest = text[start + len(heading) + 1 :]
     end = re.search(rf"^#{{1,{len(level)}}} ", rest, re.MULTILINE)
     return rest[: end.start()] if end else rest
 
@@ -46,15 +46,20 @@ def test_banner_sample_shows_every_line_the_banner_prints() -> None:
     """Every labelled line of the development banner (Console included, as the console
     is on in development mode) is in docs/configuration.md's sample, in that order."""
     settings = SimpleNamespace(console_enabled=True)
-    server: Any = SimpleNamespace(api_url="http://127.0.0.1:8000", ws_url="ws://127.0.0.1:8000/ws",
-                                  settings=settings)
+    server: Any = SimpleNamespace(
+        api_url="http://127.0.0.1:8000", ws_url="ws://127.0.0.1:8000/ws", settings=settings
+    )
     banner = _banner(server, DevCredentials("s" * 43, "dev_key"), None)
-    labels = [match.group(1) for match in re.finditer(r"^  ([A-Z][A-Za-z ]*?) {2,}\S", banner,
-                                                      re.MULTILINE)]
+    labels = [
+        match.group(1)
+        for match in re.finditer(r"^  ([A-Z][A-Za-z ]*?) {2,}\S", banner, re.MULTILINE)
+    ]
     assert "Console" in labels and "Health" in labels, banner
     sample = _section(_doc("configuration.md"), "## Development and production mode")
-    shown = [match.group(1) for match in re.finditer(r"^  ([A-Z][A-Za-z ]*?) {2,}\S", sample,
-                                                     re.MULTILINE)]
+    shown = [
+        match.group(1)
+        for match in re.finditer(r"^  ([A-Z][A-Za-z ]*?) {2,}\S", sample, re.MULTILINE)
+    ]
     assert shown == labels, (shown, labels)
 
 
@@ -74,18 +79,23 @@ def test_metrics_table_lists_every_series_the_server_exposes() -> None:
     metrics = Metrics()
     metrics.broker_up.set(1)
     # _created series are the client library's, documented once for all counters.
-    names = {family.name for family in
-             text_string_to_metric_families(metrics.render().decode())
-             if not family.name.endswith("_created")}
+    names = {
+        family.name
+        for family in text_string_to_metric_families(metrics.render().decode())
+        if not family.name.endswith("_created")
+    }
     source = (ROOT / "src" / "tidings" / "metrics.py").read_text(encoding="utf-8")
     names |= set(re.findall(r'"(tidings_worker_[a-z_]+)"', source))
     missing = []
     for name in sorted(names):
-        documented = name in api or (name.startswith(("process_", "python_"))
-                                     and ("`process_*`" in api and "`python_gc_*`" in api))
+        documented = name in api or (
+            name.startswith(("process_", "python_"))
+            and ("`process_*`" in api and "`python_gc_*`" in api)
+        )
         if not documented:
             missing.append(name)
     assert missing == []
     assert "### With `--workers`" in api
     assert "`/metrics` describes the whole server however many workers" in _section(
-        _doc("scaling.md"), "## Workers on one machine")
+        _doc("scaling.md"), "## Workers on one machine"
+    )

@@ -116,6 +116,7 @@ def test_cycle_finder_reports_a_loop(tmp_path: Path) -> None:
     (package / "a.py").write_text("from . import b\nA = 1\n")
     (package / "b.py").write_text("from .c import C\n")
     (package / "c.py").write_text(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.a\nC = 1\n")
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.a\nC = 1\n"
+    )
     (package / "d.py").write_text("import pkg.a\n")
     assert cycles(import_graph(tmp_path)) == [["pkg.a", "pkg.b", "pkg.c"]]

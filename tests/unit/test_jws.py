@@ -43,8 +43,11 @@ def test_hmac_key_matches_the_standard_library(alg: str, key_length: int) -> Non
         assert not key.verify(alg, message, expected[:-1] + bytes([expected[-1] ^ 1]))
 
 
-@given(secret=st.binary(max_size=200), message=st.binary(max_size=300),
-       alg=st.sampled_from(sorted(ALGORITHMS)))
+@given(
+    secret=st.binary(max_size=200),
+    message=st.binary(max_size=300),
+    alg=st.sampled_from(sorted(ALGORITHMS)),
+)
 def test_hmac_key_agrees_with_hmac_for_any_input(secret: bytes, message: bytes, alg: str) -> None:
     """For any secret and message, HmacKey signs exactly like hmac.digest."""
     assert HmacKey(secret).sign(alg, message) == hmac.digest(secret, message, ALGORITHMS[alg])
@@ -63,10 +66,22 @@ def test_check_compact_accepts_three_base64url_segments(token: str) -> None:
     assert check_compact(token) == token.split(".")
 
 
-@pytest.mark.parametrize("token", [
-    "", "a.b", "a.b.c.d", "a.b.", "a.b.c=", "a+.b.c", "a.b/.c", "a.b.c\n", " a.b.c",
-    "a.b.cé", "a..b.c",
-])
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "a.b",
+        "a.b.c.d",
+        "a.b.",
+        "a.b.c=",
+        "a+.b.c",
+        "a.b/.c",
+        "a.b.c\n",
+        " a.b.c",
+        "a.b.cé",
+        "a..b.c",
+    ],
+)
 def test_check_compact_rejects_everything_else(token: str) -> None:
     """Padding, the standard alphabet, other separators or characters are malformed."""
     with pytest.raises(MalformedToken):
@@ -79,13 +94,15 @@ def test_decode_segment_round_trips_canonical_base64url(data: bytes) -> None:
     assert decode_segment(b64(data)) == data
 
 
-@pytest.mark.parametrize(("canonical", "variant"), [("AQ", "AR"), ("AQ", "AZ"), ("AAE", "AAF"),
-                                                     ("AAE", "AAH")])
+@pytest.mark.parametrize(
+    ("canonical", "variant"), [("AQ", "AR"), ("AQ", "AZ"), ("AAE", "AAF"), ("AAE", "AAH")]
+)
 def test_decode_segment_rejects_non_canonical_trailing_bits(canonical: str, variant: str) -> None:
     """Unused low bits of the last character must be zero: one token, one spelling."""
     assert decode_segment(canonical)
     assert base64.urlsafe_b64decode(variant + "=" * (-len(variant) % 4)) == decode_segment(
-        canonical)  # a lenient decoder would accept the variant as the same bytes
+        canonical
+    )  # a lenient decoder would accept the variant as the same bytes
     with pytest.raises(MalformedToken):
         decode_segment(variant)
 
@@ -97,19 +114,34 @@ def test_decode_segment_rejects_impossible_lengths(segment: str) -> None:
         decode_segment(segment)
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"a":1}', b'{"a":"\xc3\xa9"}', b"[1,2]", b"1", b'"x"', b"{}", b"{ }",
-    '{"a":1}'.encode("utf-16"), '{"a":1}'.encode("utf-16-le"), '{"a":1}'.encode("utf-32"),
-    b'\xef\xbb\xbf{"a":1}', b'{"a":NaN}', b'{"a":1,"a":2}', b'{"\\ud800":1}',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"a":1}',
+        b'{"a":"\xc3\xa9"}',
+        b"[1,2]",
+        b"1",
+        b'"x"',
+        b"{}",
+        b"{ }",
+        '{"a":1}'.encode("utf-16"),
+        '{"a":1}'.encode("utf-16-le"),
+        '{"a":1}'.encode("utf-32"),
+        b'\xef\xbb\xbf{"a":1}',
+        b'{"a":NaN}',
+        b'{"a":1,"a":2}',
+        b'{"\\ud800":1}',
+    ],
+)
 def test_decode_json_is_exactly_json_loads(raw: bytes) -> None:
     """Same result as json.loads on bytes, encodings and oddities included."""
     # Compared as JSON text: NaN is not equal to itself.
     assert json.dumps(decode_json(raw)) == json.dumps(json.loads(raw))
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b'{"a":1}x', b"\xff\xfe", b'{"a":"\xff"}',
-                                 b"[" * 100_000])
+@pytest.mark.parametrize(
+    "raw", [b"", b"{", b'{"a":1}x', b"\xff\xfe", b'{"a":"\xff"}', b"[" * 100_000]
+)
 def test_decode_json_failures_are_malformed(raw: bytes) -> None:
     """Whatever json.loads rejects (or recurses too deep on) is MalformedToken."""
     with pytest.raises(MalformedToken):
@@ -161,23 +193,27 @@ def test_parse_header_needs_a_json_object() -> None:
 
 
 _JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
-    | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
 
-@given(value=_JSON_VALUES, position=st.integers(min_value=0, max_value=200),
-       byte=st.binary(min_size=0, max_size=2))
+@given(
+    value=_JSON_VALUES,
+    position=st.integers(min_value=0, max_value=200),
+    byte=st.binary(min_size=0, max_size=2),
+)
 def test_decode_json_agrees_with_json_loads_on_mutated_documents(
-        value: object, position: int, byte: bytes) -> None:
+    value: object, position: int, byte: bytes
+) -> None:
     """On valid documents and on documents with bytes spliced in, decode_json either
     returns what json.loads returns or fails where json.loads fails."""
     text = json.dumps(value, ensure_ascii=bool(position % 2)).encode()
     index = position % (len(text) + 1)
-    for raw in (text, text[:index] + byte + text[index:], text[:index] + byte + text[index + 1:]):
+    for raw in (text, text[:index] + byte + text[index:], text[:index] + byte + text[index + 1 :]):
         try:
             expected = json.dumps(json.loads(raw))
         except (ValueError, RecursionError):

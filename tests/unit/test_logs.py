@@ -13,8 +13,10 @@ import pytest
 
 from tidings.logs import Redactor, configure_logging
 
-JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ1c2VyLTEiLCJleHAiOjE4MDAwMDAwMDB9"
-       ".dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk")
+JWT = (
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ1c2VyLTEiLCJleHAiOjE4MDAwMDAwMDB9"
+    ".dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
+)
 TRUNCATED_JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIi"
 TS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 
@@ -88,8 +90,12 @@ def test_redacts_jwt_in_query() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["Authorization: Bearer xyz-123.abc", "authorization: bearer xyz-123.abc",
-     "headers={'Authorization': 'Bearer xyz-123.abc'}", "BEARER   xyz-123.abc, next"],
+    [
+        "Authorization: Bearer xyz-123.abc",
+        "authorization: bearer xyz-123.abc",
+        "headers={'Authorization': 'Bearer xyz-123.abc'}",
+        "BEARER   xyz-123.abc, next",
+    ],
 )
 def test_redacts_bearer_values(text: str) -> None:
     """Bearer credentials are removed whatever their case or surroundings."""
@@ -178,7 +184,10 @@ def test_library_logger_is_redacted() -> None:
     configure_logging("debug", "json", secrets=["api-key-0123456789"], stream=stream)
     logging.getLogger("aiohttp.server").error(
         "Error handling request GET /ws?token=%s&x=1 key=%s auth=Bearer %s",
-        JWT, "api-key-0123456789", "opaque-bearer-value")
+        JWT,
+        "api-key-0123456789",
+        "opaque-bearer-value",
+    )
     (entry,) = lines(stream)
     assert entry["logger"] == "aiohttp.server"
     assert entry["level"] == "error"

@@ -26,8 +26,11 @@ def test_render_is_prometheus_text() -> None:
     metrics = Metrics()
     text = metrics.render().decode()
     assert metrics.content_type.startswith("text/plain")
-    for name in ("tidings_connections", "tidings_subscriptions",
-                 "tidings_slow_consumer_closes_total"):
+    for name in (
+        "tidings_connections",
+        "tidings_subscriptions",
+        "tidings_slow_consumer_closes_total",
+    ):
         assert name in text
     assert "# TYPE tidings_connections gauge" in text
     assert re.search(r"^# TYPE tidings_events_published(_total)? counter$", text, re.M)
@@ -83,16 +86,17 @@ def test_command_latency_histogram() -> None:
     metrics.command("ping", 0.0001)
     values = samples(metrics)
     assert values[("tidings_command_seconds_count", (("command", "subscribe"),))] == 2
-    assert abs(values[("tidings_command_seconds_sum", (("command", "subscribe"),))] - 0.203) \
-        < 1e-9
-    assert values[("tidings_command_seconds_bucket",
-                   (("command", "subscribe"), ("le", "0.005")))] == 1
-    assert values[("tidings_command_seconds_bucket",
-                   (("command", "subscribe"), ("le", "0.25")))] == 2
-    assert values[("tidings_command_seconds_bucket",
-                   (("command", "subscribe"), ("le", "+Inf")))] == 2
-    assert values[("tidings_command_seconds_bucket",
-                   (("command", "ping"), ("le", "0.0005")))] == 1
+    assert abs(values[("tidings_command_seconds_sum", (("command", "subscribe"),))] - 0.203) < 1e-9
+    assert (
+        values[("tidings_command_seconds_bucket", (("command", "subscribe"), ("le", "0.005")))] == 1
+    )
+    assert (
+        values[("tidings_command_seconds_bucket", (("command", "subscribe"), ("le", "0.25")))] == 2
+    )
+    assert (
+        values[("tidings_command_seconds_bucket", (("command", "subscribe"), ("le", "+Inf")))] == 2
+    )
+    assert values[("tidings_command_seconds_bucket", (("command", "ping"), ("le", "0.0005")))] == 1
 
 
 def test_instances_have_separate_registries() -> None:
@@ -140,8 +144,7 @@ def test_counts_are_read_at_scrape_time_in_one_process() -> None:
     callable has nothing to do."""
     metrics = Metrics()
     counts = {"connections": 2, "subscriptions": 5}
-    changed = metrics.bind_counts(lambda: counts["connections"],
-                                  lambda: counts["subscriptions"])
+    changed = metrics.bind_counts(lambda: counts["connections"], lambda: counts["subscriptions"])
     assert samples(metrics)[("tidings_connections", ())] == 2
     counts["connections"] = 3
     changed()

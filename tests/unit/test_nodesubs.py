@@ -62,8 +62,11 @@ async def test_leave_and_rejoin_ends_subscribed() -> None:
     broker.gate.set()
     await asyncio.wait_for(joining, TIMEOUT)
     await subs.settle()
-    assert broker.calls == [("subscribe", "chat:1"), ("unsubscribe", "chat:1"),
-                            ("subscribe", "chat:1")]
+    assert broker.calls == [
+        ("subscribe", "chat:1"),
+        ("unsubscribe", "chat:1"),
+        ("subscribe", "chat:1"),
+    ]
 
 
 async def test_keyed_lock_is_fifo_and_forgotten_when_free() -> None:

@@ -19,7 +19,8 @@ def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_repeats_within_the_interval_are_counted_not_logged(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The first line of a kind is logged; repeats within the interval are not, and the
     next line after it says how many were left out."""
     caplog.set_level("WARNING", logger=LOGGER.name)
@@ -34,7 +35,8 @@ def test_repeats_within_the_interval_are_counted_not_logged(
     log.warn("broker down at connect", "connection refused")
     assert lines(caplog)[1:] == [
         "broker down at connect: connection refused (4 more since the previous such line, "
-        "not logged)"]
+        "not logged)"
+    ]
     assert all(r.levelname == "WARNING" and r.exc_info is None for r in caplog.records)
 
 

@@ -30,17 +30,22 @@ from tidings.protocol.wire import encode_message
 # -- pub/sub payloads ------------------------------------------------------------------
 
 
-@given(offset=st.integers(1, 10**15),
-       text=st.text(max_size=20),
-       channel=st.sampled_from(["news:a", "chat:room-1", "user:ü-9", "a"]))
+@given(
+    offset=st.integers(1, 10**15),
+    text=st.text(max_size=20),
+    channel=st.sampled_from(["news:a", "chat:room-1", "user:ü-9", "a"]),
+)
 def test_split_payload_splices_any_offset_into_the_wire_message(
-        offset: int, text: str, channel: str) -> None:
+    offset: int, text: str, channel: str
+) -> None:
     """Head + offset digits + tail is byte for byte the message encoded with that offset."""
     data: dict[str, Any] = {"message": text, "nested": {"offset": 0, "id": "x"}}
-    head, tail = split_payload(encode_message("notification", data, id="evt_1",
-                                              channel=channel, offset=0, timestamp=1.5))
-    expected = encode_message("notification", data, id="evt_1", channel=channel,
-                              offset=offset, timestamp=1.5)
+    head, tail = split_payload(
+        encode_message("notification", data, id="evt_1", channel=channel, offset=0, timestamp=1.5)
+    )
+    expected = encode_message(
+        "notification", data, id="evt_1", channel=channel, offset=offset, timestamp=1.5
+    )
     assert head + str(offset).encode() + tail == expected
 
 
@@ -77,7 +82,8 @@ def test_control_message_round_trip() -> None:
 def test_control_message_fields_are_taken_as_text() -> None:
     """User and reason of other types are turned into text; the node is kept as sent."""
     assert decode_control(b'{"node": 7, "user": 12, "reason": null}') == ControlMessage(
-        7, "12", "None")
+        7, "12", "None"
+    )
 
 
 def test_malformed_control_messages_are_none() -> None:
@@ -106,8 +112,12 @@ def test_live_entries_separates_the_dead() -> None:
 def test_sum_channels_filters_by_prefix_and_ignores_empty_counts() -> None:
     """Counts add up across nodes for channels under the prefix; zero or negative
     counts of one node are ignored, not subtracted."""
-    entries = [{"room:1": 2, "news:a": 1}, {"room:1": 1, "room:2": 0}, {"room:2": -3},
-               {"room:3": 4}]
+    entries = [
+        {"room:1": 2, "news:a": 1},
+        {"room:1": 1, "room:2": 0},
+        {"room:2": -3},
+        {"room:3": 4},
+    ]
     assert sum_channels(entries, "room:") == {"room:1": 3, "room:3": 4}
     assert sum_channels(entries, "") == {"room:1": 3, "news:a": 1, "room:3": 4}
     assert sum_channels([], "") == {}
@@ -141,8 +151,7 @@ def test_first_sync_writes_counts_and_presence() -> None:
     and channels with no subscribers are left out."""
     local = _Local({"room:1": 2, "room:2": 0}, {"room:1": {"u1": 2}})
     sync = PresenceSync()
-    plan = sync.plan(local.channels, local.presence, force_node=False, recheck=False,
-                     rewrite=False)
+    plan = sync.plan(local.channels, local.presence, force_node=False, recheck=False, rewrite=False)
     assert plan.write_node and not plan.empty
     assert plan.counts == {"room:1": 2}
     assert plan.presence == {"room:1": {"u1": 2}}
@@ -154,14 +163,15 @@ def test_unchanged_view_plans_nothing_unless_forced() -> None:
     """After a write, the same view needs no write; ``force_node`` rewrites the counts."""
     local = _Local({"room:1": 1}, {"room:1": {"u1": 1}})
     sync = PresenceSync()
-    sync.written(sync.plan(local.channels, local.presence, force_node=False,
-                           recheck=False, rewrite=False))
+    sync.written(
+        sync.plan(local.channels, local.presence, force_node=False, recheck=False, rewrite=False)
+    )
     local.reads.clear()
-    plan = sync.plan(local.channels, local.presence, force_node=False, recheck=False,
-                     rewrite=False)
+    plan = sync.plan(local.channels, local.presence, force_node=False, recheck=False, rewrite=False)
     assert plan.empty and local.reads == []
-    forced = sync.plan(local.channels, local.presence, force_node=True, recheck=False,
-                       rewrite=False)
+    forced = sync.plan(
+        local.channels, local.presence, force_node=True, recheck=False, rewrite=False
+    )
     assert forced.write_node and forced.presence == {} and not forced.empty
 
 
@@ -169,13 +179,13 @@ def test_changed_count_compares_only_that_channel() -> None:
     """A channel whose count changed has its presence compared and written."""
     local = _Local({"room:1": 1, "room:2": 1}, {"room:1": {"u1": 1}, "room:2": {"u2": 1}})
     sync = PresenceSync()
-    sync.written(sync.plan(local.channels, local.presence, force_node=False,
-                           recheck=False, rewrite=False))
+    sync.written(
+        sync.plan(local.channels, local.presence, force_node=False, recheck=False, rewrite=False)
+    )
     local.channels["room:2"] = 2
     local.users["room:2"] = {"u2": 1, "u3": 1}
     local.reads.clear()
-    plan = sync.plan(local.channels, local.presence, force_node=False, recheck=False,
-                     rewrite=False)
+    plan = sync.plan(local.channels, local.presence, force_node=False, recheck=False, rewrite=False)
     assert local.reads == ["room:2"]
     assert plan.write_node and plan.presence == {"room:2": {"u2": 1, "u3": 1}}
 
@@ -185,14 +195,15 @@ def test_recheck_finds_presence_changes_with_the_same_count() -> None:
     writes only what differs."""
     local = _Local({"room:1": 1, "room:2": 1}, {"room:1": {"u1": 1}, "room:2": {"u2": 1}})
     sync = PresenceSync()
-    sync.written(sync.plan(local.channels, local.presence, force_node=False,
-                           recheck=False, rewrite=False))
+    sync.written(
+        sync.plan(local.channels, local.presence, force_node=False, recheck=False, rewrite=False)
+    )
     local.users["room:1"] = {"u9": 1}
-    quiet = sync.plan(local.channels, local.presence, force_node=False, recheck=False,
-                      rewrite=False)
+    quiet = sync.plan(
+        local.channels, local.presence, force_node=False, recheck=False, rewrite=False
+    )
     assert quiet.empty
-    plan = sync.plan(local.channels, local.presence, force_node=False, recheck=True,
-                     rewrite=False)
+    plan = sync.plan(local.channels, local.presence, force_node=False, recheck=True, rewrite=False)
     assert not plan.write_node and plan.presence == {"room:1": {"u9": 1}}
 
 
@@ -200,10 +211,10 @@ def test_rewrite_writes_every_entry_again() -> None:
     """``rewrite`` (Redis may have restarted empty) writes every channel's presence."""
     local = _Local({"room:1": 1, "room:2": 1}, {"room:1": {"u1": 1}, "room:2": {"u2": 1}})
     sync = PresenceSync()
-    sync.written(sync.plan(local.channels, local.presence, force_node=False,
-                           recheck=False, rewrite=False))
-    plan = sync.plan(local.channels, local.presence, force_node=False, recheck=False,
-                     rewrite=True)
+    sync.written(
+        sync.plan(local.channels, local.presence, force_node=False, recheck=False, rewrite=False)
+    )
+    plan = sync.plan(local.channels, local.presence, force_node=False, recheck=False, rewrite=True)
     assert plan.presence == {"room:1": {"u1": 1}, "room:2": {"u2": 1}}
     assert not plan.write_node
 
@@ -213,25 +224,28 @@ def test_channel_without_subscribers_removes_its_entry() -> None:
     then forgotten."""
     local = _Local({"room:1": 1, "room:2": 1}, {"room:1": {"u1": 1}, "room:2": {"u2": 1}})
     sync = PresenceSync()
-    sync.written(sync.plan(local.channels, local.presence, force_node=False,
-                           recheck=False, rewrite=False))
+    sync.written(
+        sync.plan(local.channels, local.presence, force_node=False, recheck=False, rewrite=False)
+    )
     del local.channels["room:2"]
-    plan = sync.plan(local.channels, local.presence, force_node=False, recheck=False,
-                     rewrite=False)
+    plan = sync.plan(local.channels, local.presence, force_node=False, recheck=False, rewrite=False)
     assert plan.write_node and plan.counts == {"room:1": 1}
     assert plan.presence == {"room:2": {}}
     sync.written(plan)
     assert sync.presence == {"room:1": {"u1": 1}}
-    assert sync.plan(local.channels, local.presence, force_node=False, recheck=True,
-                     rewrite=False).empty
+    assert sync.plan(
+        local.channels, local.presence, force_node=False, recheck=True, rewrite=False
+    ).empty
 
 
 def test_unwritten_plan_is_planned_again() -> None:
     """A plan that failed to be written (not ``written``) is still due next time."""
     local = _Local({"room:1": 1}, {"room:1": {"u1": 1}})
     sync = PresenceSync()
-    first = sync.plan(local.channels, local.presence, force_node=False, recheck=False,
-                      rewrite=False)
-    again = sync.plan(local.channels, local.presence, force_node=False, recheck=False,
-                      rewrite=False)
+    first = sync.plan(
+        local.channels, local.presence, force_node=False, recheck=False, rewrite=False
+    )
+    again = sync.plan(
+        local.channels, local.presence, force_node=False, recheck=False, rewrite=False
+    )
     assert again == first and not again.empty

@@ -47,8 +47,18 @@ TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 #: Every command and reply name of protocol sections 1, 5 and 6, and the presence
 #: messages (docs/protocol.md "Presence events").
 PROTOCOL_NAMES = {
-    "connected", "subscribe", "subscribed", "unsubscribe", "unsubscribed",
-    "ping", "pong", "refresh", "refreshed", "error", "join", "leave",
+    "connected",
+    "subscribe",
+    "subscribed",
+    "unsubscribe",
+    "unsubscribed",
+    "ping",
+    "pong",
+    "refresh",
+    "refreshed",
+    "error",
+    "join",
+    "leave",
 }
 
 
@@ -189,8 +199,20 @@ def test_event_type_accepts_grammar(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["", "a" * 65, "Order", "1order", "_order", "order-shipped", "order.shipped", "order:x",
-     "order shipped", "ord\u00e9r", "order\n", "ORDER"],
+    [
+        "",
+        "a" * 65,
+        "Order",
+        "1order",
+        "_order",
+        "order-shipped",
+        "order.shipped",
+        "order:x",
+        "order shipped",
+        "ord\u00e9r",
+        "order\n",
+        "ORDER",
+    ],
 )
 def test_event_type_rejects_bad_names(name: str) -> None:
     """Event type names outside the grammar are an InvalidRequest."""
@@ -222,8 +244,17 @@ def test_event_type_rejects_every_reserved_name(name: str) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"not json", b"{", b'{"type": "ping"', b"{'type': 'ping'}", b"\xff\xfe\x00",
-     b'{"type": "ping", "id": "\xff"}', b"\x00\x01\x02", b"NaN"],
+    [
+        b"",
+        b"not json",
+        b"{",
+        b'{"type": "ping"',
+        b"{'type': 'ping'}",
+        b"\xff\xfe\x00",
+        b'{"type": "ping", "id": "\xff"}',
+        b"\x00\x01\x02",
+        b"NaN",
+    ],
 )
 def test_decode_rejects_non_json(raw: bytes | str) -> None:
     """Text that is not JSON (or not UTF-8) is a BadCommand without an id."""
@@ -232,8 +263,9 @@ def test_decode_rejects_non_json(raw: bytes | str) -> None:
     assert error.command_id is None
 
 
-@pytest.mark.parametrize("raw", [b"[]", b'[{"type": "ping"}]', b'"ping"', b"42", b"null",
-                                 b"true", b"1.5"])
+@pytest.mark.parametrize(
+    "raw", [b"[]", b'[{"type": "ping"}]', b'"ping"', b"42", b"null", b"true", b"1.5"]
+)
 def test_decode_rejects_non_objects(raw: bytes) -> None:
     """JSON that is not an object is a BadCommand saying so."""
     error = bad(raw)
@@ -243,10 +275,12 @@ def test_decode_rejects_non_objects(raw: bytes) -> None:
 
 def nested(depth: int, kinds: str = "[{") -> str:
     """JSON nesting arrays and objects ``depth`` levels deep, alternating ``kinds``."""
-    opening = "".join('{"k":' if kinds[level % len(kinds)] == "{" else "["
-                      for level in range(depth))
-    closing = "".join("}" if kinds[level % len(kinds)] == "{" else "]"
-                      for level in reversed(range(depth)))
+    opening = "".join(
+        '{"k":' if kinds[level % len(kinds)] == "{" else "[" for level in range(depth)
+    )
+    closing = "".join(
+        "}" if kinds[level % len(kinds)] == "{" else "]" for level in reversed(range(depth))
+    )
     return opening + "1" + closing
 
 
@@ -274,18 +308,21 @@ def test_loads_accepts_the_depth_limit_and_refuses_one_more(kinds: str, as_text:
 @pytest.mark.parametrize("depth", [1000, 5000, 100_000])
 def test_loads_refuses_deep_documents_without_recursing(depth: int) -> None:
     """Nesting far past msgspec's recursion limit is invalid_request, never RecursionError."""
-    for raw in (nested(depth).encode(), ("[" * depth).encode(), "{\"a\":" * depth):
+    for raw in (nested(depth).encode(), ("[" * depth).encode(), '{"a":' * depth):
         with pytest.raises(InvalidRequest):
             loads(raw)
 
 
-@pytest.mark.parametrize("text", [
-    pytest.param('"' + "[" * 200 + '"', id="in-a-string"),
-    pytest.param('["\\\\", "' + "{" * 200 + '"]', id="after-an-escaped-backslash"),
-    pytest.param('["\\"' + "[" * 200 + '"]', id="after-an-escaped-quote"),
-    pytest.param('{"' + "]" * 100 + '":["' + "[" * 100 + '"]}', id="in-keys-and-values"),
-    pytest.param("[" + '[[1,2],{"a":[3]}],' * 100 + "[]]", id="wide-and-shallow"),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param('"' + "[" * 200 + '"', id="in-a-string"),
+        pytest.param('["\\\\", "' + "{" * 200 + '"]', id="after-an-escaped-backslash"),
+        pytest.param('["\\"' + "[" * 200 + '"]', id="after-an-escaped-quote"),
+        pytest.param('{"' + "]" * 100 + '":["' + "[" * 100 + '"]}', id="in-keys-and-values"),
+        pytest.param("[" + '[[1,2],{"a":[3]}],' * 100 + "[]]", id="wide-and-shallow"),
+    ],
+)
 def test_brackets_in_strings_and_wide_documents_are_not_depth(text: str) -> None:
     """Only structural brackets count: strings, escapes and width do not."""
     assert not json_too_deep(text)
@@ -293,8 +330,9 @@ def test_brackets_in_strings_and_wide_documents_are_not_depth(text: str) -> None
     assert loads(text) == json.loads(text)
 
 
-@pytest.mark.parametrize("raw", [b"]" * 70 + b"[" * 70, b"[" * 70 + b"]" * 69,
-                                 b"[" * 130, b"[" * 65 + b'"' + b"]" * 65])
+@pytest.mark.parametrize(
+    "raw", [b"]" * 70 + b"[" * 70, b"[" * 70 + b"]" * 69, b"[" * 130, b"[" * 65 + b'"' + b"]" * 65]
+)
 def test_unbalanced_brackets_are_not_json(raw: bytes) -> None:
     """Unbalanced structure is refused before any decoder sees it."""
     assert json_too_deep(raw)
@@ -306,8 +344,9 @@ def test_unbalanced_brackets_are_not_json(raw: bytes) -> None:
 _awkward_strings = st.text(alphabet='[]{}"\\ab\n\u00e9\u2028', max_size=6)
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | _awkward_strings,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_awkward_strings, inner,
-                                                                 max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(_awkward_strings, inner, max_size=3)
+    ),
     max_leaves=40,
 )
 
@@ -319,10 +358,10 @@ def _deepen(value: Any, levels: int) -> Any:
 
 
 @settings(max_examples=300, deadline=None)
-@given(value=_json_values, extra=st.integers(min_value=0, max_value=80),
-       ascii_only=st.booleans())
-def test_json_too_deep_agrees_with_the_decoded_depth(value: Any, extra: int,
-                                                     ascii_only: bool) -> None:
+@given(value=_json_values, extra=st.integers(min_value=0, max_value=80), ascii_only=st.booleans())
+def test_json_too_deep_agrees_with_the_decoded_depth(
+    value: Any, extra: int, ascii_only: bool
+) -> None:
     """For any JSON document, the byte scan says "too deep" exactly when it is."""
     document = _deepen(value, extra)
     text = json.dumps(document, ensure_ascii=ascii_only)
@@ -407,8 +446,9 @@ def test_decode_data_null_is_empty() -> None:
 
 def test_decode_subscribe() -> None:
     """A subscribe command decodes into Subscribe with its id and channel."""
-    command = decode_command(cmd({"type": "subscribe", "id": "s1",
-                                  "data": {"channel": "task:proj:7"}}))
+    command = decode_command(
+        cmd({"type": "subscribe", "id": "s1", "data": {"channel": "task:proj:7"}})
+    )
     assert command == Subscribe("s1", "task:proj:7", None)
 
 
@@ -455,11 +495,11 @@ def test_decode_unsubscribe() -> None:
         (None, None),
     ],
 )
-def test_decode_subscribe_recover(recover: dict[str, Any] | None,
-                                  expected: Recover | None) -> None:
+def test_decode_subscribe_recover(recover: dict[str, Any] | None, expected: Recover | None) -> None:
     """Well-formed recover positions are decoded; null means no recovery."""
-    command = decode_command(cmd({"type": "subscribe", "id": "r",
-                                  "data": {"channel": "news:x", "recover": recover}}))
+    command = decode_command(
+        cmd({"type": "subscribe", "id": "r", "data": {"channel": "news:x", "recover": recover}})
+    )
     assert command == Subscribe("r", "news:x", expected)
 
 
@@ -486,8 +526,9 @@ def test_decode_subscribe_recover(recover: dict[str, Any] | None,
 )
 def test_decode_subscribe_bad_recover(recover: object) -> None:
     """Malformed recover positions are a BadCommand carrying the id and channel."""
-    error = bad(cmd({"type": "subscribe", "id": "r",
-                     "data": {"channel": "news:x", "recover": recover}}))
+    error = bad(
+        cmd({"type": "subscribe", "id": "r", "data": {"channel": "news:x", "recover": recover}})
+    )
     assert error.command_id == "r"
     assert error.channel == "news:x"
     assert "recover" in error.message
@@ -495,12 +536,14 @@ def test_decode_subscribe_bad_recover(recover: object) -> None:
 
 def test_decode_refresh() -> None:
     """A refresh command decodes into Refresh with its token."""
-    assert decode_command(cmd({"type": "refresh", "id": "f", "data": {"token": "abc"}})) == \
-        Refresh("f", "abc")
+    assert decode_command(cmd({"type": "refresh", "id": "f", "data": {"token": "abc"}})) == Refresh(
+        "f", "abc"
+    )
 
 
-@pytest.mark.parametrize("data", [{}, {"token": ""}, {"token": None}, {"token": 5},
-                                  {"token": ["a"]}])
+@pytest.mark.parametrize(
+    "data", [{}, {"token": ""}, {"token": None}, {"token": 5}, {"token": ["a"]}]
+)
 def test_decode_refresh_without_token(data: dict[str, Any]) -> None:
     """A refresh without a non-empty token string is a BadCommand carrying the id."""
     error = bad(cmd({"type": "refresh", "id": "f", "data": data}))
@@ -510,10 +553,18 @@ def test_decode_refresh_without_token(data: dict[str, Any]) -> None:
 
 def test_decode_ignores_unknown_fields() -> None:
     """Unknown extra fields, at the top level and inside data, are ignored."""
-    assert decode_command(cmd({"type": "ping", "id": "1", "channel": "x", "v": 2,
-                               "data": {"foo": [1]}})) == Ping("1")
-    command = decode_command(cmd({"type": "subscribe", "timestamp": "now",
-                                  "data": {"channel": "news:x", "extra": {"a": 1}}}))
+    assert decode_command(
+        cmd({"type": "ping", "id": "1", "channel": "x", "v": 2, "data": {"foo": [1]}})
+    ) == Ping("1")
+    command = decode_command(
+        cmd(
+            {
+                "type": "subscribe",
+                "timestamp": "now",
+                "data": {"channel": "news:x", "extra": {"a": 1}},
+            }
+        )
+    )
     assert command == Subscribe(None, "news:x", None)
 
 
@@ -525,21 +576,30 @@ def test_encode_pong_without_id_has_no_id_key() -> None:
     raw = encode_message("pong", {}, timestamp=0.0)
     assert b'"id"' not in raw
     assert b"null" not in raw
-    assert json.loads(raw) == {"type": "pong", "timestamp": "1970-01-01T00:00:00.000Z",
-                               "data": {}}
+    assert json.loads(raw) == {"type": "pong", "timestamp": "1970-01-01T00:00:00.000Z", "data": {}}
 
 
 def test_encode_pong_with_id() -> None:
     """An id given to encode_message is echoed."""
     message = json.loads(encode_message("pong", {}, id="p1", timestamp=1.5))
-    assert message == {"type": "pong", "id": "p1", "timestamp": "1970-01-01T00:00:01.500Z",
-                       "data": {}}
+    assert message == {
+        "type": "pong",
+        "id": "p1",
+        "timestamp": "1970-01-01T00:00:01.500Z",
+        "data": {},
+    }
 
 
 def test_encode_event_fields() -> None:
     """An event carries channel, offset (even 0), id, timestamp and data."""
-    raw = encode_message("chat_message", {"content": "hi"}, id="evt_1",
-                         channel="conversation:c-1", offset=0, timestamp=1_795_000_000.25)
+    raw = encode_message(
+        "chat_message",
+        {"content": "hi"},
+        id="evt_1",
+        channel="conversation:c-1",
+        offset=0,
+        timestamp=1_795_000_000.25,
+    )
     message = json.loads(raw)
     assert message == {
         "type": "chat_message",
@@ -577,8 +637,7 @@ def test_format_timestamp_examples(value: float, expected: str) -> None:
     assert format_timestamp(value) == expected
 
 
-@given(st.floats(min_value=0, max_value=253_402_300_799.0, allow_nan=False,
-                 allow_infinity=False))
+@given(st.floats(min_value=0, max_value=253_402_300_799.0, allow_nan=False, allow_infinity=False))
 def test_format_timestamp_property(value: float) -> None:
     """Any finite time formats as YYYY-MM-DDTHH:MM:SS.mmmZ and parses back to its millisecond."""
     text = format_timestamp(value)
@@ -705,20 +764,30 @@ def test_error_codes_are_those_of_section_6() -> None:
     6; the others are the server API's (docs/server-api.md), broker_unavailable among
     them."""
     assert {code.value for code in ErrorCode if code.in_frames} == {
-        "invalid_request", "unauthorized", "subscription_failed", "rate_limited",
+        "invalid_request",
+        "unauthorized",
+        "subscription_failed",
+        "rate_limited",
         "internal_error",
     }
     assert {code.value for code in ErrorCode if not code.in_frames} == {
-        "broker_unavailable", "forbidden", "not_found", "method_not_allowed",
-        "payload_too_large", "unavailable",
+        "broker_unavailable",
+        "forbidden",
+        "not_found",
+        "method_not_allowed",
+        "payload_too_large",
+        "unavailable",
     }
     assert str(ErrorCode.RATE_LIMITED) == "rate_limited"
 
 
 def _error_classes() -> list[type[errors.TidingsError]]:
     """Every concrete TidingsError class of tidings.errors."""
-    return [value for value in vars(errors).values()
-            if isinstance(value, type) and issubclass(value, errors.TidingsError)]
+    return [
+        value
+        for value in vars(errors).values()
+        if isinstance(value, type) and issubclass(value, errors.TidingsError)
+    ]
 
 
 @pytest.mark.parametrize("cls", _error_classes(), ids=lambda cls: cls.__name__)
@@ -738,15 +807,27 @@ def test_a_broker_outage_is_subscription_failed_on_the_wire() -> None:
     subscription_failed in an error frame, as the docs promise."""
     exc = errors.BrokerUnavailable("down")
     assert (exc.code, exc.wire_code, exc.http_status) == (
-        "broker_unavailable", "subscription_failed", 503)
+        "broker_unavailable",
+        "subscription_failed",
+        503,
+    )
 
 
-@pytest.mark.parametrize(("status", "code"), [
-    (400, "invalid_request"), (401, "unauthorized"), (403, "forbidden"),
-    (404, "not_found"), (405, "method_not_allowed"), (413, "payload_too_large"),
-    (426, "invalid_request"), (429, "rate_limited"), (500, "internal_error"),
-    (503, "unavailable"),
-])
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (400, "invalid_request"),
+        (401, "unauthorized"),
+        (403, "forbidden"),
+        (404, "not_found"),
+        (405, "method_not_allowed"),
+        (413, "payload_too_large"),
+        (426, "invalid_request"),
+        (429, "rate_limited"),
+        (500, "internal_error"),
+        (503, "unavailable"),
+    ],
+)
 def test_http_errors_get_the_code_of_their_error_class(status: int, code: str) -> None:
     """An HTTP error aiohttp raises gets the API code of the error class of its status."""
     assert errors.http_error_code(status) == code

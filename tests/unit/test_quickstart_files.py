@@ -31,9 +31,15 @@ def _make_commands(target: str, venv: Path) -> list[str]:
     # Under `make test` the parent make's variables would make this one a sub-make, which
     # prints "Entering/Leaving directory" lines among the commands.
     env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}
-    result = subprocess.run([make, "--no-print-directory", "-n", target, f"VENV={venv}"],
-                            cwd=REPO, check=False, capture_output=True, text=True, timeout=30,
-                            env=env)
+    result = subprocess.run(
+        [make, "--no-print-directory", "-n", target, f"VENV={venv}"],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
@@ -61,8 +67,11 @@ def test_licence_is_an_spdx_expression() -> None:
     assert isinstance(licence, str), licence
     assert canonicalize_license_expression(licence) == licence
     assert not any(c.startswith("License ::") for c in project.get("classifiers", []))
-    [setuptools] = [Requirement(r) for r in config["build-system"]["requires"]
-                    if Requirement(r).name == "setuptools"]
+    [setuptools] = [
+        Requirement(r)
+        for r in config["build-system"]["requires"]
+        if Requirement(r).name == "setuptools"
+    ]
     assert not setuptools.specifier.contains("76.1") and setuptools.specifier.contains("77.0")
 
 
@@ -83,8 +92,12 @@ def test_websocat_examples_put_the_url_first() -> None:
     """Every websocat command in the README and the docs has its URL before any ``-H``:
     websocat's ``-H`` takes every word after it as a header, so a URL after it is lost
     ("No URL specified")."""
-    commands = [snippet for page in PAGES for snippet in _shell_snippets(page.read_text())
-                if snippet.startswith("websocat ")]
+    commands = [
+        snippet
+        for page in PAGES
+        for snippet in _shell_snippets(page.read_text())
+        if snippet.startswith("websocat ")
+    ]
     assert len(commands) >= 2, "the README and docs/protocol.md show websocat"
     for command in commands:
         words = shlex.split(command)
@@ -97,12 +110,16 @@ def test_websocat_examples_put_the_url_first() -> None:
 def test_python_dash_m_commands_name_runnable_modules() -> None:
     """Every ``python -m MODULE`` the README and the docs mention runs: the module exists
     and, for a package, has a ``__main__`` (there is no ``python -m aiohttp`` client)."""
-    mentioned = {match for page in PAGES
-                 for match in re.findall(r"python3? -m ([A-Za-z_][\w.]*)", page.read_text())}
+    mentioned = {
+        match
+        for page in PAGES
+        for match in re.findall(r"python3? -m ([A-Za-z_][\w.]*)", page.read_text())
+    }
     assert "tidings.cli" in mentioned
     for module in sorted(mentioned):
         spec = importlib.util.find_spec(module)
         assert spec is not None, f"python -m {module}: no such module"
         if spec.submodule_search_locations is not None:
-            assert importlib.util.find_spec(module + ".__main__") is not None, \
+            assert importlib.util.find_spec(module + ".__main__") is not None, (
                 f"python -m {module}: a package without __main__"
+            )

@@ -23,7 +23,11 @@ def test_unix_socket_url() -> None:
     """unix:// names a socket path and takes the database as a query option."""
     target = parse_url("unix:///run/redis.sock?db=3")
     assert (target.mode, target.path, target.db, target.hosts) == (
-        "single", "/run/redis.sock", 3, ())
+        "single",
+        "/run/redis.sock",
+        3,
+        (),
+    )
 
 
 def test_cluster_url_lists_seeds() -> None:
@@ -51,23 +55,26 @@ def test_password_with_separators_is_parsed_and_redacted() -> None:
     assert target.safe == "redis+cluster://u:***@h1:1,h2:2"
 
 
-@pytest.mark.parametrize(("url", "message"), [
-    ("redis+cluster://a:1/1", "only database 0"),
-    ("redis://a,b", "use redis+cluster://"),
-    ("redis+sentinel://s1", "needs /<service name>"),
-    ("redis://h:99999", "port must be 1-65535"),
-    ("redis://h:0", "port must be 1-65535"),
-    ("redis://h?timeout=1", "unsupported URL option"),
-    ("redis://h?ssl_cert_reqs=none", "needs a TLS scheme"),
-    ("rediss://h?ssl_cert_reqs=maybe", "none, optional or required"),
-    ("redis://", "no host"),
-    ("redis://h/abc", "small non-negative number"),
-    ("redis://h/1?db=2", "given twice"),
-    ("redis+cluster://a,,b", "empty host"),
-    ("redis+cluster://[::1", "unclosed"),
-    ("unix://host/path", "names a path"),
-    ("nats://h", "unsupported scheme"),
-])
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+cluster://a:1/1", "only database 0"),
+        ("redis://a,b", "use redis+cluster://"),
+        ("redis+sentinel://s1", "needs /<service name>"),
+        ("redis://h:99999", "port must be 1-65535"),
+        ("redis://h:0", "port must be 1-65535"),
+        ("redis://h?timeout=1", "unsupported URL option"),
+        ("redis://h?ssl_cert_reqs=none", "needs a TLS scheme"),
+        ("rediss://h?ssl_cert_reqs=maybe", "none, optional or required"),
+        ("redis://", "no host"),
+        ("redis://h/abc", "small non-negative number"),
+        ("redis://h/1?db=2", "given twice"),
+        ("redis+cluster://a,,b", "empty host"),
+        ("redis+cluster://[::1", "unclosed"),
+        ("unix://host/path", "names a path"),
+        ("nats://h", "unsupported scheme"),
+    ],
+)
 def test_malformed_urls_are_refused_with_a_reason(url: str, message: str) -> None:
     """Each malformed URL gets a ValueError that says what is wrong."""
     with pytest.raises(ValueError, match=message.replace("+", r"\+").replace("?", r"\?")):
@@ -89,8 +96,11 @@ def test_errors_never_carry_the_password() -> None:
 
 def test_configuration_checks_urls_without_importing_redis() -> None:
     """Reading the configuration validates broker URLs and never imports redis-py."""
-    code = ("import sys; import tidings.config as c, tidings.brokers.redis.urls; "
-            "print('redis' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=scaled(30))
+    code = (
+        "import sys; import tidings.config as c, tidings.brokers.redis.urls; "
+        "print('redis' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=scaled(30)
+    )
     assert out.stdout.strip() == "False"

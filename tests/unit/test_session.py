@@ -46,8 +46,14 @@ def identity(user_id: str = "alice", ttl: float = 3600) -> Identity:
     return Identity(user_id=user_id, expires_at=WALL + ttl, channels=(), claims={"sub": user_id})
 
 
-def make_session(*, interval: float = 1000, timeout: float = 500, leeway: float = 30,
-                 ttl: float = 3600, **limits: Any) -> Session:
+def make_session(
+    *,
+    interval: float = 1000,
+    timeout: float = 500,
+    leeway: float = 30,
+    ttl: float = 3600,
+    **limits: Any,
+) -> Session:
     """A session created at (T0, WALL) with the given heartbeat, leeway and limits."""
     return Session(
         identity(ttl=ttl),
@@ -92,11 +98,13 @@ def ping(session: Session, now: float, command_id: str | None = "p") -> list[Eff
     return session.receive_text(text(message), now)
 
 
-def subscribe(session: Session, channel: str, now: float = T0,
-              command_id: str = "s") -> list[Effect]:
+def subscribe(
+    session: Session, channel: str, now: float = T0, command_id: str = "s"
+) -> list[Effect]:
     """Send a subscribe command at ``now``."""
     return session.receive_text(
-        text({"type": "subscribe", "id": command_id, "data": {"channel": channel}}), now)
+        text({"type": "subscribe", "id": command_id, "data": {"channel": channel}}), now
+    )
 
 
 # -- welcome ------------------------------------------------------------------------------
@@ -163,21 +171,24 @@ def test_ping_without_id() -> None:
 
 def test_subscribe_starts_gateway_work() -> None:
     """A valid subscribe is handed to the gateway as StartSubscribe."""
-    assert subscribe(make_session(), "news:x", command_id="s1") == \
-        [StartSubscribe(Subscribe("s1", "news:x", None))]
+    assert subscribe(make_session(), "news:x", command_id="s1") == [
+        StartSubscribe(Subscribe("s1", "news:x", None))
+    ]
 
 
 def test_unsubscribe_starts_gateway_work() -> None:
     """A valid unsubscribe is handed to the gateway, subscribed or not."""
     effects = make_session().receive_text(
-        text({"type": "unsubscribe", "id": "u", "data": {"channel": "news:x"}}), T0)
+        text({"type": "unsubscribe", "id": "u", "data": {"channel": "news:x"}}), T0
+    )
     assert effects == [StartUnsubscribe(Unsubscribe("u", "news:x"))]
 
 
 def test_refresh_starts_gateway_work() -> None:
     """A refresh command is handed to the gateway with its token."""
     effects = make_session().receive_text(
-        text({"type": "refresh", "id": "r", "data": {"token": "tok"}}), T0)
+        text({"type": "refresh", "id": "r", "data": {"token": "tok"}}), T0
+    )
     assert effects == [StartRefresh(Refresh("r", "tok"))]
 
 
@@ -308,8 +319,12 @@ def test_rate_limit_refill_capped_at_burst() -> None:
     """A long quiet period refills no more than the burst."""
     session = make_session(command_burst=3, commands_per_second=10, rate_limit_strikes=10)
     now = T0 + 10_000
-    assert [only_message(ping(session, now))["type"] for _ in range(4)] == \
-        ["pong", "pong", "pong", "error"]
+    assert [only_message(ping(session, now))["type"] for _ in range(4)] == [
+        "pong",
+        "pong",
+        "pong",
+        "error",
+    ]
 
 
 def test_rate_limit_steady_rate_never_limited() -> None:
@@ -355,8 +370,7 @@ def test_max_subscriptions_without_personal_channel() -> None:
     session = make_session(max_subscriptions=1)
     assert subscribe(session, "news:1") == [StartSubscribe(Subscribe("s", "news:1", None))]
     session.subscribed("news:1")
-    assert subscribe(session, "news:2") == [StartSubscribe(Subscribe("s", "news:2", None),
-                                                           True)]
+    assert subscribe(session, "news:2") == [StartSubscribe(Subscribe("s", "news:2", None), True)]
 
 
 def test_personal_channel_never_counts_even_when_subscribed_by_command() -> None:
@@ -366,8 +380,7 @@ def test_personal_channel_never_counts_even_when_subscribed_by_command() -> None
     assert session.subscription_count == 0
     assert subscribe(session, "news:1") == [StartSubscribe(Subscribe("s", "news:1", None))]
     session.subscribed("news:1")
-    assert subscribe(session, "user:alice") == [StartSubscribe(Subscribe("s", "user:alice",
-                                                                         None))]
+    assert subscribe(session, "user:alice") == [StartSubscribe(Subscribe("s", "user:alice", None))]
 
 
 def test_unsubscribe_frees_a_slot() -> None:
@@ -495,9 +508,16 @@ def test_expiry_without_leeway() -> None:
 
 def test_expiry_uses_wall_clock_offset_at_creation() -> None:
     """The expiry deadline is fixed from wall time at creation, then follows the monotonic clock."""
-    session = Session(identity(ttl=100), conn_id="c", limits=LimitsSettings(),
-                      heartbeat_interval=1000, heartbeat_timeout=500, leeway=0,
-                      now=5.0, wall=WALL + 40)
+    session = Session(
+        identity(ttl=100),
+        conn_id="c",
+        limits=LimitsSettings(),
+        heartbeat_interval=1000,
+        heartbeat_timeout=500,
+        leeway=0,
+        now=5.0,
+        wall=WALL + 40,
+    )
     assert session.tick(64.99) == []
     assert isinstance(session.tick(65.0)[-1], Close)
 
@@ -618,8 +638,7 @@ def test_rate_limited_error_names_the_dropped_command() -> None:
 # -- replies the session owns: plain calls, no event loop ------------------------------
 
 
-def _subscribe(channel: str, command_id: str = "s1",
-               recover: Recover | None = None) -> Subscribe:
+def _subscribe(channel: str, command_id: str = "s1", recover: Recover | None = None) -> Subscribe:
     return Subscribe(command_id, channel, recover)
 
 
@@ -637,12 +656,16 @@ def test_recovery_reply_comes_before_the_replayed_events() -> None:
     """A recovered subscription answers ``subscribed`` (recovered: true) first, then the
     replayed events in order: live events can only follow."""
     session = make_session()
-    replay = Replay(True, (StoredEvent(3, b'{"type":"a"}'), StoredEvent(4, b'{"type":"b"}')),
-                    since=2)
-    effects = session.subscribe_done(_subscribe("news:a", recover=Recover(2, "e1")), 4, "e1",
-                                     replay, new=True)
-    assert effects == [Send(Subscribed("news:a", 4, "e1", "s1", recovered=True)),
-                       SendEvents((b'{"type":"a"}', b'{"type":"b"}'))]
+    replay = Replay(
+        True, (StoredEvent(3, b'{"type":"a"}'), StoredEvent(4, b'{"type":"b"}')), since=2
+    )
+    effects = session.subscribe_done(
+        _subscribe("news:a", recover=Recover(2, "e1")), 4, "e1", replay, new=True
+    )
+    assert effects == [
+        Send(Subscribed("news:a", 4, "e1", "s1", recovered=True)),
+        SendEvents((b'{"type":"a"}', b'{"type":"b"}')),
+    ]
 
 
 def test_unrecovered_replay_of_a_new_epoch_announces_since() -> None:
@@ -650,12 +673,14 @@ def test_unrecovered_replay_of_a_new_epoch_announces_since() -> None:
     events it does not."""
     session = make_session()
     replay = Replay(False, (StoredEvent(1, b'{"type":"a"}'),), since=0)
-    effects = session.subscribe_done(_subscribe("news:a", recover=Recover(9, "old")), 1, "e2",
-                                     replay, new=True)
+    effects = session.subscribe_done(
+        _subscribe("news:a", recover=Recover(9, "old")), 1, "e2", replay, new=True
+    )
     assert effects[0] == Send(Subscribed("news:a", 1, "e2", "s1", recovered=False, since=0))
     assert isinstance(effects[1], SendEvents)
-    bare = session.subscribe_done(_subscribe("news:b", recover=Recover(9, "old")), 5, "e2",
-                                  Replay(False), new=True)
+    bare = session.subscribe_done(
+        _subscribe("news:b", recover=Recover(9, "old")), 5, "e2", Replay(False), new=True
+    )
     assert bare == [Send(Subscribed("news:b", 5, "e2", "s1", recovered=False))]
 
 
@@ -692,7 +717,8 @@ def test_revoke_answers_once_and_only_while_subscribed() -> None:
     session = make_session()
     session.subscribe_done(_subscribe("news:a"), 1, "e", None, new=True)
     assert session.revoke("news:a", subscribed=True) == [
-        Send(Unsubscribed("news:a", reason="revoked", resubscribe=False))]
+        Send(Unsubscribed("news:a", reason="revoked", resubscribe=False))
+    ]
     assert session.revoke("news:a", subscribed=False) == []
     assert session.subscription_count == 0
 
@@ -702,11 +728,13 @@ def test_continuity_lost_asks_for_a_resubscribe() -> None:
     session = make_session()
     session.subscribe_done(_subscribe("news:a"), 1, "e", None, new=True)
     assert session.continuity_lost("news:a", subscribed=True) == [
-        Send(Unsubscribed("news:a", reason="insufficient_state", resubscribe=True))]
+        Send(Unsubscribed("news:a", reason="insufficient_state", resubscribe=True))
+    ]
     assert session.subscription_count == 0
     # Still being set up: the subscription is gone all the same, nothing was counted.
     assert session.continuity_lost("news:b", subscribed=False) == [
-        Send(Unsubscribed("news:b", reason="insufficient_state", resubscribe=True))]
+        Send(Unsubscribed("news:b", reason="insufficient_state", resubscribe=True))
+    ]
     assert session.subscription_count == 0
 
 
@@ -715,8 +743,11 @@ def test_unsubscribe_done_answers_with_the_command_id() -> None:
     session = make_session()
     session.subscribe_done(_subscribe("news:a"), 1, "e", None, new=True)
     assert only_message(session.unsubscribe_done("news:a", "u1", subscribed=True)) == {
-        "type": "unsubscribed", "id": "u1", "timestamp": "2027-01-15T08:00:00.000Z",
-        "data": {"channel": "news:a"}}
+        "type": "unsubscribed",
+        "id": "u1",
+        "timestamp": "2027-01-15T08:00:00.000Z",
+        "data": {"channel": "news:a"},
+    }
 
 
 def test_state_moves_through_ping_pong_and_close() -> None:
@@ -730,6 +761,10 @@ def test_state_moves_through_ping_pong_and_close() -> None:
     session.tick(T0 + 21)
     assert isinstance(session.tick(T0 + 26)[0], Close)
     states.append(session.state)
-    assert states == [SessionState.OPEN, SessionState.AWAITING_PONG, SessionState.OPEN,
-                      SessionState.CLOSED]
+    assert states == [
+        SessionState.OPEN,
+        SessionState.AWAITING_PONG,
+        SessionState.OPEN,
+        SessionState.CLOSED,
+    ]
     assert session.closed

@@ -35,7 +35,8 @@ class Gate:
 
 
 async def test_a_failed_critical_loop_is_down_until_it_restarts(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A critical loop that raises makes the supervisor unhealthy, is logged, and runs
     again after a doubling delay; once running again the supervisor is healthy."""
     gate = Gate()
@@ -82,7 +83,8 @@ async def test_a_loop_that_returns_is_not_restarted() -> None:
 
 
 async def test_close_cancels_everything_and_raises_nothing(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """close cancels every loop, waits for each, and a loop that fails while being
     cancelled is logged instead of raised; spawning afterwards is refused."""
     supervisor = Supervisor()
@@ -108,7 +110,8 @@ async def test_close_cancels_everything_and_raises_nothing(
 
 
 async def test_one_shot_tasks_are_held_logged_and_collected(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """start runs a coroutine once, holds it until it ends, logs its failure, and close
     cancels and collects the ones still running; starting after close is refused."""
     supervisor = Supervisor()

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+
 def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=dumps(body), status=status, content_type="application/json")
 
@@ -74,10 +75,17 @@ def json_errors(handler: Handler, warn: Warn | None = None) -> Handler:
             # The client's body broke its own framing (chunked encoding) or encoding
             # (Content-Encoding): a bad request, not a fault of ours. Not aiohttp's
             # message: it may quote the body.
-            logger.info("%s %s from %s answered 400: request body could not be read",
-                        request.method, request.path, request.remote)
-            response = _error(400, ErrorCode.INVALID_REQUEST, "request body could not be read "
-                              "(broken chunked encoding or Content-Encoding)")
+            logger.info(
+                "%s %s from %s answered 400: request body could not be read",
+                request.method,
+                request.path,
+                request.remote,
+            )
+            response = _error(
+                400,
+                ErrorCode.INVALID_REQUEST,
+                "request body could not be read (broken chunked encoding or Content-Encoding)",
+            )
             # What follows on the connection cannot be parsed reliably.
             response.force_close()
             return response
@@ -87,8 +95,11 @@ def json_errors(handler: Handler, warn: Warn | None = None) -> Handler:
                 return _error(500, ErrorCode.INTERNAL_ERROR, "internal server error")
             # The client closed the connection before its request was complete: there
             # is no one to answer, and nothing went wrong here.
-            logger.debug("%s %s: the client closed the connection before its request "
-                         "was complete", request.method, request.path)
+            logger.debug(
+                "%s %s: the client closed the connection before its request was complete",
+                request.method,
+                request.path,
+            )
             return _error(400, ErrorCode.INVALID_REQUEST, "connection closed by the client")
         except Exception:
             logger.exception("unexpected error in %s %s", request.method, request.path)
@@ -113,8 +124,7 @@ async def method_not_allowed(request: web.Request) -> web.StreamResponse:
     return _error(MethodNotAllowed.http_status, MethodNotAllowed.code, "Method Not Allowed")
 
 
-def _tidings_error(request: web.Request, exc: TidingsError, warn: Warn | None
-                   ) -> web.Response:
+def _tidings_error(request: web.Request, exc: TidingsError, warn: Warn | None) -> web.Response:
     if exc.http_status >= 500:
         if warn is None:
             logger.warning("%s %s failed: %s", request.method, request.path, exc.message)
@@ -195,8 +205,13 @@ class _Api:
         return response
 
 
-def add_api_routes(app: web.Application, gateway: HealthHost, service: ApiService,
-                   keys: tuple[str, ...], telemetry: Telemetry | None = None) -> None:
+def add_api_routes(
+    app: web.Application,
+    gateway: HealthHost,
+    service: ApiService,
+    keys: tuple[str, ...],
+    telemetry: Telemetry | None = None,
+) -> None:
     """Register the server API, health, readiness and metrics routes; ``telemetry``
     traces the server API's (``/api/...``), not the probes' nor the scrapes'."""
     api = _Api(gateway, service, keys)
@@ -205,16 +220,23 @@ def add_api_routes(app: web.Application, gateway: HealthHost, service: ApiServic
     def warn(kind: str, reason: str) -> None:
         gateway.outages.warn(kind, reason)
 
-    posts = {"/api/publish": api.publish, "/api/batch": api.batch,
-             "/api/disconnect": api.disconnect}
-    gets = {"/api/channels": api.channels, "/api/channels/{channel}/history": api.history,
-            "/api/channels/{channel}/presence": api.presence, "/healthz": api.healthz,
-            "/readyz": api.readyz, "/metrics": api.metrics}
+    posts = {
+        "/api/publish": api.publish,
+        "/api/batch": api.batch,
+        "/api/disconnect": api.disconnect,
+    }
+    gets = {
+        "/api/channels": api.channels,
+        "/api/channels/{channel}/history": api.history,
+        "/api/channels/{channel}/presence": api.presence,
+        "/healthz": api.healthz,
+        "/readyz": api.readyz,
+        "/metrics": api.metrics,
+    }
     for routes, add in ((posts, app.router.add_post), (gets, app.router.add_get)):
         for path, handler in routes.items():
             guarded = json_errors(handler, warn)
-            add(path, tracer.api_route(path, guarded) if path.startswith("/api/")
-                else guarded)
+            add(path, tracer.api_route(path, guarded) if path.startswith("/api/") else guarded)
             app.router.add_route("*", path, method_not_allowed)
 
 

@@ -36,8 +36,10 @@ def _check_fields(body: Mapping[str, Any], known: Collection[str], where: str = 
         if name not in known:
             close = difflib.get_close_matches(str(name), known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise InvalidRequest(f"{where}unknown field {str(name)[:64]!r}{hint}; expected "
-                                 f"{', '.join(sorted(known))}")
+            raise InvalidRequest(
+                f"{where}unknown field {str(name)[:64]!r}{hint}; expected "
+                f"{', '.join(sorted(known))}"
+            )
 
 
 class ApiService:
@@ -48,8 +50,13 @@ class ApiService:
     same idempotency key.
     """
 
-    def __init__(self, settings: Settings, broker: Broker, metrics: Metrics,
-                 telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker,
+        metrics: Metrics,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self._settings = settings
         self._broker = broker
         self._metrics = metrics
@@ -77,29 +84,34 @@ class ApiService:
             except InvalidRequest as exc:
                 raise InvalidRequest(f"{where}{exc.message}", channel=exc.channel) from None
         try:
-            kind, data = validate_event(body.get("type"), body.get("data", {}),
-                                        self._settings.events.allowed_types)
+            kind, data = validate_event(
+                body.get("type"), body.get("data", {}), self._settings.events.allowed_types
+            )
         except InvalidRequest as exc:
             raise InvalidRequest(f"{where}{exc.message}") from None
         key = body.get("idempotency_key")
         if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_IDEMPOTENCY_KEY):
             raise InvalidRequest(
-                f"{where}idempotency_key must be a string of 1-{MAX_IDEMPOTENCY_KEY} characters")
+                f"{where}idempotency_key must be a string of 1-{MAX_IDEMPOTENCY_KEY} characters"
+            )
         unique = list(dict.fromkeys(channels))
         return [PublishRequest(channel, kind, data, key) for channel in unique]
 
-    async def _publish(self, requests: Sequence[PublishRequest], started: float
-                       ) -> dict[str, Any]:
+    async def _publish(self, requests: Sequence[PublishRequest], started: float) -> dict[str, Any]:
         results = await self._publish_events(requests)
         # tidings_publish_seconds: from the request (``started``) to the acknowledgement.
         self._metrics.publish_acknowledged(time.perf_counter() - started)
         for request in requests:
             self._metrics.published(request.type)
         # "duplicate" only where true: a fresh publish answers exactly as it always has.
-        return {"results": [{"channel": r.channel, "offset": r.offset, "id": r.id,
-                             "duplicate": True} if r.duplicate else
-                            {"channel": r.channel, "offset": r.offset, "id": r.id}
-                            for r in results]}
+        return {
+            "results": [
+                {"channel": r.channel, "offset": r.offset, "id": r.id, "duplicate": True}
+                if r.duplicate
+                else {"channel": r.channel, "offset": r.offset, "id": r.id}
+                for r in results
+            ]
+        }
 
     async def publish(self, body: Any) -> dict[str, Any]:
         started = time.perf_counter()
@@ -123,8 +135,11 @@ class ApiService:
 
     async def channels(self, prefix: str) -> dict[str, Any]:
         found = await self._broker.channels(prefix)
-        return {"channels": [{"channel": name, "subscribers": count}
-                             for name, count in sorted(found.items())]}
+        return {
+            "channels": [
+                {"channel": name, "subscribers": count} for name, count in sorted(found.items())
+            ]
+        }
 
     async def history(self, channel: str, since: str | None, limit: str | None) -> dict[str, Any]:
         parse_channel(channel)
@@ -142,8 +157,12 @@ class ApiService:
     async def presence(self, channel: str) -> dict[str, Any]:
         parse_channel(channel)
         users = await self._broker.presence(channel)
-        return {"channel": channel, "users": [{"user_id": user, "connections": count}
-                                              for user, count in sorted(users.items())]}
+        return {
+            "channel": channel,
+            "users": [
+                {"user_id": user, "connections": count} for user, count in sorted(users.items())
+            ],
+        }
 
     async def disconnect(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
@@ -157,8 +176,7 @@ class ApiService:
         return {"user_id": user_id}
 
 
-def _int_param(name: str, raw: str | None, default: int, low: int,
-               high: int | None = None) -> int:
+def _int_param(name: str, raw: str | None, default: int, low: int, high: int | None = None) -> int:
     if raw is None or raw == "":
         return default
     try:

@@ -23,8 +23,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     """Add the ``bench`` subcommand to the ``tidings`` command's subparsers."""
     from tidings.bench.runner import add_arguments
 
-    parser = commands.add_parser("bench", help="run the benchmark suite",
-                                 description=DESCRIPTION)
+    parser = commands.add_parser("bench", help="run the benchmark suite", description=DESCRIPTION)
     add_arguments(parser)
 
 

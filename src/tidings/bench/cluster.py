@@ -120,8 +120,9 @@ class ClusterNode:
 
     def log_tail(self) -> str:
         with contextlib.suppress(OSError):
-            return "\n".join((self.directory / "redis.log").read_text(errors="replace")
-                             .splitlines()[-15:])
+            return "\n".join(
+                (self.directory / "redis.log").read_text(errors="replace").splitlines()[-15:]
+            )
         return ""
 
     def ask(self, *args: object) -> object:
@@ -151,27 +152,52 @@ class Cluster:
 
 
 def _options(node: ClusterNode) -> list[str]:
-    return ["--bind", HOST, "--port", str(node.port), "--cluster-port", str(node.bus_port),
-            "--cluster-enabled", "yes",
-            "--cluster-config-file", str(node.directory / "nodes.conf"),
-            "--cluster-node-timeout", "1000",
-            "--dir", str(node.directory), "--logfile", str(node.directory / "redis.log"),
-            "--save", "", "--appendonly", "no", "--daemonize", "no",
-            "--loglevel", "warning", "--shutdown-timeout", "0",
-            "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
+    return [
+        "--bind",
+        HOST,
+        "--port",
+        str(node.port),
+        "--cluster-port",
+        str(node.bus_port),
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        str(node.directory / "nodes.conf"),
+        "--cluster-node-timeout",
+        "1000",
+        "--dir",
+        str(node.directory),
+        "--logfile",
+        str(node.directory / "redis.log"),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--loglevel",
+        "warning",
+        "--shutdown-timeout",
+        "0",
+        "--repl-diskless-sync",
+        "yes",
+        "--repl-diskless-sync-delay",
+        "0",
+    ]
 
 
-def _wait(what: str, check: Callable[[], str], deadline: float,
-          nodes: list[ClusterNode]) -> None:
+def _wait(what: str, check: Callable[[], str], deadline: float, nodes: list[ClusterNode]) -> None:
     """Poll ``check()`` until it returns '' (done) or the deadline; its return value says
     what is still missing. A node that exited fails the wait at once."""
     missing = ""
     while True:
         for node in nodes:
             if node.proc is not None and node.proc.popen.poll() is not None:
-                raise RuntimeError(f"redis-server {node.address} exited "
-                                   f"({node.proc.popen.returncode}) while {what}: "
-                                   f"{node.log_tail()} {node.proc.stderr()}")
+                raise RuntimeError(
+                    f"redis-server {node.address} exited "
+                    f"({node.proc.popen.returncode}) while {what}: "
+                    f"{node.log_tail()} {node.proc.stderr()}"
+                )
         try:
             missing = check()
         except (OSError, RuntimeError) as exc:
@@ -179,8 +205,9 @@ def _wait(what: str, check: Callable[[], str], deadline: float,
         if not missing:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"Redis Cluster: {what} not done within {WAIT_TIMEOUT:g} s "
-                               f"({missing})")
+            raise RuntimeError(
+                f"Redis Cluster: {what} not done within {WAIT_TIMEOUT:g} s ({missing})"
+            )
         time.sleep(POLL)
 
 
@@ -203,15 +230,20 @@ def _formed(nodes: list[ClusterNode]) -> str:
             return f"{node.address}: cluster_state {info.get('cluster_state')}"
         if int(info.get("cluster_known_nodes", 0)) != len(nodes):
             return f"{node.address} knows {info.get('cluster_known_nodes')} of {len(nodes)}"
-        view = {parts[0]: parts for parts in
-                (line.split() for line in str(node.ask("CLUSTER", "NODES")).splitlines())
-                if len(parts) >= 4}
+        view = {
+            parts[0]: parts
+            for parts in (line.split() for line in str(node.ask("CLUSTER", "NODES")).splitlines())
+            if len(parts) >= 4
+        }
         for other in nodes:
             if other.primary is None:
                 continue
             parts = view.get(other.node_id)
-            if parts is None or "slave" not in parts[2].split(",") \
-                    or parts[3] != other.primary.node_id:
+            if (
+                parts is None
+                or "slave" not in parts[2].split(",")
+                or parts[3] != other.primary.node_id
+            ):
                 return f"{node.address} does not yet see {other.address} as a replica"
         if node.primary is not None:
             link = _info(node.ask("INFO", "replication")).get("master_link_status")
@@ -221,8 +253,9 @@ def _formed(nodes: list[ClusterNode]) -> str:
 
 
 @contextlib.contextmanager
-def start_cluster(pinning: Pinning, primaries: int = 3, replicas: int = 0, *,
-                  cpu: int | None = None) -> Iterator[Cluster]:
+def start_cluster(
+    pinning: Pinning, primaries: int = 3, replicas: int = 0, *, cpu: int | None = None
+) -> Iterator[Cluster]:
     """A private Redis Cluster of ``primaries`` shards with ``replicas`` replicas each,
     on ``cpu`` (default: the server CPU); ready (``cluster_state:ok`` everywhere) when the
     block starts, and stopped (every process by PID) and removed when it ends.
@@ -238,16 +271,22 @@ def start_cluster(pinning: Pinning, primaries: int = 3, replicas: int = 0, *,
     began = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="tidings-bench-cluster-"))
     heads = [ClusterNode(work / f"node-{i}") for i in range(primaries)]
-    tails = [ClusterNode(work / f"node-{primaries + i * replicas + j}", primary=head)
-             for i, head in enumerate(heads) for j in range(replicas)]
+    tails = [
+        ClusterNode(work / f"node-{primaries + i * replicas + j}", primary=head)
+        for i, head in enumerate(heads)
+        for j in range(replicas)
+    ]
     cluster = Cluster(heads, tails)
     nodes = cluster.nodes
     try:
         for node in nodes:
             node.directory.mkdir()
-            node.proc = Proc([binary, *_options(node)],
-                             cpu=pinning.server_cpu if cpu is None else cpu,
-                             pinning=pinning, name=f"redis-server:{node.port}")
+            node.proc = Proc(
+                [binary, *_options(node)],
+                cpu=pinning.server_cpu if cpu is None else cpu,
+                pinning=pinning,
+                name=f"redis-server:{node.port}",
+            )
         deadline = time.monotonic() + WAIT_TIMEOUT
 
         def answering() -> str:

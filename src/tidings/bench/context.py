@@ -14,8 +14,14 @@ from tidings.bench.generator import Generator
 from tidings.bench.servers import CHANNEL, Credentials, Server, ServerKind, start_server
 from tidings.bench.system import Pinning
 
-__all__ = ["GEN_BOTTLENECK_PERCENT", "Context", "RunError", "connect_all", "generator_for",
-           "server_for"]
+__all__ = [
+    "GEN_BOTTLENECK_PERCENT",
+    "Context",
+    "RunError",
+    "connect_all",
+    "generator_for",
+    "server_for",
+]
 
 #: A figure is a lower bound when the load generator used more than this share of its core.
 GEN_BOTTLENECK_PERCENT = 90.0
@@ -52,22 +58,45 @@ class Context:
         return self.tokens[best]
 
 
-def server_for(ctx: Context, kind: ServerKind, broker: str | None = None
-               ) -> contextlib.AbstractContextManager[Server]:
+def server_for(
+    ctx: Context, kind: ServerKind, broker: str | None = None
+) -> contextlib.AbstractContextManager[Server]:
     """``kind`` started for a run of ``ctx`` (on ``broker``, when given)."""
-    return start_server(kind, ctx.pinning, ctx.credentials, send_buffer=ctx.send_buffer,
-                        broker=broker, env=ctx.server_env)
+    return start_server(
+        kind,
+        ctx.pinning,
+        ctx.credentials,
+        send_buffer=ctx.send_buffer,
+        broker=broker,
+        env=ctx.server_env,
+    )
 
 
-def generator_for(ctx: Context, server: Server, kind: ServerKind, conns: int, *,
-                  subscribe: bool, sample_every: int,
-                  concurrency: int | None = None) -> Generator:
+def generator_for(
+    ctx: Context,
+    server: Server,
+    kind: ServerKind,
+    conns: int,
+    *,
+    subscribe: bool,
+    sample_every: int,
+    concurrency: int | None = None,
+) -> Generator:
     """A load generator of ``conns`` connections to ``server``, pinned to the load CPU."""
-    return Generator(ctx.exe, port=server.port, mode=kind.gen_mode, conns=conns,
-                     tokens=ctx.tokens_for(conns), path=kind.ws_path, channel=CHANNEL,
-                     subscribe=subscribe, concurrency=concurrency or ctx.concurrency,
-                     sample_every=sample_every, pinning=ctx.pinning,
-                     setup_timeout=ctx.setup_timeout)
+    return Generator(
+        ctx.exe,
+        port=server.port,
+        mode=kind.gen_mode,
+        conns=conns,
+        tokens=ctx.tokens_for(conns),
+        path=kind.ws_path,
+        channel=CHANNEL,
+        subscribe=subscribe,
+        concurrency=concurrency or ctx.concurrency,
+        sample_every=sample_every,
+        pinning=ctx.pinning,
+        setup_timeout=ctx.setup_timeout,
+    )
 
 
 def connect_all(gen: Generator, server: Server, wanted: int) -> Any:
@@ -75,7 +104,9 @@ def connect_all(gen: Generator, server: Server, wanted: int) -> Any:
     ready = gen.ready()
     if ready.ok < wanted:
         detail = ready.last_error or "unknown"
-        raise RunError(f"only {ready.ok} of {wanted} connections became ready "
-                       f"({ready.failed} failed: {ready.fail}; last: {detail}); "
-                       f"server: {server.proc.stderr()[-300:]}")
+        raise RunError(
+            f"only {ready.ok} of {wanted} connections became ready "
+            f"({ready.failed} failed: {ready.fail}; last: {detail}); "
+            f"server: {server.proc.stderr()[-300:]}"
+        )
     return ready

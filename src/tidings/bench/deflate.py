@@ -48,14 +48,18 @@ class Row:
     def line(self) -> str:
         per_s = self.deliveries / self.seconds if self.seconds else 0.0
         per = self.wire_bytes / self.deliveries if self.deliveries else 0.0
-        return (f"{'on' if self.deflate else 'off':<8}{self.negotiated:>11}"
-                f"{self.deliveries:>12,}{per_s:>15,.0f}{self.server_cpu:>12.0f}%"
-                f"{self.server_cpu * self.seconds / 100:>14.3f}"
-                f"{self.wire_bytes / 1e6:>12.2f}{per:>14.1f}")
+        return (
+            f"{'on' if self.deflate else 'off':<8}{self.negotiated:>11}"
+            f"{self.deliveries:>12,}{per_s:>15,.0f}{self.server_cpu:>12.0f}%"
+            f"{self.server_cpu * self.seconds / 100:>14.3f}"
+            f"{self.wire_bytes / 1e6:>12.2f}{per:>14.1f}"
+        )
 
 
-HEADER = (f"{'deflate':<8}{'negotiated':>11}{'deliveries':>12}{'deliveries/s':>15}"
-          f"{'server CPU':>13}{'server CPU s':>14}{'wire MB':>12}{'bytes/deliv.':>14}")
+HEADER = (
+    f"{'deflate':<8}{'negotiated':>11}{'deliveries':>12}{'deliveries/s':>15}"
+    f"{'server CPU':>13}{'server CPU s':>14}{'wire MB':>12}{'bytes/deliv.':>14}"
+)
 
 
 class _Subscriber:
@@ -101,10 +105,13 @@ def _client_frame(payload: bytes) -> bytes:
 async def _subscribe(port: int, tok: str, offer: bool) -> _Subscriber:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(f"GET /ws?token={tok} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                 "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n".encode()
-                 + (_OFFER if offer else b"") + b"\r\n")
+    writer.write(
+        f"GET /ws?token={tok} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n".encode()
+        + (_OFFER if offer else b"")
+        + b"\r\n"
+    )
     head = await reader.readuntil(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 101"):
         raise RuntimeError(f"handshake refused: {head[:60]!r}")
@@ -119,18 +126,30 @@ async def _subscribe(port: int, tok: str, offer: bool) -> _Subscriber:
 
 
 def _event(index: int) -> dict[str, Any]:
-    return {"channel": CHANNEL, "type": "chat_message",
-            "data": {"conversation_id": "c-42", "sender_id": f"user-{index % 97}",
-                     "content": f"Message {index}: the shipment for order o-{index} left "
-                                "the warehouse and should arrive on Thursday; track it "
-                                "from the orders page or reply here with questions."}}
+    return {
+        "channel": CHANNEL,
+        "type": "chat_message",
+        "data": {
+            "conversation_id": "c-42",
+            "sender_id": f"user-{index % 97}",
+            "content": f"Message {index}: the shipment for order o-{index} left "
+            "the warehouse and should arrive on Thursday; track it "
+            "from the orders page or reply here with questions.",
+        },
+    }
 
 
-async def _run(server: Server, credentials: Credentials, subscribers: int, events: int,
-               offer: bool) -> Row:
-    subs = [await _subscribe(server.port, mint_token(credentials.secret, f"deflate-{i}",
-                                                      channels=["bench:*"], ttl=3600), offer)
-            for i in range(subscribers)]
+async def _run(
+    server: Server, credentials: Credentials, subscribers: int, events: int, offer: bool
+) -> Row:
+    subs = [
+        await _subscribe(
+            server.port,
+            mint_token(credentials.secret, f"deflate-{i}", channels=["bench:*"], ttl=3600),
+            offer,
+        )
+        for i in range(subscribers)
+    ]
     done = asyncio.Event()
     counter = [0, subscribers * events]
     tasks = [asyncio.ensure_future(sub.count(events, done, counter)) for sub in subs]
@@ -141,8 +160,9 @@ async def _run(server: Server, credentials: Credentials, subscribers: int, event
         async with aiohttp.ClientSession(headers=headers) as session:
             for first in range(0, events, _BATCH):
                 batch = [_event(i) for i in range(first, min(events, first + _BATCH))]
-                async with session.post(server.http_url + "/api/batch",
-                                        json={"events": batch}) as response:
+                async with session.post(
+                    server.http_url + "/api/batch", json={"events": batch}
+                ) as response:
                     if response.status != 200:
                         raise RuntimeError(f"publish failed: {response.status}")
         await asyncio.wait_for(done.wait(), _TIMEOUT)
@@ -154,9 +174,14 @@ async def _run(server: Server, credentials: Credentials, subscribers: int, event
         await asyncio.gather(*tasks, return_exceptions=True)
         for sub in subs:
             sub.writer.close()
-    return Row(offer, sum(sub.compressed for sub in subs), counter[0], seconds,
-               cpu_percent(before, after, server.pid),
-               sum(sub.bytes for sub in subs))
+    return Row(
+        offer,
+        sum(sub.compressed for sub in subs),
+        counter[0],
+        seconds,
+        cpu_percent(before, after, server.pid),
+        sum(sub.bytes for sub in subs),
+    )
 
 
 def measure(subscribers: int, events: int) -> list[Row]:
@@ -164,10 +189,17 @@ def measure(subscribers: int, events: int) -> list[Row]:
     credentials = Credentials.generate()
     rows = []
     for deflate in (False, True):
-        env = {"TIDINGS_SERVER__PERMESSAGE_DEFLATE": "true" if deflate else "false",
-               "TIDINGS_API__MAX_BATCH": str(_BATCH)}
-        with start_server(KINDS["tidings"], Pinning("none", None, None), credentials,
-                          send_buffer=64 * 1024 * 1024, env=env) as server:
+        env = {
+            "TIDINGS_SERVER__PERMESSAGE_DEFLATE": "true" if deflate else "false",
+            "TIDINGS_API__MAX_BATCH": str(_BATCH),
+        }
+        with start_server(
+            KINDS["tidings"],
+            Pinning("none", None, None),
+            credentials,
+            send_buffer=64 * 1024 * 1024,
+            env=env,
+        ) as server:
             rows.append(asyncio.run(_run(server, credentials, subscribers, events, deflate)))
     return rows
 
@@ -177,8 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subscribers", type=int, default=200)
     parser.add_argument("--events", type=int, default=500)
     args = parser.parse_args(argv)
-    print(f"{args.subscribers} subscribers of one channel, {args.events} events "
-          f"(~400-byte payloads, batches of {_BATCH})")
+    print(
+        f"{args.subscribers} subscribers of one channel, {args.events} events "
+        f"(~400-byte payloads, batches of {_BATCH})"
+    )
     print(HEADER)
     for row in measure(args.subscribers, args.events):
         print(row.line())

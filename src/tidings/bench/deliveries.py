@@ -14,16 +14,37 @@ from tidings.bench.generator import Generator
 from tidings.bench.servers import CHANNEL, Server
 from tidings.bench.system import Proc, core_busy, cpu_percent, cpu_sample, foreign_cpu
 
-__all__ = ["calibrated_events", "common_figures", "latency_figures", "latency_ms",
-           "publish_and_count", "warmup_events"]
+__all__ = [
+    "calibrated_events",
+    "common_figures",
+    "latency_figures",
+    "latency_ms",
+    "publish_and_count",
+    "warmup_events",
+]
 
 
 def _publisher(ctx: Context, server: Server, events: int, *, rate: float = 0.0) -> Proc:
     """A publisher process on the load CPU, ready and waiting for ``go``."""
-    argv = [sys.executable, "-m", "tidings.bench.publisher", "--url", server.http_url,
-            "--key", ctx.credentials.api_key, "--channel", CHANNEL, "--events", str(events),
-            "--batch", str(ctx.batch), "--concurrency", str(ctx.publishers),
-            "--rate", str(rate)]
+    argv = [
+        sys.executable,
+        "-m",
+        "tidings.bench.publisher",
+        "--url",
+        server.http_url,
+        "--key",
+        ctx.credentials.api_key,
+        "--channel",
+        CHANNEL,
+        "--events",
+        str(events),
+        "--batch",
+        str(ctx.batch),
+        "--concurrency",
+        str(ctx.publishers),
+        "--rate",
+        str(rate),
+    ]
     proc = Proc(argv, cpu=ctx.pinning.load_cpu, pinning=ctx.pinning, name="publisher")
     line = proc.readline(60)
     if '"ready"' not in line:
@@ -32,9 +53,17 @@ def _publisher(ctx: Context, server: Server, events: int, *, rate: float = 0.0) 
     return proc
 
 
-def publish_and_count(ctx: Context, server: Server, gen: Generator, events: int,
-                      subscribers: int, *, rate: float = 0.0, limit: float = 600.0,
-                      others: tuple[int, ...] = ()) -> dict[str, Any]:
+def publish_and_count(
+    ctx: Context,
+    server: Server,
+    gen: Generator,
+    events: int,
+    subscribers: int,
+    *,
+    rate: float = 0.0,
+    limit: float = 600.0,
+    others: tuple[int, ...] = (),
+) -> dict[str, Any]:
     """Publish ``events`` and wait until every subscriber has them (or an idle timeout).
 
     ``others``: PIDs of further server-side processes (other nodes, the broker) whose CPU
@@ -59,8 +88,9 @@ def publish_and_count(ctx: Context, server: Server, gen: Generator, events: int,
         "done": done,
         "published": published,
         "seconds": seconds,
-        "server_cpu": round(sum(cpu_percent(before, after, pid)
-                                for pid in (server.pid, *others)), 1),
+        "server_cpu": round(
+            sum(cpu_percent(before, after, pid) for pid in (server.pid, *others)), 1
+        ),
         "gen_cpu": round(cpu_percent(before, after, gen.pid), 1),
         "publisher_cpu": round(cpu_percent(before, after, publisher.pid), 1),
         "server_core_busy": _round(core_busy(before, after, ctx.pinning.server_cpu)),
@@ -107,8 +137,9 @@ def common_figures(measured: dict[str, Any], expected: int) -> dict[str, Any]:
     }
 
 
-def calibrated_events(ctx: Context, warm: dict[str, Any], subscribers: int, seconds: float,
-                      maximum: int) -> int:
+def calibrated_events(
+    ctx: Context, warm: dict[str, Any], subscribers: int, seconds: float, maximum: int
+) -> int:
     """Events (a multiple of the batch size) to fill ``seconds`` at the rate of ``warm``."""
     rate = warm["done"]["frames"] / warm["seconds"]
     count = int(min(maximum, max(10, rate * seconds / subscribers)))
@@ -120,28 +151,33 @@ def warmup_events(ctx: Context, subscribers: int) -> int:
     return max(10, min(ctx.batch * 2, 200_000 // subscribers))
 
 
-def latency_figures(measured: dict[str, Any], events: int, subscribers: int,
-                    rate: float) -> dict[str, Any]:
+def latency_figures(
+    measured: dict[str, Any], events: int, subscribers: int, rate: float
+) -> dict[str, Any]:
     """The figures of a latency run: percentiles, and whether the server kept up."""
     done = measured["done"]
     figures = common_figures(measured, events * subscribers)
     published = measured["published"]
-    saturated = (figures["received"] < figures["expected"]
-                 or (latency_ms(done, "p50_us") or 0.0) > 1000.0
-                 or published.get("behind_schedule", 0) > events // 10)
-    figures.update({
-        "value": latency_ms(done, "p99_us"),
-        "p50_ms": latency_ms(done, "p50_us"),
-        "p90_ms": latency_ms(done, "p90_us"),
-        "p99_ms": latency_ms(done, "p99_us"),
-        "p999_ms": latency_ms(done, "p999_us"),
-        "max_ms": latency_ms(done, "max_us"),
-        "mean_ms": latency_ms(done, "mean_us"),
-        "samples": int(done.get("lat", {}).get("count", 0)),
-        "events": events,
-        "rate": rate,
-        "subscribers": subscribers,
-        "saturated": saturated,
-        "deliveries_per_s": round(done["frames"] / measured["seconds"]),
-    })
+    saturated = (
+        figures["received"] < figures["expected"]
+        or (latency_ms(done, "p50_us") or 0.0) > 1000.0
+        or published.get("behind_schedule", 0) > events // 10
+    )
+    figures.update(
+        {
+            "value": latency_ms(done, "p99_us"),
+            "p50_ms": latency_ms(done, "p50_us"),
+            "p90_ms": latency_ms(done, "p90_us"),
+            "p99_ms": latency_ms(done, "p99_us"),
+            "p999_ms": latency_ms(done, "p999_us"),
+            "max_ms": latency_ms(done, "max_us"),
+            "mean_ms": latency_ms(done, "mean_us"),
+            "samples": int(done.get("lat", {}).get("count", 0)),
+            "events": events,
+            "rate": rate,
+            "subscribers": subscribers,
+            "saturated": saturated,
+            "deliveries_per_s": round(done["frames"] / measured["seconds"]),
+        }
+    )
     return figures

@@ -60,11 +60,16 @@ class Floor:
 
     def publish(self, channel: str, kind: str, data: Any) -> int:
         self.offset += 1
-        payload = _encoder.encode({
-            "type": kind, "channel": channel, "offset": self.offset,
-            "id": f"evt_{self.offset:028x}", "timestamp": self._timestamp(time.time()),
-            "data": data,
-        })
+        payload = _encoder.encode(
+            {
+                "type": kind,
+                "channel": channel,
+                "offset": self.offset,
+                "id": f"evt_{self.offset:028x}",
+                "timestamp": self._timestamp(time.time()),
+                "data": data,
+            }
+        )
         self.pending.append(_frame(payload))
         if not self.scheduled:
             self.scheduled = True
@@ -88,8 +93,11 @@ class Floor:
         if transport is None:
             return ws
         key = next(self._ids)
-        transport.write(_frame(_encoder.encode(
-            {"type": "connected", "data": {"connection_id": f"c_{key:016x}"}})))
+        transport.write(
+            _frame(
+                _encoder.encode({"type": "connected", "data": {"connection_id": f"c_{key:016x}"}})
+            )
+        )
         try:
             async for msg in ws:
                 if msg.type is WSMsgType.TEXT:
@@ -106,8 +114,9 @@ class Floor:
             channel = event["channel"]
             offset = self.publish(channel, event["type"], event.get("data", {}))
             results.append({"channel": channel, "offset": offset})
-        return web.Response(body=_encoder.encode({"results": results}),
-                            content_type="application/json")
+        return web.Response(
+            body=_encoder.encode({"results": results}), content_type="application/json"
+        )
 
 
 def build_app() -> web.Application:

@@ -39,7 +39,9 @@ def build_generator(cache_dir: Path | None = None) -> Path:
     partial = base / f"gen-{digest}.{os.getpid()}.tmp"
     result = subprocess.run(  # noqa: S603 - fixed argv
         [compiler, "-O2", "-o", str(partial), str(src)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         raise BuildError(f"the load generator did not compile:\n{result.stderr[-2000:]}")
@@ -64,17 +66,46 @@ class Ready:
 class Generator:
     """One running generator process holding ``conns`` connections to one server."""
 
-    def __init__(self, exe: Path, *, port: int | list[int], mode: str, conns: int,
-                 tokens: Path | None, path: str, channel: str, subscribe: bool,
-                 concurrency: int, sample_every: int, pinning: Pinning,
-                 setup_timeout: float) -> None:
+    def __init__(
+        self,
+        exe: Path,
+        *,
+        port: int | list[int],
+        mode: str,
+        conns: int,
+        tokens: Path | None,
+        path: str,
+        channel: str,
+        subscribe: bool,
+        concurrency: int,
+        sample_every: int,
+        pinning: Pinning,
+        setup_timeout: float,
+    ) -> None:
         ports = port if isinstance(port, list) else [port]
-        argv = [str(exe), "--host", "127.0.0.1", "--ports", ",".join(map(str, ports)),
-                "--mode", mode,
-                "--conns", str(conns), "--path", path, "--channel", channel,
-                "--subscribe", "1" if subscribe else "0", "--concurrency", str(concurrency),
-                "--sample-every", str(sample_every),
-                "--setup-timeout-ms", str(int(setup_timeout * 1000))]
+        argv = [
+            str(exe),
+            "--host",
+            "127.0.0.1",
+            "--ports",
+            ",".join(map(str, ports)),
+            "--mode",
+            mode,
+            "--conns",
+            str(conns),
+            "--path",
+            path,
+            "--channel",
+            channel,
+            "--subscribe",
+            "1" if subscribe else "0",
+            "--concurrency",
+            str(concurrency),
+            "--sample-every",
+            str(sample_every),
+            "--setup-timeout-ms",
+            str(int(setup_timeout * 1000)),
+        ]
         if tokens is not None:
             argv += ["--tokens", str(tokens)]
         self.conns = conns

@@ -28,9 +28,12 @@ class Sink:
 
     def env(self) -> dict[str, str]:
         """The ``OTEL_*`` variables that make a Tidings server trace to this sink."""
-        return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{self.endpoint}/v1/traces",
-                "OTEL_SERVICE_NAME": "tidings-bench"}
+        return {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{self.endpoint}/v1/traces",
+            "OTEL_SERVICE_NAME": "tidings-bench",
+        }
 
     def received(self, size: int) -> None:
         with self._lock:

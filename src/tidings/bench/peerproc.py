@@ -26,8 +26,9 @@ async def _serve(app: web.Application, host: str, port: int) -> None:
     await runner.cleanup()
 
 
-def run_peer(prog: str, build_app: Callable[[], web.Application],
-             argv: list[str] | None = None) -> None:
+def run_peer(
+    prog: str, build_app: Callable[[], web.Application], argv: list[str] | None = None
+) -> None:
     """Parse ``--host``/``--port``, serve ``build_app()`` on uvloop until SIGTERM/SIGINT,
     and print ``listening on http://...`` once bound (the bench waits for that line)."""
     parser = argparse.ArgumentParser(prog=prog)

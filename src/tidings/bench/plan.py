@@ -41,65 +41,123 @@ def _servers(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``tidings bench`` (shared by ``python -m tidings.bench``)."""
-    parser.add_argument("--quick", action="store_true",
-                        help="a short smoke run: 1 run, smaller sizes, short phases")
-    parser.add_argument("--compare", action="store_true",
-                        help="run the same scenarios against the floor and python-socketio")
-    parser.add_argument("--servers", type=_servers,
-                        help="servers to run, e.g. tidings,floor (default: tidings, or all "
-                             "three with --compare)")
-    parser.add_argument("--scenarios", type=_names, default=None,
-                        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a short smoke run: 1 run, smaller sizes, short phases"
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="run the same scenarios against the floor and python-socketio",
+    )
+    parser.add_argument(
+        "--servers",
+        type=_servers,
+        help="servers to run, e.g. tidings,floor (default: tidings, or all three with --compare)",
+    )
+    parser.add_argument(
+        "--scenarios",
+        type=_names,
+        default=None,
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+    )
     parser.add_argument("--runs", type=int, help="runs per figure (default 3; --quick 1)")
     parser.add_argument("--output", default="tidings-bench.json", help="JSON results file")
-    parser.add_argument("--subscribers", type=_ints,
-                        help="fan-out sizes (default 1000,10000; --quick 1000)")
-    parser.add_argument("--events", type=int,
-                        help="events per fan-out run (default: enough for --seconds)")
-    parser.add_argument("--seconds", type=float,
-                        help="target length of a fan-out run (default 5; --quick 1)")
-    parser.add_argument("--latency-subscribers", type=int, default=1000,
-                        help="subscribers in the latency scenario (default 1000)")
-    parser.add_argument("--latency-rates", type=_floats,
-                        help="events/s for the latency scenario (default 20,100; --quick 100)")
-    parser.add_argument("--latency-seconds", type=float,
-                        help="length of a latency run (default 10; --quick 2)")
-    parser.add_argument("--memory-connections", type=_ints,
-                        help="idle connections (default 10000,50000; --quick 1000); sizes "
-                             "beyond the file-descriptor limit are skipped")
-    parser.add_argument("--handshakes", type=int,
-                        help="connections per handshake run (default 5000; --quick 500)")
-    parser.add_argument("--handshake-concurrency", type=int, default=64,
-                        help="handshakes in flight at once")
+    parser.add_argument(
+        "--subscribers", type=_ints, help="fan-out sizes (default 1000,10000; --quick 1000)"
+    )
+    parser.add_argument(
+        "--events", type=int, help="events per fan-out run (default: enough for --seconds)"
+    )
+    parser.add_argument(
+        "--seconds", type=float, help="target length of a fan-out run (default 5; --quick 1)"
+    )
+    parser.add_argument(
+        "--latency-subscribers",
+        type=int,
+        default=1000,
+        help="subscribers in the latency scenario (default 1000)",
+    )
+    parser.add_argument(
+        "--latency-rates",
+        type=_floats,
+        help="events/s for the latency scenario (default 20,100; --quick 100)",
+    )
+    parser.add_argument(
+        "--latency-seconds", type=float, help="length of a latency run (default 10; --quick 2)"
+    )
+    parser.add_argument(
+        "--memory-connections",
+        type=_ints,
+        help="idle connections (default 10000,50000; --quick 1000); sizes "
+        "beyond the file-descriptor limit are skipped",
+    )
+    parser.add_argument(
+        "--handshakes", type=int, help="connections per handshake run (default 5000; --quick 500)"
+    )
+    parser.add_argument(
+        "--handshake-concurrency", type=int, default=64, help="handshakes in flight at once"
+    )
     parser.add_argument("--batch", type=int, default=50, help="events per publish request")
-    parser.add_argument("--publishers", type=int, default=4,
-                        help="publish requests in flight in the fan-out scenario")
-    parser.add_argument("--send-buffer", type=int, default=64 * 1024 * 1024,
-                        help="limits.send_buffer_bytes given to the server under test")
-    parser.add_argument("--publish-seconds", type=float,
-                        help="measured window of each publish phase (default 4; --quick 0.5, "
-                             "and one attempt per run)")
-    parser.add_argument("--publish-brokers", type=publishing.broker_names,
-                        help=f"brokers of the publish scenario, from {','.join(publishing.BROKERS)}"
-                             f" (default: all; --quick {','.join(publishing.QUICK_BROKERS)})")
-    parser.add_argument("--redis-cpu", choices=("server", "load"), default="server",
-                        help="where the publish scenario's redis-servers run: on the server "
-                             "CPU with the node (default; Redis's cost counts against the "
-                             "node) or on the load CPU (Redis on machines of its own, as in "
-                             "production)")
-    parser.add_argument("--otel", action="store_true",
-                        help="trace the Tidings servers (OpenTelemetry, the otel extra), "
-                             "exporting over OTLP/HTTP to a discarding receiver here; "
-                             "without it their OTEL_* variables are removed")
+    parser.add_argument(
+        "--publishers",
+        type=int,
+        default=4,
+        help="publish requests in flight in the fan-out scenario",
+    )
+    parser.add_argument(
+        "--send-buffer",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="limits.send_buffer_bytes given to the server under test",
+    )
+    parser.add_argument(
+        "--publish-seconds",
+        type=float,
+        help="measured window of each publish phase (default 4; --quick 0.5, "
+        "and one attempt per run)",
+    )
+    parser.add_argument(
+        "--publish-brokers",
+        type=publishing.broker_names,
+        help=f"brokers of the publish scenario, from {','.join(publishing.BROKERS)}"
+        f" (default: all; --quick {','.join(publishing.QUICK_BROKERS)})",
+    )
+    parser.add_argument(
+        "--redis-cpu",
+        choices=("server", "load"),
+        default="server",
+        help="where the publish scenario's redis-servers run: on the server "
+        "CPU with the node (default; Redis's cost counts against the "
+        "node) or on the load CPU (Redis on machines of its own, as in "
+        "production)",
+    )
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="trace the Tidings servers (OpenTelemetry, the otel extra), "
+        "exporting over OTLP/HTTP to a discarding receiver here; "
+        "without it their OTEL_* variables are removed",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
-    parser.add_argument("--quiet-wait", type=float,
-                        help="before each run, wait up to this many seconds for the machine "
-                             "to be idle (< 15%% busy) (default 60; --quick 5; 0: never)")
-    parser.add_argument("--max-foreign", type=float, default=20.0,
-                        help="repeat a run during which other processes used more than this "
-                             "percentage of a core (default 20)")
-    parser.add_argument("--attempts", type=int, default=3,
-                        help="attempts per run when other processes disturb it (default 3)")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        help="before each run, wait up to this many seconds for the machine "
+        "to be idle (< 15%% busy) (default 60; --quick 5; 0: never)",
+    )
+    parser.add_argument(
+        "--max-foreign",
+        type=float,
+        default=20.0,
+        help="repeat a run during which other processes used more than this "
+        "percentage of a core (default 20)",
+    )
+    parser.add_argument(
+        "--attempts",
+        type=int,
+        default=3,
+        help="attempts per run when other processes disturb it (default 3)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +182,7 @@ class Plan:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
         quick = bool(args.quick)
-        names = args.servers or (["tidings", "floor", "socketio"] if args.compare
-                                 else ["tidings"])
+        names = args.servers or (["tidings", "floor", "socketio"] if args.compare else ["tidings"])
         kinds, skipped = available_kinds(names)
         return cls(
             runs=max(1, args.runs or (1 if quick else 3)),
@@ -141,8 +198,7 @@ class Plan:
             memory_connections=args.memory_connections or ([1000] if quick else [10000, 50000]),
             handshakes=args.handshakes or (500 if quick else 5000),
             handshake_concurrency=args.handshake_concurrency,
-            quiet_wait=args.quiet_wait if args.quiet_wait is not None else (5.0 if quick
-                                                                             else 60.0),
+            quiet_wait=args.quiet_wait if args.quiet_wait is not None else (5.0 if quick else 60.0),
             max_foreign=args.max_foreign,
             attempts=max(1, args.attempts),
         )

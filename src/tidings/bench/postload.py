@@ -43,31 +43,59 @@ _encoder = msgspec.json.Encoder()
 
 def _data(index: int, size: int) -> dict[str, Any]:
     """A ``chat_message`` data object of about ``size`` bytes of JSON."""
-    data = {"conversation_id": f"conv-{index % 64:02d}", "sender_id": f"user-{index:04d}",
-            "content": ""}
+    data = {
+        "conversation_id": f"conv-{index % 64:02d}",
+        "sender_id": f"user-{index:04d}",
+        "content": "",
+    }
     pad = max(0, size - len(_encoder.encode(data)))
     data["content"] = ("lorem ipsum dolor sit amet " * (pad // 27 + 1))[:pad]
     return data
 
 
-def build_requests(*, host: str, port: int, key: str, mode: str, batch: int, channels: int,
-                   prefix: str, data_bytes: int) -> list[bytes]:
+def build_requests(
+    *,
+    host: str,
+    port: int,
+    key: str,
+    mode: str,
+    batch: int,
+    channels: int,
+    prefix: str,
+    data_bytes: int,
+) -> list[bytes]:
     """The raw HTTP/1.1 requests the load cycles through: one per channel (single), or
     one per starting channel with ``batch`` events spread over the channels (batch)."""
     requests = []
     for start in range(channels):
         if mode == "single":
             path = "/api/publish"
-            body = _encoder.encode({"channel": f"{prefix}{start}", "type": "chat_message",
-                                    "data": _data(start, data_bytes)})
+            body = _encoder.encode(
+                {
+                    "channel": f"{prefix}{start}",
+                    "type": "chat_message",
+                    "data": _data(start, data_bytes),
+                }
+            )
         else:
             path = "/api/batch"
-            body = _encoder.encode({"events": [
-                {"channel": f"{prefix}{(start + i) % channels}", "type": "chat_message",
-                 "data": _data(start + i, data_bytes)} for i in range(batch)]})
-        head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n")
+            body = _encoder.encode(
+                {
+                    "events": [
+                        {
+                            "channel": f"{prefix}{(start + i) % channels}",
+                            "type": "chat_message",
+                            "data": _data(start + i, data_bytes),
+                        }
+                        for i in range(batch)
+                    ]
+                }
+            )
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
         requests.append(head.encode() + body)
     return requests
 
@@ -85,8 +113,9 @@ class _Stats:
 _MAX_LATENCIES = 1_000_000
 
 
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    request: bytes) -> tuple[int, bytes]:
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[int, bytes]:
     writer.write(request)
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
@@ -101,16 +130,27 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     return status, await reader.readexactly(length)
 
 
-async def _worker(index: int, requests: list[bytes], stopping: asyncio.Event, stats: _Stats,
-                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    cycle = itertools.cycle(requests[index % len(requests):] + requests[:index % len(requests)])
+async def _worker(
+    index: int,
+    requests: list[bytes],
+    stopping: asyncio.Event,
+    stats: _Stats,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    cycle = itertools.cycle(requests[index % len(requests) :] + requests[: index % len(requests)])
     try:
         while not stopping.is_set():
             began = time.monotonic()
             try:
                 status, body = await _exchange(reader, writer, next(cycle))
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                    ValueError, IndexError) as exc:
+            except (
+                OSError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+                ValueError,
+                IndexError,
+            ) as exc:
                 stats.failed += 1
                 stats.errors.append(f"{type(exc).__name__}: {exc}"[:200])
                 return
@@ -166,9 +206,16 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     host, port = split.hostname or "", split.port or 80
     if host != "127.0.0.1":
         raise SystemExit("postload only talks to 127.0.0.1")
-    requests = build_requests(host=host, port=port, key=args.key, mode=args.mode,
-                              batch=args.batch, channels=args.channels, prefix=args.prefix,
-                              data_bytes=args.data_bytes)
+    requests = build_requests(
+        host=host,
+        port=port,
+        key=args.key,
+        mode=args.mode,
+        batch=args.batch,
+        channels=args.channels,
+        prefix=args.prefix,
+        data_bytes=args.data_bytes,
+    )
     opened = [await asyncio.open_connection(host, port) for _ in range(args.concurrency)]
     stats = _Stats()
     stopping = asyncio.Event()
@@ -179,8 +226,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             writer.close()
         return {"event": "result", "aborted": True}
     began = time.monotonic_ns()
-    workers = [asyncio.create_task(_worker(i, requests, stopping, stats, *opened[i]))
-               for i in range(args.concurrency)]
+    workers = [
+        asyncio.create_task(_worker(i, requests, stopping, stats, *opened[i]))
+        for i in range(args.concurrency)
+    ]
     deadline = time.monotonic() + args.limit
     while True:
         remaining = deadline - time.monotonic()
@@ -192,19 +241,33 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             break
         command = line.strip()
         if command == "mark":
-            _print({"event": "mark", "t": time.monotonic_ns(), "events": stats.events,
-                    "requests": stats.requests, "failed": stats.failed})
+            _print(
+                {
+                    "event": "mark",
+                    "t": time.monotonic_ns(),
+                    "events": stats.events,
+                    "requests": stats.requests,
+                    "failed": stats.failed,
+                }
+            )
         elif command == "stop" or not line:
             break
     stopping.set()
     await asyncio.gather(*workers)
     lat = stats.latencies
-    return {"event": "result", "began": began, "ended": time.monotonic_ns(),
-            "events": stats.events, "requests": stats.requests, "failed": stats.failed,
-            "statuses": stats.statuses, "errors": stats.errors[:5],
-            "request_bytes": len(requests[0]),
-            "latency_p50_ms": round((_percentile(lat, 0.5) or 0.0) * 1000, 3),
-            "latency_p99_ms": round((_percentile(lat, 0.99) or 0.0) * 1000, 3)}
+    return {
+        "event": "result",
+        "began": began,
+        "ended": time.monotonic_ns(),
+        "events": stats.events,
+        "requests": stats.requests,
+        "failed": stats.failed,
+        "statuses": stats.statuses,
+        "errors": stats.errors[:5],
+        "request_bytes": len(requests[0]),
+        "latency_p50_ms": round((_percentile(lat, 0.5) or 0.0) * 1000, 3),
+        "latency_p99_ms": round((_percentile(lat, 0.99) or 0.0) * 1000, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -217,8 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--prefix", default="bench:p")
     parser.add_argument("--data-bytes", type=int, default=100)
-    parser.add_argument("--limit", type=float, default=120.0,
-                        help="stop by itself this many seconds after go")
+    parser.add_argument(
+        "--limit", type=float, default=120.0, help="stop by itself this many seconds after go"
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.concurrency <= 1024 or not 1 <= args.channels <= 10_000:
         parser.error("--concurrency must be 1-1024 and --channels 1-10000")

@@ -12,8 +12,18 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["BROKERS", "MODES", "QUICK_BROKERS", "TARGET_RATIO", "Broker", "PublishPlan",
-           "broker_names", "mode_label", "phase_concurrency", "plan_from_args"]
+__all__ = [
+    "BROKERS",
+    "MODES",
+    "QUICK_BROKERS",
+    "TARGET_RATIO",
+    "Broker",
+    "PublishPlan",
+    "broker_names",
+    "mode_label",
+    "phase_concurrency",
+    "plan_from_args",
+]
 
 #: The single-publish ratio to the memory broker that the issue asks of Redis.
 TARGET_RATIO = 0.7
@@ -73,20 +83,25 @@ def broker_names(text: str) -> list[str]:
     return names
 
 
-def plan_from_args(args: argparse.Namespace, *, runs: int, quiet_wait: float,
-                   max_foreign: float, attempts: int) -> PublishPlan:
+def plan_from_args(
+    args: argparse.Namespace, *, runs: int, quiet_wait: float, max_foreign: float, attempts: int
+) -> PublishPlan:
     """The plan of ``tidings bench`` options: ``--publish-seconds`` (default 4, --quick
     0.5) with a warm-up of half of it (at most 1 s), ``--publish-brokers`` (default all,
     --quick ``QUICK_BROKERS``); --quick also makes one attempt per run, whatever the
     machine's other load, so that it stays short."""
     quick = bool(args.quick)
     seconds = args.publish_seconds or (0.5 if quick else 4.0)
-    return PublishPlan(brokers=args.publish_brokers or (QUICK_BROKERS if quick
-                                                         else tuple(BROKERS)),
-                       runs=runs, seconds=seconds, warmup=min(1.0, seconds / 2),
-                       quiet_wait=quiet_wait, max_foreign=max_foreign,
-                       attempts=1 if quick else attempts,
-                       redis_cpu=getattr(args, "redis_cpu", None) or "server")
+    return PublishPlan(
+        brokers=args.publish_brokers or (QUICK_BROKERS if quick else tuple(BROKERS)),
+        runs=runs,
+        seconds=seconds,
+        warmup=min(1.0, seconds / 2),
+        quiet_wait=quiet_wait,
+        max_foreign=max_foreign,
+        attempts=1 if quick else attempts,
+        redis_cpu=getattr(args, "redis_cpu", None) or "server",
+    )
 
 
 #: ``lone``: single publishes, one in flight, for the latency a publish costs unloaded.

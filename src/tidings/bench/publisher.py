@@ -34,16 +34,24 @@ _CONTENT = "The quick brown fox jumps over the lazy dog; benchmarks say hello."
 
 def event_data(index: int, ts: int) -> dict[str, Any]:
     """A ``chat_message`` data object of about 150 bytes carrying the timestamp ``ts``."""
-    return {"conversation_id": "conv-bench", "sender_id": f"user-{index % 1000:04d}",
-            "content": _CONTENT, "ts": ts}
+    return {
+        "conversation_id": "conv-bench",
+        "sender_id": f"user-{index % 1000:04d}",
+        "content": _CONTENT,
+        "ts": ts,
+    }
 
 
 def _body(channel: str, start: int, count: int) -> bytes:
     ts = time.monotonic_ns()
-    return _encoder.encode({"events": [
-        {"channel": channel, "type": "chat_message", "data": event_data(start + i, ts)}
-        for i in range(count)
-    ]})
+    return _encoder.encode(
+        {
+            "events": [
+                {"channel": channel, "type": "chat_message", "data": event_data(start + i, ts)}
+                for i in range(count)
+            ]
+        }
+    )
 
 
 class _Stats:
@@ -58,8 +66,14 @@ class _Stats:
         self.max_lag = 0.0
 
 
-async def _post(http: aiohttp.ClientSession, url: str, headers: dict[str, str], body: bytes,
-                count: int, stats: _Stats) -> None:
+async def _post(
+    http: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+    count: int,
+    stats: _Stats,
+) -> None:
     if not stats.first_send:
         stats.first_send = time.monotonic_ns()
     stats.sent += count
@@ -92,14 +106,15 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         if line.strip() != "go":
             return {"event": "result", "aborted": True}
         if args.rate <= 0:
-            batches = [(start, min(args.batch, args.events - start))
-                       for start in range(0, args.events, args.batch)]
+            batches = [
+                (start, min(args.batch, args.events - start))
+                for start in range(0, args.events, args.batch)
+            ]
             queue = iter(batches)
 
             async def worker() -> None:
                 for start, count in queue:
-                    await _post(http, url, headers, _body(args.channel, start, count), count,
-                                stats)
+                    await _post(http, url, headers, _body(args.channel, start, count), count, stats)
 
             await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         else:
@@ -128,10 +143,17 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 task.add_done_callback(tasks.discard)
             if tasks:
                 await asyncio.gather(*tasks)
-    return {"event": "result", "first_send": stats.first_send, "last_ack": stats.last_ack,
-            "sent": stats.sent, "accepted": stats.accepted, "failed": stats.failed,
-            "statuses": stats.statuses, "behind_schedule": stats.behind,
-            "max_lag_ms": round(stats.max_lag * 1000, 3)}
+    return {
+        "event": "result",
+        "first_send": stats.first_send,
+        "last_ack": stats.last_ack,
+        "sent": stats.sent,
+        "accepted": stats.accepted,
+        "failed": stats.failed,
+        "statuses": stats.statuses,
+        "behind_schedule": stats.behind,
+        "max_lag_ms": round(stats.max_lag * 1000, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,8 +62,17 @@ from tidings.bench.system import (
     wait_quiet,
 )
 
-__all__ = ["BROKERS", "QUICK_BROKERS", "TARGET_RATIO", "Broker", "PublishPlan", "Row",
-           "broker_names", "measure_publish", "plan_from_args"]
+__all__ = [
+    "BROKERS",
+    "QUICK_BROKERS",
+    "TARGET_RATIO",
+    "Broker",
+    "PublishPlan",
+    "Row",
+    "broker_names",
+    "measure_publish",
+    "plan_from_args",
+]
 
 
 @dataclass(slots=True)
@@ -85,8 +94,12 @@ def _broker(ctx: Context, broker: Broker, plan: PublishPlan) -> Iterator[_Infra]
             yield _Infra(url, (proc.pid,), (), round(time.monotonic() - began, 2))
     else:
         with start_cluster(ctx.pinning, broker.shards, broker.replicas, cpu=cpu) as cluster:
-            yield _Infra(cluster.url, tuple(n.pid for n in cluster.primaries),
-                         tuple(n.pid for n in cluster.replicas), cluster.startup_seconds)
+            yield _Infra(
+                cluster.url,
+                tuple(n.pid for n in cluster.primaries),
+                tuple(n.pid for n in cluster.replicas),
+                cluster.startup_seconds,
+            )
 
 
 def _mark(load: Proc) -> dict[str, Any]:
@@ -103,16 +116,33 @@ def _us_per_event(before: CpuSample, after: CpuSample, pid: int, events: int) ->
     return round(used * 1e6 / max(1, events), 2)
 
 
-def _phase(ctx: Context, plan: PublishPlan, url: str, infra: _Infra, server_pid: int,
-           mode: str) -> dict[str, Any]:
+def _phase(
+    ctx: Context, plan: PublishPlan, url: str, infra: _Infra, server_pid: int, mode: str
+) -> dict[str, Any]:
     """One phase (``single`` or ``batch``) against a running node; the figures of its
     measured window."""
     concurrency = phase_concurrency(plan, mode)
-    argv = [sys.executable, "-m", "tidings.bench.postload", "--url", url,
-            "--key", ctx.credentials.api_key, "--mode", "batch" if mode == "batch" else "single",
-            "--concurrency", str(concurrency), "--batch", str(plan.batch),
-            "--channels", str(plan.channels), "--data-bytes", str(plan.data_bytes),
-            "--limit", str(plan.warmup + plan.seconds + 60)]
+    argv = [
+        sys.executable,
+        "-m",
+        "tidings.bench.postload",
+        "--url",
+        url,
+        "--key",
+        ctx.credentials.api_key,
+        "--mode",
+        "batch" if mode == "batch" else "single",
+        "--concurrency",
+        str(concurrency),
+        "--batch",
+        str(plan.batch),
+        "--channels",
+        str(plan.channels),
+        "--data-bytes",
+        str(plan.data_bytes),
+        "--limit",
+        str(plan.warmup + plan.seconds + 60),
+    ]
     load = Proc(argv, cpu=ctx.pinning.load_cpu, pinning=ctx.pinning, name="postload")
     try:
         line = load.readline(30)
@@ -134,8 +164,10 @@ def _phase(ctx: Context, plan: PublishPlan, url: str, infra: _Infra, server_pid:
     events = int(second["events"]) - int(first["events"])
     seconds = max(1e-9, (int(second["t"]) - int(first["t"])) / 1e9)
     if events <= 0:
-        raise RunError(f"no publish acknowledged in {seconds:.1f} s: "
-                       f"{result.get('statuses')} {result.get('errors')}")
+        raise RunError(
+            f"no publish acknowledged in {seconds:.1f} s: "
+            f"{result.get('statuses')} {result.get('errors')}"
+        )
     gen_cpu = round(cpu_percent(before, after, load.pid), 1)
     shards = [_us_per_event(before, after, pid, events) for pid in infra.primaries]
     replicas = [_us_per_event(before, after, pid, events) for pid in infra.replicas]
@@ -171,27 +203,41 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-def _one_broker(ctx: Context, plan: PublishPlan, broker: Broker,
-                progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+def _one_broker(
+    ctx: Context, plan: PublishPlan, broker: Broker, progress: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
     """Start the broker and one Tidings node on it; run both phases; stop everything."""
     began = time.monotonic()
-    with _broker(ctx, broker, plan) as infra, start_server(
-            KINDS["tidings"], ctx.pinning, ctx.credentials, send_buffer=ctx.send_buffer,
-            broker=infra.url, env=ctx.server_env) as server:
-        results = {mode: _phase(ctx, plan, server.http_url, infra, server.pid, mode)
-                   for mode in MODES}
+    with (
+        _broker(ctx, broker, plan) as infra,
+        start_server(
+            KINDS["tidings"],
+            ctx.pinning,
+            ctx.credentials,
+            send_buffer=ctx.send_buffer,
+            broker=infra.url,
+            env=ctx.server_env,
+        ) as server,
+    ):
+        results = {
+            mode: _phase(ctx, plan, server.http_url, infra, server.pid, mode) for mode in MODES
+        }
         # Warnings and errors the node logged (the bench runs it at level warning).
         stderr = server.proc.stderr()
     for mode, result in results.items():
-        result.update(broker=broker.name, broker_startup_seconds=infra.startup_seconds,
-                      server_stderr=stderr[-1000:])
+        result.update(
+            broker=broker.name,
+            broker_startup_seconds=infra.startup_seconds,
+            server_stderr=stderr[-1000:],
+        )
         shards = result["redis_us_per_publish"]
-        detail = (f", Redis {'/'.join(f'{v:g}' for v in shards)} µs/publish"
-                  if shards else "")
-        progress(f"  {mode_label(plan, mode)}, {broker.label}: {result['value']:,} "
-                 f"events/s (server CPU {result['server_cpu']}%, load {result['gen_cpu']}%"
-                 f"{detail}, other processes {result['foreign_cpu']}%) "
-                 f"[{time.monotonic() - began:.1f} s]")
+        detail = f", Redis {'/'.join(f'{v:g}' for v in shards)} µs/publish" if shards else ""
+        progress(
+            f"  {mode_label(plan, mode)}, {broker.label}: {result['value']:,} "
+            f"events/s (server CPU {result['server_cpu']}%, load {result['gen_cpu']}%"
+            f"{detail}, other processes {result['foreign_cpu']}%) "
+            f"[{time.monotonic() - began:.1f} s]"
+        )
         if result["failed"]:
             progress(f"    {result['failed']} request(s) failed: {result['load_errors']}")
     if stderr:
@@ -200,12 +246,19 @@ def _one_broker(ctx: Context, plan: PublishPlan, broker: Broker,
 
 
 def _disturbance(run: dict[str, dict[str, dict[str, Any]]]) -> float:
-    return max((result.get("foreign_cpu") or 0.0 for by_mode in run.values()
-                for result in by_mode.values()), default=0.0)
+    return max(
+        (
+            result.get("foreign_cpu") or 0.0
+            for by_mode in run.values()
+            for result in by_mode.values()
+        ),
+        default=0.0,
+    )
 
 
-def measure_publish(ctx: Context, plan: PublishPlan, *,
-                    progress: Callable[[str], None]) -> tuple[list[Row], dict[str, str]]:
+def measure_publish(
+    ctx: Context, plan: PublishPlan, *, progress: Callable[[str], None]
+) -> tuple[list[Row], dict[str, str]]:
     """Run the scenario: ``plan.runs`` runs, each measuring every broker of
     ``plan.brokers`` in order. Returns the rows (each with its per-run figures and
     errors) and the brokers skipped, with why.
@@ -233,21 +286,24 @@ def measure_publish(ctx: Context, plan: PublishPlan, *,
                 wait_quiet(plan.quiet_wait)
             run: dict[str, dict[str, dict[str, Any]]] = {}
             failed: dict[str, str] = {}
-            progress(f"  publish run {index + 1}/{plan.runs}"
-                     + (f" (attempt {attempt + 1})" if attempt else ""))
+            progress(
+                f"  publish run {index + 1}/{plan.runs}"
+                + (f" (attempt {attempt + 1})" if attempt else "")
+            )
             for broker in brokers:
                 try:
                     run[broker.name] = _one_broker(ctx, plan, broker, progress)
-                except (RunError, RuntimeError, TimeoutError, OSError, ValueError,
-                        KeyError) as exc:
+                except (RunError, RuntimeError, TimeoutError, OSError, ValueError, KeyError) as exc:
                     failed[broker.name] = str(exc)[:500]
                     progress(f"  publish, {broker.label}: FAILED: {exc}")
             if kept is None or _disturbance(run) < _disturbance(kept[0]):
                 kept = (run, failed, attempt + 1)
             if _disturbance(run) <= plan.max_foreign:
                 break
-            progress(f"    other processes used {_disturbance(run)}% of a core: "
-                     + ("repeating" if attempt + 1 < plan.attempts else "kept as noisy"))
+            progress(
+                f"    other processes used {_disturbance(run)}% of a core: "
+                + ("repeating" if attempt + 1 < plan.attempts else "kept as noisy")
+            )
         if kept is None:  # plan.attempts < 1
             raise ValueError("PublishPlan.attempts must be at least 1")
         run, failed, number = kept

@@ -25,8 +25,16 @@ TARGETS = {
 }
 
 #: Secondary figures summarised (median, min, max) next to a run's main value.
-_EXTRA_KEYS = ("p50_ms", "p99_ms", "p999_ms", "max_ms", "sampled_p50_ms", "sampled_p99_ms",
-               "deliveries_per_s", "handshakes_per_s")
+_EXTRA_KEYS = (
+    "p50_ms",
+    "p99_ms",
+    "p999_ms",
+    "max_ms",
+    "sampled_p50_ms",
+    "sampled_p99_ms",
+    "deliveries_per_s",
+    "handshakes_per_s",
+)
 #: Rows shown for a latency figure: (key, label suffix).
 _LATENCY_ROWS = (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9"))
 
@@ -50,8 +58,7 @@ def summarise(runs: list[dict[str, Any]], errors: list[str]) -> dict[str, Any]:
     for key in _EXTRA_KEYS:
         found = [run[key] for run in runs if run.get(key) is not None]
         if found:
-            extra[key] = {"median": statistics.median(found), "min": min(found),
-                          "max": max(found)}
+            extra[key] = {"median": statistics.median(found), "min": min(found), "max": max(found)}
     if extra:
         summary["extra"] = extra
     return summary
@@ -82,29 +89,65 @@ def _targets(figures: Sequence[Figure]) -> list[dict[str, Any]]:
             continue
         ratio = _ratio(figure, "tidings")
         if figure.scenario == "fanout" and ratio is not None:
-            checks.append({"figure": figure.label, "target": ">= 80% of the floor",
-                           "value": ratio, "met": ratio >= TARGETS["fanout_ratio"]})
+            checks.append(
+                {
+                    "figure": figure.label,
+                    "target": ">= 80% of the floor",
+                    "value": ratio,
+                    "met": ratio >= TARGETS["fanout_ratio"],
+                }
+            )
         elif figure.scenario == "latency" and figure.params["rate"] == 100:
-            checks.append({"figure": figure.label, "target": "p99 <= 15 ms", "value": value,
-                           "met": value <= TARGETS["latency_p99_ms"]})
+            checks.append(
+                {
+                    "figure": figure.label,
+                    "target": "p99 <= 15 ms",
+                    "value": value,
+                    "met": value <= TARGETS["latency_p99_ms"],
+                }
+            )
             if ratio is not None:
-                checks.append({"figure": figure.label, "target": "p99 <= 1.5x the floor",
-                               "value": ratio, "met": ratio <= TARGETS["latency_p99_ratio"]})
+                checks.append(
+                    {
+                        "figure": figure.label,
+                        "target": "p99 <= 1.5x the floor",
+                        "value": ratio,
+                        "met": ratio <= TARGETS["latency_p99_ratio"],
+                    }
+                )
         elif figure.scenario == "memory":
-            checks.append({"figure": figure.label, "target": "<= 16 KB per connection",
-                           "value": value, "met": value <= TARGETS["memory_kb"]})
+            checks.append(
+                {
+                    "figure": figure.label,
+                    "target": "<= 16 KB per connection",
+                    "value": value,
+                    "met": value <= TARGETS["memory_kb"],
+                }
+            )
         elif figure.scenario == "publish_ratio" and figure.params.get("target"):
-            checks.append({"figure": figure.label, "target": f">= {publishing.TARGET_RATIO} "
-                           "of the memory broker", "value": value,
-                           "met": value >= publishing.TARGET_RATIO})
+            checks.append(
+                {
+                    "figure": figure.label,
+                    "target": f">= {publishing.TARGET_RATIO} of the memory broker",
+                    "value": value,
+                    "met": value >= publishing.TARGET_RATIO,
+                }
+            )
         elif figure.scenario == "handshake" and ratio is not None:
-            checks.append({"figure": figure.label, "target": ">= 75% of the floor",
-                           "value": ratio, "met": ratio >= TARGETS["handshake_ratio"]})
+            checks.append(
+                {
+                    "figure": figure.label,
+                    "target": ">= 75% of the floor",
+                    "value": ratio,
+                    "met": ratio >= TARGETS["handshake_ratio"],
+                }
+            )
     return checks
 
 
-def build_report(plan: Plan, pinning: Pinning, figures: Sequence[Figure], skipped: dict[str, str],
-            started: float) -> dict[str, Any]:
+def build_report(
+    plan: Plan, pinning: Pinning, figures: Sequence[Figure], skipped: dict[str, str], started: float
+) -> dict[str, Any]:
     return {
         "tidings_version": __version__,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -137,8 +180,11 @@ def build_report(plan: Plan, pinning: Pinning, figures: Sequence[Figure], skippe
                 "params": figure.params,
                 "servers": figure.servers,
                 "note": figure.note,
-                "ratio_vs_floor": {name: _ratio(figure, name) for name in figure.servers
-                                   if name != "floor" and "floor" in figure.servers},
+                "ratio_vs_floor": {
+                    name: _ratio(figure, name)
+                    for name in figure.servers
+                    if name != "floor" and "floor" in figure.servers
+                },
             }
             for figure in figures
         ],
@@ -182,9 +228,12 @@ def render_table(report: dict[str, Any]) -> str:
                 per_server = {}
                 for name, summary in result["servers"].items():
                     view = dict(summary.get("extra", {}).get(key, {"median": None}))
-                    view.update(lower_bound=summary.get("lower_bound"), noisy=summary.get("noisy"),
-                                saturated=summary.get("saturated"),
-                                errors=summary.get("errors"))
+                    view.update(
+                        lower_bound=summary.get("lower_bound"),
+                        noisy=summary.get("noisy"),
+                        saturated=summary.get("saturated"),
+                        errors=summary.get("errors"),
+                    )
                     per_server[name] = view
                 views.append((f"{result['label']} {suffix}", per_server))
         else:
@@ -199,26 +248,37 @@ def render_table(report: dict[str, Any]) -> str:
                         continue
                     mine = per_server.get(name, {}).get("median")
                     row.append(_ratio_text(mine / floor) if floor and mine is not None else "-")
-            gen = [result["servers"][n].get("gen_cpu_max") for n in servers
-                   if result["servers"].get(n, {}).get("gen_cpu_max") is not None]
-            cpu = [f"{result['servers'][n]['server_cpu_median']:.0f}" for n in servers
-                   if result["servers"].get(n, {}).get("server_cpu_median") is not None]
+            gen = [
+                result["servers"][n].get("gen_cpu_max")
+                for n in servers
+                if result["servers"].get(n, {}).get("gen_cpu_max") is not None
+            ]
+            cpu = [
+                f"{result['servers'][n]['server_cpu_median']:.0f}"
+                for n in servers
+                if result["servers"].get(n, {}).get("server_cpu_median") is not None
+            ]
             row.append(f"{max(gen):.0f}" if gen else "-")
             row.append("/".join(cpu) if cpu else "-")
             rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     notes = []
     if any(s.get("lower_bound") for r in report["results"] for s in r["servers"].values()):
         notes.append(">= : the load generator used > 90% of its core: a lower bound")
     if any(s.get("saturated") for r in report["results"] for s in r["servers"].values()):
-        notes.append("SAT: the server could not keep up with the offered rate (events lost, "
-                     "or p50 > 1 s, or the publisher fell behind)")
+        notes.append(
+            "SAT: the server could not keep up with the offered rate (events lost, "
+            "or p50 > 1 s, or the publisher fell behind)"
+        )
     if any(s.get("noisy") for r in report["results"] for s in r["servers"].values()):
-        notes.append("*  : other processes of the machine used more than "
-                     f"{report['config']['max_foreign']:g}% of a core during a kept run")
+        notes.append(
+            "*  : other processes of the machine used more than "
+            f"{report['config']['max_foreign']:g}% of a core during a kept run"
+        )
     notes.append("server CPU %: median per server, in the order of the columns")
     for note in dict.fromkeys(r["note"] for r in report["results"] if r.get("note")):
         notes.append(note)
@@ -228,7 +288,9 @@ def render_table(report: dict[str, Any]) -> str:
     for name, why in report["skipped"].items():
         notes.append(f"skipped {name}: {why}")
     machine = report["machine"]
-    title = (f"tidings bench {report['tidings_version']}, {report['config']['runs']} run(s), "
-             f"{machine['cpu_model']} x{machine['cpus']}, Python {machine['python']}, "
-             f"pinning {machine['pinning']['method']}")
+    title = (
+        f"tidings bench {report['tidings_version']}, {report['config']['runs']} run(s), "
+        f"{machine['cpu_model']} x{machine['cpus']}, Python {machine['python']}, "
+        f"pinning {machine['pinning']['method']}"
+    )
     return "\n".join([title, "", *lines, "", *notes])

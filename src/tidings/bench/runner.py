@@ -38,8 +38,12 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _measure(plan: Plan, figure: Figure, one: Callable[[ServerKind], dict[str, Any]],
-             kinds: Sequence[ServerKind] | None = None) -> None:
+def _measure(
+    plan: Plan,
+    figure: Figure,
+    one: Callable[[ServerKind], dict[str, Any]],
+    kinds: Sequence[ServerKind] | None = None,
+) -> None:
     """Run ``one`` ``plan.runs`` times per server, interleaving servers run by run.
 
     A run during which other processes of the machine used more than
@@ -59,8 +63,7 @@ def _measure(plan: Plan, figure: Figure, one: Callable[[ServerKind], dict[str, A
                 started = time.monotonic()
                 try:
                     result = one(kind)
-                except (RunError, RuntimeError, TimeoutError, OSError, ValueError,
-                        KeyError) as exc:
+                except (RunError, RuntimeError, TimeoutError, OSError, ValueError, KeyError) as exc:
                     errors.append(f"run {index + 1}: {exc}")
                     _progress(f"  {figure.label} | {kind.name} run {index + 1}: FAILED: {exc}")
                     break
@@ -69,16 +72,22 @@ def _measure(plan: Plan, figure: Figure, one: Callable[[ServerKind], dict[str, A
                 foreign = result.get("foreign_cpu") or 0.0
                 extra = ""
                 if "server_cpu" in result:
-                    extra = (f" (server CPU {result['server_cpu']}%, generator "
-                             f"{result['gen_cpu']}%, other processes {foreign}%)")
-                _progress(f"  {figure.label} | {kind.name} run {index + 1}/{plan.runs}: "
-                          f"{fmt(result.get('value'), figure.unit)} {figure.unit}{extra} "
-                          f"[{time.monotonic() - started:.1f} s]")
+                    extra = (
+                        f" (server CPU {result['server_cpu']}%, generator "
+                        f"{result['gen_cpu']}%, other processes {foreign}%)"
+                    )
+                _progress(
+                    f"  {figure.label} | {kind.name} run {index + 1}/{plan.runs}: "
+                    f"{fmt(result.get('value'), figure.unit)} {figure.unit}{extra} "
+                    f"[{time.monotonic() - started:.1f} s]"
+                )
                 attempts.append(result)
                 if foreign <= plan.max_foreign:
                     break
-                _progress(f"    other processes used {foreign}% of a core: "
-                          + ("repeating" if attempt + 1 < plan.attempts else "kept as noisy"))
+                _progress(
+                    f"    other processes used {foreign}% of a core: "
+                    + ("repeating" if attempt + 1 < plan.attempts else "kept as noisy")
+                )
             if attempts:
                 best = min(attempts, key=lambda r: r.get("foreign_cpu") or 0.0)
                 if (best.get("foreign_cpu") or 0.0) > plan.max_foreign:
@@ -101,13 +110,15 @@ def _connection_counts(plan: Plan) -> set[int]:
     return counts
 
 
-def _fanout(ctx: Context, kind: ServerKind, *, n: int, seconds: float,
-            events: int | None) -> dict[str, Any]:
+def _fanout(
+    ctx: Context, kind: ServerKind, *, n: int, seconds: float, events: int | None
+) -> dict[str, Any]:
     return scenarios.fanout(ctx, kind, n, seconds=seconds, events=events)
 
 
-def _latency(ctx: Context, kind: ServerKind, *, n: int, rate: float, seconds: float,
-             warmup: float) -> dict[str, Any]:
+def _latency(
+    ctx: Context, kind: ServerKind, *, n: int, rate: float, seconds: float, warmup: float
+) -> dict[str, Any]:
     return scenarios.latency(ctx, kind, n, rate, seconds=seconds, warmup=warmup)
 
 
@@ -119,19 +130,27 @@ def _handshakes(ctx: Context, kind: ServerKind, *, n: int, concurrency: int) -> 
     return scenarios.handshakes(ctx, kind, n, concurrency=concurrency)
 
 
-def _redis_fanout(ctx: Context, kind: ServerKind, *, n: int, seconds: float,
-                  events: int | None, cluster: bool = False) -> dict[str, Any]:
-    return scenarios.redis_fanout(ctx, kind, n, seconds=seconds, events=events,
-                                  cluster=cluster)
+def _redis_fanout(
+    ctx: Context,
+    kind: ServerKind,
+    *,
+    n: int,
+    seconds: float,
+    events: int | None,
+    cluster: bool = False,
+) -> dict[str, Any]:
+    return scenarios.redis_fanout(ctx, kind, n, seconds=seconds, events=events, cluster=cluster)
 
 
-def _redis_latency(ctx: Context, kind: ServerKind, *, n: int, rate: float, seconds: float,
-                   warmup: float) -> dict[str, Any]:
+def _redis_latency(
+    ctx: Context, kind: ServerKind, *, n: int, rate: float, seconds: float, warmup: float
+) -> dict[str, Any]:
     return scenarios.redis_latency(ctx, kind, n, rate, seconds=seconds, warmup=warmup)
 
 
-def _redis_figures(plan: Plan, ctx: Context, figures: list[Figure],
-                   skipped: dict[str, str]) -> None:
+def _redis_figures(
+    plan: Plan, ctx: Context, figures: list[Figure], skipped: dict[str, str]
+) -> None:
     """Fan-out and latency through Redis: two Tidings nodes and a private redis-server,
     all on the server CPU; Tidings only (the peers have no Redis mode here)."""
     why = redis_available()
@@ -143,45 +162,105 @@ def _redis_figures(plan: Plan, ctx: Context, figures: list[Figure],
         _progress(f"  through Redis: skipped ({why})")
         return
     for n in plan.subscribers:
-        figure = Figure("redis_fanout", f"Redis 2 nodes fan-out {n:,} subs", "deliveries_per_s",
-                        "deliveries/s", "higher", {"subscribers": n, "nodes": 2}, {})
-        _measure(plan, figure, functools.partial(
-            _redis_fanout, ctx, n=n, seconds=plan.seconds, events=plan.events), tidings)
+        figure = Figure(
+            "redis_fanout",
+            f"Redis 2 nodes fan-out {n:,} subs",
+            "deliveries_per_s",
+            "deliveries/s",
+            "higher",
+            {"subscribers": n, "nodes": 2},
+            {},
+        )
+        _measure(
+            plan,
+            figure,
+            functools.partial(_redis_fanout, ctx, n=n, seconds=plan.seconds, events=plan.events),
+            tidings,
+        )
         figures.append(figure)
     for n in plan.subscribers:
-        figure = Figure("redis_fanout", f"Redis cluster 3x0, 2 nodes fan-out {n:,} subs",
-                        "deliveries_per_s", "deliveries/s", "higher",
-                        {"subscribers": n, "nodes": 2, "shards": 3}, {})
-        _measure(plan, figure, functools.partial(
-            _redis_fanout, ctx, n=n, seconds=plan.seconds, events=plan.events,
-            cluster=True), tidings)
+        figure = Figure(
+            "redis_fanout",
+            f"Redis cluster 3x0, 2 nodes fan-out {n:,} subs",
+            "deliveries_per_s",
+            "deliveries/s",
+            "higher",
+            {"subscribers": n, "nodes": 2, "shards": 3},
+            {},
+        )
+        _measure(
+            plan,
+            figure,
+            functools.partial(
+                _redis_fanout, ctx, n=n, seconds=plan.seconds, events=plan.events, cluster=True
+            ),
+            tidings,
+        )
         figures.append(figure)
     n = plan.latency_subscribers
     for rate in plan.latency_rates:
-        figure = Figure("redis_latency", f"Redis 2 nodes latency {rate:g} ev/s x {n:,}",
-                        "p99_ms", "ms", "lower", {"subscribers": n, "rate": rate, "nodes": 2},
-                        {})
-        _measure(plan, figure, functools.partial(
-            _redis_latency, ctx, n=n, rate=rate, seconds=plan.latency_seconds,
-            warmup=min(1.0, plan.latency_seconds / 2)), tidings)
+        figure = Figure(
+            "redis_latency",
+            f"Redis 2 nodes latency {rate:g} ev/s x {n:,}",
+            "p99_ms",
+            "ms",
+            "lower",
+            {"subscribers": n, "rate": rate, "nodes": 2},
+            {},
+        )
+        _measure(
+            plan,
+            figure,
+            functools.partial(
+                _redis_latency,
+                ctx,
+                n=n,
+                rate=rate,
+                seconds=plan.latency_seconds,
+                warmup=min(1.0, plan.latency_seconds / 2),
+            ),
+            tidings,
+        )
         figures.append(figure)
 
 
-def _publish_figures(plan: Plan, args: argparse.Namespace, ctx: Context,
-                     figures: list[Figure], skipped: dict[str, str]) -> None:
+def _publish_figures(
+    plan: Plan,
+    args: argparse.Namespace,
+    ctx: Context,
+    figures: list[Figure],
+    skipped: dict[str, str],
+) -> None:
     """Publishes per second through each broker, on one Tidings node (tidings/bench/
     publishing.py); Tidings only."""
     if not any(kind.name == "tidings" for kind in plan.kinds):
         skipped["publish"] = "only Tidings runs the publish scenario, and it is not among --servers"
         return
-    rows, why = publishing.measure_publish(ctx, publishing.plan_from_args(
-        args, runs=plan.runs, quiet_wait=plan.quiet_wait, max_foreign=plan.max_foreign,
-        attempts=plan.attempts), progress=_progress)
+    rows, why = publishing.measure_publish(
+        ctx,
+        publishing.plan_from_args(
+            args,
+            runs=plan.runs,
+            quiet_wait=plan.quiet_wait,
+            max_foreign=plan.max_foreign,
+            attempts=plan.attempts,
+        ),
+        progress=_progress,
+    )
     skipped.update(why)
     for row in rows:
-        figures.append(Figure(row.scenario, row.label, row.metric, row.unit, row.better,
-                              row.params, {"tidings": summarise(row.runs, row.errors)},
-                              row.note))
+        figures.append(
+            Figure(
+                row.scenario,
+                row.label,
+                row.metric,
+                row.unit,
+                row.better,
+                row.params,
+                {"tidings": summarise(row.runs, row.errors)},
+                row.note,
+            )
+        )
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -208,12 +287,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="tidings-bench-"))
     sizes = sorted(_connection_counts(plan))
     usable = [n for n in sizes if n + 500 <= nofile]
-    _progress(f"tidings bench: servers {[k.name for k in plan.kinds]}, {plan.runs} run(s) each, "
-              f"pinning {pinning.method} (server CPU {pinning.server_cpu}, load CPU "
-              f"{pinning.load_cpu}), file descriptors {nofile}")
+    _progress(
+        f"tidings bench: servers {[k.name for k in plan.kinds]}, {plan.runs} run(s) each, "
+        f"pinning {pinning.method} (server CPU {pinning.server_cpu}, load CPU "
+        f"{pinning.load_cpu}), file descriptors {nofile}"
+    )
     tokens = {n: write_tokens(work / f"tokens-{n}.txt", credentials.secret, n) for n in usable}
-    ctx = Context(exe=exe, pinning=pinning, credentials=credentials, tokens=tokens,
-                  send_buffer=args.send_buffer, batch=args.batch, publishers=args.publishers)
+    ctx = Context(
+        exe=exe,
+        pinning=pinning,
+        credentials=credentials,
+        tokens=tokens,
+        send_buffer=args.send_buffer,
+        batch=args.batch,
+        publishers=args.publishers,
+    )
     figures: list[Figure] = []
     skipped: dict[str, str] = dict(plan.skipped_kinds)
     sink: Sink | None = None
@@ -221,8 +309,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         if getattr(args, "otel", False):
             if importlib.util.find_spec("opentelemetry.sdk") is None:
-                raise SystemExit("tidings bench: --otel needs the otel extra "
-                                 "(pip install 'tidings[otel]')")
+                raise SystemExit(
+                    "tidings bench: --otel needs the otel extra (pip install 'tidings[otel]')"
+                )
             sink = stack.enter_context(otlp_sink())
             ctx.server_env = sink.env()
             _progress(f"tidings bench: tracing on, spans exported to {sink.endpoint}")
@@ -238,8 +327,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _run_figures(plan: Plan, args: argparse.Namespace, ctx: Context, figures: list[Figure],
-                 skipped: dict[str, str], nofile: int, work: Path) -> None:
+def _run_figures(
+    plan: Plan,
+    args: argparse.Namespace,
+    ctx: Context,
+    figures: list[Figure],
+    skipped: dict[str, str],
+    nofile: int,
+    work: Path,
+) -> None:
     """Every figure of ``plan``, into ``figures`` (and why some were not, ``skipped``)."""
     try:
         if "fanout" in plan.scenarios:
@@ -247,38 +343,82 @@ def _run_figures(plan: Plan, args: argparse.Namespace, ctx: Context, figures: li
                 if n + 500 > nofile:
                     skipped[f"fanout {n}"] = f"needs {n + 500} file descriptors, limit {nofile}"
                     continue
-                figure = Figure("fanout", f"fan-out {n:,} subs", "deliveries_per_s",
-                                "deliveries/s", "higher", {"subscribers": n}, {})
-                _measure(plan, figure, functools.partial(
-                    _fanout, ctx, n=n, seconds=plan.seconds, events=plan.events))
+                figure = Figure(
+                    "fanout",
+                    f"fan-out {n:,} subs",
+                    "deliveries_per_s",
+                    "deliveries/s",
+                    "higher",
+                    {"subscribers": n},
+                    {},
+                )
+                _measure(
+                    plan,
+                    figure,
+                    functools.partial(_fanout, ctx, n=n, seconds=plan.seconds, events=plan.events),
+                )
                 figures.append(figure)
         if "latency" in plan.scenarios:
             n = plan.latency_subscribers
             for rate in plan.latency_rates:
-                figure = Figure("latency", f"latency {rate:g} ev/s x {n:,}", "p99_ms", "ms",
-                                "lower", {"subscribers": n, "rate": rate}, {})
-                _measure(plan, figure, functools.partial(
-                    _latency, ctx, n=n, rate=rate, seconds=plan.latency_seconds,
-                    warmup=min(1.0, plan.latency_seconds / 2)))
+                figure = Figure(
+                    "latency",
+                    f"latency {rate:g} ev/s x {n:,}",
+                    "p99_ms",
+                    "ms",
+                    "lower",
+                    {"subscribers": n, "rate": rate},
+                    {},
+                )
+                _measure(
+                    plan,
+                    figure,
+                    functools.partial(
+                        _latency,
+                        ctx,
+                        n=n,
+                        rate=rate,
+                        seconds=plan.latency_seconds,
+                        warmup=min(1.0, plan.latency_seconds / 2),
+                    ),
+                )
                 figures.append(figure)
         if "memory" in plan.scenarios:
             for n in plan.memory_connections:
                 if n + 500 > nofile:
-                    skipped[f"memory {n}"] = (f"needs about {n + 500} file descriptors per "
-                                              f"process; the hard limit is {nofile}")
+                    skipped[f"memory {n}"] = (
+                        f"needs about {n + 500} file descriptors per "
+                        f"process; the hard limit is {nofile}"
+                    )
                     _progress(f"  idle memory {n:,}: skipped ({skipped[f'memory {n}']})")
                     continue
-                figure = Figure("memory", f"idle memory {n:,} conns", "kb_per_connection",
-                                "KB", "lower", {"connections": n}, {})
+                figure = Figure(
+                    "memory",
+                    f"idle memory {n:,} conns",
+                    "kb_per_connection",
+                    "KB",
+                    "lower",
+                    {"connections": n},
+                    {},
+                )
                 _measure(plan, figure, functools.partial(_memory, ctx, n=n))
                 figures.append(figure)
         if "handshake" in plan.scenarios:
             n = plan.handshakes
-            figure = Figure("handshake", f"handshakes ({n:,}, {plan.handshake_concurrency} "
-                            "in flight)", "handshakes_per_s", "/s", "higher",
-                            {"connections": n, "concurrency": plan.handshake_concurrency}, {})
-            _measure(plan, figure, functools.partial(
-                _handshakes, ctx, n=n, concurrency=plan.handshake_concurrency))
+            figure = Figure(
+                "handshake",
+                f"handshakes ({n:,}, {plan.handshake_concurrency} in flight)",
+                "handshakes_per_s",
+                "/s",
+                "higher",
+                {"connections": n, "concurrency": plan.handshake_concurrency},
+                {},
+            )
+            _measure(
+                plan,
+                figure,
+                functools.partial(_handshakes, ctx, n=n, concurrency=plan.handshake_concurrency),
+            )
             figures.append(figure)
         if "redis" in plan.scenarios:
             _redis_figures(plan, ctx, figures, skipped)

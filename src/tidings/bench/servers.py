@@ -18,8 +18,17 @@ from pathlib import Path
 from tidings.auth import mint_token
 from tidings.bench.system import Pinning, Proc
 
-__all__ = ["KINDS", "Credentials", "Server", "ServerKind", "available_kinds", "redis_available",
-           "start_redis", "start_server", "write_tokens"]
+__all__ = [
+    "KINDS",
+    "Credentials",
+    "Server",
+    "ServerKind",
+    "available_kinds",
+    "redis_available",
+    "start_redis",
+    "start_server",
+    "write_tokens",
+]
 
 CHANNEL = "bench:fan"
 _LISTENING = re.compile(r"listening on https?://([^:/\s]+):(\d+)")
@@ -50,16 +59,30 @@ class ServerKind:
     def argv(self, broker: str | None = None) -> list[str]:
         if self.name == "tidings":
             extra = ["--broker", broker] if broker else []
-            return [sys.executable, "-m", "tidings.cli", "serve", "--host", "127.0.0.1",
-                    "--port", "0", *extra]
+            return [
+                sys.executable,
+                "-m",
+                "tidings.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                *extra,
+            ]
         return [sys.executable, "-m", self.module, "--host", "127.0.0.1", "--port", "0"]
 
 
 KINDS: dict[str, ServerKind] = {
     "tidings": ServerKind("tidings", "tidings", "/ws", "tidings.cli"),
     "floor": ServerKind("floor", "floor", "/ws", "tidings.bench.floor"),
-    "socketio": ServerKind("socketio", "socketio", "/socket.io/?EIO=4&transport=websocket",
-                           "tidings.bench.sio_peer", requires="socketio"),
+    "socketio": ServerKind(
+        "socketio",
+        "socketio",
+        "/socket.io/?EIO=4&transport=websocket",
+        "tidings.bench.sio_peer",
+        requires="socketio",
+    ),
 }
 
 
@@ -69,15 +92,15 @@ def available_kinds(names: Sequence[str]) -> tuple[list[ServerKind], dict[str, s
     for name in names:
         kind = KINDS[name]
         if kind.requires and importlib.util.find_spec(kind.requires) is None:
-            skipped[name] = (f"{kind.requires} is not installed "
-                             "(pip install 'tidings[bench]')")
+            skipped[name] = f"{kind.requires} is not installed (pip install 'tidings[bench]')"
             continue
         kinds.append(kind)
     return kinds, skipped
 
 
-def server_env(credentials: Credentials, *, send_buffer: int,
-               extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def server_env(
+    credentials: Credentials, *, send_buffer: int, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The environment of a server under test: production mode, generous limits, and
     ``extra``. Inherited ``OTEL_*`` variables are kept only with ``extra`` (``--otel``,
     whose exporter variables win), so that e.g. a sampler can be set for a traced run;
@@ -85,18 +108,20 @@ def server_env(credentials: Credentials, *, send_buffer: int,
     prefixes = ("TIDINGS_",) if extra else ("TIDINGS_", "OTEL_")
     env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
     env.update(extra or {})
-    env.update({
-        "TIDINGS_SERVER__MODE": "production",
-        "TIDINGS_AUTH__SECRET": credentials.secret,
-        "TIDINGS_API__KEYS": credentials.api_key,
-        "TIDINGS_LOGGING__LEVEL": "warning",
-        "TIDINGS_LOGGING__FORMAT": "text",
-        # One connection per user here, but a rerun may reuse tokens before the server
-        # has forgotten the previous run's connections.
-        "TIDINGS_LIMITS__MAX_CONNECTIONS_PER_USER": "1000000",
-        "TIDINGS_LIMITS__SEND_BUFFER_BYTES": str(send_buffer),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "TIDINGS_SERVER__MODE": "production",
+            "TIDINGS_AUTH__SECRET": credentials.secret,
+            "TIDINGS_API__KEYS": credentials.api_key,
+            "TIDINGS_LOGGING__LEVEL": "warning",
+            "TIDINGS_LOGGING__FORMAT": "text",
+            # One connection per user here, but a rerun may reuse tokens before the server
+            # has forgotten the previous run's connections.
+            "TIDINGS_LIMITS__MAX_CONNECTIONS_PER_USER": "1000000",
+            "TIDINGS_LIMITS__SEND_BUFFER_BYTES": str(send_buffer),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -116,14 +141,24 @@ class Server:
 
 
 @contextmanager
-def start_server(kind: ServerKind, pinning: Pinning, credentials: Credentials, *,
-                 send_buffer: int, broker: str | None = None,
-                 env: Mapping[str, str] | None = None) -> Iterator[Server]:
+def start_server(
+    kind: ServerKind,
+    pinning: Pinning,
+    credentials: Credentials,
+    *,
+    send_buffer: int,
+    broker: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[Server]:
     """Start ``kind`` pinned to the server CPU, ``env`` added to its environment; stop it
     (by PID) when the block ends."""
-    proc = Proc(kind.argv(broker), cpu=pinning.server_cpu, pinning=pinning,
-                env=server_env(credentials, send_buffer=send_buffer, extra=env),
-                name=kind.name)
+    proc = Proc(
+        kind.argv(broker),
+        cpu=pinning.server_cpu,
+        pinning=pinning,
+        env=server_env(credentials, send_buffer=send_buffer, extra=env),
+        name=kind.name,
+    )
     try:
         port = 0
         while not port:
@@ -165,11 +200,24 @@ def start_redis(pinning: Pinning, cpu: int | None = None) -> Iterator[tuple[Proc
     """A private, empty redis-server (no persistence) on ``cpu`` (default: the server
     CPU); yields its URL."""
     port = _free_port()
-    argv = [shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1",
-            "--port", str(port), "--save", "", "--appendonly", "no", "--daemonize", "no",
-            "--loglevel", "warning"]
-    proc = Proc(argv, cpu=pinning.server_cpu if cpu is None else cpu, pinning=pinning,
-                name="redis-server")
+    argv = [
+        shutil.which("redis-server") or "redis-server",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--loglevel",
+        "warning",
+    ]
+    proc = Proc(
+        argv, cpu=pinning.server_cpu if cpu is None else cpu, pinning=pinning, name="redis-server"
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -193,7 +241,8 @@ def write_tokens(path: Path, secret: str, count: int) -> Path:
     """``count`` tokens for distinct users that may read ``bench:*``, one a line."""
     with path.open("w") as handle:
         for index in range(count):
-            handle.write(mint_token(secret, f"bench-{index:06d}", channels=["bench:*"],
-                                    ttl=6 * 3600))
+            handle.write(
+                mint_token(secret, f"bench-{index:06d}", channels=["bench:*"], ttl=6 * 3600)
+            )
             handle.write("\n")
     return path

@@ -27,9 +27,13 @@ _decoder = msgspec.json.Decoder()
 
 def build_app() -> web.Application:
     socketio: Any = importlib.import_module("socketio")
-    sio = socketio.AsyncServer(async_mode="aiohttp", cors_allowed_origins="*",
-                               logger=False, engineio_logger=False,
-                               max_http_buffer_size=16 * 1024 * 1024)
+    sio = socketio.AsyncServer(
+        async_mode="aiohttp",
+        cors_allowed_origins="*",
+        logger=False,
+        engineio_logger=False,
+        max_http_buffer_size=16 * 1024 * 1024,
+    )
     app = web.Application(client_max_size=16 * 1024 * 1024)
     sio.attach(app)
     offsets = {"n": 0}
@@ -48,14 +52,21 @@ def build_app() -> web.Application:
             offsets["n"] += 1
             offset = offsets["n"]
             channel = event["channel"]
-            await sio.emit(event["type"], {
-                "channel": channel, "offset": offset, "id": f"evt_{offset:028x}",
-                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "data": event.get("data", {}),
-            }, room=channel)
+            await sio.emit(
+                event["type"],
+                {
+                    "channel": channel,
+                    "offset": offset,
+                    "id": f"evt_{offset:028x}",
+                    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "data": event.get("data", {}),
+                },
+                room=channel,
+            )
             results.append({"channel": channel, "offset": offset})
-        return web.Response(body=_encoder.encode({"results": results}),
-                            content_type="application/json")
+        return web.Response(
+            body=_encoder.encode({"results": results}), content_type="application/json"
+        )
 
     app.router.add_post("/api/batch", batch)
     return app

@@ -78,8 +78,15 @@ class Pinning:
 class Proc:
     """A child process with line-oriented stdin/stdout, stopped by its own PID."""
 
-    def __init__(self, argv: Sequence[str], *, cpu: int | None, pinning: Pinning,
-                 env: Mapping[str, str] | None = None, name: str = "") -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        cpu: int | None,
+        pinning: Pinning,
+        env: Mapping[str, str] | None = None,
+        name: str = "",
+    ) -> None:
         self.name = name or Path(argv[0]).name
         # stderr goes to a file: a pipe nobody reads could fill and stall the process.
         self._errors = tempfile.TemporaryFile(mode="w+", prefix="tidings-bench-")  # noqa: SIM115
@@ -175,7 +182,7 @@ def _proc_cpu_seconds(pid: int) -> float:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
 
 
@@ -200,9 +207,12 @@ def _core_jiffies(cpu: int | None) -> tuple[int, int, int] | None:
 
 
 def cpu_sample(pids: Sequence[int], cores: Sequence[int | None]) -> CpuSample:
-    return CpuSample(time.monotonic(), {pid: _proc_cpu_seconds(pid) for pid in pids},
-                     {cpu: _core_jiffies(cpu) for cpu in cores if cpu is not None},
-                     _core_jiffies(-1))
+    return CpuSample(
+        time.monotonic(),
+        {pid: _proc_cpu_seconds(pid) for pid in pids},
+        {cpu: _core_jiffies(cpu) for cpu in cores if cpu is not None},
+        _core_jiffies(-1),
+    )
 
 
 def foreign_cpu(before: CpuSample, after: CpuSample) -> float | None:
@@ -213,9 +223,11 @@ def foreign_cpu(before: CpuSample, after: CpuSample) -> float | None:
     wall = after.wall - before.wall
     if wall <= 0:
         return None
-    busy = ((after.machine[0] - before.machine[0]) - (after.machine[2] - before.machine[2]))
-    ours = sum(after.proc_seconds.get(pid, 0.0) - before.proc_seconds.get(pid, 0.0)
-               for pid in after.proc_seconds)
+    busy = (after.machine[0] - before.machine[0]) - (after.machine[2] - before.machine[2])
+    ours = sum(
+        after.proc_seconds.get(pid, 0.0) - before.proc_seconds.get(pid, 0.0)
+        for pid in after.proc_seconds
+    )
     return max(0.0, 100.0 * (busy / _TICKS - ours) / wall)
 
 
@@ -297,8 +309,11 @@ def machine_info(pinning: Pinning) -> dict[str, Any]:
         "memory_gib": round(mem_kib / 1024 / 1024, 1),
         "kernel": platform.release(),
         "python": sys.version.split()[0],
-        "pinning": {"method": pinning.method, "server_cpu": pinning.server_cpu,
-                    "load_cpu": pinning.load_cpu},
+        "pinning": {
+            "method": pinning.method,
+            "server_cpu": pinning.server_cpu,
+            "load_cpu": pinning.load_cpu,
+        },
         "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         "libraries": versions,
     }

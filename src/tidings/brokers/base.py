@@ -95,8 +95,9 @@ class BrokerHandler(Protocol):
     ``publish`` or into its own background loops.
     """
 
-    def on_event(self, channel: str, offset: int, epoch: str, payload: bytes,
-                 trace: str | None = None) -> None:
+    def on_event(
+        self, channel: str, offset: int, epoch: str, payload: bytes, trace: str | None = None
+    ) -> None:
         """Deliver one event of a channel this node subscribed to.
 
         Guarantee: per channel, calls arrive in strictly increasing offset order with no
@@ -200,8 +201,7 @@ class NodeRelay(Protocol):
     def node_id(self) -> str:
         """This node's id, as other nodes address it."""
 
-    def serve(self, handler: Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
-              ) -> None:
+    def serve(self, handler: Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]) -> None:
         """Answer requests addressed to this node with ``handler`` (which must not raise)."""
 
     async def request(self, node: str, body: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -77,9 +77,7 @@ class MemoryBroker:
         self._wall_clock = wall_clock
         self._streams: dict[str, _Stream] = {}
         self._subscribed: set[str] = set()
-        self._idempotency: OrderedDict[tuple[str, str], tuple[float, PublishResult]] = (
-            OrderedDict()
-        )
+        self._idempotency: OrderedDict[tuple[str, str], tuple[float, PublishResult]] = OrderedDict()
         self._handler: BrokerHandler | None = None
         # Epochs must differ between processes and streams, not be secret: seeded once
         # from the OS, then cheap (a stream is created on every new personal channel).
@@ -173,11 +171,11 @@ class MemoryBroker:
         if self._handler is not None and request.channel in self._subscribed:
             try:
                 if request.trace is None:
-                    self._handler.on_event(request.channel, stream.offset, stream.epoch,
-                                           payload)
+                    self._handler.on_event(request.channel, stream.offset, stream.epoch, payload)
                 else:
-                    self._handler.on_event(request.channel, stream.offset, stream.epoch,
-                                           payload, trace=request.trace)
+                    self._handler.on_event(
+                        request.channel, stream.offset, stream.epoch, payload, trace=request.trace
+                    )
             except Exception:
                 # The event is committed: the publish is acknowledged and the rest of the
                 # batch delivered (BrokerHandler's failing-handler contract).
@@ -244,8 +242,7 @@ class MemoryBroker:
         if deadline is not None and self._handler is not None:
             # `clock` may be injected: the delay, not the deadline, goes to the loop.
             delay = max(0.0, deadline - self._clock())
-            self._leave_timer = asyncio.get_running_loop().call_later(
-                delay, self.expire_presence)
+            self._leave_timer = asyncio.get_running_loop().call_later(delay, self.expire_presence)
 
     def _emit(self, changes: list[PresenceChange]) -> None:
         handler = self._handler
@@ -255,8 +252,9 @@ class MemoryBroker:
             # Each call guarded on its own (BrokerHandler's failing-handler contract).
             try:
                 if change.channel in self._subscribed:
-                    handler.on_presence(change.channel,
-                                        presence_payload(change, self._wall_clock()))
+                    handler.on_presence(
+                        change.channel, presence_payload(change, self._wall_clock())
+                    )
             except Exception:
                 logger.exception("on_presence failed for a channel")
             try:

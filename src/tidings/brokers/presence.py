@@ -89,9 +89,15 @@ class PresenceSync:
         self.counts: dict[str, int] = {}
         self.presence: dict[str, dict[str, int]] = {}
 
-    def plan(self, local_channels: Mapping[str, int],
-             local_presence: Callable[[str], Mapping[str, int]], *, force_node: bool,
-             recheck: bool, rewrite: bool) -> SyncPlan:
+    def plan(
+        self,
+        local_channels: Mapping[str, int],
+        local_presence: Callable[[str], Mapping[str, int]],
+        *,
+        force_node: bool,
+        recheck: bool,
+        rewrite: bool,
+    ) -> SyncPlan:
         """The write that brings Redis up to date with the node's local view.
 
         Presence is compared for channels whose count changed, or for every channel with
@@ -100,8 +106,11 @@ class PresenceSync:
         writes the channel counts even when unchanged (to refresh their expiry).
         """
         counts = {name: count for name, count in local_channels.items() if count > 0}
-        check = [name for name in counts.keys() | self.counts.keys()
-                 if recheck or rewrite or counts.get(name) != self.counts.get(name)]
+        check = [
+            name
+            for name in counts.keys() | self.counts.keys()
+            if recheck or rewrite or counts.get(name) != self.counts.get(name)
+        ]
         presence: dict[str, dict[str, int]] = {}
         for name in check:
             users = dict(local_presence(name)) if name in counts else {}

@@ -46,15 +46,15 @@ class PresenceChange(NamedTuple):
 def idempotency_key(change: PresenceChange, event: str) -> str:
     """A key that is the same for every delivery (and retry) of ``event`` made for
     ``change``, and differs between transitions: a hash, so it reveals no user id."""
-    text = "\n".join((change.channel, change.generation, str(change.seq), event,
-                      change.user_id))
+    text = "\n".join((change.channel, change.generation, str(change.seq), event, change.user_id))
     return "pre_" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def presence_payload(change: PresenceChange, timestamp: float) -> bytes:
     """The wire message of a ``join`` or ``leave`` (no ``id``, no ``offset``)."""
-    return encode_message(change.kind, {"user_id": change.user_id},
-                          channel=change.channel, timestamp=timestamp)
+    return encode_message(
+        change.kind, {"user_id": change.user_id}, channel=change.channel, timestamp=timestamp
+    )
 
 
 @dataclass(slots=True)
@@ -92,8 +92,7 @@ class PresenceTable:
         if holders or state.leaving.pop(user_id, None) is not None:
             return []  # already present, or back within the ttl
         occupied = len(state.present) + len(state.leaving) == 1
-        return [self._change(channel, user_id, "join",
-                             "occupied" if occupied else None)]
+        return [self._change(channel, user_id, "join", "occupied" if occupied else None)]
 
     def depart(self, channel: str, user_id: str, deadline: float) -> None:
         """One holder less; the last one leaves a pending leave due at ``deadline``."""
@@ -115,8 +114,7 @@ class PresenceTable:
             for user in sorted(due, key=state.leaving.__getitem__):
                 del state.leaving[user]
                 vacated = state.empty()
-                changes.append(self._change(channel, user, "leave",
-                                            "vacated" if vacated else None))
+                changes.append(self._change(channel, user, "leave", "vacated" if vacated else None))
             if state.empty():
                 del self._channels[channel]
         return changes
@@ -131,7 +129,12 @@ class PresenceTable:
         state = self._channels.get(channel)
         return sorted({*state.present, *state.leaving}) if state is not None else []
 
-    def _change(self, channel: str, user_id: str, kind: Kind,
-                occupancy: Literal["occupied", "vacated"] | None) -> PresenceChange:
+    def _change(
+        self,
+        channel: str,
+        user_id: str,
+        kind: Kind,
+        occupancy: Literal["occupied", "vacated"] | None,
+    ) -> PresenceChange:
         self._seq += 1
         return PresenceChange(channel, user_id, kind, self._generation, self._seq, occupancy)

@@ -62,6 +62,7 @@ __all__ = ["Client", "ClientOptions", "StateListener", "TokenProvider"]
 
 logger = logging.getLogger("tidings.client")
 
+
 class Client:
     """A Tidings connection that reconnects and recovers on its own.
 
@@ -100,22 +101,35 @@ class Client:
         self.url = url
         #: The pure core: protocol state and every decision (``self._http`` is aiohttp's).
         self._core = Session(
-            token=token, token_provider=token_provider, backoff=backoff or Backoff(),
-            refresh_margin=refresh_margin, liveness_timeout=liveness_timeout,
-            connect_timeout=connect_timeout, resubscribe_burst=resubscribe_burst,
-            resubscribe_rate=resubscribe_rate, max_auth_failures=max_auth_failures,
-            clock=clock, wall_clock=wall_clock)
+            token=token,
+            token_provider=token_provider,
+            backoff=backoff or Backoff(),
+            refresh_margin=refresh_margin,
+            liveness_timeout=liveness_timeout,
+            connect_timeout=connect_timeout,
+            resubscribe_burst=resubscribe_burst,
+            resubscribe_rate=resubscribe_rate,
+            max_auth_failures=max_auth_failures,
+            clock=clock,
+            wall_clock=wall_clock,
+        )
         self._close_timeout = close_timeout
         self._queue_size = queue_size
         if transport not in ("websocket", "sse"):
             raise ValueError("transport must be 'websocket' or 'sse'")
         #: Opens and serves each connection; ``self._dialer.link`` is the one up, if any.
         self._dialer = Dialer(
-            url, self._core, self._apply, headers=headers or {},
+            url,
+            self._core,
+            self._apply,
+            headers=headers or {},
             token_in_query=token_in_query,
             sse_url=sse_url(url, sse_path) if transport == "sse" else None,
-            connect_timeout=connect_timeout, close_timeout=close_timeout,
-            command_timeout=command_timeout, sleep=sleep)
+            connect_timeout=connect_timeout,
+            close_timeout=close_timeout,
+            command_timeout=command_timeout,
+            sleep=sleep,
+        )
         self._listeners: list[StateListener] = [on_state] if on_state is not None else []
         self._http = session
         self._own_http = session is None
@@ -194,8 +208,12 @@ class Client:
     async def __aenter__(self) -> Client:
         return await self.start()
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.close()
 
     # -- observation -----------------------------------------------------------------
@@ -275,8 +293,10 @@ class Client:
         if not is_valid_channel(channel):
             raise ValueError(f"invalid channel name: {channel!r}")
         if (on_event is None) != (on_gap is None):
-            raise TypeError("on_event and on_gap go together: a Gap means events were missed "
-                            "and must be handled")
+            raise TypeError(
+                "on_event and on_gap go together: a Gap means events were missed "
+                "and must be handled"
+            )
         self._check_open()
         core = self._core
         core.want(channel)
@@ -336,8 +356,11 @@ class Client:
                 if isinstance(step, Stop):
                     self._stop(step.error)
                     return
-                self._emit(StateChange(State.DISCONNECTED, outcome.code, outcome.reason,
-                                       retry_in=step.delay))
+                self._emit(
+                    StateChange(
+                        State.DISCONNECTED, outcome.code, outcome.reason, retry_in=step.delay
+                    )
+                )
                 await self._sleep(step.delay)
         except AuthenticationFailed as exc:
             self._stop(exc)
@@ -365,7 +388,8 @@ class Client:
             self._subs.pop(effect.channel).finish(effect.error)
         elif isinstance(effect, Added):
             self._subs[effect.state.channel] = Subscription(
-                self, effect.state.channel, maxsize=self._queue_size, channel_state=effect.state)
+                self, effect.state.channel, maxsize=self._queue_size, channel_state=effect.state
+            )
         elif isinstance(effect, Connected):
             self._emit(StateChange(State.CONNECTED))
             self._settle_first(None)

@@ -27,10 +27,20 @@ __all__ = ["Dialer"]
 class Dialer:
     """See the module docstring; ``sse_url`` is None for the WebSocket transport."""
 
-    def __init__(self, url: str, core: Session, on_effect: Callable[[AppEffect], None], *,
-                 headers: Mapping[str, str], token_in_query: bool, sse_url: str | None,
-                 connect_timeout: float, close_timeout: float, command_timeout: float,
-                 sleep: Callable[[float], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        url: str,
+        core: Session,
+        on_effect: Callable[[AppEffect], None],
+        *,
+        headers: Mapping[str, str],
+        token_in_query: bool,
+        sse_url: str | None,
+        connect_timeout: float,
+        close_timeout: float,
+        command_timeout: float,
+        sleep: Callable[[float], Awaitable[None]],
+    ) -> None:
         self._url = url
         self._core = core
         self._on_effect = on_effect
@@ -47,20 +57,29 @@ class Dialer:
     async def attempt(self, http: aiohttp.ClientSession) -> Outcome:
         """Connect once, serve the connection until it ends, and say how it ended."""
         token = await self._core.tokens.for_connection()
-        url, headers = handshake(self._url, token, self._headers,
-                                 token_in_query=self._token_in_query)
+        url, headers = handshake(
+            self._url, token, self._headers, token_in_query=self._token_in_query
+        )
         if self._sse_url is not None:
             return await self._attempt_sse(http, self._sse_url, token)
         try:
             async with asyncio.timeout(self._connect_timeout):
                 ws = await http.ws_connect(
-                    url, headers=headers, autoping=False, autoclose=True,
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None,
-                                                    ws_close=self._close_timeout))
+                    url,
+                    headers=headers,
+                    autoping=False,
+                    autoclose=True,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=self._close_timeout),
+                )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             return Outcome(None, f"cannot connect: {describe(exc)}", False)
-        link = self.link = Link(ws, self._core, on_effect=self._on_effect,
-                                command_timeout=self._command_timeout, sleep=self._sleep)
+        link = self.link = Link(
+            ws,
+            self._core,
+            on_effect=self._on_effect,
+            command_timeout=self._command_timeout,
+            sleep=self._sleep,
+        )
         try:
             return await link.serve()
         finally:
@@ -70,8 +89,7 @@ class Dialer:
                 async with asyncio.timeout(self._close_timeout):
                     await ws.close()
 
-    async def _attempt_sse(self, http: aiohttp.ClientSession, url: str, token: str
-                           ) -> Outcome:
+    async def _attempt_sse(self, http: aiohttp.ClientSession, url: str, token: str) -> Outcome:
         """``attempt`` over Server-Sent Events (``tidings.client.sse``)."""
         try:
             async with asyncio.timeout(self._connect_timeout):
@@ -80,9 +98,13 @@ class Dialer:
             return Outcome(exc.code, exc.message, False)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             return Outcome(None, f"cannot connect: {describe(exc)}", False)
-        link = self.link = Link(stream, self._core,  # type: ignore[arg-type]
-                                on_effect=self._on_effect,
-                                command_timeout=self._command_timeout, sleep=self._sleep)
+        link = self.link = Link(
+            stream,  # type: ignore[arg-type]
+            self._core,
+            on_effect=self._on_effect,
+            command_timeout=self._command_timeout,
+            sleep=self._sleep,
+        )
         try:
             return await link.serve()
         finally:

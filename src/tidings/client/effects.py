@@ -186,8 +186,9 @@ class Failed:
 #: What the application sees: its subscriptions' items and ends, and the connection state.
 AppEffect = Deliver | Confirm | Recovered | PresenceSeen | End | Added | Connected
 #: Work on the current connection: commands to send, replies to hand over.
-LinkEffect = (Resubscribe | SubscribeNow | RetrySubscribe | RecoverFresh | StartRefresh | Reply
-              | Failed)
+LinkEffect = (
+    Resubscribe | SubscribeNow | RetrySubscribe | RecoverFresh | StartRefresh | Reply | Failed
+)
 Effect = AppEffect | LinkEffect
 
 

@@ -25,8 +25,11 @@ class ConnectionClosed(ClientError):
     """
 
     def __init__(self, code: int | None, reason: str) -> None:
-        super().__init__(f"connection closed ({code}): {reason}" if code is not None
-                         else f"connection closed: {reason}")
+        super().__init__(
+            f"connection closed ({code}): {reason}"
+            if code is not None
+            else f"connection closed: {reason}"
+        )
         self.code = code
         self.reason = reason
 

@@ -53,8 +53,9 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def handshake(url: str, token: str, headers: Mapping[str, str], *,
-              token_in_query: bool) -> tuple[str, dict[str, str]]:
+def handshake(
+    url: str, token: str, headers: Mapping[str, str], *, token_in_query: bool
+) -> tuple[str, dict[str, str]]:
     """The URL and headers to open a connection with ``token``: an ``Authorization:
     Bearer`` header, or the ``token`` query parameter."""
     headers = dict(headers)
@@ -70,9 +71,15 @@ def handshake(url: str, token: str, headers: Mapping[str, str], *,
 class Link:
     """One open WebSocket; see the module docstring."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, session: Session, *,
-                 on_effect: Callable[[AppEffect], None], command_timeout: float,
-                 sleep: Callable[[float], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        ws: aiohttp.ClientWebSocketResponse,
+        session: Session,
+        *,
+        on_effect: Callable[[AppEffect], None],
+        command_timeout: float,
+        sleep: Callable[[float], Awaitable[None]],
+    ) -> None:
         self.ws = ws
         self._session = session
         self._on_effect = on_effect
@@ -92,8 +99,9 @@ class Link:
             try:
                 msg = await ws.receive(timeout=timeout)
             except TimeoutError:
-                return session.outcome(None, f"no frame received for {timeout:g} s; "
-                                             "connection presumed dead")
+                return session.outcome(
+                    None, f"no frame received for {timeout:g} s; connection presumed dead"
+                )
             kind = msg.type
             if kind is aiohttp.WSMsgType.TEXT:
                 try:
@@ -126,8 +134,7 @@ class Link:
             elif isinstance(effect, Resubscribe):
                 self._spawn(self._resubscribe(effect), "tidings-resubscribe")
             elif isinstance(effect, SubscribeNow):
-                self._spawn(self.send_subscribe(effect.state, effect.gen),
-                            "tidings-resubscribe")
+                self._spawn(self.send_subscribe(effect.state, effect.gen), "tidings-resubscribe")
             elif isinstance(effect, RetrySubscribe):
                 self._spawn(self._retry_subscribe(effect), "tidings-retry")
             elif isinstance(effect, RecoverFresh):
@@ -220,8 +227,7 @@ class Link:
             await self.send_subscribe(retry.state, retry.gen)
 
     async def _recover_fresh(self, recover: RecoverFresh) -> None:
-        _, unsubscribe = self._session.command("unsubscribe",
-                                               {"channel": recover.state.channel})
+        _, unsubscribe = self._session.command("unsubscribe", {"channel": recover.state.channel})
         await self.send(unsubscribe)
         await self.send_subscribe(recover.state, recover.gen)
 
@@ -246,6 +252,8 @@ class Link:
                 logger.warning("no reply to refresh; trying again")
                 continue
             if not session.refreshed(token, reply):
-                logger.warning("the token provider returned a token that expires no later "
-                               "than the current one; not refreshing again on this connection")
+                logger.warning(
+                    "the token provider returned a token that expires no later "
+                    "than the current one; not refreshing again on this connection"
+                )
                 return

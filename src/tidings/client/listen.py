@@ -34,17 +34,28 @@ DEFAULT_URL = "ws://127.0.0.1:8000/ws"
 def add_listen_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``listen`` sub-command to the ``tidings`` parser."""
     parser = commands.add_parser(
-        "listen", help="print events as JSON lines; reconnects and recovers on its own",
+        "listen",
+        help="print events as JSON lines; reconnects and recovers on its own",
         description="Connect, subscribe to CHANNELs (the personal channel is automatic), "
-                    "print each event as one JSON line on stdout and state changes on "
-                    "stderr; reconnect and recover on its own.")
-    parser.add_argument("--token", help="the JWT to connect with (default: one minted for "
-                                        "--sub with the running development server's secret)")
-    parser.add_argument("--sub", default="dev-user",
-                        help="without --token: the user to mint the token for (default "
-                             "dev-user); it may read the CHANNELs given")
-    parser.add_argument("--url", help=f"the server's WebSocket URL (default: the running "
-                                      f"development server's, else {DEFAULT_URL})")
+        "print each event as one JSON line on stdout and state changes on "
+        "stderr; reconnect and recover on its own.",
+    )
+    parser.add_argument(
+        "--token",
+        help="the JWT to connect with (default: one minted for "
+        "--sub with the running development server's secret)",
+    )
+    parser.add_argument(
+        "--sub",
+        default="dev-user",
+        help="without --token: the user to mint the token for (default "
+        "dev-user); it may read the CHANNELs given",
+    )
+    parser.add_argument(
+        "--url",
+        help=f"the server's WebSocket URL (default: the running "
+        f"development server's, else {DEFAULT_URL})",
+    )
     parser.add_argument("channels", nargs="*", metavar="CHANNEL", help="a channel to subscribe")
 
 
@@ -52,8 +63,7 @@ def run_listen(args: argparse.Namespace) -> None:
     """Run ``tidings listen`` until interrupted; raises ``SystemExit`` with the status."""
     bad = [c for c in args.channels if not is_valid_channel(c)]
     if bad:
-        print(f"tidings: error: invalid channel name {bad[0]!r} (namespace:name)",
-              file=sys.stderr)
+        print(f"tidings: error: invalid channel name {bad[0]!r} (namespace:name)", file=sys.stderr)
         raise SystemExit(2)
     token, url = args.token, args.url
     if token is None:
@@ -72,12 +82,16 @@ def _development_token(sub: str, channels: Sequence[str], url: str | None) -> tu
 
     state = read_state()
     if state is None or (url is not None and url.rstrip("/") != state.ws_url.rstrip("/")):
-        print("tidings: error: --token: required (no development server to mint one "
-              "with; see `tidings token`)", file=sys.stderr)
+        print(
+            "tidings: error: --token: required (no development server to mint one "
+            "with; see `tidings token`)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     # As long as the banner's token: a listener left running overnight keeps working.
-    token = mint_token(state.secret, sub, channels=channels, ttl=24 * 3600,
-                       algorithm=state.algorithm)
+    token = mint_token(
+        state.secret, sub, channels=channels, ttl=24 * 3600, algorithm=state.algorithm
+    )
     return token, state.ws_url
 
 
@@ -99,16 +113,22 @@ class _Printer:
         count, channel = recovery.count, recovery.channel
         if count:
             events = "event" if count == 1 else "events"
-            self.note(f"{channel}: recovered {count} missed {events} (offsets "
-                      f"{recovery.last_offset + 1} to {recovery.offset}, epoch {recovery.epoch})")
+            self.note(
+                f"{channel}: recovered {count} missed {events} (offsets "
+                f"{recovery.last_offset + 1} to {recovery.offset}, epoch {recovery.epoch})"
+            )
         else:
-            self.note(f"{channel}: recovered, no events missed (offset {recovery.offset}, "
-                      f"epoch {recovery.epoch})")
+            self.note(
+                f"{channel}: recovered, no events missed (offset {recovery.offset}, "
+                f"epoch {recovery.epoch})"
+            )
 
     def gap(self, gap: Gap) -> None:
-        self.note(f"{gap.channel}: events missed ({gap.reason}) after offset "
-                  f"{gap.last_offset} (epoch {gap.last_epoch}) up to offset {gap.offset} "
-                  f"(epoch {gap.epoch}); reload state from the application")
+        self.note(
+            f"{gap.channel}: events missed ({gap.reason}) after offset "
+            f"{gap.last_offset} (epoch {gap.last_epoch}) up to offset {gap.offset} "
+            f"(epoch {gap.epoch}); reload state from the application"
+        )
 
     def state(self, change: StateChange, client: Client) -> None:
         code = f"code {change.code}" if change.code is not None else "no close code"
@@ -123,9 +143,16 @@ class _Printer:
             self.note(f"closed ({ended})")
 
 
-async def listen(url: str, token: str, channels: Sequence[str], *, out: TextIO | None = None,
-                 err: TextIO | None = None, stop: asyncio.Event | None = None,
-                 backoff: Backoff | None = None) -> int:
+async def listen(
+    url: str,
+    token: str,
+    channels: Sequence[str],
+    *,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    stop: asyncio.Event | None = None,
+    backoff: Backoff | None = None,
+) -> int:
     """Print events of ``channels`` (and the automatic personal channel) until ``stop`` is
     set, SIGINT/SIGTERM arrives, or the client stops for good; return the exit status."""
     printer = _Printer(out or sys.stdout, err or sys.stderr, url)
@@ -142,9 +169,13 @@ async def listen(url: str, token: str, channels: Sequence[str], *, out: TextIO |
 
     async def follow(channel: str) -> None:
         try:
-            await client.subscribe(channel, on_event=printer.event, on_gap=printer.gap,
-                                   on_error=lambda exc: printer.note(f"{channel}: {exc}"),
-                                   on_recovered=printer.recovered)
+            await client.subscribe(
+                channel,
+                on_event=printer.event,
+                on_gap=printer.gap,
+                on_error=lambda exc: printer.note(f"{channel}: {exc}"),
+                on_recovered=printer.recovered,
+            )
             printer.note(f"subscribed to {channel}")
         except ClientError as exc:
             printer.note(f"cannot subscribe to {channel}: {exc}")
@@ -169,9 +200,11 @@ async def listen(url: str, token: str, channels: Sequence[str], *, out: TextIO |
         await client.start(wait=False)
         for channel in channels:
             start(channel)
-        waits: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait()),
-                                          asyncio.create_task(failed.wait()),
-                                          asyncio.create_task(client.wait_closed())]
+        waits: list[asyncio.Task[Any]] = [
+            asyncio.create_task(stop.wait()),
+            asyncio.create_task(failed.wait()),
+            asyncio.create_task(client.wait_closed()),
+        ]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for task in waits:
             task.cancel()

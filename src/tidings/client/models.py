@@ -63,16 +63,27 @@ class Event:
         """Build from a decoded server message; raise ``ValueError`` if it is not an event."""
         kind, channel, offset = message.get("type"), message.get("channel"), message.get("offset")
         event_id, stamp, data = message.get("id"), message.get("timestamp"), message.get("data")
-        if not (isinstance(kind, str) and isinstance(channel, str) and type(offset) is int
-                and isinstance(event_id, str) and isinstance(stamp, str)
-                and isinstance(data, dict)):
+        if not (
+            isinstance(kind, str)
+            and isinstance(channel, str)
+            and type(offset) is int
+            and isinstance(event_id, str)
+            and isinstance(stamp, str)
+            and isinstance(data, dict)
+        ):
             raise ValueError("not a well-formed event")
         return cls(kind, channel, offset, event_id, parse_timestamp(stamp), data)
 
     def to_dict(self) -> dict[str, Any]:
         """The event in its wire form (JSON-ready)."""
-        return {"type": self.type, "channel": self.channel, "offset": self.offset,
-                "id": self.id, "timestamp": format_timestamp(self.timestamp), "data": self.data}
+        return {
+            "type": self.type,
+            "channel": self.channel,
+            "offset": self.offset,
+            "id": self.id,
+            "timestamp": format_timestamp(self.timestamp),
+            "data": self.data,
+        }
 
 
 GapReason = Literal["recovery_failed", "overflow"]

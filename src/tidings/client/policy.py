@@ -30,10 +30,16 @@ def decide(code: int | None, *, has_token_provider: bool) -> Decision:
     """
     advice = CloseCode.advice_for(code)
     if advice is ReconnectAdvice.STOP:
-        why = ("the server closed the connection normally (1000)" if code == CloseCode.NORMAL
-               else "disconnected by the application (4403)")
+        why = (
+            "the server closed the connection normally (1000)"
+            if code == CloseCode.NORMAL
+            else "disconnected by the application (4403)"
+        )
         return Decision(advice, why)
     if advice is ReconnectAdvice.NEW_TOKEN and not has_token_provider:
-        return Decision(Action.STOP, "the server rejected the token (4401) and no "
-                                     "token_provider was given", auth=True)
+        return Decision(
+            Action.STOP,
+            "the server rejected the token (4401) and no token_provider was given",
+            auth=True,
+        )
     return Decision(advice)

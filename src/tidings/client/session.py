@@ -107,8 +107,9 @@ class Session:
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
     ) -> None:
-        self.tokens = TokenSource(token, token_provider, refresh_margin=refresh_margin,
-                                  wall_clock=wall_clock)
+        self.tokens = TokenSource(
+            token, token_provider, refresh_margin=refresh_margin, wall_clock=wall_clock
+        )
         self.backoff = backoff
         self._liveness_timeout = liveness_timeout
         self._connect_timeout = connect_timeout
@@ -206,9 +207,15 @@ class Session:
         if decision.action is Action.NEW_TOKEN:
             self._auth_failures = 1 if outcome.welcomed else self._auth_failures + 1
             if self._auth_failures > self._max_auth_failures:
-                return Stop(AuthenticationFailed(outcome.code, (
-                    f"the server rejected {self._auth_failures} tokens from the token "
-                    f"provider in a row: {outcome.reason}")))
+                return Stop(
+                    AuthenticationFailed(
+                        outcome.code,
+                        (
+                            f"the server rejected {self._auth_failures} tokens from the token "
+                            f"provider in a row: {outcome.reason}"
+                        ),
+                    )
+                )
             self.tokens.rejected()
         elif outcome.welcomed:
             self._auth_failures = 0
@@ -349,9 +356,13 @@ class Session:
         for state in self.channels.values():
             state.tracker.begin()
         unwanted = sorted(self._auto & self._unwanted)
-        effects.append(Resubscribe(
-            self.gen, tuple({"type": "unsubscribe", "data": {"channel": c}} for c in unwanted),
-            tuple(self.channels.values())))
+        effects.append(
+            Resubscribe(
+                self.gen,
+                tuple({"type": "unsubscribe", "data": {"channel": c}} for c in unwanted),
+                tuple(self.channels.values()),
+            )
+        )
         if self.tokens.has_provider:
             effects.append(StartRefresh())
         effects.append(Connected())
@@ -366,10 +377,14 @@ class Session:
             raise ProtocolViolation(f"{state.channel}: malformed 'subscribed' reply")
         offset, epoch, recovered, since = reply.offset, reply.epoch, reply.recovered, reply.since
         tracker = state.tracker
-        if (state.automatic and recovered is False and since is None
-                and tracker.epoch is not None
-                and (epoch != tracker.epoch or offset > tracker.offset)
-                and state.fallback_on != self.gen):
+        if (
+            state.automatic
+            and recovered is False
+            and since is None
+            and tracker.epoch is not None
+            and (epoch != tracker.epoch or offset > tracker.offset)
+            and state.fallback_on != self.gen
+        ):
             # The server subscribed this channel at connect and may already have sent live
             # events past the recovery point (or, in a new epoch, past its first offsets),
             # so it could not replay without reordering. Unsubscribe and subscribe again
@@ -380,13 +395,18 @@ class Session:
         state.retries = 0
         # A recovery is news only on a subscription confirmed before: a first reply is the
         # baseline, even when it answers the recover of a position `connected` announced.
-        recovery = (Recovered(state.channel, Recovery(state.channel, tracker.offset, offset,
-                                                      epoch))
-                    if recovered is True and state.confirmed else None)
+        recovery = (
+            Recovered(state.channel, Recovery(state.channel, tracker.offset, offset, epoch))
+            if recovered is True and state.confirmed
+            else None
+        )
         items = tracker.subscribed(offset, epoch, recovered, since)
         state.confirmed = True
-        return [*([recovery] if recovery is not None else []), *self._deliver(state, items),
-                Confirm(state.channel)]
+        return [
+            *([recovery] if recovery is not None else []),
+            *self._deliver(state, items),
+            Confirm(state.channel),
+        ]
 
     def _on_unsubscribed(self, reply: Unsubscribed) -> list[Effect]:
         if reply.id is not None:
@@ -395,14 +415,22 @@ class Session:
         if state is None:
             return []
         if reply.resubscribe is True:
-            logger.info("server ended %s (%s); resubscribing with recovery", state.channel,
-                        reply.reason)
+            logger.info(
+                "server ended %s (%s); resubscribing with recovery", state.channel, reply.reason
+            )
             state.tracker.begin()
             return [SubscribeNow(state, self.gen)]
         del self.channels[state.channel]
-        return [End(state.channel, SubscriptionError(
-            state.channel, reply.reason if reply.reason is not None else "revoked",
-            "the server ended the subscription"))]
+        return [
+            End(
+                state.channel,
+                SubscriptionError(
+                    state.channel,
+                    reply.reason if reply.reason is not None else "revoked",
+                    "the server ended the subscription",
+                ),
+            )
+        ]
 
     def _on_error(self, reply: ErrorReply) -> list[Effect]:
         code, message, reply_id = reply.code, reply.message, reply.id
@@ -426,10 +454,14 @@ class Session:
         # unavailable, rate limit): try again on this connection after a delay.
         state.retries += 1
         backoff = self.backoff
-        delay = backoff.random() * min(backoff.cap,
-                                       backoff.initial * 2 ** min(state.retries, 16))
-        logger.warning("resubscribing %s failed (%s: %s); retrying in %.2f s", state.channel,
-                       code, message, delay)
+        delay = backoff.random() * min(backoff.cap, backoff.initial * 2 ** min(state.retries, 16))
+        logger.warning(
+            "resubscribing %s failed (%s: %s); retrying in %.2f s",
+            state.channel,
+            code,
+            message,
+            delay,
+        )
         return [RetrySubscribe(state, self.gen, delay)]
 
     def _on_event(self, message: dict[str, Any]) -> list[Effect]:

@@ -53,8 +53,13 @@ class _Message:
 class SseSocket:
     """One SSE stream; open with ``connect``."""
 
-    def __init__(self, http: aiohttp.ClientSession, response: aiohttp.ClientResponse,
-                 commands_url: str, token: str) -> None:
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        response: aiohttp.ClientResponse,
+        commands_url: str,
+        token: str,
+    ) -> None:
         self._http = http
         self._response = response
         self._commands_url = commands_url
@@ -62,8 +67,9 @@ class SseSocket:
         self.session_id: str | None = None
 
     @classmethod
-    async def connect(cls, http: aiohttp.ClientSession, url: str, token: str,
-                      headers: dict[str, str]) -> SseSocket:
+    async def connect(
+        cls, http: aiohttp.ClientSession, url: str, token: str, headers: dict[str, str]
+    ) -> SseSocket:
         """Open the stream at ``url``; raises ``SseRefused`` or ``aiohttp.ClientError``."""
         sent = {**headers, "Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
         response = await http.get(url, headers=sent)
@@ -79,8 +85,10 @@ class SseSocket:
         commands = urlunsplit(parts._replace(path=parts.path + "/commands", query=""))
         return cls(http, response, commands, token)
 
-    async def receive(self, timeout: float | None = None  # noqa: ASYNC109 (aiohttp's call)
-                      ) -> _Message:
+    async def receive(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109 (aiohttp's call)
+    ) -> _Message:
         """The next message; raises ``TimeoutError`` when none came in ``timeout``."""
         async with asyncio.timeout(timeout):
             return await self._next()
@@ -123,8 +131,10 @@ class SseSocket:
             self._token = str(command.get("data", {}).get("token", self._token))
         try:
             async with self._http.post(
-                    self._commands_url, json={"session": self.session_id, "command": command},
-                    headers={"Authorization": f"Bearer {self._token}"}) as response:
+                self._commands_url,
+                json={"session": self.session_id, "command": command},
+                headers={"Authorization": f"Bearer {self._token}"},
+            ) as response:
                 if response.status >= 300:
                     raise ConnectionError(f"command refused (HTTP {response.status})")
         except aiohttp.ClientError as exc:

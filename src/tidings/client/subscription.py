@@ -25,8 +25,13 @@ from tidings.client.errors import SubscriptionError
 from tidings.client.models import Event, Gap, Item, Presence, Recovery
 
 __all__ = [
-    "ErrorCallback", "EventCallback", "GapCallback", "PresenceCallback", "RecoveryCallback",
-    "Subscription", "Unsubscriber",
+    "ErrorCallback",
+    "EventCallback",
+    "GapCallback",
+    "PresenceCallback",
+    "RecoveryCallback",
+    "Subscription",
+    "Unsubscriber",
 ]
 
 logger = logging.getLogger("tidings.client")
@@ -59,8 +64,14 @@ class Unsubscriber(Protocol):
 class Subscription:
     """One channel's stream of events and gaps; created by ``Client.subscribe``."""
 
-    def __init__(self, client: Unsubscriber, channel: str, *, maxsize: int,
-                 channel_state: ChannelState | None = None) -> None:
+    def __init__(
+        self,
+        client: Unsubscriber,
+        channel: str,
+        *,
+        maxsize: int,
+        channel_state: ChannelState | None = None,
+    ) -> None:
         if maxsize < 1:
             raise ValueError("queue size must be at least 1")
         self.channel = channel
@@ -185,13 +196,26 @@ class Subscription:
             self._last_queued = event.offset
             return
         if self._overflow is None:
-            logger.warning("subscription %s: queue full (%d); dropping events",
-                           self.channel, self._maxsize)
-            self._overflow = Gap(self.channel, "overflow", self._last_queued,
-                                 self.tracker.epoch, event.offset, self.tracker.epoch)
+            logger.warning(
+                "subscription %s: queue full (%d); dropping events", self.channel, self._maxsize
+            )
+            self._overflow = Gap(
+                self.channel,
+                "overflow",
+                self._last_queued,
+                self.tracker.epoch,
+                event.offset,
+                self.tracker.epoch,
+            )
         else:
-            self._overflow = Gap(self.channel, "overflow", self._overflow.last_offset,
-                                 self._overflow.last_epoch, event.offset, self.tracker.epoch)
+            self._overflow = Gap(
+                self.channel,
+                "overflow",
+                self._overflow.last_offset,
+                self._overflow.last_epoch,
+                event.offset,
+                self.tracker.epoch,
+            )
 
     def _flush_overflow(self, *, force: bool) -> None:
         if self._overflow is not None and (force or len(self._items) < self._maxsize):
@@ -227,8 +251,12 @@ class Subscription:
         self._ended = True
         self._error = error
         if not self._confirmed.done():
-            self._confirmed.set_exception(error or SubscriptionError(
-                self.channel, "closed", "the subscription ended before the server confirmed it"))
+            self._confirmed.set_exception(
+                error
+                or SubscriptionError(
+                    self.channel, "closed", "the subscription ended before the server confirmed it"
+                )
+            )
             self._confirmed.exception()  # retrieved: subscribe() may not be waiting
         self._wake()
 
@@ -241,8 +269,9 @@ class Subscription:
 
     # -- callback form ---------------------------------------------------------------
 
-    def start_callbacks(self, on_event: EventCallback, on_gap: GapCallback,
-                        on_error: ErrorCallback | None = None) -> None:
+    def start_callbacks(
+        self, on_event: EventCallback, on_gap: GapCallback, on_error: ErrorCallback | None = None
+    ) -> None:
         """Deliver items to callbacks from a task of their own (one at a time, in order).
 
         A callback that raises is logged and the next item is delivered. When the server
@@ -250,11 +279,13 @@ class Subscription:
         """
         if self._dispatcher is not None:
             raise RuntimeError(f"{self.channel}: callbacks are already registered")
-        self._dispatcher = asyncio.create_task(self._dispatch(on_event, on_gap, on_error),
-                                               name=f"tidings-dispatch:{self.channel}")
+        self._dispatcher = asyncio.create_task(
+            self._dispatch(on_event, on_gap, on_error), name=f"tidings-dispatch:{self.channel}"
+        )
 
-    async def _dispatch(self, on_event: EventCallback, on_gap: GapCallback,
-                        on_error: ErrorCallback | None) -> None:
+    async def _dispatch(
+        self, on_event: EventCallback, on_gap: GapCallback, on_error: ErrorCallback | None
+    ) -> None:
         try:
             async for item in self:
                 if isinstance(item, Event):

@@ -33,8 +33,14 @@ class TokenSource:
     or ``refreshed``), in epoch seconds; None while unknown.
     """
 
-    def __init__(self, token: str | None, provider: TokenProvider | None, *,
-                 refresh_margin: float, wall_clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        token: str | None,
+        provider: TokenProvider | None,
+        *,
+        refresh_margin: float,
+        wall_clock: Callable[[], float],
+    ) -> None:
         if token is None and provider is None:
             raise ValueError("give a token or a token_provider")
         self.token = token

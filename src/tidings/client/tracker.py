@@ -73,16 +73,16 @@ class ChannelTracker:
         self.awaiting = True
         self._held.clear()
 
-    def subscribed(self, offset: int, epoch: str, recovered: bool | None,
-                   since: int | None = None) -> list[Item]:
+    def subscribed(
+        self, offset: int, epoch: str, recovered: bool | None, since: int | None = None
+    ) -> list[Item]:
         """Apply a ``subscribed`` reply; return what to deliver now. ``since`` (at most
         ``offset``) is the reply's field of that name: with ``recovered: false``, the
         events of ``epoch`` after it are replayed next, so they are not duplicates."""
         out: list[Item] = []
         if recovered is True and self.epoch is not None:
             if epoch != self.epoch:
-                raise ProtocolViolation(
-                    f"{self.channel}: 'recovered: true' for another epoch")
+                raise ProtocolViolation(f"{self.channel}: 'recovered: true' for another epoch")
             # The replay of (self.offset, offset] follows, in order.
         else:
             if recovered is False and since is not None:
@@ -95,9 +95,11 @@ class ChannelTracker:
                 offset = min(offset, min(self._held) - 1)
             nothing_missed = epoch == self.epoch and offset == self.offset
             if (self.epoch is not None and not nothing_missed) or (
-                    self.epoch is None and self.baseline_lost):
-                out.append(Gap(self.channel, "recovery_failed", self.offset, self.epoch,
-                               offset, epoch))
+                self.epoch is None and self.baseline_lost
+            ):
+                out.append(
+                    Gap(self.channel, "recovery_failed", self.offset, self.epoch, offset, epoch)
+                )
             self.baseline_lost = False
             self.epoch = epoch
             self.offset = offset
@@ -116,7 +118,8 @@ class ChannelTracker:
             return []
         if event.offset != self.offset + 1:
             raise ProtocolViolation(
-                f"{self.channel}: expected offset {self.offset + 1}, got {event.offset}")
+                f"{self.channel}: expected offset {self.offset + 1}, got {event.offset}"
+            )
         self.offset = event.offset
         return [event, *self._release()]
 

@@ -93,8 +93,9 @@ def _compress(payload: bytes) -> bytes:
     # The window need not be larger than the message; a smaller one is cheaper to set
     # up and any receiver's window (up to 15 bits) can decode it.
     bits = min(15, max(9, len(payload).bit_length()))
-    compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -bits,
-                                  min(8, max(1, bits - 7)))
+    compressor = zlib.compressobj(
+        zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -bits, min(8, max(1, bits - 7))
+    )
     data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
     return data[:-4] if data.endswith(_TAIL) else data
 
@@ -134,9 +135,9 @@ def deflate_frames(data: bytes) -> bytes:
         if length < 126:
             start = pos + 2
         elif length == 126:
-            length, start = int.from_bytes(data[pos + 2:pos + 4], "big"), pos + 4
+            length, start = int.from_bytes(data[pos + 2 : pos + 4], "big"), pos + 4
         else:
-            length, start = int.from_bytes(data[pos + 2:pos + 10], "big"), pos + 10
+            length, start = int.from_bytes(data[pos + 2 : pos + 10], "big"), pos + 10
         stop = start + length
         out.append(deflate_frame(data[pos:stop]))
         pos = stop

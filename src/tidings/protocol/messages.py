@@ -52,13 +52,16 @@ class Connected:
             "connection_id": self.connection_id,
             "user_id": self.user_id,
             "expires_at": self.expires_at,
-            "heartbeat_interval": (int(interval) if interval is not None
-                                   and interval == int(interval) else interval),
+            "heartbeat_interval": (
+                int(interval) if interval is not None and interval == int(interval) else interval
+            ),
             "channels": list(self.channels),
         }
         if self.positions:
-            data["positions"] = {channel: {"offset": offset, "epoch": epoch}
-                                 for channel, (offset, epoch) in self.positions.items()}
+            data["positions"] = {
+                channel: {"offset": offset, "epoch": epoch}
+                for channel, (offset, epoch) in self.positions.items()
+            }
         return data
 
 
@@ -75,8 +78,7 @@ class Subscribed:
     since: int | None = None
 
     def data(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"channel": self.channel, "offset": self.offset,
-                                "epoch": self.epoch}
+        data: dict[str, Any] = {"channel": self.channel, "offset": self.offset, "epoch": self.epoch}
         if self.recovered is not None:
             data["recovered"] = self.recovered
         if self.since is not None:
@@ -143,16 +145,19 @@ class ErrorReply:
 ServerMessage = Connected | Subscribed | Unsubscribed | Refreshed | Pong | ErrorReply
 
 _KINDS: dict[type[Any], str] = {
-    Connected: "connected", Subscribed: "subscribed", Unsubscribed: "unsubscribed",
-    Refreshed: "refreshed", Pong: "pong", ErrorReply: "error",
+    Connected: "connected",
+    Subscribed: "subscribed",
+    Unsubscribed: "unsubscribed",
+    Refreshed: "refreshed",
+    Pong: "pong",
+    ErrorReply: "error",
 }
 
 
 def encode(message: ServerMessage, wall: float) -> bytes:
     """The JSON of ``message``, stamped ``wall`` (epoch seconds)."""
     reply_id = None if isinstance(message, Connected) else message.id
-    return encode_message(_KINDS[type(message)], message.data(), id=reply_id,
-                          timestamp=wall)
+    return encode_message(_KINDS[type(message)], message.data(), id=reply_id, timestamp=wall)
 
 
 def _str(value: object) -> str | None:
@@ -180,23 +185,26 @@ def _connected(data: dict[str, Any]) -> Connected:
             if isinstance(channel, str) and position is not None:
                 found[channel] = position
     return Connected(
-        _str(data.get("connection_id")), _str(data.get("user_id")),
+        _str(data.get("connection_id")),
+        _str(data.get("user_id")),
         _str(data.get("expires_at")),
         float(interval) if isinstance(interval, int | float) else None,
-        tuple(c for c in channels if isinstance(c, str)) if isinstance(channels, list)
-        else (),
-        found)
+        tuple(c for c in channels if isinstance(c, str)) if isinstance(channels, list) else (),
+        found,
+    )
 
 
 def _subscribed(data: dict[str, Any], reply_id: str | None) -> Subscribed:
     offset, epoch, recovered = data.get("offset"), data.get("epoch"), data.get("recovered")
     since = data.get("since")
-    if type(offset) is not int or not isinstance(epoch, str) or not (
-            recovered is None or isinstance(recovered, bool)) or not (
-            since is None or (type(since) is int and 0 <= since <= offset)):
+    if (
+        type(offset) is not int
+        or not isinstance(epoch, str)
+        or not (recovered is None or isinstance(recovered, bool))
+        or not (since is None or (type(since) is int and 0 <= since <= offset))
+    ):
         raise MalformedMessage("malformed 'subscribed' reply")
-    return Subscribed(_str(data.get("channel")) or "", offset, epoch, reply_id, recovered,
-                      since)
+    return Subscribed(_str(data.get("channel")) or "", offset, epoch, reply_id, recovered, since)
 
 
 def decode_reply(message: Mapping[str, Any]) -> ServerMessage | None:
@@ -213,16 +221,22 @@ def decode_reply(message: Mapping[str, Any]) -> ServerMessage | None:
         return _subscribed(data, reply_id)
     if kind == "unsubscribed":
         resubscribe = data.get("resubscribe")
-        return Unsubscribed(_str(data.get("channel")) or "", reply_id,
-                            _str(data.get("reason")),
-                            resubscribe if isinstance(resubscribe, bool) else None)
+        return Unsubscribed(
+            _str(data.get("channel")) or "",
+            reply_id,
+            _str(data.get("reason")),
+            resubscribe if isinstance(resubscribe, bool) else None,
+        )
     if kind == "refreshed":
         return Refreshed(_str(data.get("expires_at")), reply_id)
     if kind == "pong":
         return Pong(reply_id)
     if kind == "error":
         code, text = data.get("code"), data.get("message")
-        return ErrorReply(code if isinstance(code, str) else ErrorCode.INTERNAL_ERROR,
-                          text if isinstance(text, str) else "", reply_id,
-                          _str(data.get("channel")))
+        return ErrorReply(
+            code if isinstance(code, str) else ErrorCode.INTERNAL_ERROR,
+            text if isinstance(text, str) else "",
+            reply_id,
+            _str(data.get("channel")),
+        )
     return None

@@ -129,7 +129,7 @@ def _depth_fault(data: bytes | str) -> str | None:
     # closing brackets as opening ones after it, that group is too deep.
     stop = _BALANCED.match(brackets)
     end = stop.end() if stop else 0
-    if brackets[end:end + 1] == b"]" or 2 * brackets.count(b"[", end) != len(brackets) - end:
+    if brackets[end : end + 1] == b"]" or 2 * brackets.count(b"[", end) != len(brackets) - end:
         return _NOT_JSON
     return _TOO_DEEP
 
@@ -151,8 +151,9 @@ def loads(data: bytes | str) -> Any:
 class BadCommand(InvalidRequest):
     """An invalid command; carries the command's ``id`` when it could be read."""
 
-    def __init__(self, message: str, *, command_id: str | None = None,
-                 channel: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, command_id: str | None = None, channel: str | None = None
+    ) -> None:
         super().__init__(message, channel=channel)
         self.command_id = command_id
 

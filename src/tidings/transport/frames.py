@@ -34,8 +34,9 @@ class MaskCheckingReader(WebSocketReader):
 
     __slots__ = ("_failed", "_head", "_messages", "_skip")
 
-    def __init__(self, queue: WebSocketDataQueue, max_msg_size: int, compress: bool,
-                 decode_text: bool) -> None:
+    def __init__(
+        self, queue: WebSocketDataQueue, max_msg_size: int, compress: bool, decode_text: bool
+    ) -> None:
         super().__init__(queue, max_msg_size, compress, decode_text)
         # aiohttp's compiled reader does not expose its queue to subclasses.
         self._messages = queue
@@ -51,8 +52,7 @@ class MaskCheckingReader(WebSocketReader):
         # Most reads are one whole masked frame with a payload under 126 bytes and
         # nothing carried over: its second byte is the mask bit and the payload length.
         size = len(data)
-        if (6 <= size <= 131 and data[1] == 0x80 | (size - 6)
-                and not self._skip and not self._head):
+        if 6 <= size <= 131 and data[1] == 0x80 | (size - 6) and not self._skip and not self._head:
             return _feed(self, data)
         unmasked = self._find_unmasked(data)
         if unmasked < 0:
@@ -63,7 +63,8 @@ class MaskCheckingReader(WebSocketReader):
             if eof:  # aiohttp failed the connection on an earlier frame: its code stands
                 return eof, tail
         self._messages.set_exception(
-            WebSocketError(WSCloseCode.PROTOCOL_ERROR, "client frame not masked"))
+            WebSocketError(WSCloseCode.PROTOCOL_ERROR, "client frame not masked")
+        )
         return True, b""
 
     def _find_unmasked(self, data: bytes) -> int:
@@ -87,11 +88,11 @@ class MaskCheckingReader(WebSocketReader):
             elif length == 126:
                 if end - pos < 4:
                     break
-                length, start = int.from_bytes(buf[pos + 2:pos + 4], "big"), pos + 8
+                length, start = int.from_bytes(buf[pos + 2 : pos + 4], "big"), pos + 8
             else:
                 if end - pos < 10:
                     break
-                length, start = int.from_bytes(buf[pos + 2:pos + 10], "big"), pos + 14
+                length, start = int.from_bytes(buf[pos + 2 : pos + 10], "big"), pos + 14
             pos = start + length  # the mask key is skipped with the payload
             if pos >= end:
                 self._head, self._skip = b"", pos - end
@@ -112,20 +113,23 @@ class MaskCheckingResponse(web.WebSocketResponse):
     ``max_msg_size`` (checked by tests/server/test_deflate.py on the pinned aiohttp).
     """
 
-    def _handshake(self, request: web.BaseRequest
-                   ) -> tuple[CIMultiDict[str], str | None, int, bool]:
+    def _handshake(
+        self, request: web.BaseRequest
+    ) -> tuple[CIMultiDict[str], str | None, int, bool]:
         enabled, self._compress = self._compress, False
         headers, protocol, _, _ = super()._handshake(request)
         self._compress = enabled
-        accepted = negotiate(request.headers.get(hdrs.SEC_WEBSOCKET_EXTENSIONS)
-                             ) if enabled else None
+        accepted = (
+            negotiate(request.headers.get(hdrs.SEC_WEBSOCKET_EXTENSIONS)) if enabled else None
+        )
         if accepted is None:
             return headers, protocol, 0, False
         headers[hdrs.SEC_WEBSOCKET_EXTENSIONS] = accepted
         return headers, protocol, 15, True
 
-    def _post_start(self, request: web.BaseRequest, protocol: str | None,
-                    writer: WebSocketWriter) -> None:
+    def _post_start(
+        self, request: web.BaseRequest, protocol: str | None, writer: WebSocketWriter
+    ) -> None:
         handler = request.protocol
         # Bytes that arrived with the request head would go to aiohttp's own reader
         # inside _post_start; hold them back for the checking one.
@@ -134,8 +138,9 @@ class MaskCheckingResponse(web.WebSocketResponse):
         queue = self._reader
         if queue is None:  # pragma: no cover - aiohttp's _post_start always sets it
             raise RuntimeError("aiohttp WebSocket started without a message queue")
-        reader = MaskCheckingReader(queue, self._max_msg_size, bool(self._compress),
-                                     self._decode_text)
+        reader = MaskCheckingReader(
+            queue, self._max_msg_size, bool(self._compress), self._decode_text
+        )
         self._parser = reader
         handler._payload_parser = reader
         if tail:

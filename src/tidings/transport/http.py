@@ -44,8 +44,7 @@ class QuietProbesAccessLogger(AccessLogger):
     without the broker) is still logged.
     """
 
-    def log(self, request: web.BaseRequest, response: web.StreamResponse,
-            time: float) -> None:
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         if response.status < 400 and request.path in PROBE_PATHS:
             return
         super().log(request, response, time)
@@ -83,8 +82,14 @@ class HttpProtocol(web.RequestHandler):
 
     __slots__ = ("_body", "_head_timeout", "_head_timer", "_on_head_timeout")
 
-    def __init__(self, manager: web.Server, *, head_timeout: float,
-                 on_head_timeout: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        head_timeout: float,
+        on_head_timeout: Callable[[], None],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._head_timeout = head_timeout
         self._on_head_timeout = on_head_timeout
@@ -120,8 +125,7 @@ class HttpProtocol(web.RequestHandler):
             # aiohttp appends each parsed request in this call; the handler task has not
             # run since, so the last one is still queued.
             message, last = self._messages[-1] if self._messages else (None, None)
-            if (body is not None and not body.is_eof()
-                    and isinstance(message, _ErrInfo)):
+            if body is not None and not body.is_eof() and isinstance(message, _ErrInfo):
                 # The bytes after a head broke the body's framing (a bad chunk size):
                 # aiohttp queues its 400 behind the request whose body this was, and
                 # that request's handler would wait on the body until the client left.
@@ -136,19 +140,27 @@ class HttpProtocol(web.RequestHandler):
             return
         super().log_exception(*args, **kwargs)
 
-    def handle_error(self, request: web.BaseRequest, status: int = 500,
-                     exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
         if not isinstance(exc, HttpProcessingError):
             return super().handle_error(request, status, exc, message)
         # A client's malformed request, not a server fault: aiohttp would log it with a
         # traceback and the offending line; the answer is the same as aiohttp's. Like
         # aiohttp, a bad method opening a connection (TLS or another protocol sent to
         # this port, as scanners do) is only worth a debug line.
-        level = (logging.DEBUG if isinstance(exc, BadHttpMethod) and self._request_count == 1
-                 else logging.INFO)
-        logger.log(level, "bad request from %s answered %d: %s", request.remote, status,
-                   _describe(exc))
+        level = (
+            logging.DEBUG
+            if isinstance(exc, BadHttpMethod) and self._request_count == 1
+            else logging.INFO
+        )
+        logger.log(
+            level, "bad request from %s answered %d: %s", request.remote, status, _describe(exc)
+        )
         if request.writer.output_size > 0:
             raise ConnectionError("response already started, cannot send the error")
         response = web.Response(status=status, text=message, content_type="text/plain")
@@ -168,25 +180,34 @@ class HttpProtocol(web.RequestHandler):
         if self.transport is None:
             return
         self._on_head_timeout()
-        logger.debug("request head not complete within %ss: connection closed",
-                     self._head_timeout)
+        logger.debug("request head not complete within %ss: connection closed", self._head_timeout)
         self.force_close()
 
 
 class HttpServer(web.Server):
     """aiohttp's protocol factory, making ``HttpProtocol`` connections."""
 
-    def __init__(self, base: web.Server, head_timeout: float,
-                 on_head_timeout: Callable[[], None]) -> None:
-        super().__init__(base.request_handler, request_factory=base.request_factory,
-                         handler_cancellation=base.handler_cancellation, loop=base._loop,
-                         **base._kwargs)
+    def __init__(
+        self, base: web.Server, head_timeout: float, on_head_timeout: Callable[[], None]
+    ) -> None:
+        super().__init__(
+            base.request_handler,
+            request_factory=base.request_factory,
+            handler_cancellation=base.handler_cancellation,
+            loop=base._loop,
+            **base._kwargs,
+        )
         self._head_timeout = head_timeout
         self._on_head_timeout = on_head_timeout
 
     def __call__(self) -> web.RequestHandler:
-        return HttpProtocol(self, loop=self._loop, head_timeout=self._head_timeout,
-                             on_head_timeout=self._on_head_timeout, **self._kwargs)
+        return HttpProtocol(
+            self,
+            loop=self._loop,
+            head_timeout=self._head_timeout,
+            on_head_timeout=self._on_head_timeout,
+            **self._kwargs,
+        )
 
 
 class AppRunner(web.AppRunner):
@@ -198,8 +219,14 @@ class AppRunner(web.AppRunner):
 
     __slots__ = ("_head_timeout", "_on_head_timeout")
 
-    def __init__(self, app: web.Application, *, head_timeout: float,
-                 on_head_timeout: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        head_timeout: float,
+        on_head_timeout: Callable[[], None],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(app, **kwargs)
         self._head_timeout = head_timeout
         self._on_head_timeout = on_head_timeout
@@ -218,8 +245,15 @@ class TCPSite(web.TCPSite):
     ``handshake_timeout`` (``server.handshake_timeout``) bounds the handshake as well.
     """
 
-    def __init__(self, runner: web.BaseRunner, host: str | None, port: int | None, *,
-                 handshake_timeout: float, **options: Any) -> None:
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str | None,
+        port: int | None,
+        *,
+        handshake_timeout: float,
+        **options: Any,
+    ) -> None:
         super().__init__(runner, host, port, **options)
         self._handshake_timeout = handshake_timeout
 
@@ -233,9 +267,15 @@ class TCPSite(web.TCPSite):
         # asyncio refuses a handshake timeout without TLS.
         handshake = self._handshake_timeout if self._ssl_context is not None else None
         listening = await loop.create_server(
-            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
-            ssl_handshake_timeout=handshake)
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+            ssl_handshake_timeout=handshake,
+        )
         self._server = listening
         sockets = listening.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

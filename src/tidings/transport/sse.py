@@ -50,10 +50,10 @@ MAX_QUEUED_COMMANDS = 16
 _PING = b": ping\n\n"
 
 
-def json_error(status: int, code: ErrorCode, message: str,
-               headers: dict[str, str] | None = None) -> web.Response:
-    response = web.json_response({"error": {"code": code, "message": message}},
-                                 status=status)
+def json_error(
+    status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    response = web.json_response({"error": {"code": code, "message": message}}, status=status)
     response.headers.update(headers or {})
     return response
 
@@ -82,11 +82,23 @@ class SsePeer:
     ``close`` nothing more is written but the close event, which ``finish`` writes.
     """
 
-    __slots__ = ("_buffered", "_closing", "_gateway", "_limit", "_transport", "close_request",
-                 "commands", "done", "encoder", "queued", "session")
+    __slots__ = (
+        "_buffered",
+        "_closing",
+        "_gateway",
+        "_limit",
+        "_transport",
+        "close_request",
+        "commands",
+        "done",
+        "encoder",
+        "queued",
+        "session",
+    )
 
-    def __init__(self, session: Session, gateway: ConnectionHost,
-                 cache: ParseCache | None = None) -> None:
+    def __init__(
+        self, session: Session, gateway: ConnectionHost, cache: ParseCache | None = None
+    ) -> None:
         self.session = session
         self._gateway = gateway
         self._limit = gateway.settings.limits.send_buffer_bytes
@@ -155,9 +167,13 @@ class SsePeer:
 
     def _slow(self) -> None:
         self._gateway.metrics.slow_consumer_closes.inc()
-        logger.warning("closing slow SSE consumer %s (user %s) with 1013: more than %d "
-                       "bytes queued (limits.send_buffer_bytes)", self.conn_id,
-                       self.user_id, self._limit)
+        logger.warning(
+            "closing slow SSE consumer %s (user %s) with 1013: more than %d "
+            "bytes queued (limits.send_buffer_bytes)",
+            self.conn_id,
+            self.user_id,
+            self._limit,
+        )
         self.close(CloseCode.TRY_AGAIN_LATER, "send buffer full: client reads too slowly")
 
     def gone(self) -> None:
@@ -207,8 +223,9 @@ def _query_channels(request: web.Request, limit: int) -> list[str]:
     return channels
 
 
-def _resume_effects(peer: SsePeer, positions: dict[str, tuple[int, str]],
-                    channels: list[str]) -> list[Effect]:
+def _resume_effects(
+    peer: SsePeer, positions: dict[str, tuple[int, str]], channels: list[str]
+) -> list[Effect]:
     """Subscribe every resumed channel with ``recover`` (the personal channel first, so
     that its recover takes over the connect-time hold), then the new ``channels``."""
     personal = peer.session.personal
@@ -218,8 +235,9 @@ def _resume_effects(peer: SsePeer, positions: dict[str, tuple[int, str]],
         offset, epoch = positions[channel]
         peer.encoder.seed(channel, offset, epoch)
         effects.append(StartSubscribe(Subscribe(None, channel, Recover(offset, epoch))))
-    effects += [StartSubscribe(Subscribe(None, channel)) for channel in channels
-                if channel not in positions]
+    effects += [
+        StartSubscribe(Subscribe(None, channel)) for channel in channels if channel not in positions
+    ]
     return effects
 
 
@@ -236,8 +254,9 @@ def sse_handler(gateway: ConnectionHost, node: str | None) -> Any:
     async def handle(request: web.Request) -> web.StreamResponse:
         if gateway.draining:
             return json_error(503, ErrorCode.UNAVAILABLE, "server is shutting down")
-        if server.allowed_origins and not origin_allowed(request.headers.get("Origin"),
-                                                         server.allowed_origins):
+        if server.allowed_origins and not origin_allowed(
+            request.headers.get("Origin"), server.allowed_origins
+        ):
             logger.info("SSE connection refused: origin not allowed")
             return json_error(403, ErrorCode.FORBIDDEN, "origin not allowed")
         cors = cors_headers(request, server.allowed_origins)
@@ -281,13 +300,23 @@ def sse_handler(gateway: ConnectionHost, node: str | None) -> Any:
     return handle
 
 
-async def _stream(request: web.Request, peer: SsePeer, gateway: ConnectionHost,
-                  positions: dict[str, tuple[int, str]], channels: list[str],
-                  cors: dict[str, str]) -> web.StreamResponse:
+async def _stream(
+    request: web.Request,
+    peer: SsePeer,
+    gateway: ConnectionHost,
+    positions: dict[str, tuple[int, str]],
+    channels: list[str],
+    cors: dict[str, str],
+) -> web.StreamResponse:
     """Send the response's headers, resume or subscribe, then wait for the end."""
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no", **cors})
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            **cors,
+        }
+    )
     response.enable_chunked_encoding()
     await response.prepare(request)
     writer = request.writer
@@ -300,8 +329,7 @@ async def _stream(request: web.Request, peer: SsePeer, gateway: ConnectionHost,
     peer.start(transport)
     announce = gateway.settings.dev_mode
     if announce:
-        logger.info("SSE %s connected: user %s from %s", peer.conn_id, peer.user_id,
-                    request.remote)
+        logger.info("SSE %s connected: user %s from %s", peer.conn_id, peer.user_id, request.remote)
     try:
         effects = _resume_effects(peer, positions, channels)
         if effects:
@@ -317,6 +345,10 @@ async def _stream(request: web.Request, peer: SsePeer, gateway: ConnectionHost,
         await peer.finish(response)
     if announce:
         code = peer.close_request[0] if peer.close_request is not None else None
-        logger.info("SSE %s disconnected: user %s, close code %s", peer.conn_id,
-                    peer.user_id, int(code) if code is not None else "none")
+        logger.info(
+            "SSE %s disconnected: user %s, close code %s",
+            peer.conn_id,
+            peer.user_id,
+            int(code) if code is not None else "none",
+        )
     return response

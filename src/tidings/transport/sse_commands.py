@@ -59,10 +59,12 @@ class SseCommands:
         allowed = self._gateway.settings.server.allowed_origins
         if allowed and not origin_allowed(request.headers.get("Origin"), allowed):
             return json_error(403, ErrorCode.FORBIDDEN, "origin not allowed")
-        headers = {**cors_headers(request, allowed),
-                   "Access-Control-Allow-Methods": "POST",
-                   "Access-Control-Allow-Headers": "Authorization, Content-Type",
-                   "Access-Control-Max-Age": "600"}
+        headers = {
+            **cors_headers(request, allowed),
+            "Access-Control-Allow-Methods": "POST",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Access-Control-Max-Age": "600",
+        }
         return web.Response(status=204, headers=headers)
 
     async def post(self, request: web.Request) -> web.StreamResponse:
@@ -71,8 +73,7 @@ class SseCommands:
             return json_error(403, ErrorCode.FORBIDDEN, "origin not allowed")
         cors = cors_headers(request, allowed)
         status, body = await self._post(request)
-        response = web.Response(body=dumps(body), status=status,
-                                content_type="application/json")
+        response = web.Response(body=dumps(body), status=status, content_type="application/json")
         response.headers.update(cors)
         return response
 
@@ -90,8 +91,9 @@ class SseCommands:
         session_id = message.get("session") if isinstance(message, dict) else None
         command = message.get("command") if isinstance(message, dict) else None
         if not isinstance(session_id, str) or not isinstance(command, dict):
-            return 400, _error(ErrorCode.INVALID_REQUEST,
-                               'body must be {"session": id, "command": {...}}')
+            return 400, _error(
+                ErrorCode.INVALID_REQUEST, 'body must be {"session": id, "command": {...}}'
+            )
         located = _SESSION_ID.fullmatch(session_id)
         if located is None:
             return 400, _error(ErrorCode.INVALID_REQUEST, "not a session id")
@@ -109,8 +111,9 @@ class SseCommands:
         if self._relay is None:
             return 404, _error(ErrorCode.NOT_FOUND, "no such session")
         try:
-            reply = await self._relay.request(node, {"session": session_id, "user": user_id,
-                                                     "command": command})
+            reply = await self._relay.request(
+                node, {"session": session_id, "user": user_id, "command": command}
+            )
         except BrokerUnavailable as exc:
             logger.warning("relaying an SSE command failed: %s", exc.message)
             return 503, _error(ErrorCode.UNAVAILABLE, "the session's node cannot be reached")
@@ -119,11 +122,11 @@ class SseCommands:
     async def answer(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """Handle a command another node relayed: ``{"status", "body"}``."""
         session_id, user_id, command = body.get("session"), body.get("user"), body.get("command")
-        if not (isinstance(session_id, str) and isinstance(user_id, str)
-                and isinstance(command, dict)):
+        if not (
+            isinstance(session_id, str) and isinstance(user_id, str) and isinstance(command, dict)
+        ):
             return {"status": 400, "body": _error(ErrorCode.INVALID_REQUEST, "malformed relay")}
-        status, reply = await self._run(self._gateway.peer(session_id), user_id,
-                                        dumps(command))
+        status, reply = await self._run(self._gateway.peer(session_id), user_id, dumps(command))
         return {"status": status, "body": reply}
 
     async def _run(self, peer: object, user_id: str, command: bytes) -> Reply:
@@ -145,8 +148,7 @@ class SseCommands:
                 for effect in effects:
                     if isinstance(effect, StartSubscribe) and effect.command.recover:
                         recover = effect.command.recover
-                        peer.encoder.seed(effect.command.channel, recover.offset,
-                                          recover.epoch)
+                        peer.encoder.seed(effect.command.channel, recover.offset, recover.epoch)
                 if effects:
                     await gateway.handle(peer, effects)
         finally:

@@ -82,9 +82,14 @@ def decode_token(token: str, max_channels: int) -> dict[str, tuple[int, str]]:
         if not (isinstance(entry, list) and len(entry) == 3):
             raise BadResumeToken("resume token entries are [channel, offset, epoch]")
         channel, offset, epoch = entry
-        if (not is_valid_channel(channel) or type(offset) is not int or offset < 0
-                or not isinstance(epoch, str) or len(epoch) > MAX_EPOCH_CHARS
-                or channel in positions):
+        if (
+            not is_valid_channel(channel)
+            or type(offset) is not int
+            or offset < 0
+            or not isinstance(epoch, str)
+            or len(epoch) > MAX_EPOCH_CHARS
+            or channel in positions
+        ):
             raise BadResumeToken("resume token has an invalid channel, offset or epoch")
         positions[channel] = (offset, epoch)
     return positions
@@ -98,12 +103,12 @@ def frame_payloads(data: bytes) -> list[bytes]:
     while index + 2 <= end:
         length = data[index + 1] & 0x7F
         if length == 126:
-            length, index = int.from_bytes(data[index + 2:index + 4]), index + 4
+            length, index = int.from_bytes(data[index + 2 : index + 4]), index + 4
         elif length == 127:
-            length, index = int.from_bytes(data[index + 2:index + 10]), index + 10
+            length, index = int.from_bytes(data[index + 2 : index + 10]), index + 10
         else:
             index += 2
-        payloads.append(data[index:index + length])
+        payloads.append(data[index : index + length])
         index += length
     return payloads
 

@@ -90,12 +90,27 @@ class WsConnection:
     handshake.
     """
 
-    __slots__ = ("_closing", "_gateway", "_handler", "_limit", "_transport",
-                 "close_request", "deflate", "receiving", "session", "ws")
+    __slots__ = (
+        "_closing",
+        "_gateway",
+        "_handler",
+        "_limit",
+        "_transport",
+        "close_request",
+        "deflate",
+        "receiving",
+        "session",
+        "ws",
+    )
 
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport,
-                 session: Session, gateway: ConnectionHost,
-                 handler: asyncio.Task[Any] | None) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport,
+        session: Session,
+        gateway: ConnectionHost,
+        handler: asyncio.Task[Any] | None,
+    ) -> None:
         self.ws = ws
         self._transport = transport
         self.session = session
@@ -130,9 +145,13 @@ class WsConnection:
         transport.write(data)
         if transport.get_write_buffer_size() > self._limit:
             self._gateway.metrics.slow_consumer_closes.inc()
-            logger.warning("closing slow consumer %s (user %s) with 1013: more than %d bytes "
-                           "queued (limits.send_buffer_bytes)", self.conn_id, self.user_id,
-                           self._limit)
+            logger.warning(
+                "closing slow consumer %s (user %s) with 1013: more than %d bytes "
+                "queued (limits.send_buffer_bytes)",
+                self.conn_id,
+                self.user_id,
+                self._limit,
+            )
             self.close(CloseCode.TRY_AGAIN_LATER, "send buffer full: client reads too slowly")
 
     def send_ping(self) -> None:
@@ -168,8 +187,7 @@ class WsConnection:
                 if code is CloseCode.TRY_AGAIN_LATER and transport.can_write_eof():
                     await self._close_behind_queue(code, reason)
                 else:
-                    await self.ws.close(code=int(code), message=reason.encode()[:123],
-                                        drain=False)
+                    await self.ws.close(code=int(code), message=reason.encode()[:123], drain=False)
         except (TimeoutError, ConnectionError):
             pass
         if transport.get_write_buffer_size():
@@ -203,8 +221,7 @@ class WsConnection:
 _CLOSE_REQUESTED = "tidings: close requested"
 
 #: What ``receive`` returns once the connection is over.
-_CLOSED_TYPES = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
-                           WSMsgType.ERROR})
+_CLOSED_TYPES = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR})
 
 
 def _json_error(status: int, code: ErrorCode, message: str) -> web.Response:
@@ -222,8 +239,13 @@ def _upgrade_required() -> web.Response:
     return response
 
 
-async def _reject(ws: web.WebSocketResponse, error: bytes | None, code: CloseCode,
-                  reason: str, gateway: ConnectionHost) -> web.WebSocketResponse:
+async def _reject(
+    ws: web.WebSocketResponse,
+    error: bytes | None,
+    code: CloseCode,
+    reason: str,
+    gateway: ConnectionHost,
+) -> web.WebSocketResponse:
     """Send at most one error message, close, and act on nothing the client sends."""
     gateway.metrics.closed(int(code))
     if error is not None:
@@ -258,16 +280,23 @@ def websocket_handler(gateway: ConnectionHost) -> Any:
         peer = accepted
         ws = peer.ws
         if announce:
-            logger.info("websocket %s connected: user %s from %s", peer.conn_id, peer.user_id,
-                        request.remote)
+            logger.info(
+                "websocket %s connected: user %s from %s",
+                peer.conn_id,
+                peer.user_id,
+                request.remote,
+            )
         try:
             while peer.close_request is None:
                 peer.receiving = True
                 try:
                     msg = await ws.receive()
                 except asyncio.CancelledError as exc:
-                    if (peer.close_request is None or not exc.args
-                            or exc.args[0] != _CLOSE_REQUESTED):
+                    if (
+                        peer.close_request is None
+                        or not exc.args
+                        or exc.args[0] != _CLOSE_REQUESTED
+                    ):
                         raise
                     if task is not None:
                         task.uncancel()
@@ -285,23 +314,29 @@ def websocket_handler(gateway: ConnectionHost) -> Any:
         await peer.finish()
         if announce:
             code = peer.close_request[0] if peer.close_request is not None else ws.close_code
-            logger.info("websocket %s disconnected: user %s, close code %s", peer.conn_id,
-                        peer.user_id, int(code) if code is not None else "none")
+            logger.info(
+                "websocket %s disconnected: user %s, close code %s",
+                peer.conn_id,
+                peer.user_id,
+                int(code) if code is not None else "none",
+            )
         return ws
 
     return handle
 
 
-async def _accept(request: web.Request, gateway: ConnectionHost, task: asyncio.Task[Any] | None
-                  ) -> WsConnection | web.StreamResponse:
+async def _accept(
+    request: web.Request, gateway: ConnectionHost, task: asyncio.Task[Any] | None
+) -> WsConnection | web.StreamResponse:
     """Origin check, upgrade, authentication and ``connected``: the accepted connection
     (handled by ``task``), or the response that refused it."""
     settings = gateway.settings
     server = settings.server
     if gateway.draining:
         return _json_error(503, ErrorCode.UNAVAILABLE, "server is shutting down")
-    if server.allowed_origins and not origin_allowed(request.headers.get("Origin"),
-                                                     server.allowed_origins):
+    if server.allowed_origins and not origin_allowed(
+        request.headers.get("Origin"), server.allowed_origins
+    ):
         gateway.metrics.handshakes.labels("forbidden_origin").inc()
         logger.info("handshake refused: origin not allowed")
         return _json_error(403, ErrorCode.FORBIDDEN, "origin not allowed")

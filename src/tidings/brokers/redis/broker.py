@@ -115,39 +115,74 @@ class RedisBroker:
         self._topology = make_topology(self._target, self._open_probe, timeout)
         sharded = self._topology.sharded
         pubsub_command = "SPUBLISH" if sharded else "PUBLISH"
-        texts = {"publish": publish_script(pubsub_command), "append": APPEND_SCRIPT,
-                 "commit": COMMIT_SCRIPT, "read": READ_SCRIPT}
+        texts = {
+            "publish": publish_script(pubsub_command),
+            "append": APPEND_SCRIPT,
+            "commit": COMMIT_SCRIPT,
+            "read": READ_SCRIPT,
+        }
         self._scripts = Scripts(**{name: _sha(text) for name, text in texts.items()})
-        self._router = Router(self._topology, self._open_command, timeout=timeout,
-                              scripts={**{_sha(text): text for text in texts.values()},
-                                       **PRESENCE_SCRIPTS})
+        self._router = Router(
+            self._topology,
+            self._open_command,
+            timeout=timeout,
+            scripts={**{_sha(text): text for text in texts.values()}, **PRESENCE_SCRIPTS},
+        )
         self._publisher = Publisher(
-            self._router, self._keys, self._scripts, pubsub_command=pubsub_command,
-            history_size=history_size, ttl_ms=self._ttl_ms,
-            window_ms=max(1, int(idempotency_window * 1000)), ack_replicas=ack_replicas,
-            timeout=timeout, wall_clock=wall_clock)
+            self._router,
+            self._keys,
+            self._scripts,
+            pubsub_command=pubsub_command,
+            history_size=history_size,
+            ttl_ms=self._ttl_ms,
+            window_ms=max(1, int(idempotency_window * 1000)),
+            ack_replicas=ack_replicas,
+            timeout=timeout,
+            wall_clock=wall_clock,
+        )
         self._history_chunk = max(100, history_size)
         self._fanout = Fanout(
-            self._keys, self._topology, self._open_pubsub,
+            self._keys,
+            self._topology,
+            self._open_pubsub,
             read_position=lambda channel: self._position(channel, touch=True),
-            read_history=self.history, on_control=self._on_control, spawn=self._spawn,
-            timeout=timeout, ping_interval=ping_interval, reconnect_delay=reconnect_delay,
-            buffer_limit=buffer_limit, history_chunk=self._history_chunk)
+            read_history=self.history,
+            on_control=self._on_control,
+            spawn=self._spawn,
+            timeout=timeout,
+            ping_interval=ping_interval,
+            reconnect_delay=reconnect_delay,
+            buffer_limit=buffer_limit,
+            history_chunk=self._history_chunk,
+        )
         node_ttl_ms = max(1, int(node_ttl * 1000))
         self._views = Views(
-            self._router, self._keys, self.node_id, handler=lambda: self._handler,
-            served=self._fanout.served, pubsub_command=pubsub_command,
+            self._router,
+            self._keys,
+            self.node_id,
+            handler=lambda: self._handler,
+            served=self._fanout.served,
+            pubsub_command=pubsub_command,
             node_ttl_ms=node_ttl_ms,
             # Presence hashes outlive their last write by this much (rewritten before).
-            presence_keep_ms=max(self._ttl_ms, node_ttl_ms * 20), ttl_ms=self._ttl_ms,
-            sync_interval=sync_interval)
+            presence_keep_ms=max(self._ttl_ms, node_ttl_ms * 20),
+            ttl_ms=self._ttl_ms,
+            sync_interval=sync_interval,
+        )
         self._presence = PresenceLedger(
-            self._router, self._keys, self.node_id, pubsub_command=pubsub_command,
-            handler=lambda: self._handler, new_generation=lambda: secrets.token_hex(8),
-            interval=presence_interval, wall_clock=wall_clock)
+            self._router,
+            self._keys,
+            self.node_id,
+            pubsub_command=pubsub_command,
+            handler=lambda: self._handler,
+            new_generation=lambda: secrets.token_hex(8),
+            interval=presence_interval,
+            wall_clock=wall_clock,
+        )
         #: Node-to-node requests with answers (``NodeRelay``), over the control channel.
-        self.relay = Relay(self.node_id, self._views.publish_control, self._spawn,
-                           timeout=max(5.0, 2 * timeout))
+        self.relay = Relay(
+            self.node_id, self._views.publish_control, self._spawn, timeout=max(5.0, 2 * timeout)
+        )
         self._fanout.on_reconnected = self._views.rewrite_all
         self._fanout.on_control_up = self._link_up
         self._fanout.on_control_down = self._link_down
@@ -178,13 +213,18 @@ class RedisBroker:
 
     # -- connections -----------------------------------------------------------------
 
-    async def _open(self, address: Address, role: str, reads_block: bool = False
-                    ) -> AbstractConnection:
+    async def _open(
+        self, address: Address, role: str, reads_block: bool = False
+    ) -> AbstractConnection:
         if address == ("", 0):
             raise OSError("the primary is not known yet")
-        return await open_connection(self._target, address, timeout=self._timeout,
-                                     client_name=f"tidings:{self.node_id}:{role}",
-                                     reads_block=reads_block)
+        return await open_connection(
+            self._target,
+            address,
+            timeout=self._timeout,
+            client_name=f"tidings:{self.node_id}:{role}",
+            reads_block=reads_block,
+        )
 
     async def _open_command(self, address: Address) -> AbstractConnection:
         return await self._open(address, "cmd")
@@ -207,8 +247,11 @@ class RedisBroker:
             async with asyncio.timeout(self._timeout):
                 await self._topology.refresh()
         except (RedisError, OSError, TimeoutError) as exc:
-            logger.warning("cannot read the Redis topology at %s (%s); retrying",
-                           self._safe_url, type(exc).__name__)
+            logger.warning(
+                "cannot read the Redis topology at %s (%s); retrying",
+                self._safe_url,
+                type(exc).__name__,
+            )
         await self._fanout.start()
         self._supervisor.spawn("redis-sync", self._views.sync_forever)
         self._supervisor.spawn("redis-watch", self._watch_forever)
@@ -220,8 +263,11 @@ class RedisBroker:
     def _link_up(self) -> None:
         self._link_is_up = True
         if self._down_since is not None:
-            logger.info("connection to Redis at %s restored after %.1f s", self._safe_url,
-                        time.monotonic() - self._down_since)
+            logger.info(
+                "connection to Redis at %s restored after %.1f s",
+                self._safe_url,
+                time.monotonic() - self._down_since,
+            )
             self._down_since = None
 
     def _link_down(self) -> None:
@@ -229,8 +275,10 @@ class RedisBroker:
             return
         self._link_is_up = False
         self._down_since = time.monotonic()
-        logger.warning("lost the connection to Redis at %s; reconnecting (/readyz fails "
-                       "until it is back)", self._safe_url)
+        logger.warning(
+            "lost the connection to Redis at %s; reconnecting (/readyz fails until it is back)",
+            self._safe_url,
+        )
 
     async def close(self, *, clean: bool = True) -> None:
         """Stop everything. ``clean`` also removes this node's presence and channel
@@ -285,19 +333,38 @@ class RedisBroker:
     async def publish(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
         return await self._publisher.publish(requests)
 
-    async def _read(self, channel: str, since: int, limit: int, touch: bool = False
-                    ) -> tuple[StreamPosition, int, int, list[StoredEvent]]:
+    async def _read(
+        self, channel: str, since: int, limit: int, touch: bool = False
+    ) -> tuple[StreamPosition, int, int, list[StoredEvent]]:
         since = min(max(since, 0), _MAX_SINCE)
         meta, stream = self._keys.meta(channel), self._keys.stream(channel)
-        (reply,) = await self._router.run(key_slot(meta.encode()), [(
-            "EVALSHA", self._scripts.read, 2, meta, stream, secrets.token_hex(8),
-            f"{since + 1}-0", max(0, limit), self._ttl_ms, int(touch), since)], retry=True)
+        (reply,) = await self._router.run(
+            key_slot(meta.encode()),
+            [
+                (
+                    "EVALSHA",
+                    self._scripts.read,
+                    2,
+                    meta,
+                    stream,
+                    secrets.token_hex(8),
+                    f"{since + 1}-0",
+                    max(0, limit),
+                    self._ttl_ms,
+                    int(touch),
+                    since,
+                )
+            ],
+            retry=True,
+        )
         if isinstance(reply, ResponseError):
             logger.warning("redis refused a read: %s", type(reply).__name__)
             raise unavailable(reply)
         position = StreamPosition(int(reply[1]), reply[0].decode())
-        events = [StoredEvent(int(reply[i].split(b"-", 1)[0]), bytes(reply[i + 1]))
-                  for i in range(4, len(reply), 2)]
+        events = [
+            StoredEvent(int(reply[i].split(b"-", 1)[0]), bytes(reply[i + 1]))
+            for i in range(4, len(reply), 2)
+        ]
         return position, int(reply[2]), int(reply[3]), events
 
     async def _position(self, channel: str, touch: bool = False) -> StreamPosition:
@@ -316,8 +383,7 @@ class RedisBroker:
         if not self._fanout.connected():
             return False
         try:
-            replies = await self._router.scatter(
-                [(key_slot(self._keys.nodes.encode()), ("PING",))])
+            replies = await self._router.scatter([(key_slot(self._keys.nodes.encode()), ("PING",))])
         except BrokerUnavailable:
             return False
         return not isinstance(replies[0], ResponseError)

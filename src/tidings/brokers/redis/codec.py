@@ -40,7 +40,7 @@ def split_payload(payload: bytes) -> tuple[bytes, bytes]:
     top-level ``offset`` field. Raises ``ValueError`` when there is none.
     """
     index = payload.index(_OFFSET_MARK) + len(b'"offset":')
-    return payload[:index], payload[index + 1:]
+    return payload[:index], payload[index + 1 :]
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,14 +51,22 @@ class Fanout:
     alive); ``read_history(channel, since, limit)`` pages history for repairs.
     """
 
-    def __init__(self, keys: KeyLayout, topology: Topology,
-                 opener: Callable[[Address], Awaitable[Any]], *,
-                 read_position: Callable[[str], Awaitable[StreamPosition]],
-                 read_history: Callable[[str, int, int], Awaitable[HistoryPage]],
-                 on_control: Callable[[bytes], None],
-                 spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
-                 timeout: float, ping_interval: float, reconnect_delay: tuple[float, float],
-                 buffer_limit: int, history_chunk: int) -> None:
+    def __init__(
+        self,
+        keys: KeyLayout,
+        topology: Topology,
+        opener: Callable[[Address], Awaitable[Any]],
+        *,
+        read_position: Callable[[str], Awaitable[StreamPosition]],
+        read_history: Callable[[str, int, int], Awaitable[HistoryPage]],
+        on_control: Callable[[bytes], None],
+        spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
+        timeout: float,
+        ping_interval: float,
+        reconnect_delay: tuple[float, float],
+        buffer_limit: int,
+        history_chunk: int,
+    ) -> None:
         self._keys = keys
         self._topology = topology
         self._opener = opener
@@ -70,8 +78,12 @@ class Fanout:
         self._reconnect_delay = reconnect_delay
         self._buffer_limit = buffer_limit
         #: Carries out each channel's continuity decisions; its ``handler`` is ours.
-        self._feed = Feed(read_history=read_history, spawn=spawn,
-                          reconnect_delay=reconnect_delay, history_chunk=history_chunk)
+        self._feed = Feed(
+            read_history=read_history,
+            spawn=spawn,
+            reconnect_delay=reconnect_delay,
+            history_chunk=history_chunk,
+        )
         self.channels: dict[str, ServedChannel] = {}
         self._by_pubsub: dict[bytes, ServedChannel] = {}
         self._subscribers: dict[Address, Subscriber] = {}
@@ -141,8 +153,12 @@ class Fanout:
     def connected(self) -> bool:
         """True while the control channel and every served channel are subscribed."""
         home = self._control_home
-        return (home is not None and home.connected and not self._homeless
-                and self._keys.control in home.confirmed)
+        return (
+            home is not None
+            and home.connected
+            and not self._homeless
+            and self._keys.control in home.confirmed
+        )
 
     def repairs(self) -> list[asyncio.Task[None]]:
         return [s.repair for s in self.channels.values() if s.repair is not None]
@@ -171,8 +187,12 @@ class Fanout:
             # Read the start AFTER the subscription is confirmed: every event past it is
             # published after the SUBSCRIBE, so it comes through pub/sub.
             position = await self._read_position(channel)
-            if state.closed or state.status != "init" or state.subscriber is not subscriber \
-                    or subscriber.down:
+            if (
+                state.closed
+                or state.status != "init"
+                or state.subscriber is not subscriber
+                or subscriber.down
+            ):
                 raise BrokerUnavailable("the broker is unavailable (connection lost)")
         except BaseException:
             if self.channels.get(channel) is state:
@@ -209,7 +229,8 @@ class Fanout:
     def _fail_confirmation(self, state: ServedChannel) -> None:
         if state.confirmed is not None and not state.confirmed.done():
             state.confirmed.set_exception(
-                BrokerUnavailable("the broker is unavailable (connection lost)"))
+                BrokerUnavailable("the broker is unavailable (connection lost)")
+            )
             state.confirmed.exception()  # retrieved: an abandoned future logs nothing
 
     def _home_of(self, name: bytes) -> Subscriber:
@@ -217,8 +238,14 @@ class Fanout:
         address = self._topology.address(key_slot(name))
         subscriber = self._subscribers.get(address)
         if subscriber is None or subscriber.down:
-            subscriber = Subscriber(address, self._opener, self, sharded=self._topology.sharded,
-                                    timeout=self._timeout, ping_interval=self._ping_interval)
+            subscriber = Subscriber(
+                address,
+                self._opener,
+                self,
+                sharded=self._topology.sharded,
+                timeout=self._timeout,
+                ping_interval=self._ping_interval,
+            )
             self._subscribers[address] = subscriber
             subscriber.start()
         return subscriber
@@ -233,7 +260,7 @@ class Fanout:
         if state is None:
             return
         if data.startswith(PRESENCE_MARK):
-            self._feed.presence(state, data[len(PRESENCE_MARK):])
+            self._feed.presence(state, data[len(PRESENCE_MARK) :])
             return
         message = decode_event(data)
         if message is None:
@@ -330,8 +357,7 @@ class Fanout:
                     continue
                 self._rehome_now()
                 # Wait for the new subscribers to connect (or fail) before looking again.
-                waiting = [s for s in self._subscribers.values() if not s.connected
-                           and not s.down]
+                waiting = [s for s in self._subscribers.values() if not s.connected and not s.down]
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + self._timeout
                 while waiting and loop.time() < deadline:
@@ -360,8 +386,11 @@ class Fanout:
     def check_homes(self) -> None:
         """After the topology changed: move channels whose slot has a new owner."""
         for subscriber in list(self._subscribers.values()):
-            moved = [n for n in subscriber.channels
-                     if self._topology.address(key_slot(n)) != subscriber.address]
+            moved = [
+                n
+                for n in subscriber.channels
+                if self._topology.address(key_slot(n)) != subscriber.address
+            ]
             for name in moved:
                 subscriber.remove(name)
             if moved:
@@ -376,4 +405,3 @@ class Fanout:
             return None
         tracker = state.tracker
         return {"status": tracker.status, "epoch": tracker.epoch, "last": tracker.last}
-

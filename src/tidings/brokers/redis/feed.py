@@ -68,9 +68,14 @@ class Feed:
     """See the module docstring. ``read_history(channel, since, limit)`` pages history
     for repairs; ``handler`` is set when the broker starts."""
 
-    def __init__(self, *, read_history: Callable[[str, int, int], Awaitable[HistoryPage]],
-                 spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
-                 reconnect_delay: tuple[float, float], history_chunk: int) -> None:
+    def __init__(
+        self,
+        *,
+        read_history: Callable[[str, int, int], Awaitable[HistoryPage]],
+        spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
+        reconnect_delay: tuple[float, float],
+        history_chunk: int,
+    ) -> None:
         self._read_history = read_history
         self._spawn = spawn
         self._reconnect_delay = reconnect_delay
@@ -89,14 +94,18 @@ class Feed:
             except Exception:
                 logger.exception("on_presence failed for a channel")
 
-    def carry_out(self, state: ServedChannel, outputs: list[Output],
-                  traced: EventMessage | None = None) -> None:
+    def carry_out(
+        self, state: ServedChannel, outputs: list[Output], traced: EventMessage | None = None
+    ) -> None:
         """Carry out the tracker's decisions, in order; the delivery of ``traced`` (the
         message just received, when it carries a trace) gets its trace."""
         for output in outputs:
             if isinstance(output, Deliver):
-                if traced is not None and output.offset == traced.offset \
-                        and output.epoch == traced.epoch:
+                if (
+                    traced is not None
+                    and output.offset == traced.offset
+                    and output.epoch == traced.epoch
+                ):
                     self._deliver(state, output, traced.trace)
                 else:
                     self._deliver(state, output)
@@ -112,14 +121,16 @@ class Feed:
             if trace is None:
                 self.handler.on_event(state.name, event.offset, event.epoch, event.payload)
             else:
-                self.handler.on_event(state.name, event.offset, event.epoch, event.payload,
-                                      trace=trace)
+                self.handler.on_event(
+                    state.name, event.offset, event.epoch, event.payload, trace=trace
+                )
         except Exception:
             logger.exception("on_event failed for a channel")
 
     def _lost(self, state: ServedChannel) -> None:
-        self._lost_log.warn("continuity lost for a channel",
-                            "telling its subscribers to resubscribe")
+        self._lost_log.warn(
+            "continuity lost for a channel", "telling its subscribers to resubscribe"
+        )
         if self.handler is None:
             return
         try:
@@ -134,8 +145,9 @@ class Feed:
             async with self._repair_slots:
                 while True:
                     try:
-                        page = await self._read_history(state.name, state.tracker.since,
-                                                        self._history_chunk)
+                        page = await self._read_history(
+                            state.name, state.tracker.since, self._history_chunk
+                        )
                     except BrokerUnavailable:
                         attempt += 1
                         await asyncio.sleep(backoff(self._reconnect_delay, attempt + 1))

@@ -56,8 +56,9 @@ def unavailable(exc: BaseException | str) -> BrokerUnavailable:
     return BrokerUnavailable(f"the broker is unavailable ({reason})")
 
 
-def make_connection(target: Target, address: Address, *, timeout: float,
-                    client_name: str, reads_block: bool = False) -> AbstractConnection:
+def make_connection(
+    target: Target, address: Address, *, timeout: float, client_name: str, reads_block: bool = False
+) -> AbstractConnection:
     """A redis-py connection (not yet connected) to ``address`` of ``target``.
 
     ``reads_block``: a pub/sub connection, whose reads wait for messages (liveness is
@@ -88,11 +89,18 @@ def make_connection(target: Target, address: Address, *, timeout: float,
     return Connection(host=host, port=port, **common)
 
 
-async def open_connection(target: Target, address: Address, *, timeout: float,  # noqa: ASYNC109
-                          client_name: str, reads_block: bool = False) -> AbstractConnection:
+async def open_connection(
+    target: Target,
+    address: Address,
+    *,
+    timeout: float,  # noqa: ASYNC109
+    client_name: str,
+    reads_block: bool = False,
+) -> AbstractConnection:
     """A connected connection; raises ``RedisError``/``OSError``/``TimeoutError``."""
-    conn = make_connection(target, address, timeout=timeout, client_name=client_name,
-                           reads_block=reads_block)
+    conn = make_connection(
+        target, address, timeout=timeout, client_name=client_name, reads_block=reads_block
+    )
     try:
         async with asyncio.timeout(timeout):
             await conn.connect()
@@ -134,10 +142,15 @@ class Link:
     connection) when it failed, so that the owner can look at the topology again.
     """
 
-    def __init__(self, address: Address,
-                 opener: Callable[[Address], Any],
-                 *, timeout: float, max_pending: int = 100_000,
-                 on_broken: Callable[[Link, BaseException], None] | None = None) -> None:
+    def __init__(
+        self,
+        address: Address,
+        opener: Callable[[Address], Any],
+        *,
+        timeout: float,
+        max_pending: int = 100_000,
+        on_broken: Callable[[Link, BaseException], None] | None = None,
+    ) -> None:
         self.address = address
         self._opener = opener
         self._timeout = timeout
@@ -232,8 +245,10 @@ class Link:
         wake = self._wake = asyncio.Event()
         wake.set()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._write_forever(conn, wake), name="redis-link-write"),
-                       loop.create_task(self._read_forever(conn), name="redis-link-read")]
+        self._tasks = [
+            loop.create_task(self._write_forever(conn, wake), name="redis-link-write"),
+            loop.create_task(self._read_forever(conn), name="redis-link-read"),
+        ]
 
     async def _write_forever(self, conn: AbstractConnection, wake: asyncio.Event) -> None:
         try:
@@ -245,8 +260,7 @@ class Link:
                     continue
                 commands = [command for call in calls for command in call.commands]
                 self._inflight.extend(calls)
-                await conn.send_packed_command(pack_commands(commands),
-                                               check_health=False)
+                await conn.send_packed_command(pack_commands(commands), check_health=False)
         except (RedisError, OSError, TimeoutError) as exc:
             self._break(unavailable(exc), conn=conn)
 
@@ -255,8 +269,7 @@ class Link:
         try:
             while True:
                 try:
-                    reply = await conn.read_response(timeout=math.inf,
-                                                     disconnect_on_error=False)
+                    reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
                 except ResponseError as error:
                     reply = error
                 if not inflight:
@@ -270,8 +283,13 @@ class Link:
         except (RedisError, OSError, TimeoutError) as exc:
             self._break(unavailable(exc), conn=conn)
 
-    def _break(self, error: BrokerUnavailable, *, conn: AbstractConnection | None = None,
-               notify: bool = True) -> None:
+    def _break(
+        self,
+        error: BrokerUnavailable,
+        *,
+        conn: AbstractConnection | None = None,
+        notify: bool = True,
+    ) -> None:
         """Fail everything pending and drop the connection (only ``conn``, if given)."""
         if conn is not None and conn is not self._conn:
             return
@@ -306,15 +324,17 @@ class Link:
     # -- deadlines -------------------------------------------------------------------
 
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
-        oldest = self._inflight[0] if self._inflight else (
-            self._outbox[0] if self._outbox else None)
+        oldest = (
+            self._inflight[0] if self._inflight else (self._outbox[0] if self._outbox else None)
+        )
         self._timer = None if oldest is None else loop.call_at(oldest.deadline, self._expire)
 
     def _expire(self) -> None:
         self._timer = None
         loop = asyncio.get_running_loop()
-        oldest = self._inflight[0] if self._inflight else (
-            self._outbox[0] if self._outbox else None)
+        oldest = (
+            self._inflight[0] if self._inflight else (self._outbox[0] if self._outbox else None)
+        )
         if oldest is None:
             return
         if oldest.deadline <= loop.time():

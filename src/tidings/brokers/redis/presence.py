@@ -159,10 +159,18 @@ class PresenceLedger:
     this node holds users of a short ``ttl``: a third of it, for the lease refresh).
     """
 
-    def __init__(self, router: Router, keys: KeyLayout, node_id: str, *,
-                 pubsub_command: str, handler: Callable[[], BrokerHandler | None],
-                 new_generation: Callable[[], str], interval: float = 1.0,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        router: Router,
+        keys: KeyLayout,
+        node_id: str,
+        *,
+        pubsub_command: str,
+        handler: Callable[[], BrokerHandler | None],
+        new_generation: Callable[[], str],
+        interval: float = 1.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._router = router
         self._keys = keys
         self._node = node_id
@@ -212,28 +220,51 @@ class PresenceLedger:
             await self._call("arrive", channel, ttl, users)
         now_ms = int(self._wall_clock() * 1000)
         slot = key_slot(self._due.encode())
-        (due,) = await self._router.run(slot, [(
-            "ZRANGEBYSCORE", self._due, "-inf", now_ms, "WITHSCORES", "LIMIT", 0,
-            DUE_BATCH)], retry=True)
+        (due,) = await self._router.run(
+            slot,
+            [("ZRANGEBYSCORE", self._due, "-inf", now_ms, "WITHSCORES", "LIMIT", 0, DUE_BATCH)],
+            retry=True,
+        )
         if isinstance(due, ResponseError):
             raise unavailable(due)
         for i in range(0, len(due), 2):
             channel, score = due[i].decode(), due[i + 1]
             if await self._call("sweep", channel, 0.0, []) < 0:
-                await self._router.run(slot, [("EVALSHA", self._remove_sha, 1, self._due,
-                                               channel, score)])
+                await self._router.run(
+                    slot, [("EVALSHA", self._remove_sha, 1, self._due, channel, score)]
+                )
 
     async def _call(self, op: str, channel: str, ttl: float, users: Sequence[str]) -> int:
         """Run the script; report its transitions; return the next deadline (ms, -1:
         none), which also goes into the due index."""
         wall = self._wall_clock()
-        keys = [f"{self._keys.prefix}:{{{channel}}}:{name}"
-                for name in ("pconn", "pusers", "pleave", "pmeta")]
-        (reply,) = await self._router.run(key_slot(keys[0].encode()), [(
-            "EVALSHA", self._sha, 4, *keys, op, int(wall * 1000), int(ttl * 1000),
-            self._new_generation(), KEEP_MS, self._node, self._pubsub_command,
-            self._keys.events(channel), json.dumps(channel), format_timestamp(wall),
-            *users)], retry=op != "depart")
+        keys = [
+            f"{self._keys.prefix}:{{{channel}}}:{name}"
+            for name in ("pconn", "pusers", "pleave", "pmeta")
+        ]
+        (reply,) = await self._router.run(
+            key_slot(keys[0].encode()),
+            [
+                (
+                    "EVALSHA",
+                    self._sha,
+                    4,
+                    *keys,
+                    op,
+                    int(wall * 1000),
+                    int(ttl * 1000),
+                    self._new_generation(),
+                    KEEP_MS,
+                    self._node,
+                    self._pubsub_command,
+                    self._keys.events(channel),
+                    json.dumps(channel),
+                    format_timestamp(wall),
+                    *users,
+                )
+            ],
+            retry=op != "depart",
+        )
         if isinstance(reply, ResponseError):
             logger.warning("redis refused a presence update: %s", type(reply).__name__)
             raise unavailable(reply)
@@ -242,10 +273,18 @@ class PresenceLedger:
         for i in range(2, len(reply), 4):
             occupancy = reply[i + 3].decode() or None
             kind: Kind = "join" if reply[i] == b"join" else "leave"
-            change = PresenceChange(channel, reply[i + 1].decode(), kind, generation,
-                                    int(reply[i + 2]),
-                                    "occupied" if occupancy == "occupied" else
-                                    "vacated" if occupancy == "vacated" else None)
+            change = PresenceChange(
+                channel,
+                reply[i + 1].decode(),
+                kind,
+                generation,
+                int(reply[i + 2]),
+                "occupied"
+                if occupancy == "occupied"
+                else "vacated"
+                if occupancy == "vacated"
+                else None,
+            )
             if handler is not None:
                 try:
                     handler.on_presence_change(change)
@@ -254,8 +293,9 @@ class PresenceLedger:
                     logger.exception("on_presence_change failed for a channel")
         if deadline >= 0:
             # After the script, in another slot: a hint that may briefly lag (see above).
-            await self._router.run(key_slot(self._due.encode()),
-                                   [("ZADD", self._due, deadline, channel)])
+            await self._router.run(
+                key_slot(self._due.encode()), [("ZADD", self._due, deadline, channel)]
+            )
         return deadline
 
 
@@ -264,4 +304,3 @@ def _by_channel(held: dict[tuple[str, str], float]) -> dict[tuple[str, float], l
     for (channel, user), ttl in held.items():
         groups.setdefault((channel, ttl), []).append(user)
     return groups
-

@@ -88,10 +88,20 @@ class _Publish:
 class Publisher:
     """Offsets for events through Redis; see the module docstring."""
 
-    def __init__(self, router: Router, keys: KeyLayout, scripts: Scripts, *,
-                 pubsub_command: str, history_size: int, ttl_ms: int, window_ms: int,
-                 ack_replicas: int | None, timeout: float,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        router: Router,
+        keys: KeyLayout,
+        scripts: Scripts,
+        *,
+        pubsub_command: str,
+        history_size: int,
+        ttl_ms: int,
+        window_ms: int,
+        ack_replicas: int | None,
+        timeout: float,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._router = router
         self._keys = keys
         self._scripts = scripts
@@ -109,8 +119,9 @@ class Publisher:
         # getrandom call per publish.
         self._random = random.Random(secrets.randbits(128))  # noqa: S311
         self._channels: dict[str, _Channel] = {}
-        self._packed_limits = b"".join(bulk(b"%d" % value) for value in (
-            history_size, ttl_ms, window_ms))
+        self._packed_limits = b"".join(
+            bulk(b"%d" % value) for value in (history_size, ttl_ms, window_ms)
+        )
 
     async def publish(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
         """Publish in order; see ``Broker.publish``."""
@@ -142,10 +153,16 @@ class Publisher:
         channel = request.channel
         wall = self._wall_clock()
         event_id = new_event_id(wall)
-        head, tail = split_payload(encode_message(
-            request.type, dict(request.data), id=event_id, channel=channel, offset=0,
-            timestamp=wall,
-        ))
+        head, tail = split_payload(
+            encode_message(
+                request.type,
+                dict(request.data),
+                id=event_id,
+                channel=channel,
+                offset=0,
+                timestamp=wall,
+            )
+        )
         known = self._channels.get(channel)
         if known is None:
             known = self._channel(channel)
@@ -157,10 +174,29 @@ class Publisher:
             packed_keys = b"$1\r\n3\r\n" + packed_keys[7:] + bulk(key.encode())
         # The sha is filled in when the batch knows which script it runs; the rest of the
         # command is packed once, here.
-        command: tuple[Any, ...] = (len(keys), *keys, epoch, head, tail, self._history_size,
-                                    self._ttl_ms, self._window_ms, events, event_id)
-        packed = b"".join((packed_keys, bulk(epoch.encode()), bulk(head), bulk(tail),
-                           self._packed_limits, packed_events, bulk(event_id.encode())))
+        command: tuple[Any, ...] = (
+            len(keys),
+            *keys,
+            epoch,
+            head,
+            tail,
+            self._history_size,
+            self._ttl_ms,
+            self._window_ms,
+            events,
+            event_id,
+        )
+        packed = b"".join(
+            (
+                packed_keys,
+                bulk(epoch.encode()),
+                bulk(head),
+                bulk(tail),
+                self._packed_limits,
+                packed_events,
+                bulk(event_id.encode()),
+            )
+        )
         if request.trace is not None:
             # The publish script puts it into the pub/sub message (the append script
             # ignores it: the commit script gets it again).
@@ -174,17 +210,23 @@ class Publisher:
             self._channels.clear()  # a rare, cheap reset rather than LRU bookkeeping
         keys = (self._keys.meta(channel), self._keys.stream(channel))
         events = self._keys.events(channel)
-        known = (key_slot(keys[0].encode()), keys,
-                 b"$1\r\n2\r\n" + b"".join(bulk(key.encode()) for key in keys),
-                 events, bulk(events))
+        known = (
+            key_slot(keys[0].encode()),
+            keys,
+            b"$1\r\n2\r\n" + b"".join(bulk(key.encode()) for key in keys),
+            events,
+            bulk(events),
+        )
         self._channels[channel] = known
         return known
 
     def _packed(self, sha: str, event: _Event) -> Packed:
         """The event's ``EVALSHA sha ...`` command, packed."""
         command = ("EVALSHA", sha, *event.command)
-        return Packed(command, b"*%d\r\n$7\r\nEVALSHA\r\n%s%s" % (
-            len(command), bulk(sha.encode()), event.packed))
+        return Packed(
+            command,
+            b"*%d\r\n$7\r\nEVALSHA\r\n%s%s" % (len(command), bulk(sha.encode()), event.packed),
+        )
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -213,9 +255,10 @@ class Publisher:
                 count = wanted[slot]
                 if count is not None:
                     by_wanted.setdefault(count, {})[slot] = events
-            calls = [self._publish_at_once(group) if count == 0
-                     else self._publish_waited(group, count)
-                     for count, group in by_wanted.items()]
+            calls = [
+                self._publish_at_once(group) if count == 0 else self._publish_waited(group, count)
+                for count, group in by_wanted.items()
+            ]
             # Usually one kind of slot: awaited here, not in a task of gather's own.
             if len(calls) == 1:
                 await calls[0]
@@ -241,8 +284,7 @@ class Publisher:
         slots = list(by_slot.items())
         sha = self._scripts.publish
         groups = [(slot, [self._packed(sha, e) for e in events]) for slot, events in slots]
-        for (_, events), replies in zip(slots, await self._router.run_many(groups),
-                                        strict=True):
+        for (_, events), replies in zip(slots, await self._router.run_many(groups), strict=True):
             if isinstance(replies, BrokerUnavailable):
                 for event in events:
                     event.error = replies
@@ -255,8 +297,7 @@ class Publisher:
         slots = list(by_slot.items())
         sha = self._scripts.append
         groups = [(slot, [self._packed(sha, e) for e in events]) for slot, events in slots]
-        results = await self._router.run_many(
-            groups, suffix=("WAIT", wanted, self._wait_ms))
+        results = await self._router.run_many(groups, suffix=("WAIT", wanted, self._wait_ms))
         appended: list[tuple[int, list[_Event]]] = []
         for (slot, events), replies in zip(slots, results, strict=True):
             if isinstance(replies, BrokerUnavailable):
@@ -265,13 +306,15 @@ class Publisher:
                 continue
             acknowledged = replies.pop()
             self._results(events, replies)
-            if any(isinstance(count, ResponseError) or int(count) < wanted
-                   for count in acknowledged):
+            if any(
+                isinstance(count, ResponseError) or int(count) < wanted for count in acknowledged
+            ):
                 for event in events:
                     if event.error is None:
                         event.result = None
                         event.error = BrokerUnavailable(
-                            "the broker is unavailable (too few replicas acknowledged)")
+                            "the broker is unavailable (too few replicas acknowledged)"
+                        )
                 continue
             kept = [e for e in events if e.error is None]
             if kept:
@@ -287,18 +330,31 @@ class Publisher:
             by_channel: dict[str, list[_Event]] = {}
             for event in events:
                 by_channel.setdefault(event.request.channel, []).append(event)
-            groups.append((slot, [self._commit_command(channel, members)
-                                  for channel, members in by_channel.items()]))
+            groups.append(
+                (
+                    slot,
+                    [
+                        self._commit_command(channel, members)
+                        for channel, members in by_channel.items()
+                    ],
+                )
+            )
             channels.append(list(by_channel.values()))
         if not groups:
             return
         results = await self._router.run_many(groups)
-        failed = [index for index, replies in enumerate(results)
-                  if isinstance(replies, BrokerUnavailable)]
-        retried = await asyncio.gather(*(
-            self._guarded(appended[index][1],
-                          self._router.run(groups[index][0], groups[index][1], retry=True))
-            for index in failed))
+        failed = [
+            index for index, replies in enumerate(results) if isinstance(replies, BrokerUnavailable)
+        ]
+        retried = await asyncio.gather(
+            *(
+                self._guarded(
+                    appended[index][1],
+                    self._router.run(groups[index][0], groups[index][1], retry=True),
+                )
+                for index in failed
+            )
+        )
         for index, again in zip(failed, retried, strict=True):
             if again is not None:  # else its events have the error
                 results[index] = again
@@ -317,11 +373,23 @@ class Publisher:
             # A duplicate's payload is not this call's: the script reads it from history.
             if event.result is not None and not event.duplicate:
                 offset = event.result.offset
-                triples += [offset, event.head + str(offset).encode() + event.tail,
-                            event.request.trace or ""]
-        return ("EVALSHA", self._scripts.commit, 2, self._keys.meta(channel),
-                self._keys.stream(channel), latest.epoch, latest.offset,
-                self._pubsub_command, self._keys.events(channel), *triples)
+                triples += [
+                    offset,
+                    event.head + str(offset).encode() + event.tail,
+                    event.request.trace or "",
+                ]
+        return (
+            "EVALSHA",
+            self._scripts.commit,
+            2,
+            self._keys.meta(channel),
+            self._keys.stream(channel),
+            latest.epoch,
+            latest.offset,
+            self._pubsub_command,
+            self._keys.events(channel),
+            *triples,
+        )
 
     def _wanted_now(self, slot: int) -> int | None:
         """How many replicas must have the slot's events before they are shown (None:
@@ -350,8 +418,13 @@ class Publisher:
                 continue
             epoch, offset, event_id, duplicate = reply
             event.duplicate = bool(duplicate)
-            event.result = PublishResult(event.request.channel, int(offset),
-                                         event_id.decode(), epoch.decode(), event.duplicate)
+            event.result = PublishResult(
+                event.request.channel,
+                int(offset),
+                event_id.decode(),
+                epoch.decode(),
+                event.duplicate,
+            )
 
     @staticmethod
     def _failed(events: list[_Event], reply: ResponseError) -> None:

@@ -61,9 +61,16 @@ class Subscriber:
     from the event loop at any time; before the connection is up they wait for it.
     """
 
-    def __init__(self, address: Address, opener: Callable[[Address], Awaitable[Any]],
-                 events: SubscriberEvents, *, sharded: bool, timeout: float,
-                 ping_interval: float) -> None:
+    def __init__(
+        self,
+        address: Address,
+        opener: Callable[[Address], Awaitable[Any]],
+        events: SubscriberEvents,
+        *,
+        sharded: bool,
+        timeout: float,
+        ping_interval: float,
+    ) -> None:
         self.address = address
         self.sharded = sharded
         self.channels: set[bytes] = set()
@@ -72,8 +79,9 @@ class Subscriber:
         self._events = events
         self._timeout = timeout
         self._ping_interval = ping_interval
-        self._sub, self._unsub = (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded else (
-            b"SUBSCRIBE", b"UNSUBSCRIBE")
+        self._sub, self._unsub = (
+            (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded else (b"SUBSCRIBE", b"UNSUBSCRIBE")
+        )
         self._message = b"smessage" if sharded else b"message"
         self._queue: list[tuple[bytes, bytes]] = []
         self._flushing = False
@@ -90,8 +98,7 @@ class Subscriber:
     def start(self) -> None:
         """Connect in the background (``on_down`` if that fails)."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="redis-pubsub")
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="redis-pubsub")
 
     async def close(self) -> None:
         self.down = True
@@ -148,7 +155,7 @@ class Subscriber:
                 commands.extend((kind, *names) for names in by_slot.values())
             else:
                 for start in range(0, len(run), _CHUNK):
-                    commands.append((kind, *run[start:start + _CHUNK]))
+                    commands.append((kind, *run[start : start + _CHUNK]))
             run.clear()
 
         for command, name in queue:

@@ -42,9 +42,13 @@ class Relay:
     an answer in a task the broker tracks and cancels on close.
     """
 
-    def __init__(self, node_id: str, publish: Callable[[str], Awaitable[None]],
-                 spawn: Callable[[Coroutine[Any, Any, None], str], object],
-                 timeout: float) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        publish: Callable[[str], Awaitable[None]],
+        spawn: Callable[[Coroutine[Any, Any, None], str], object],
+        timeout: float,
+    ) -> None:
         self._node_id = node_id
         self._publish = publish
         self._spawn = spawn
@@ -79,8 +83,12 @@ class Relay:
         """A relay message from the control channel."""
         try:
             message = json.loads(data)
-            kind, origin, to, req = (message["relay"], message["node"], message["to"],
-                                     message["req"])
+            kind, origin, to, req = (
+                message["relay"],
+                message["node"],
+                message["to"],
+                message["req"],
+            )
             body = message["body"]
         except (ValueError, KeyError, TypeError):
             logger.warning("ignored a malformed relay message")
@@ -93,22 +101,26 @@ class Relay:
                 future.set_result(body)
         elif kind == "request":
             if self._handler is None or self._answering >= MAX_IN_FLIGHT:
-                busy = {"status": 503, "body": {"error": {
-                    "code": "unavailable", "message": "node busy; try again"}}}
+                busy = {
+                    "status": 503,
+                    "body": {"error": {"code": "unavailable", "message": "node busy; try again"}},
+                }
                 self._spawn(self._send_answer(str(origin), str(req), busy), "relay-busy")
                 return
             self._answering += 1
-            self._spawn(self._answer(self._handler, str(origin), str(req), body),
-                        "relay-answer")
+            self._spawn(self._answer(self._handler, str(origin), str(req), body), "relay-answer")
 
-    async def _answer(self, handler: Handler, origin: str, req: str,
-                      body: Mapping[str, Any]) -> None:
+    async def _answer(
+        self, handler: Handler, origin: str, req: str, body: Mapping[str, Any]
+    ) -> None:
         try:
             answer = await handler(body)
         except Exception:
             logger.exception("answering a relayed request failed")
-            answer = {"status": 500, "body": {"error": {
-                "code": "internal_error", "message": "internal server error"}}}
+            answer = {
+                "status": 500,
+                "body": {"error": {"code": "internal_error", "message": "internal server error"}},
+            }
         finally:
             self._answering -= 1
         await self._send_answer(origin, req, answer)
@@ -121,5 +133,7 @@ class Relay:
             logger.warning("could not send a relay answer: %s", exc.message)
 
     def _encode(self, kind: str, to: str, req: str, body: Mapping[str, Any]) -> str:
-        return json.dumps({"relay": kind, "node": self._node_id, "to": to, "req": req,
-                           "body": body}, separators=(",", ":"))
+        return json.dumps(
+            {"relay": kind, "node": self._node_id, "to": to, "req": req, "body": body},
+            separators=(",", ":"),
+        )

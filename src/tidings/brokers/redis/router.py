@@ -56,8 +56,14 @@ def _redirect(reply: Any) -> bool:
 class Router:
     """Links to the primaries of a ``Topology``, and redirection handling."""
 
-    def __init__(self, topology: Topology, opener: Callable[[Address], Any], *,
-                 timeout: float, scripts: dict[str, str]) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        opener: Callable[[Address], Any],
+        *,
+        timeout: float,
+        scripts: dict[str, str],
+    ) -> None:
         self.topology = topology
         self._opener = opener
         self._timeout = timeout
@@ -70,8 +76,9 @@ class Router:
         """The link to ``address`` (made on first use)."""
         link = self._links.get(address)
         if link is None:
-            link = self._links[address] = Link(address, self._opener, timeout=self._timeout,
-                                               on_broken=self._broken)
+            link = self._links[address] = Link(
+                address, self._opener, timeout=self._timeout, on_broken=self._broken
+            )
         return link
 
     def links(self) -> list[Link]:
@@ -82,8 +89,9 @@ class Router:
         joined (or left) since a link connected are counted. Failures are left to the
         links (a broken connection reconnects and asks again)."""
         links = [link for link in self._links.values() if link.connected]
-        replies = await asyncio.gather(*(link.call([("ROLE",)]) for link in links),
-                                       return_exceptions=True)
+        replies = await asyncio.gather(
+            *(link.call([("ROLE",)]) for link in links), return_exceptions=True
+        )
         for link, reply in zip(links, replies, strict=True):
             if isinstance(reply, list) and reply and not isinstance(reply[0], BaseException):
                 link.note_role(parse_role(reply[0]))
@@ -96,8 +104,14 @@ class Router:
             await link.close()
         self._links.clear()
 
-    async def run(self, slot: int, commands: Sequence[Command], *,
-                  retry: bool = False, suffix: Command | None = None) -> list[Any]:
+    async def run(
+        self,
+        slot: int,
+        commands: Sequence[Command],
+        *,
+        retry: bool = False,
+        suffix: Command | None = None,
+    ) -> list[Any]:
         """The replies to ``commands`` (all of one slot); see the module docstring.
 
         ``suffix`` (e.g. ``WAIT``) is sent after the commands in every attempt, on the same
@@ -166,8 +180,9 @@ class Router:
                 attempt += 1
                 await self._pause(attempt, deadline)
 
-    async def scatter(self, items: Sequence[tuple[int, Command]], *,
-                      retry: bool = False) -> list[Any]:
+    async def scatter(
+        self, items: Sequence[tuple[int, Command]], *, retry: bool = False
+    ) -> list[Any]:
         """Replies to commands of many slots, in the order of ``items``: one ``run`` per
         slot, all made in one tick, so that each primary gets them as one write."""
         if not items:
@@ -175,18 +190,21 @@ class Router:
         by_slot: dict[int, list[int]] = {}
         for index, (slot, _) in enumerate(items):
             by_slot.setdefault(slot, []).append(index)
-        results = await asyncio.gather(*(
-            self.run(slot, [items[i][1] for i in members], retry=retry)
-            for slot, members in by_slot.items()))
+        results = await asyncio.gather(
+            *(
+                self.run(slot, [items[i][1] for i in members], retry=retry)
+                for slot, members in by_slot.items()
+            )
+        )
         replies: list[Any] = [None] * len(items)
         for members, got in zip(by_slot.values(), results, strict=True):
             for i, reply in zip(members, got, strict=True):
                 replies[i] = reply
         return replies
 
-    async def run_many(self, groups: Sequence[tuple[int, Sequence[Command]]], *,
-                       suffix: Command | None = None
-                       ) -> list[list[Any] | BrokerUnavailable]:
+    async def run_many(
+        self, groups: Sequence[tuple[int, Sequence[Command]]], *, suffix: Command | None = None
+    ) -> list[list[Any] | BrokerUnavailable]:
         """``run`` (without ``retry``) for each (slot, commands) group, cheaper: the groups of
         one primary are one call, awaited without a task per group. A group whose call
         failed gets the ``BrokerUnavailable`` in place of its replies; one with redirected
@@ -200,9 +218,15 @@ class Router:
         for index, (slot, _) in enumerate(groups):
             by_address.setdefault(self.topology.address(slot), []).append(index)
         tail = [] if suffix is None else [suffix]
-        calls = [(members, self.link(address).call(
-                    [command for i in members for command in groups[i][1]] + tail))
-                 for address, members in by_address.items()]
+        calls = [
+            (
+                members,
+                self.link(address).call(
+                    [command for i in members for command in groups[i][1]] + tail
+                ),
+            )
+            for address, members in by_address.items()
+        ]
         out: list[list[Any] | BrokerUnavailable] = [[] for _ in groups]
         suffixes: list[list[Any]] = [[] for _ in groups]
         follow: list[tuple[int, list[int]]] = []
@@ -217,7 +241,7 @@ class Router:
             position = 0
             for i in members:
                 count = len(groups[i][1])
-                replies = got[position:position + count]
+                replies = got[position : position + count]
                 position += count
                 out[i] = replies
                 suffixes[i].append(last)
@@ -294,4 +318,3 @@ class Router:
         left = deadline - asyncio.get_running_loop().time()
         if left > 0:
             await asyncio.sleep(min(delay, left))
-

@@ -48,7 +48,7 @@ def key_slot(key: bytes) -> int:
     if start > -1:
         end = key.find(b"}", start + 1)
         if end > -1 and end != start + 1:
-            key = key[start + 1:end]
+            key = key[start + 1 : end]
     return crc_hqx(key, 0) % SLOTS
 
 
@@ -125,7 +125,9 @@ def publish_script(command: str) -> str:
     gets it raised: what is published live is committed. A ninth argument, the publish's
     ``traceparent``, goes into the pub/sub message (not into history).
     """
-    return _APPEND + f"""
+    return (
+        _APPEND
+        + f"""
 if meta[2] then
   redis.call('HSET', KEYS[1], 'committed', o)
 end
@@ -136,18 +138,22 @@ end
 redis.call('{command}', ARGV[7], epoch .. ':' .. mark .. ':' .. payload)
 return {{epoch, o, ARGV[8], 0}}
 """
+    )
 
 
 #: Append one event without publishing it (``broker.ack_replicas > 0``); the caller
 #: waits for the replicas, then runs ``COMMIT_SCRIPT``. A meta hash without ``committed``
 #: gets it now, at the offset before this one (everything before was committed).
 #: Returns {epoch, offset, event id, duplicate}.
-APPEND_SCRIPT = _APPEND + """
+APPEND_SCRIPT = (
+    _APPEND
+    + """
 if not meta[2] then
   redis.call('HSET', KEYS[1], 'committed', tonumber(o) - 1)
 end
 return {epoch, o, ARGV[8], 0}
 """
+)
 
 #: Commit a channel's events up to an offset: publish those after ``committed`` in order
 #: and raise ``committed``. Idempotent; a changed epoch commits nothing.

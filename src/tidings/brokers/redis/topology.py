@@ -22,8 +22,7 @@ from tidings.brokers.redis.link import Address
 from tidings.brokers.redis.scripts import SLOTS
 from tidings.brokers.redis.urls import Target
 
-__all__ = ["ClusterTopology", "SentinelTopology", "SingleTopology", "Topology",
-           "make_topology"]
+__all__ = ["ClusterTopology", "SentinelTopology", "SingleTopology", "Topology", "make_topology"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +99,14 @@ class SentinelTopology(Topology):
 
     def __init__(self, target: Target, timeout: float) -> None:
         super().__init__(("", 0))
-        kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
-                                  "username": target.username, "password": target.password,
-                                  "protocol": 2}
-        self._sentinel = Sentinel(
-            list(target.hosts), sentinel_kwargs=kwargs)
+        kwargs: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "username": target.username,
+            "password": target.password,
+            "protocol": 2,
+        }
+        self._sentinel = Sentinel(list(target.hosts), sentinel_kwargs=kwargs)
         self._service = target.service or ""
 
     async def _read(self) -> list[Address]:

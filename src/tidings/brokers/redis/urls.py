@@ -40,8 +40,9 @@ _SCHEMES: dict[str, tuple[Mode, bool]] = {
 }
 _DEFAULT_PORT = {"single": 6379, "cluster": 6379, "sentinel": 26379}
 _MAX_HOSTS = 64
-_TLS_OPTIONS = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
-                          "ssl_check_hostname"})
+_TLS_OPTIONS = frozenset(
+    {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +116,17 @@ def parse_url(url: str) -> Target:
             raise ValueError("a unix:// URL names a path, not a host")
         if not parts.path:
             raise ValueError("a unix:// URL needs the socket path")
-        return Target("single", (), unquote(parts.path), False, username, password,
-                      _db(query.get("db", "0")), None, safe)
+        return Target(
+            "single",
+            (),
+            unquote(parts.path),
+            False,
+            username,
+            password,
+            _db(query.get("db", "0")),
+            None,
+            safe,
+        )
     hosts = _hosts(authority, _DEFAULT_PORT[mode])
     segments = [unquote(s) for s in parts.path.split("/")[1:] if s != ""]
     if "db" in query and segments:
@@ -136,8 +146,9 @@ def parse_url(url: str) -> Target:
     return Target(mode, hosts, None, tls, username, password, db, service, safe, tls_options)
 
 
-def _safe(scheme: str, authority: str, tail: str, username: str | None,
-          password: str | None) -> str:
+def _safe(
+    scheme: str, authority: str, tail: str, username: str | None, password: str | None
+) -> str:
     user = username or ""
     userinfo = f"{user}:***@" if password is not None else (f"{user}@" if user else "")
     return f"{scheme}://{userinfo}{authority}{tail}"
@@ -163,7 +174,7 @@ def _host(item: str, default_port: int) -> tuple[str, int]:
         end = item.find("]")
         if end == -1:
             raise ValueError("an unclosed [ in an IPv6 address")
-        host, rest = item[1:end], item[end + 1:]
+        host, rest = item[1:end], item[end + 1 :]
         if rest and not rest.startswith(":"):
             raise ValueError(f"unexpected text after the address in {item!r}")
         port_text = rest[1:] if rest else ""

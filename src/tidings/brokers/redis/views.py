@@ -57,11 +57,20 @@ class Views:
     ``served()`` the channels whose streams this node keeps alive.
     """
 
-    def __init__(self, router: Router, keys: KeyLayout, node_id: str, *,
-                 handler: Callable[[], BrokerHandler | None],
-                 served: Callable[[], Iterable[str]], pubsub_command: str,
-                 node_ttl_ms: int, presence_keep_ms: int, ttl_ms: int,
-                 sync_interval: float) -> None:
+    def __init__(
+        self,
+        router: Router,
+        keys: KeyLayout,
+        node_id: str,
+        *,
+        handler: Callable[[], BrokerHandler | None],
+        served: Callable[[], Iterable[str]],
+        pubsub_command: str,
+        node_ttl_ms: int,
+        presence_keep_ms: int,
+        ttl_ms: int,
+        sync_interval: float,
+    ) -> None:
         self._router = router
         self._keys = keys
         self._node_id = node_id
@@ -86,8 +95,7 @@ class Views:
         self.rewrite = True
         self._wakeup.set()
 
-    async def _run(self, items: list[tuple[str | bytes, Command]],
-                   retry: bool = True) -> list[Any]:
+    async def _run(self, items: list[tuple[str | bytes, Command]], retry: bool = True) -> list[Any]:
         replies = await self._router.scatter([(_slot(k), c) for k, c in items], retry=retry)
         for reply in replies:
             if isinstance(reply, ResponseError):
@@ -104,19 +112,22 @@ class Views:
                 # BrokerHandler's failing-handler contract: logged, the rest go on.
                 logger.exception("on_disconnect_user failed")
         message = encode_control(self._node_id, user_id, reason)
-        await self._run([(self._keys.control, (self._pubsub_command, self._keys.control,
-                                               message))], retry=False)
+        await self._run(
+            [(self._keys.control, (self._pubsub_command, self._keys.control, message))], retry=False
+        )
 
     async def publish_control(self, message: str) -> None:
         """Send one message to every node's control subscription (relay messages)."""
-        await self._run([(self._keys.control, (self._pubsub_command, self._keys.control,
-                                               message))], retry=False)
+        await self._run(
+            [(self._keys.control, (self._pubsub_command, self._keys.control, message))], retry=False
+        )
 
     async def channels(self, prefix: str) -> dict[str, int]:
         (members,) = await self._run([(self._keys.nodes, ("SMEMBERS", self._keys.nodes))])
         others = sorted(n for n in map(_text, members) if n != self._node_id)
-        values = await self._run([(self._keys.node(n), ("GET", self._keys.node(n)))
-                                  for n in others])
+        values = await self._run(
+            [(self._keys.node(n), ("GET", self._keys.node(n))) for n in others]
+        )
         alive, dead = live_entries(others, values)
         if dead:
             with contextlib.suppress(BrokerUnavailable):
@@ -131,10 +142,12 @@ class Views:
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         others = {_text(n): v for n, v in fields.items() if _text(n) != self._node_id}
         names = sorted(others)
-        exists = await self._run([(self._keys.node(n), ("EXISTS", self._keys.node(n)))
-                                  for n in names])
-        alive, dead = live_entries(names, [others[n] if ok else None
-                                           for n, ok in zip(names, exists, strict=True)])
+        exists = await self._run(
+            [(self._keys.node(n), ("EXISTS", self._keys.node(n))) for n in names]
+        )
+        alive, dead = live_entries(
+            names, [others[n] if ok else None for n, ok in zip(names, exists, strict=True)]
+        )
         if dead:
             with contextlib.suppress(BrokerUnavailable):
                 await self._run([(key, ("HDEL", key, *dead))])
@@ -152,8 +165,11 @@ class Views:
         """
         loop = asyncio.get_running_loop()
         due = {"node": -float("inf"), "presence": loop.time(), "touch": -float("inf")}
-        every = {"node": self._node_ttl_ms / 3000, "presence": self._presence_keep_ms / 3000,
-                 "touch": self._ttl_ms / 3000}
+        every = {
+            "node": self._node_ttl_ms / 3000,
+            "presence": self._presence_keep_ms / 3000,
+            "touch": self._ttl_ms / 3000,
+        }
         rounds = 0
         while not self.closing:
             with contextlib.suppress(TimeoutError):
@@ -167,8 +183,12 @@ class Views:
             if forced:
                 needed |= {"node", "presence", "touch"}
             try:
-                await self._sync_once(force_node="node" in needed, recheck=rounds % 10 == 0,
-                                      rewrite="presence" in needed, touch="touch" in needed)
+                await self._sync_once(
+                    force_node="node" in needed,
+                    recheck=rounds % 10 == 0,
+                    rewrite="presence" in needed,
+                    touch="touch" in needed,
+                )
             except BrokerUnavailable as exc:
                 logger.debug("presence sync failed: %s", exc)
                 self.rewrite = self.rewrite or forced
@@ -178,20 +198,27 @@ class Views:
             # Debounce: a burst of (un)subscriptions makes one write, not one each.
             await asyncio.sleep(min(_SYNC_DEBOUNCE, self._sync_interval))
 
-    async def _sync_once(self, *, force_node: bool, recheck: bool, rewrite: bool,
-                         touch: bool) -> None:
+    async def _sync_once(
+        self, *, force_node: bool, recheck: bool, rewrite: bool, touch: bool
+    ) -> None:
         handler = self._handler()
         if handler is None:
             return
-        plan = self._synced.plan(handler.local_channels(), handler.local_presence,
-                                 force_node=force_node, recheck=recheck, rewrite=rewrite)
+        plan = self._synced.plan(
+            handler.local_channels(),
+            handler.local_presence,
+            force_node=force_node,
+            recheck=recheck,
+            rewrite=rewrite,
+        )
         if plan.empty and not touch:
             return
         items: list[tuple[str | bytes, Command]] = []
         if plan.write_node:
             node_key = self._keys.node(self._node_id)
-            items.append((node_key, ("SET", node_key, encode_entry(plan.counts),
-                                     "PX", self._node_ttl_ms)))
+            items.append(
+                (node_key, ("SET", node_key, encode_entry(plan.counts), "PX", self._node_ttl_ms))
+            )
             items.append((self._keys.nodes, ("SADD", self._keys.nodes, self._node_id)))
         for name, users in plan.presence.items():
             key = self._keys.presence(name)
