@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from tidings.config_types import annotation_at, check_table, check_value, parse_env
 from tidings.errors import ConfigError
+from tidings.protocol.names import is_valid_namespace
 from tidings.settings import (
     ApiSettings,
     AuthSettings,
@@ -351,6 +352,12 @@ def _check(settings: Settings, *, require_auth: bool = True) -> None:
     if settings.workers > 1 and settings.broker.url.startswith("memory://"):
         raise ConfigError("workers", "more than one worker needs the Redis broker (broker.url)")
     for name, ns in settings.namespaces.items():
+        # A rule under a name no channel can carry would never apply: say so at start-up.
+        if not is_valid_namespace(name):
+            raise ConfigError(
+                f"namespaces.{name}",
+                "not a namespace name: a lowercase letter, then up to 31 of a-z, 0-9, _ and -",
+            )
         if ns.rule == "webhook" and not ns.url.startswith(("http://", "https://")):
             raise ConfigError(f"namespaces.{name}.url", "a webhook rule needs an http(s) URL")
     hooks = settings.webhooks

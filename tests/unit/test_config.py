@@ -401,6 +401,13 @@ def test_webhook_needs_http_url(url: str) -> None:
     assert error.key == "namespaces.orders.url"
 
 
+@pytest.mark.parametrize("name", ["my ns", "News", "9lives", "a" * 33, "tenant:acme"])
+def test_namespace_no_channel_can_name_is_refused(name: str) -> None:
+    """A namespace key outside the channel grammar is refused, naming namespaces.<name>."""
+    error = error_of({"namespaces": {name: {"rule": "public"}}})
+    assert error.key == f"namespaces.{name}"
+
+
 # -- errors name the key ------------------------------------------------------------------
 
 

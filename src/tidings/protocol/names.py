@@ -9,6 +9,7 @@ from tidings.errors import InvalidRequest
 __all__ = [
     "RESERVED_TYPES",
     "is_valid_channel",
+    "is_valid_namespace",
     "parse_channel",
     "personal_channel",
     "validate_event_type",
@@ -36,6 +37,11 @@ RESERVED_TYPES = frozenset(
         "leave",
     }
 )
+
+
+def is_valid_namespace(namespace: str) -> bool:
+    """Whether ``namespace`` can begin a channel name (``^[a-z][a-z0-9_-]{0,31}$``)."""
+    return _NAMESPACE.fullmatch(namespace) is not None
 
 
 def parse_channel(channel: object) -> tuple[str, str]:
