@@ -298,10 +298,22 @@ class EngineNode:
                 f"{self.address} exited with {self.process.returncode} while starting:\n{tail}"
             )
         try:
-            return bool(await self.ask("PING", timeout=1.0))
+            if not await self.ask("PING", timeout=1.0):
+                return False
+            info = await self.ask("INFO", "server", timeout=1.0)
         except (OSError, RedisError):
             # Not listening yet, or LOADING an AOF.
             return False
+        if int(info["process_id"]) != self.process.pid:
+            # Another process answers on our port (free_port() can hand two nodes of
+            # one cluster the same port): ours will exit with "Address already in use",
+            # and a harness that took the other for it would configure one node twice.
+            if self._started:
+                raise AssertionError(f"{self.address} is answered by another process")
+            self.process.kill()
+            self.process.wait(STOP_GRACE)
+            raise _PortTaken(self.address)
+        return True
 
     def kill(self) -> None:
         """``kill -9`` and wait for the exit: no shutdown, no final write."""
